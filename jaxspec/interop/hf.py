@@ -356,41 +356,40 @@ def _read_each(located: Mapping[str, Located], names, read):
                 yield name, read(fh, located[name].stored)
 
 
-def _check_tensor_names(entries: list[Entry], located: Mapping[str, Located], model_cfg, hf_dir: str) -> None:
+def _check_tensor_names(entries: list[Entry], source: TensorSource, model_cfg, where: str) -> None:
     expected = {e.hf_name for e in entries if e.hf_name is not None}
-    missing = sorted(expected - set(located))
+    missing = sorted(expected - set(source.names))
     if missing:
-        raise ValueError(f"checkpoint {hf_dir!r} lacks {len(missing)} tensor(s) that {CONFIG_FILE} implies, "
+        raise ValueError(f"checkpoint {where!r} lacks {len(missing)} tensor(s) that {CONFIG_FILE} implies, "
                          f"first {missing[:4]}")
     allowed_extra = {"lm_head.weight"} if model_cfg.tie_embeddings else set()
-    extra = sorted(n for n in set(located) - expected - allowed_extra if not n.endswith(_IGNORED_SUFFIXES))
+    extra = sorted(n for n in set(source.names) - expected - allowed_extra if not n.endswith(_IGNORED_SUFFIXES))
     if extra:
-        raise ValueError(f"checkpoint {hf_dir!r} has {len(extra)} tensor(s) the jaxspec model has no place "
+        raise ValueError(f"checkpoint {where!r} has {len(extra)} tensor(s) the jaxspec model has no place "
                          f"for (a feature {CONFIG_FILE} does not declare, or an unsupported variant), first "
-                         f"{[(n, located[n].path) for n in extra[:4]]}")
+                         f"{[(n, source.where(n)) for n in extra[:4]]}")
 
 
-def _check_shapes(entries: list[Entry], located: Mapping[str, Located], shapes, hf_dir: str) -> None:
+def _check_shapes(entries: list[Entry], source: TensorSource, shapes, where: str) -> None:
     """Every tensor's shape against the config's, before anything large is read."""
     by_name = {e.hf_name: e for e in entries if e.hf_name is not None}
-    stored = _read_each(located, by_name, lambda fh, n: tuple(fh.get_slice(n).get_shape()))
-    for name, got in stored:
+    for name, got in source.shapes(list(by_name)):
         e = by_name[name]
         want = LAYOUTS[e.layout].hf_shape(shapes[e.path])
-        if got != want:
-            raise ValueError(f"tensor {name!r} in {located[name].path!r} has shape {got}, but "
-                             f"{os.path.join(hf_dir, CONFIG_FILE)} implies {want}: weights and config "
+        if tuple(got) != want:
+            raise ValueError(f"tensor {name!r} in {source.where(name)!r} has shape {tuple(got)}, but "
+                             f"{os.path.join(where, CONFIG_FILE)} implies {want}: weights and config "
                              "disagree")
 
 
-def _check_tied_head(located: Mapping[str, Located], embedding: np.ndarray, hf_dir: str) -> None:
+def _check_tied_head(source: TensorSource, embedding: np.ndarray, where: str) -> None:
     """A tied model whose file also holds an lm_head must hold the same matrix there."""
-    if "lm_head.weight" not in located:
+    if "lm_head.weight" not in source.names:
         return
-    (_, head), = _read_each(located, ["lm_head.weight"], lambda fh, n: fh.get_tensor(n))
+    (_, head), = source.values(["lm_head.weight"])
     if head.shape != embedding.shape or not np.array_equal(head, embedding):
-        raise ValueError(f"checkpoint {hf_dir!r}: tie_word_embeddings is true but lm_head.weight in "
-                         f"{located['lm_head.weight'].path!r} differs from the input embedding")
+        raise ValueError(f"checkpoint {where!r}: tie_word_embeddings is true but lm_head.weight in "
+                         f"{source.where('lm_head.weight')!r} differs from the input embedding")
 
 
 def load_hf_checkpoint(hf_dir: str, dtype: str = "float32", max_len: int | None = None):
@@ -400,22 +399,51 @@ def load_hf_checkpoint(hf_dir: str, dtype: str = "float32", max_len: int | None 
     `max_len` is the decode-state length (default: max_position_embeddings; 1024 for Mamba).
     """
     _import_safetensors()  # a missing extra is reported before anything else
+    hf_config = read_hf_config(hf_dir)
     if dtype not in config_lib.DTYPES:
         raise ValueError(f"dtype={dtype!r} is not allowed: one of {config_lib.DTYPES}")
-    hf_config = read_hf_config(hf_dir)
-    model_cfg = model_config_from_hf(hf_config, dtype, max_len, where=os.path.join(hf_dir, CONFIG_FILE))
+    model_config_from_hf(hf_config, dtype, max_len, where=os.path.join(hf_dir, CONFIG_FILE))  # config errors first
     located = checkpoint_files(hf_dir)
+    return params_from_hf_tensors(hf_config, TensorSource(
+        names=frozenset(located),
+        shapes=lambda names: _read_each(located, names, lambda fh, n: tuple(fh.get_slice(n).get_shape())),
+        values=lambda names: _read_each(located, names, lambda fh, n: fh.get_tensor(n)),
+        where=lambda name: located[name].path), dtype=dtype, max_len=max_len, where=hf_dir)
+
+
+class TensorSource(NamedTuple):
+    """Hugging Face-named tensors from any container (safetensors files, a GGUF file, a dict)."""
+
+    names: frozenset  # every tensor name present
+    shapes: Callable  # names -> iterable of (name, shape), read without the data where the format allows
+    values: Callable  # names -> iterable of (name, np.ndarray)
+    where: Callable  # name -> the file it lives in (for errors)
+
+
+def dict_tensor_source(tensors: Mapping[str, np.ndarray], where: str) -> TensorSource:
+    """A TensorSource over in-memory arrays (`where` names their origin in errors)."""
+    return TensorSource(frozenset(tensors), lambda names: ((n, tuple(tensors[n].shape)) for n in names),
+                        lambda names: ((n, tensors[n]) for n in names), lambda name: where)
+
+
+def params_from_hf_tensors(hf_config: Mapping, source: TensorSource, dtype: str = "float32",
+                           max_len: int | None = None, where: str = "checkpoint"):
+    """(model_cfg, params) from a Hugging Face config dict and its tensors, every name and shape checked
+    against the config before anything large is read."""
+    if dtype not in config_lib.DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not allowed: one of {config_lib.DTYPES}")
+    model_cfg = model_config_from_hf(hf_config, dtype, max_len, where=os.path.join(where, CONFIG_FILE))
     entries = weight_entries(model_cfg, hf_family(hf_config), conv_bias=hf_config.get("use_conv_bias", True))
-    _check_tensor_names(entries, located, model_cfg, hf_dir)
+    _check_tensor_names(entries, source, model_cfg, where)
     shapes = param_shapes(model_cfg)
-    _check_shapes(entries, located, shapes, hf_dir)
+    _check_shapes(entries, source, shapes, where)
     flat = {e.path: jnp.zeros(shapes[e.path], dtype) for e in entries if e.hf_name is None}
     by_name = {e.hf_name: e for e in entries if e.hf_name is not None}
-    for name, value in _read_each(located, by_name, lambda fh, n: fh.get_tensor(n)):
+    for name, value in source.values(list(by_name)):
         e = by_name[name]
         flat[e.path] = jnp.asarray(np.ascontiguousarray(LAYOUTS[e.layout].to_jax(value)), dtype=dtype)
     if model_cfg.tie_embeddings:
-        _check_tied_head(located, np.asarray(flat[("embed", "embedding")]), hf_dir)
+        _check_tied_head(source, np.asarray(flat[("embed", "embedding")]), where)
     return model_cfg, traverse_util.unflatten_dict(flat)
 
 
@@ -575,6 +603,8 @@ __all__ = [
     "extract_matformer",
     "hf_config_for",
     "load_hf_checkpoint",
+    "params_from_hf_tensors",
+    "dict_tensor_source",
     "load_hf_tokenizer",
     "model_config_from_hf",
     "weight_entries",
