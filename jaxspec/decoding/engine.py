@@ -2,14 +2,23 @@
 
 Both start with the same prefill (right-padded prompts, per-row lengths) and the same first token (sampled
 from the target at the last prompt position), and emit tokens through the same `emit` step, so a row stops
-on EOS or `max_new_tokens` identically in both. Rows are independent: each has its own length, accepted
-count and stop; finished rows commit nothing while others go on.
+on any of its stop ids or at `max_new_tokens` identically in both. Rows are independent: each has its own
+length, accepted count and stop; finished rows commit nothing while others go on.
+
+`stream=True` (static) hands every round's emitted tokens to the host through `jax.debug.callback`, to the
+sink installed with `streaming(sink)`; with stream=False the loop holds no callback at all.
+
+`run_compiled(loop, args, statics)` compiles a loop ahead of time once per (statics, argument shapes) and
+keeps the executable, so a caller can report compile time apart from decode time and count compilations.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -65,24 +74,48 @@ class Emission(NamedTuple):
     done: jax.Array  # [B]
 
 
-def emit(em: Emission, tokens, count, *, eos_id: int | None, max_new: int) -> tuple[Emission, jax.Array]:
-    """Append up to `count` of tokens [B, K] per row, stopping after EOS and at max_new. Returns the new
-    emission and the number actually appended per row."""
+def emit(em: Emission, tokens, count, *, eos_ids: tuple[int, ...], max_new: int) -> tuple[Emission, jax.Array]:
+    """Append up to `count` of tokens [B, K] per row, stopping after a stop id (any of `eos_ids`) and at
+    max_new. Returns the new emission and the number actually appended per row."""
     k = tokens.shape[1]
     j = jnp.arange(k)[None, :]
     count = jnp.where(em.done, 0, count)
     live = j < count[:, None]
-    if eos_id is not None:
-        is_eos = live & (tokens == eos_id)
-        count = jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1) + 1, count)
+    is_eos = live & jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32)) if eos_ids else jnp.zeros_like(live)
+    count = jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1) + 1, count)
     count = jnp.minimum(count, max_new - em.num_out)
     idx = jnp.where(j < count[:, None], em.seq_len[:, None] + j, em.seq.shape[1])  # out of range: dropped
     seq = jax.vmap(lambda s, i, t: s.at[i].set(t, mode="drop"))(em.seq, idx, tokens.astype(em.seq.dtype))
-    hit_eos = jnp.zeros_like(em.done)
-    if eos_id is not None:
-        hit_eos = ((tokens == eos_id) & (j < count[:, None])).any(1)
+    hit_eos = (is_eos & (j < count[:, None])).any(1)
     num_out = em.num_out + count
     return Emission(seq, em.seq_len + count, num_out, em.done | hit_eos | (num_out >= max_new)), count
+
+
+# The host side of `stream=True`: the jitted loop calls `_to_sink`, which forwards to the installed sink.
+_SINK: list[Callable | None] = [None]
+
+
+def _to_sink(tokens, counts) -> None:
+    if _SINK[0] is not None:
+        _SINK[0](np.asarray(tokens), np.asarray(counts))
+
+
+@contextlib.contextmanager
+def streaming(sink: Callable[[np.ndarray, np.ndarray], None] | None):
+    """Route the emitted tokens of loops run with stream=True to `sink(tokens [B, K], counts [B])`."""
+    previous, _SINK[0] = _SINK[0], sink
+    try:
+        yield
+    finally:
+        _SINK[0] = previous
+
+
+def emit_tokens(em: Emission, tokens, count, *, eos_ids: tuple[int, ...], max_new: int, stream: bool):
+    """`emit`, then (stream=True) the appended tokens to the host, in order."""
+    em, appended = emit(em, tokens, count, eos_ids=eos_ids, max_new=max_new)
+    if stream:
+        jax.debug.callback(_to_sink, tokens, appended, ordered=True)
+    return em, appended
 
 
 def _outputs(em: Emission, prompt_lens, max_new: int):
@@ -91,8 +124,8 @@ def _outputs(em: Emission, prompt_lens, max_new: int):
     return jnp.where(jnp.arange(max_new)[None, :] < em.num_out[:, None], toks, 0)
 
 
-def _prefill(model: DecoderLM, params, prompts, prompt_lens, max_len, sampling: Sampling, key, eos_id, max_new,
-             extra_slots: int):
+def _prefill(model: DecoderLM, params, prompts, prompt_lens, max_len, sampling: Sampling, key, eos_ids, max_new,
+             extra_slots: int, stream: bool):
     b, p = prompts.shape
     state = init_decode_state(model.model_cfg, b, max_len)
     out, state = model.apply({"params": params}, prompts, state=state, num_new=prompt_lens, return_hidden=True,
@@ -102,16 +135,18 @@ def _prefill(model: DecoderLM, params, prompts, prompt_lens, max_len, sampling: 
     first = sampling.pick(key, out.logits[rows, last])
     seq = jnp.zeros((b, p + max_new + extra_slots), jnp.int32).at[:, :p].set(prompts)
     em = Emission(seq, prompt_lens.astype(jnp.int32), jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool))
-    em, _ = emit(em, first[:, None], jnp.ones((b,), jnp.int32), eos_id=eos_id, max_new=max_new)
+    em, _ = emit_tokens(em, first[:, None], jnp.ones((b,), jnp.int32), eos_ids=eos_ids, max_new=max_new,
+                        stream=stream)
     return state, first, out.hidden[rows, last], em
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new", "max_len", "sampling", "eos_id"))
+@functools.partial(jax.jit, static_argnames=("model", "max_new", "max_len", "sampling", "eos_ids", "stream"))
 def autoregressive_loop(model: DecoderLM, params, prompts, prompt_lens, key, *, max_new: int, max_len: int,
-                        sampling: Sampling, eos_id: int | None) -> Output:
+                        sampling: Sampling, eos_ids: tuple[int, ...] = (), stream: bool = False) -> Output:
     """One token per target forward: the baseline every speculative method must reproduce."""
     key, k0 = jax.random.split(key)
-    state, token, _, em = _prefill(model, params, prompts, prompt_lens, max_len, sampling, k0, eos_id, max_new, 1)
+    state, token, _, em = _prefill(model, params, prompts, prompt_lens, max_len, sampling, k0, eos_ids, max_new, 1,
+                                   stream)
     b = prompts.shape[0]
     steps = jnp.zeros((b,), jnp.int32)
 
@@ -122,7 +157,8 @@ def autoregressive_loop(model: DecoderLM, params, prompts, prompt_lens, key, *, 
         logits, state = model.apply({"params": params}, token[:, None], state=state,
                                     num_new=running.astype(jnp.int32))
         token = sampling.pick(k, logits[:, 0])
-        em, _ = emit(em, token[:, None], jnp.ones((b,), jnp.int32), eos_id=eos_id, max_new=max_new)
+        em, _ = emit_tokens(em, token[:, None], jnp.ones((b,), jnp.int32), eos_ids=eos_ids, max_new=max_new,
+                            stream=stream)
         return state, token, em, steps + running, key
 
     _, _, em, steps, _ = jax.lax.while_loop(lambda c: ~jnp.all(c[2].done), body, (state, token, em, steps, key))
@@ -138,19 +174,19 @@ class Adaptive:
     shrink: int = 1
 
 
-@functools.partial(jax.jit, static_argnames=("model", "drafter", "max_new", "max_len", "sampling", "eos_id",
-                                             "adaptive"))
+@functools.partial(jax.jit, static_argnames=("model", "drafter", "max_new", "max_len", "sampling", "eos_ids",
+                                             "adaptive", "stream"))
 def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, prompt_lens, key, *, max_new: int,
-                     max_len: int, sampling: Sampling, eos_id: int | None, adaptive: Adaptive = Adaptive()
-                     ) -> Output:
+                     max_len: int, sampling: Sampling, eos_ids: tuple[int, ...] = (), adaptive: Adaptive = Adaptive(),
+                     stream: bool = False) -> Output:
     """Draft a tree, verify it with one target forward, commit the accepted path; repeat per row."""
     tree: TokenTree = drafter.tree
     k = tree.num_nodes
     b = prompts.shape[0]
     rows = jnp.arange(b)
     key, k0 = jax.random.split(key)
-    state, root, hidden, em = _prefill(model, params, prompts, prompt_lens, max_len, sampling, k0, eos_id, max_new,
-                                       k)
+    state, root, hidden, em = _prefill(model, params, prompts, prompt_lens, max_len, sampling, k0, eos_ids, max_new,
+                                       k, stream)
     dstate = drafter.init(draft_params, prompts, prompt_lens, max_len, root)
     depths = jnp.asarray(tree.depths)
     draft_len = jnp.full((b,), adaptive.initial or tree.max_depth, jnp.int32)
@@ -176,7 +212,7 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
         state = commit(pending, res.path, n)
         last = jnp.take_along_axis(res.path, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
         hidden = jnp.where(running[:, None], out.hidden[rows, last], hidden)
-        em, _ = emit(em, res.accepted_tokens, n, eos_id=eos_id, max_new=max_new)
+        em, _ = emit_tokens(em, res.accepted_tokens, n, eos_ids=eos_ids, max_new=max_new, stream=stream)
         dstate = drafter.update(prop.state, res.accepted_tokens, n)
         if adaptive.initial:
             full = res.num_accepted - 1 >= draft_len
@@ -190,11 +226,26 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
     return Output(_outputs(em, prompt_lens, max_new), em.num_out, steps, accepted)
 
 
-def pad_prompts(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad token lists to [B, P] int32 and return per-row lengths."""
+def bucket_width(width: int, minimum: int = 16) -> int:
+    """Prompt widths are padded to powers of two (at least `minimum`), so prompts of many lengths share a
+    handful of compiled shapes."""
+    return max(minimum, 1 << max(int(width) - 1, 0).bit_length())
+
+
+def bucket_len(length: int, multiple: int = 64) -> int:
+    """Decode-state lengths are rounded up to a multiple of 64: few shapes, little unused cache."""
+    return -(-int(length) // multiple) * multiple
+
+
+def pad_prompts(prompts: list[list[int]], pad_id: int = 0, width: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token lists to [B, width] int32 (default: the longest prompt) and return per-row lengths."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    width = max(len(p) for p in prompts)
+    longest = max(len(p) for p in prompts)
+    width = longest if width is None else width
+    if width < longest:
+        raise ValueError(f"prompt_width={width} is shorter than the longest prompt ({longest} tokens)")
     out = np.full((len(prompts), width), pad_id, np.int32)
     for i, p in enumerate(prompts):
         out[i, :len(p)] = p
@@ -214,3 +265,45 @@ def check_fits(model_cfg, prompt_lens, max_new: int, tree_nodes: int) -> int:
                          f"{model_cfg.max_len}")
     return need
 
+
+def plan_shapes(model_cfg, prompt_lens, max_new: int, tree_nodes: int, prompt_width: int | None = None
+                ) -> tuple[int, int]:
+    """(prompt width, decode-state length) for a request: bucketed, unless the buckets would overflow the
+    model's context while the exact sizes fit. `prompt_width` fixes the width (e.g. one for a whole suite)."""
+    longest = int(np.max(prompt_lens))
+    check_fits(model_cfg, prompt_lens, max_new, tree_nodes)
+    if prompt_width is not None and prompt_width < longest:
+        raise ValueError(f"prompt_width={prompt_width} is shorter than the longest prompt ({longest} tokens)")
+    width = prompt_width or bucket_width(longest)
+    if required_max_len(width, max_new, tree_nodes) > model_cfg.max_len:
+        width = prompt_width or longest
+    check_fits(model_cfg, [width], max_new, tree_nodes)
+    return width, min(bucket_len(required_max_len(width, max_new, tree_nodes)), model_cfg.max_len)
+
+
+# ------------------------------------------------------------------------------------- ahead-of-time compiles
+
+_EXECUTABLES: dict = {}
+_MAX_EXECUTABLES = 64
+
+
+def _signature(dynamic: dict) -> tuple:
+    leaves, treedef = jax.tree.flatten(dynamic)
+    return treedef, tuple((np.shape(x), x.dtype if hasattr(x, "dtype") else np.result_type(x),
+                           getattr(x, "sharding", None)) for x in leaves)
+
+
+def run_compiled(loop, dynamic: dict, statics: dict) -> tuple[Output, float]:
+    """Run jitted `loop(**dynamic, **statics)` through an executable compiled once per (statics, shapes of the
+    dynamic arguments). Returns (output, seconds spent compiling in this call: 0.0 when it was cached)."""
+    key = (loop, tuple(sorted(statics.items())), _signature(dynamic))
+    compile_s = 0.0
+    executable = _EXECUTABLES.get(key)
+    if executable is None:
+        start = time.perf_counter()
+        executable = loop.lower(**dynamic, **statics).compile()
+        compile_s = time.perf_counter() - start
+        if len(_EXECUTABLES) >= _MAX_EXECUTABLES:
+            _EXECUTABLES.pop(next(iter(_EXECUTABLES)))
+        _EXECUTABLES[key] = executable
+    return executable(**dynamic), compile_s

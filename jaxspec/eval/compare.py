@@ -1,16 +1,18 @@
 """Side-by-side comparison of decoding methods on the same prompts, in one process.
 
-Each method is compiled first (a warm-up call), then timed; the autoregressive run is the baseline for
-speedup and for the identical-output check (meaningful at temperature 0).
+Every prompt is padded to one width, so each method compiles once for the whole prompt set (compile time is
+reported apart from decode time). Prompts run in batches of `batch_size` (1: one request at a time, as
+Spec-Bench measures); the speedup is the autoregressive wall time over the method's on the same prompts, in
+the same process. At temperature 0 the autoregressive output is also the reference for the identical-output
+check.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 
-import numpy as np
-
-from jaxspec.decoding import api
+from jaxspec.decoding import api, engine
 
 
 @dataclasses.dataclass
@@ -19,45 +21,93 @@ class MethodResult:
     method: str
     tau: float  # mean tokens committed per target forward
     tokens_per_s: float
-    speedup: float  # wall-clock over the autoregressive baseline
-    identical: bool  # same tokens as the autoregressive baseline
+    speedup: float  # wall-clock of autoregressive decoding over this method's, on the same prompts
+    identical: bool  # same tokens as the autoregressive baseline on every prompt
     new_tokens: int
     wall_time_s: float
+    compile_s: float = 0.0
+    category: str = "all"
 
     def row(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def compare_methods(model, params, prompts: list[list[int]], methods: dict[str, dict], *, max_new_tokens: int,
-                    temperature: float = 0.0, eos_id: int | None = None, seed: int = 0,
-                    repeats: int = 1) -> list[MethodResult]:
-    """Run "ar" and every entry of `methods` (name -> `api.generate` kwargs) and measure them.
+@dataclasses.dataclass
+class _PromptRun:
+    tokens: list[int]
+    target_steps: int
+    accepted: int
+    wall_time_s: float  # the batch's wall time, shared out by the batch's new tokens
 
-    Wall time is the best of `repeats` timed calls after a compile call, so the ratios compare steady states.
-    """
-    def run(kwargs):
+
+def _run_batches(model, params, prompts, kwargs, batch_size, width, repeats, options) -> tuple[list[_PromptRun], float]:
+    runs, compile_s = [], 0.0
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
         best = None
         for _ in range(repeats):
-            out = api.generate(model, params, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                               eos_id=eos_id, seed=seed, warmup=best is None, **kwargs)
+            out = api.generate(model, params, batch, prompt_width=width, **options, **kwargs)
+            compile_s += out.compile_s
             best = out if best is None or out.wall_time_s < best.wall_time_s else best
-        return best
+        total = max(int(best.new_tokens.sum()), 1)
+        for i, toks in enumerate(best.tokens):
+            runs.append(_PromptRun(toks, int(best.target_steps[i]), int(best.accepted[i]),
+                                   best.wall_time_s * len(toks) / total))
+    return runs, compile_s
 
-    baseline = run(dict(method="ar"))
-    results = []
+
+def _summarise(name, method, runs, baseline, compile_s, category) -> MethodResult:
+    new = sum(len(r.tokens) for r in runs)
+    wall = sum(r.wall_time_s for r in runs)
+    base_wall = sum(r.wall_time_s for r in baseline)
+    return MethodResult(name=name, method=method,
+                        tau=sum(r.accepted for r in runs) / max(sum(r.target_steps for r in runs), 1),
+                        tokens_per_s=new / max(wall, 1e-9), speedup=base_wall / max(wall, 1e-9),
+                        identical=all(r.tokens == b.tokens for r, b in zip(runs, baseline, strict=True)),
+                        new_tokens=new, wall_time_s=wall, compile_s=compile_s, category=category)
+
+
+def compare_methods(model, params, prompts: list[list[int]], methods: dict[str, dict], *, max_new_tokens: int,
+                    temperature: float = 0.0, eos_ids=None, seed: int = 0, repeats: int = 1,
+                    batch_size: int | None = None, categories: Sequence[str] | None = None,
+                    on_method: Callable[[str], None] | None = None) -> list[MethodResult]:
+    """Run "ar" and every entry of `methods` (name -> `api.generate` kwargs) on `prompts` and measure them.
+
+    Returns one result per method over all prompts ("all"), then, when `categories` (one per prompt) is
+    given, one per (method, category). Wall time per batch is the best of `repeats` calls.
+    """
+    if categories is not None and len(categories) != len(prompts):
+        raise ValueError(f"categories has {len(categories)} entries for {len(prompts)} prompts")
+    batch_size = batch_size or len(prompts)
+    trees = [1] + [api.resolve_tree(k.get("tree") or api.DEFAULT_TREES[k["method"]]).num_nodes
+                   for k in methods.values() if k["method"] != "ar"]
+    width, _ = engine.plan_shapes(model.model_cfg, [max(len(p) for p in prompts)], max_new_tokens, max(trees))
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, eos_ids=eos_ids, seed=seed)
+    measured = {}
     for name, kwargs in {"ar": dict(method="ar"), **methods}.items():
-        out = baseline if name == "ar" else run(kwargs)
-        results.append(MethodResult(
-            name=name, method=kwargs["method"], tau=float(np.sum(out.accepted) / max(np.sum(out.target_steps), 1)),
-            tokens_per_s=out.tokens_per_s, speedup=baseline.wall_time_s / out.wall_time_s,
-            identical=out.tokens == baseline.tokens, new_tokens=int(out.new_tokens.sum()),
-            wall_time_s=out.wall_time_s))
+        if on_method is not None:
+            on_method(name)
+        measured[name] = (kwargs["method"],) + _run_batches(model, params, prompts, kwargs, batch_size, width,
+                                                            repeats, options)
+    baseline = measured["ar"][1]
+    groups = [("all", list(range(len(prompts))))]
+    if categories is not None:
+        groups += [(c, [i for i, pc in enumerate(categories) if pc == c]) for c in dict.fromkeys(categories)]
+    results = []
+    for category, index in groups:
+        for name, (method, runs, compile_s) in measured.items():
+            results.append(_summarise(name, method, [runs[i] for i in index], [baseline[i] for i in index],
+                                      compile_s if category == "all" else 0.0, category))
     return results
 
 
 def markdown_table(results: list[MethodResult]) -> str:
-    lines = ["| method | tau | tokens/s | speedup | identical to AR |", "|---|---:|---:|---:|:---:|"]
+    by_category = len({r.category for r in results}) > 1
+    head = "| category " if by_category else ""
+    lines = [head + "| method | tau | tokens/s | speedup | identical to AR |",
+             ("|---" if by_category else "") + "|---|---:|---:|---:|:---:|"]
     for r in results:
-        lines.append(f"| {r.name} | {r.tau:.2f} | {r.tokens_per_s:.1f} | {r.speedup:.2f}x | "
+        cell = f"| {r.category} " if by_category else ""
+        lines.append(f"{cell}| {r.name} | {r.tau:.2f} | {r.tokens_per_s:.1f} | {r.speedup:.2f}x | "
                      f"{'yes' if r.identical else 'no'} |")
     return "\n".join(lines)

@@ -66,8 +66,8 @@ def test_batch_of_one_and_eos(pattern):
         assert out.tokens == ar.tokens, name
     # Stop on EOS: pick the 4th generated token of row 0 as "EOS"; output ends right there, in both.
     eos = ar.tokens[0][3]
-    ar_eos = api.generate(model, params, PROMPTS, method="ar", max_new_tokens=12, eos_id=eos)
-    sp_eos = api.generate(model, params, PROMPTS, max_new_tokens=12, eos_id=eos, **methods["draft_chain"])
+    ar_eos = api.generate(model, params, PROMPTS, method="ar", max_new_tokens=12, eos_ids=eos)
+    sp_eos = api.generate(model, params, PROMPTS, max_new_tokens=12, eos_ids=[eos], **methods["draft_chain"])
     assert ar_eos.tokens == sp_eos.tokens
     assert ar_eos.tokens[0][-1] == eos and len(ar_eos.tokens[0]) == ar.tokens[0].index(eos) + 1
 

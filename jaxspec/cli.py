@@ -1,0 +1,61 @@
+"""What the command-line entry points share: flag-value parsing with errors that name the flag, jax's
+persistent compilation cache, and quiet library logging."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+from jaxspec.config import ConfigError
+
+
+def cache_root() -> str:
+    """$JAXSPEC_CACHE, else $XDG_CACHE_HOME/jaxspec, else ~/.cache/jaxspec."""
+    if os.environ.get("JAXSPEC_CACHE"):
+        return os.environ["JAXSPEC_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jaxspec")
+
+
+def enable_compilation_cache(directory: str | None = None) -> str:
+    """Turn on jax's persistent compilation cache (default: <cache root>/xla), so a second process reuses
+    the executables the first compiled. Returns the directory; "" turns it off."""
+    directory = os.path.join(cache_root(), "xla") if directory is None else directory
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return directory
+
+
+def quiet_libraries() -> None:
+    """Checkpoint restores and saves log every file at INFO; a command prints its own results only."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    for name in ("orbax", "absl", "jax._src.compilation_cache"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def parse_index_list(flag: str, value: str | list[str] | tuple) -> tuple[int, ...]:
+    """'20-29,31' (or absl's list of pieces) -> (20, ..., 29, 31); sorted, duplicates dropped.
+
+    Any piece that is not an index or an ascending range raises a ConfigError naming `flag`.
+    """
+    pieces = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    out: set[int] = set()
+    for piece in (p.strip() for p in pieces):
+        if not piece:
+            continue
+        lo, sep, hi = piece.partition("-")
+        try:
+            first, last = int(lo), int(hi if sep else lo)
+        except ValueError:
+            raise ConfigError(f"--{flag}={','.join(map(str, pieces))!r}: {piece!r} is not an index or a range; "
+                              "expected comma-separated indices and ranges such as 20-29,31") from None
+        if first < 0 or last < first:
+            raise ConfigError(f"--{flag}: range {piece!r} must be non-negative and ascending (like 20-29)")
+        out.update(range(first, last + 1))
+    return tuple(sorted(out))
