@@ -58,7 +58,7 @@ def main(argv):
     target = loading.load_lm(expand(_TARGET.value))
     tok = target.tokenizer
     texts = heldout_prompts(target.config.data, _PROMPTS.value, _PROMPT_LEN.value)
-    prompts = [tok.encode(t, add_bos=True)[:_PROMPT_LEN.value] for t in texts]
+    prompts = [tok.encode_prompt(t)[:_PROMPT_LEN.value] for t in texts]
     grid = method_grid(target, expand(_DRAFT.value), expand(_MEDUSA.value), [int(s) for s in _SKIP.value])
     results = compare_methods(target.model, target.params, prompts, grid, max_new_tokens=_MAX_NEW.value,
                               temperature=_TEMPERATURE.value, repeats=_REPEATS.value)

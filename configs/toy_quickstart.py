@@ -1,7 +1,8 @@
-"""The quickstart: a MatFormer target, its Medusa heads and a draft model, then every decoding method.
+"""The toy quickstart (`--arg=toy`): a MatFormer target trained from scratch, its Medusa heads and a draft model,
+then every decoding method.
 
-  python -m launch.quickstart                  # ~/.cache/jaxspec/quickstart; minutes on a 2-core CPU
-  python -m launch.sweep --config=configs/quickstart.py:tiny --workdir=/tmp/qs   # seconds, a smoke test
+  python -m launch.quickstart --arg=toy        # ~/.cache/jaxspec/quickstart-toy; minutes on a 2-core CPU
+  python -m launch.sweep --config=configs/toy_quickstart.py:tiny --workdir=/tmp/qs   # seconds, a smoke test
 
 Runs, in order (each in its own sub-workdir; `run:NAME` refers to an earlier one):
   target   MatFormer LM (FFN fractions 1/4, 1/2, 1) on the Python standard library's source
@@ -25,10 +26,10 @@ METHODS = ("draft", "medusa", "matformer", "layerskip", "lookup")
 
 def _arg(arg):
     args = config_lib.parse_arg(arg, size="default", methods="all")
-    common.size_settings(args.size, "configs/quickstart.py")
+    common.size_settings(args.size, "configs/toy_quickstart.py")
     methods = METHODS if args.methods == "all" else tuple(args.methods.split("+"))
     if not methods or any(m not in METHODS for m in methods):
-        raise config_lib.ConfigError(f"configs/quickstart.py: methods={args.methods!r} is not allowed: "
+        raise config_lib.ConfigError(f"configs/toy_quickstart.py: methods={args.methods!r} is not allowed: "
                                      f"'all' or names from {METHODS} joined by '+'")
     return args.size, methods
 
@@ -36,7 +37,7 @@ def _arg(arg):
 def get_config(arg=None):
     """The target's training config, with the comparison of the methods `arg` selects."""
     size, methods = _arg(arg)
-    config = common.target_config(size, "configs/quickstart.py")
+    config = common.target_config(size, "configs/toy_quickstart.py")
     every = dict(
         draft=dict(method="draft", draft_workdir="run:draft", tree="chain:2"),
         medusa=dict(method="medusa", draft_workdir="run:medusa", tree="chain:3"),

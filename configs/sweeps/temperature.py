@@ -9,7 +9,7 @@ methods. Plots tau and speedup against the temperature.
 arg: size (see configs/sweeps/common.py), temperatures ("+"-separated).
 """
 
-from configs import quickstart
+from configs import toy_quickstart as quickstart
 from configs.sweeps import common
 from jaxspec import config as config_lib
 

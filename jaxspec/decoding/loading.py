@@ -5,14 +5,11 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from jaxspec.decoding import api
 from jaxspec.models.heads import MedusaHeads
 from jaxspec.models.lm import DecoderLM, build_model
 from jaxspec.training import checkpoint
 from jaxspec.training.tokenizer import load_tokenizer
-
-# Tree used when a method is asked for without one.
-DEFAULT_TREES = {"draft": "chain:4", "medusa": "medusa_small", "matformer": "chain:4", "layerskip": "chain:3",
-                 "lookup": "chain:6"}
 
 
 @dataclasses.dataclass
@@ -30,11 +27,8 @@ def load_lm(workdir: str) -> LoadedLM:
     if "medusa" in config and config.train.loss == "medusa":
         raise ValueError(f"{workdir} holds Medusa heads, not a language model; pass it as --draft_workdir with "
                          "--method=medusa and the target's workdir as --workdir")
+    # An imported checkpoint names its Hugging Face tokenizer directory here, special tokens and all.
     tokenizer = load_tokenizer(config.data.tokenizer)
-    if config.data.tokenizer != "bytes":  # an imported checkpoint's declared special ids beat name guessing
-        from jaxspec.interop.hf import apply_special_ids
-
-        apply_special_ids(tokenizer, workdir)
     return LoadedLM(build_model(config.model), params, config, tokenizer, workdir)
 
 
@@ -44,7 +38,7 @@ def drafter_kwargs(method: str, target: LoadedLM, *, draft_workdir: str | None =
     kwargs = dict(method=method)
     if method == "ar":
         return kwargs
-    kwargs["tree"] = tree or DEFAULT_TREES[method]
+    kwargs["tree"] = tree or api.DEFAULT_TREES[method]
     if method in ("draft", "medusa") and not draft_workdir:
         raise ValueError(f"method={method!r} needs --draft_workdir (a trained "
                          f"{'draft model' if method == 'draft' else 'Medusa heads'} run)")

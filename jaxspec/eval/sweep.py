@@ -33,7 +33,6 @@ import csv
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import re
 import time
@@ -424,9 +423,9 @@ def eval_stage(config, run_dir: str, progress: bool = True) -> dict:
     target_dir = ev["target_workdir"] or run_dir
     target = loading.load_lm(target_dir)
     texts = heldout_prompts(target.config.data, ev["num_prompts"], ev["prompt_len"])
-    prompts = [target.tokenizer.encode(t, add_bos=True) for t in texts]
+    prompts = [target.tokenizer.encode_prompt(t) for t in texts]
     options = dict(max_new_tokens=ev["max_new_tokens"], temperature=float(ev["temperature"]),
-                   eos_id=target.tokenizer.eos_id if ev["stop_at_eos"] else None, seed=ev["seed"],
+                   eos_ids=target.tokenizer.eos_ids if ev["stop_at_eos"] else None, seed=ev["seed"],
                    repeats=ev["repeats"])
     start = time.perf_counter()
     rows = []
@@ -458,21 +457,6 @@ def execute_run(config, run_dir: str, progress: bool = True) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ sweeps
-
-
-class _ReadOnlyCheckpointNotes(logging.Filter):
-    """Orbax notes at WARNING level that a read-only checkpoint manager ignores its saving options; a sweep
-    opens one for every model it loads, so the notes would bury the sweep's own output."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not ("orbax" in record.pathname and ("read_only=True" in message or "is read only" in message))
-
-
-def _quiet_read_only_checkpoint_notes() -> None:
-    absl_logger = logging.getLogger("absl")
-    if not any(isinstance(f, _ReadOnlyCheckpointNotes) for f in absl_logger.filters):
-        absl_logger.addFilter(_ReadOnlyCheckpointNotes())
 
 
 def run_one(base_config, run: Run, workdir: str, finished: Mapping[str, tuple[str, float]],
@@ -508,7 +492,6 @@ def run_one(base_config, run: Run, workdir: str, finished: Mapping[str, tuple[st
 
 def run_sweep(base_config, runs: Sequence[Run], workdir: str, *, progress: bool = True) -> list[dict]:
     """Run `runs` in order under `workdir`, then write results.csv, results.md and the plots there."""
-    _quiet_read_only_checkpoint_notes()
     base_config = _unlocked_copy(base_config)
     plot_specs = base_config.get("plots", ())
     if "plots" in base_config:

@@ -19,6 +19,7 @@ workdir is refused too, so a run started by mistake in a used workdir cannot ove
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -118,6 +119,21 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 # ------------------------------------------------------------------------------------------ the manager
+
+
+class _ReadOnlyCheckpointNotes(logging.Filter):
+    """Orbax notes at WARNING level that a read-only checkpoint manager ignores its saving options: every
+    model load opens one, and the notes would bury a command's own output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("orbax" in record.pathname and ("read_only=True" in message or "is read only" in message))
+
+
+def _quiet_read_only_notes() -> None:
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _ReadOnlyCheckpointNotes) for f in absl_logger.filters):
+        absl_logger.addFilter(_ReadOnlyCheckpointNotes())
 
 
 class CheckpointManager:
@@ -296,6 +312,7 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[Any, ml_colle
     if not os.path.isdir(workdir):
         raise ValueError(f"workdir {workdir!r} does not exist")
     config = load_config(workdir)
+    _quiet_read_only_notes()
     with CheckpointManager(workdir, read_only=True) as manager:
         params = manager.restore_params(step)
     return params, config

@@ -177,11 +177,14 @@ def split_documents(names: list[str], val_fraction: float) -> tuple[list[int], l
 # ---------------------------------------------------------------------------------------------- packing
 
 
-def pack_windows(token_docs: list[np.ndarray], bos_id: int, eos_id: int, window: int) -> np.ndarray:
-    """int32 [N, window]: ``BOS doc EOS`` for every document, concatenated and cut into full windows."""
+def pack_windows(token_docs: list[np.ndarray], bos_id: int | None, eos_id: int | None, window: int) -> np.ndarray:
+    """int32 [N, window]: ``BOS doc EOS`` for every document (without the ids a tokenizer does not declare),
+    concatenated and cut into full windows."""
+    bos = np.array([] if bos_id is None else [bos_id], np.int32)
+    eos = np.array([] if eos_id is None else [eos_id], np.int32)
     pieces = []
     for toks in token_docs:
-        pieces += [np.array([bos_id], np.int32), toks.astype(np.int32), np.array([eos_id], np.int32)]
+        pieces += [bos, toks.astype(np.int32), eos]
     stream = np.concatenate(pieces)
     n = len(stream) // window
     return stream[: n * window].reshape(n, window)

@@ -10,7 +10,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import lm, quickstart
+from configs import lm
+from configs import toy_quickstart as quickstart
 from jaxspec.config import ConfigError
 from jaxspec.eval import plots, sweep
 from jaxspec.training.train_config import validate_config

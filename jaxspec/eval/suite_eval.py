@@ -1,0 +1,117 @@
+"""Decode the offline prompt suite with a model and every configured method; write tables and plots.
+
+    config = configs.quickstart.get_config()         # model, suite, decode settings, methods
+    report = evaluate_suite(config, workdir)          # results.json, results.md, results.csv, *.png
+
+Each prompt is rendered through the checkpoint's chat template (its plain "User: ... Assistant:" form for
+a tokenizer without one) and decoded by autoregressive decoding and by every method on the same prompts,
+one compiled loop per method (see `compare.compare_methods`). Rows come per category and over all prompts:
+tau, tokens/s, speedup over autoregressive decoding, and whether the output is identical to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+
+import ml_collections
+
+from jaxspec.config import ConfigError, check_keys
+from jaxspec.decoding import api, loading
+from jaxspec.eval import compare, plots, sweep
+from jaxspec.eval.suite import CATEGORIES, load_suite
+
+RESULTS_JSON = "results.json"
+SPEEDUP_BY_CATEGORY = "speedup_by_category.png"
+
+
+def suite_eval_defaults() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        model="smollm2-135m-instruct",  # a zoo name or a workdir
+        suite=dict(categories=(), per_category=3),  # () = all categories
+        decode=dict(max_new_tokens=64, temperature=0.0, stop_at_eos=True, batch_size=1, repeats=1, seed=0),
+        methods={},  # name -> {method, tree, skip_layers, granularity, draft_workdir, confidence_threshold}
+    ))
+
+
+METHOD_KEYS = ("method", "tree", "skip_layers", "granularity", "draft_workdir", "confidence_threshold")
+
+
+def validate(config) -> None:
+    check_keys(config, suite_eval_defaults(), "config")
+    for name, spec in config.methods.items():
+        for key in spec:
+            if key not in METHOD_KEYS:
+                raise ConfigError(f"unknown config key methods.{name}.{key}; allowed: {list(METHOD_KEYS)}")
+        if spec.get("method") not in api.METHODS or spec.get("method") == "ar":
+            raise ConfigError(f"config.methods.{name}.method={spec.get('method')!r} is not allowed: one of "
+                              f"{[m for m in api.METHODS if m != 'ar']} (autoregressive decoding always runs)")
+    unknown = [c for c in config.suite.categories if c not in CATEGORIES]
+    if unknown:
+        raise ConfigError(f"config.suite.categories={tuple(config.suite.categories)} is not allowed: names from "
+                          f"{CATEGORIES} (empty = all)")
+    d = config.decode
+    for key in ("max_new_tokens", "batch_size", "repeats"):
+        if not isinstance(d[key], int) or d[key] <= 0:
+            raise ConfigError(f"config.decode.{key}={d[key]!r} is not allowed: a positive integer")
+
+
+def encode_suite(tokenizer, prompts) -> list[list[int]]:
+    if tokenizer.chat_template is not None:
+        return [tokenizer.encode_chat(list(p.messages), add_generation_prompt=True) for p in prompts]
+    return [tokenizer.encode_prompt(p.as_plain_prompt()) for p in prompts]
+
+
+def method_kwargs(spec: Mapping, target) -> dict:
+    return loading.drafter_kwargs(spec["method"], target, draft_workdir=spec.get("draft_workdir") or None,
+                                  tree=spec.get("tree") or None, granularity=spec.get("granularity", 0),
+                                  skip_layers=tuple(spec.get("skip_layers", ())),
+                                  confidence_threshold=spec.get("confidence_threshold", 0.0))
+
+
+def evaluate_suite(config, workdir: str, on_method: Callable[[str], None] | None = None) -> dict:
+    """Run the suite evaluation of `config` and write its results into `workdir`; returns the report."""
+    validate(config)
+    start = time.perf_counter()
+    target = api.load(config.model)
+    load_s = time.perf_counter() - start
+    prompts = load_suite(tuple(config.suite.categories) or None, config.suite.per_category)
+    tokens = encode_suite(target.tokenizer, prompts)
+    methods = {name: method_kwargs(spec, target) for name, spec in config.methods.items()}
+    d = config.decode
+    results = compare.compare_methods(
+        target.model, target.params, tokens, methods, max_new_tokens=d.max_new_tokens, temperature=d.temperature,
+        eos_ids=target.tokenizer.eos_ids if d.stop_at_eos else None, seed=d.seed, repeats=d.repeats,
+        batch_size=d.batch_size, categories=[p.category for p in prompts], on_method=on_method)
+    rows = [dict(r.row(), run=r.category, status="ok",
+                 tree=methods.get(r.name, {}).get("tree", "")) for r in results]
+    report = dict(model=config.model, workdir=target.workdir, prompts=len(prompts),
+                  prompt_tokens=sum(map(len, tokens)), load_seconds=load_s,
+                  seconds=time.perf_counter() - start, settings=config.to_dict(), rows=rows)
+    write_report(report, workdir)
+    return report
+
+
+def write_report(report: dict, workdir: str) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, RESULTS_JSON), "w") as fh:
+        json.dump(report, fh, indent=1, default=str)
+    rows = report["rows"]
+    columns = ["category", "method", "tree", "tau", "tokens_per_s", "speedup", "identical", "compile_s"]
+    sweep.write_csv([{c: r.get(c) for c in columns} for r in rows], os.path.join(workdir, sweep.RESULTS_CSV))
+    with open(os.path.join(workdir, sweep.RESULTS_MD), "w") as fh:
+        fh.write(table(rows) + "\n")
+    plots.speedup_vs_tau([r for r in rows if r["category"] != "all"], os.path.join(workdir, plots.SPEEDUP_VS_TAU))
+    spec = dict(plots.plot_defaults(), x="category", y="speedup", group="method",
+                title=f"{report['model']}: speedup over autoregressive decoding by category")
+    plots.declared_plot([r for r in rows if r["category"] != "all"], spec,
+                        os.path.join(workdir, SPEEDUP_BY_CATEGORY))
+
+
+def table(rows) -> str:
+    """Markdown: one row per (category, method), the "all" rows last."""
+    ordered = [r for r in rows if r["category"] != "all"] + [r for r in rows if r["category"] == "all"]
+    return sweep.markdown_table(ordered, ["category", "method", "tree", "tau", "tokens_per_s", "speedup",
+                                          "identical"])
