@@ -13,12 +13,17 @@ RUNTIME = [
     "numpy",
     "tqdm",
     "matplotlib",  # sweep and quickstart plots
+    # Real checkpoints: GGUF files (the zoo), Hugging Face tokenizers and their chat templates.
+    "gguf",
+    "tokenizers",
+    "jinja2",
 ]
 
 EXTRAS = {
     "test": ["pytest", "ruff", "nbclient", "nbformat", "ipykernel", "matplotlib", "scipy", "tokenizers"],
     # torch pinned to the CPU wheel: an unpinned torch pulls several GB of CUDA packages.
-    "hf": ["torch==2.13.0", "transformers", "safetensors", "tokenizers"],
+    # accelerate: transformers loads GGUF files only with it (the GGUF tests compare against that loader).
+    "hf": ["torch==2.13.0", "transformers", "safetensors", "tokenizers", "accelerate"],
     "gpu": ["jax[cuda12]", "jax-triton"],
     "notebooks": ["jupyter", "matplotlib", "nbclient", "nbformat", "ipykernel"],
 }

@@ -17,6 +17,8 @@ DECAYS = ("none", "retnet")
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "pallas")
 PREFILL_MODES = ("dense", "block_sparse")
 DTYPES = ("float32", "bfloat16")
+# FFN gate activations: SwiGLU (Llama) or GeGLU with gelu's tanh approximation (Gemma).
+FFN_ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 class ConfigError(ValueError):
@@ -45,6 +47,15 @@ def model_defaults() -> ml_collections.ConfigDict:
             # Full FFN width of each layer, for sub-models whose layers differ (MatFormer Mix'n'Match
             # extraction); empty: every layer uses d_ff.
             d_ff_per_layer=(),
+            ffn_activation="silu",  # one of FFN_ACTIVATIONS
+            embed_scale=False,  # token embeddings times sqrt(d_model) (Gemma)
+            qk_norm=False,  # RMSNorm over head_dim on queries and keys, per head, before RoPE (Gemma 3)
+            sandwich_norms=False,  # extra norms on the mixer and FFN outputs before each residual add (Gemma)
+            query_scale=0.0,  # attention score scale; 0.0: 1/sqrt(head_dim)
+            # Sliding window of each layer: key j is visible to query i iff i - window < j <= i; 0 is global.
+            # Empty: every layer is global.
+            layer_windows=(),
+            rope_local_theta=0.0,  # RoPE base of layers with a window; 0.0: rope_theta
             linear_attention=dict(feature_map="elu1", decay="retnet", chunk_size=64),
             mamba=dict(d_state=16, d_conv=4, expand=2, dt_rank=0, ffn=False),
             attention=dict(
@@ -143,6 +154,18 @@ def ffn_hidden_sizes(model_cfg, layer: int | None = None) -> tuple[int, ...]:
     return tuple(int(round(f * full)) for f in model_cfg.matformer_fractions)
 
 
+def layer_window(model_cfg, layer: int) -> int:
+    """Sliding-window size of `layer` (0: global attention)."""
+    return model_cfg.layer_windows[layer] if model_cfg.layer_windows else 0
+
+
+def layer_rope_theta(model_cfg, layer: int) -> float:
+    """RoPE base of `layer`: rope_local_theta for windowed layers when it is set, else rope_theta."""
+    if layer_window(model_cfg, layer) and model_cfg.rope_local_theta:
+        return model_cfg.rope_local_theta
+    return model_cfg.rope_theta
+
+
 def mamba_dims(model_cfg) -> tuple[int, int]:
     """(d_inner, dt_rank) of the Mamba mixer."""
     d_inner = model_cfg.mamba.expand * model_cfg.d_model
@@ -199,6 +222,7 @@ def validate_model_config(cfg, path: str = "model") -> None:
         for f in fractions:
             _require(abs(f * width - round(f * width)) < 1e-6 and round(f * width) > 0,
                      f"{path}.matformer_fractions", f, f"fractions whose share of d_ff={width} is a whole number")
+    _validate_gemma_features(cfg, path)
     la = cfg.linear_attention
     _require(la.feature_map in FEATURE_MAPS, f"{path}.linear_attention.feature_map", la.feature_map,
              f"one of {FEATURE_MAPS}")
@@ -216,6 +240,34 @@ def validate_model_config(cfg, path: str = "model") -> None:
     _require(at.block_size > 0, f"{path}.attention.block_size", at.block_size, "a positive integer")
     _require(0 < at.xattention_threshold <= 1, f"{path}.attention.xattention_threshold",
              at.xattention_threshold, "a number in (0, 1]")
+    _require(at.prefill != "block_sparse" or not any(cfg.layer_windows), f"{path}.attention.prefill", at.prefill,
+             f"'dense' when layer_windows sets sliding windows ({tuple(cfg.layer_windows)}): block-sparse "
+             "prefill has no window")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _validate_gemma_features(cfg, path: str) -> None:
+    """FFN activation, embedding scale, q/k norms, sandwich norms, query scale, sliding windows, local RoPE."""
+    _require(cfg.ffn_activation in FFN_ACTIVATIONS, f"{path}.ffn_activation", cfg.ffn_activation,
+             f"one of {FFN_ACTIVATIONS}")
+    for key in ("embed_scale", "qk_norm", "sandwich_norms"):
+        _require(isinstance(cfg[key], bool), f"{path}.{key}", cfg[key], "True or False")
+    _require(_is_number(cfg.query_scale) and cfg.query_scale >= 0, f"{path}.query_scale", cfg.query_scale,
+             "0.0 (1/sqrt(head_dim)) or a positive number")
+    _require(_is_number(cfg.rope_local_theta) and cfg.rope_local_theta >= 0, f"{path}.rope_local_theta",
+             cfg.rope_local_theta, "0.0 (same as rope_theta) or a positive number")
+    windows = tuple(cfg.layer_windows)
+    _require(not windows or len(windows) == cfg.n_layers, f"{path}.layer_windows", windows,
+             f"() (every layer global) or one window per layer (n_layers={cfg.n_layers} entries)")
+    _require(all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in windows),
+             f"{path}.layer_windows", windows, "non-negative integers (0: global attention)")
+    kinds = layer_kinds(cfg)
+    not_attention = [i for i, w in enumerate(windows) if w and kinds[i] != "A"]
+    _require(not not_attention, f"{path}.layer_windows", windows,
+             f"0 on layers that are not attention (layers {not_attention} of layer_pattern={cfg.layer_pattern!r})")
 
 
 def validate_granularity(model_cfg, granularity) -> tuple[int, ...] | None:

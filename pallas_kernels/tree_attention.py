@@ -12,11 +12,17 @@ Returns [B, H, K, D].
 
 A chain is a lower-triangular tree_mask; plain decoding is K = 1.
 
+`window` > 0 is a sliding window over absolute positions: cache entry c sits at position c, and node i at
+lengths + depth(i), its depth read from tree_mask (the number of its strict ancestors, so the mask must be
+ancestor-closed, as it is by definition). Key position j is visible to query position i iff
+i - window < j <= i; a node's ancestors fall out of the window by position too.
+
 The Pallas kernel is flash decoding. Its grid is (batch row, KV head, row tile, cache split). The G = H/Hkv
 query heads of one KV head and the K nodes are stacked as the query rows of one program, so a cache
 block is loaded once per KV head (once per row tile when G*K exceeds `block_rows`). A program runs an
 online softmax over its split's cache blocks and stops at the row's length (blocks past it are never
-loaded); the last split also folds in the tree block under the ancestor mask. The splits' partial
+loaded); with a window it also starts at the first block any of its rows can see (blocks wholly before
+the window are never loaded). The last split also folds in the tree block under the ancestor mask. The splits' partial
 (accumulator, max, sum) triples are merged in XLA. Block sizes, keyword arguments of `tree_attention`:
   block_k     cache block length (power of two; default 128, shrunk for short caches)
   block_rows  query rows per program (power of two; default 64)
@@ -55,7 +61,18 @@ BLOCK_SIZE_KEYS = ("block_k", "block_rows", "num_splits")
 _TARGET_PROGRAMS = 128
 
 
-def tree_attention_reference(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_mask, *, scale=None):
+def node_depths(tree_mask):
+    """[B, K] int32 depth of each node below the committed context: its strict ancestors in tree_mask."""
+    return jnp.sum(tree_mask.astype(jnp.int32), axis=-1) - 1
+
+
+def windowed_tree_mask(tree_mask, window: int):
+    """tree_mask [B, K, K] without the ancestors that lie `window` or more positions above the node."""
+    depth = node_depths(tree_mask)
+    return tree_mask & (depth[:, None, :] > depth[:, :, None] - window)
+
+
+def tree_attention_reference(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_mask, *, scale=None, window=0):
     """Plain-jnp tree attention: one softmax over [cache | tree] scores."""
     b, h, k, d = q.shape
     hkv = k_cache.shape[1]
@@ -66,10 +83,15 @@ def tree_attention_reference(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_
     qg = q.reshape(b, hkv, group, k, d).astype(jnp.float32)
     s_cache = jnp.einsum("bngkd,bnld->bngkl", qg, k_cache.astype(jnp.float32)) * scale
     s_tree = jnp.einsum("bngkd,bnjd->bngkj", qg, k_tree.astype(jnp.float32)) * scale
-    cache_valid = jnp.arange(k_cache.shape[2])[None, :] < lengths[:, None]  # [B, L]
+    cols = jnp.arange(k_cache.shape[2])
     tree_mask = jnp.broadcast_to(tree_mask, (b, k, k)).astype(bool)
+    cache_valid = (cols[None, :] < lengths[:, None])[:, None, :]  # [B, 1, L]
+    if window:
+        positions = lengths[:, None] + node_depths(tree_mask)  # [B, K]
+        cache_valid = cache_valid & (cols[None, None, :] > positions[:, :, None] - window)  # [B, K, L]
+        tree_mask = windowed_tree_mask(tree_mask, window)
     neg = jnp.finfo(jnp.float32).min
-    s_cache = jnp.where(cache_valid[:, None, None, None, :], s_cache, neg)
+    s_cache = jnp.where(cache_valid[:, None, None, :, :], s_cache, neg)
     s_tree = jnp.where(tree_mask[:, None, None, :, :], s_tree, neg)
     p = jax.nn.softmax(jnp.concatenate([s_cache, s_tree], axis=-1), axis=-1)
     l = k_cache.shape[2]
@@ -79,14 +101,27 @@ def tree_attention_reference(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_
 
 
 
-def _tree_attention_kernel(length_ref, q_ref, k_ref, v_ref, k_tree_ref, v_tree_ref, tree_mask_ref,
-                           acc_ref, m_ref, l_ref, *, scale, block_k, blocks_per_split, num_splits):
-    """One (batch row, KV head, row tile, split): online softmax over the split's cache blocks + tree."""
+def _tree_attention_kernel(*refs, scale, block_k, blocks_per_split, num_splits, row_tiles, window):
+    """One (batch row, KV head, row tile, split): online softmax over the split's cache blocks + tree.
+
+    refs: lengths, [first], q, k, v, k_tree, v_tree, tree mask, [positions], then the outputs acc, m, l.
+    With a window (only then), `first` holds the first cache column any row of each (batch row, row tile)
+    sees and `positions` each query row's absolute position.
+    """
+    if window:
+        (length_ref, first_ref, q_ref, k_ref, v_ref, k_tree_ref, v_tree_ref, tree_mask_ref, position_ref,
+         acc_ref, m_ref, l_ref) = refs
+    else:
+        length_ref, q_ref, k_ref, v_ref, k_tree_ref, v_tree_ref, tree_mask_ref, acc_ref, m_ref, l_ref = refs
     split = pl.program_id(3)
     length = length_ref[pl.program_id(0)]
     split_start = split * (blocks_per_split * block_k)
     # Blocks of this split that hold committed entries; the loop never touches blocks past the length.
     num_blocks = jnp.clip(pl.cdiv(length - split_start, block_k), 0, blocks_per_split)
+    first_block = 0
+    if window:  # nor blocks wholly before the window of every row of this tile
+        first = first_ref[pl.program_id(0) * row_tiles + pl.program_id(2)]
+        first_block = jnp.clip((first - split_start) // block_k, 0, num_blocks)
     q = q_ref[...]
     rows, dim = q.shape
 
@@ -96,9 +131,12 @@ def _tree_attention_kernel(length_ref, q_ref, k_ref, v_ref, k_tree_ref, v_tree_r
         v = v_ref[pl.ds(start, block_k), :]
         scores = matmul(q, k, transpose_b=True) * scale
         cols = split_start + start + jax.lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
-        return online_softmax_step(carry, scores, cols < length, v)
+        visible = cols < length
+        if window:
+            visible = visible & (cols > position_ref[...][:, None] - window)
+        return online_softmax_step(carry, scores, visible, v)
 
-    carry = jax.lax.fori_loop(0, num_blocks, cache_block, init_softmax_carry(rows, dim))
+    carry = jax.lax.fori_loop(first_block, num_blocks, cache_block, init_softmax_carry(rows, dim))
     # The tree block belongs to exactly one split (the last); the others mask it out entirely.
     scores = matmul(q, k_tree_ref[...], transpose_b=True) * scale
     visible = (tree_mask_ref[...] != 0) & (split == num_splits - 1)
@@ -112,7 +150,16 @@ def _default_num_splits(num_blocks: int, programs: int) -> int:
     return max(1, min(num_blocks, _TARGET_PROGRAMS // max(programs, 1)))
 
 
-def _tree_attention_pallas(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_mask, *, scale,
+def _window_tables(lengths, tree_mask, window: int, group: int, rows_padded: int, block_rows: int):
+    """(absolute position of every query row [B, rows_padded], first cache column each (batch row, row tile)
+    can see [B * row tiles]). Padding rows get a position past every key, so they see nothing."""
+    positions = lengths[:, None] + node_depths(tree_mask)  # [B, K]
+    row_positions = pad_axis(jnp.tile(positions, (1, group)), 1, rows_padded, value=jnp.iinfo(jnp.int32).max // 2)
+    lowest = jnp.min(row_positions.reshape(row_positions.shape[0], -1, block_rows), axis=-1)
+    return row_positions, jnp.maximum(lowest - window + 1, 0).reshape(-1)
+
+
+def _tree_attention_pallas(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_mask, *, scale, window=0,
                            block_k=128, block_rows=64, num_splits=None):
     b, h, k, d = q.shape
     hkv, cache_len = k_cache.shape[1], k_cache.shape[2]
@@ -131,7 +178,12 @@ def _tree_attention_pallas(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_ma
     tree_len = max(16, next_power_of_2(k))
     q_rows = q.reshape(b, hkv, rows, d)
     q_rows = pad_axis(pad_axis(q_rows, 2, rows_padded), 3, dim)
-    row_mask = jnp.tile(jnp.broadcast_to(tree_mask, (b, k, k)).astype(jnp.int32), (1, group, 1))
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, cache_len)
+    tree_mask = jnp.broadcast_to(tree_mask, (b, k, k)).astype(bool)
+    if window:
+        row_positions, first_cols = _window_tables(lengths, tree_mask, window, group, rows_padded, block_rows)
+        tree_mask = windowed_tree_mask(tree_mask, window)
+    row_mask = jnp.tile(tree_mask.astype(jnp.int32), (1, group, 1))
     row_mask = pad_axis(pad_axis(row_mask, 1, rows_padded), 2, tree_len)
     k_tree = pad_axis(pad_axis(k_tree, 2, tree_len), 3, dim)
     v_tree = pad_axis(pad_axis(v_tree, 2, tree_len), 3, dim)
@@ -146,22 +198,26 @@ def _tree_attention_pallas(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_ma
     split_len = blocks_per_split * block_k
     k_cache = pad_axis(pad_axis(k_cache, 2, num_splits * split_len), 3, dim)
     v_cache = pad_axis(pad_axis(v_cache, 2, num_splits * split_len), 3, dim)
-    lengths = jnp.clip(lengths.astype(jnp.int32), 0, cache_len)
 
     kernel = functools.partial(_tree_attention_kernel, scale=scale, block_k=block_k,
-                               blocks_per_split=blocks_per_split, num_splits=num_splits)
+                               blocks_per_split=blocks_per_split, num_splits=num_splits, row_tiles=row_tiles,
+                               window=window)
     rows_spec = pl.BlockSpec((None, None, block_rows, dim), lambda i, n, r, s: (i, n, r, 0))
     split_spec = pl.BlockSpec((None, None, split_len, dim), lambda i, n, r, s: (i, n, s, 0))
     tree_spec = pl.BlockSpec((None, None, tree_len, dim), lambda i, n, r, s: (i, n, 0, 0))
     partial_shape = (b, hkv, num_splits, rows_padded)
+    in_specs = [scalar_table_spec(), rows_spec, split_spec, split_spec, tree_spec, tree_spec,
+                pl.BlockSpec((None, block_rows, tree_len), lambda i, n, r, s: (i, r, 0))]
+    inputs = [lengths, q_rows, k_cache, v_cache, k_tree, v_tree, row_mask]
+    if window:
+        in_specs.insert(1, scalar_table_spec())
+        inputs.insert(1, first_cols)
+        in_specs.append(pl.BlockSpec((None, block_rows), lambda i, n, r, s: (i, r)))
+        inputs.append(row_positions)
     acc, m, l = pl.pallas_call(
         kernel,
         grid=(b, hkv, row_tiles, num_splits),
-        in_specs=[
-            scalar_table_spec(),
-            rows_spec, split_spec, split_spec, tree_spec, tree_spec,
-            pl.BlockSpec((None, block_rows, tree_len), lambda i, n, r, s: (i, r, 0)),
-        ],
+        in_specs=in_specs,
         out_specs=[
             pl.BlockSpec((None, None, None, block_rows, dim), lambda i, n, r, s: (i, n, s, r, 0)),
             pl.BlockSpec((None, None, None, block_rows), lambda i, n, r, s: (i, n, s, r)),
@@ -175,7 +231,7 @@ def _tree_attention_pallas(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_ma
         interpret=interpret_mode(),
         compiler_params=compiler_params(dim),
         name="tree_attention",
-    )(lengths, q_rows, k_cache, v_cache, k_tree, v_tree, row_mask)
+    )(*inputs)
 
     # Merge the splits' partial softmaxes: rescale each to the global max, then normalise once.
     m_max = jnp.max(m, axis=2, keepdims=True)
@@ -206,18 +262,22 @@ def _check_shapes(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_mask):
                          f"got {tree_mask.shape}")
 
 
-def tree_attention(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_mask, *, scale=None,
+def tree_attention(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_mask, *, scale=None, window=0,
                    implementation=None, **block_sizes):
     """Dispatch: "xla" is the reference; "pallas" is the kernel (interpret mode on CPU).
 
-    None picks "pallas" on GPU/TPU and "xla" on CPU. Block sizes (see the module docstring) are static
-    Python ints; they only affect the kernel. Jit with `implementation` and block sizes static.
+    None picks "pallas" on GPU/TPU and "xla" on CPU. `window` (0: none) is a sliding window over absolute
+    positions (see the module docstring). Block sizes (see the module docstring) are static Python ints;
+    they only affect the kernel. Jit with `window`, `implementation` and block sizes static.
     """
     check_block_size_keys("tree_attention", block_sizes, BLOCK_SIZE_KEYS)
+    if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+        raise ValueError(f"tree_attention: window={window!r} must be a non-negative int (0: no window)")
     implementation = resolve_implementation("tree_attention", implementation)
     _check_shapes(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_mask)
     if implementation == "xla":
-        return tree_attention_reference(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_mask, scale=scale)
+        return tree_attention_reference(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_mask, scale=scale,
+                                        window=window)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _tree_attention_pallas(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_mask, scale=scale,
-                                  **block_sizes)
+                                  window=window, **block_sizes)

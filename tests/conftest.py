@@ -26,6 +26,9 @@ MIXER_CASES = {
     "mamba": ("M", {}),
     # Mamba with its own FFN here, so the hybrid also covers that branch.
     "hybrid": ("ALM", {"mamba": {"ffn": True}}),
+    # Gemma 3 style: sliding windows shorter than the test sequences around a global layer, local RoPE base.
+    "gemma": ("A", {"n_layers": 3, "layer_windows": (4, 0, 3), "rope_local_theta": 100.0, "qk_norm": True,
+                    "sandwich_norms": True, "embed_scale": True, "ffn_activation": "gelu_tanh", "query_scale": 0.3}),
 }
 
 

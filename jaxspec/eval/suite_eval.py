@@ -40,7 +40,8 @@ METHOD_KEYS = ("method", "tree", "skip_layers", "granularity", "draft_workdir", 
 
 
 def validate(config) -> None:
-    check_keys(config, suite_eval_defaults(), "config")
+    template = suite_eval_defaults()
+    check_keys({k: v for k, v in config.items() if k != "methods"}, template, "config")  # methods: below
     for name, spec in config.methods.items():
         for key in spec:
             if key not in METHOD_KEYS:

@@ -578,7 +578,8 @@ def write_csv(rows: Sequence[Mapping], path: str) -> None:
 
 _FORMATS = {"tau": "{:.2f}", "tokens_per_s": "{:.1f}", "speedup": "{:.2f}x", "train_tokens_per_s": "{:.0f}",
             "train_seconds": "{:.0f}", "num_params": "{:,}"}
-_ALIGN = {"run": "---", "status": "---", "method": "---", "tree": "---", "error": "---", "identical": ":---:"}
+_ALIGN = {"run": "---", "status": "---", "category": "---", "method": "---", "tree": "---", "error": "---",
+          "identical": ":---:"}
 _HEADERS = {"tokens_per_s": "tokens/s", "identical": "identical to AR", "num_params": "params",
             "train_tokens_per_s": "train tok/s", "train_seconds": "train s"}
 

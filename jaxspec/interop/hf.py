@@ -1,8 +1,8 @@
 """Hugging Face checkpoints in and out.
 
-    model_cfg, params = load_hf_checkpoint("path/to/hf_dir")        # Llama / Mistral / Qwen2 / Mamba
+    model_cfg, params = load_hf_checkpoint("path/to/hf_dir")        # Llama / Mistral / Qwen2 / Mamba / Gemma 3
     tokenizer = load_hf_tokenizer("path/to/hf_dir")
-    export_hf_checkpoint(params, model_cfg, "path/to/out")           # attention models -> Llama / Qwen2
+    export_hf_checkpoint(params, model_cfg, "path/to/out")           # attention models -> Llama / Qwen2 / Gemma 3
 
 A directory holds `config.json` and the weights as `model.safetensors` or shards listed in
 `model.safetensors.index.json`. Weights are read with `safetensors` into numpy (no torch). Every feature of
@@ -46,9 +46,20 @@ ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "MambaForCausalLM": "mamba",
+    "Gemma3ForCausalLM": "gemma3",
 }
 FAMILIES = tuple(sorted(set(ARCHITECTURES.values())))
-EXPORT_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# config.json "model_type" -> family, for configs without "architectures" ("gemma3" itself is the multimodal
+# Gemma3Config, which this text-only family does not cover).
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "mamba": "mamba", "gemma3_text": "gemma3"}
+EXPORT_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+# The model features that make a jaxspec model a Gemma 3 (all of them) rather than a Llama/Qwen2 (none).
+GEMMA3_FEATURES = {"ffn_activation": "gelu_tanh", "embed_scale": True, "qk_norm": True, "sandwich_norms": True}
+# Gemma3TextConfig's defaults for the keys a config may leave out (transformers fills them the same way).
+GEMMA3_DEFAULTS = {"num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+                   "query_pre_attn_scalar": 256, "sliding_window": 4096, "sliding_window_pattern": 6,
+                   "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0}
+GEMMA3_LAYER_TYPES = ("sliding_attention", "full_attention")
 
 # Tensors some checkpoints carry that hold no weights (recomputed buffers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -84,6 +95,9 @@ LAYOUTS = {
     "linear": Layout(lambda w: w.T, lambda w: w.T, lambda s: tuple(s)[::-1]),
     # Depthwise torch.nn.Conv1d stores [channels, 1, width]; jaxspec keeps [channels, width].
     "conv": Layout(lambda w: w[:, 0, :], lambda w: w[:, None, :], lambda s: (s[0], 1, s[1])),
+    # Gemma's RMSNorm scales by (1 + w) in float32: jaxspec stores that product, rounded as Gemma rounds it.
+    "gemma_norm": Layout(lambda w: w.astype(np.float32) + np.float32(1), lambda s: s.astype(np.float32) - np.float32(1),
+                         lambda s: tuple(s)),
 }
 
 
@@ -131,9 +145,33 @@ def _mamba_entries(model_cfg, conv_bias: bool) -> list[Entry]:
     return entries
 
 
+def _gemma3_entries(model_cfg) -> list[Entry]:
+    """Gemma 3: q/k norms and four norms per layer (post_attention_layernorm is the attention output's
+    norm here, not the FFN's input norm as in Llama), every norm folded (see the "gemma_norm" layout)."""
+    entries = [Entry("model.embed_tokens.weight", ("embed", "embedding"), "copy")]
+    norms = (("input_layernorm", "mixer_norm"), ("post_attention_layernorm", "post_mixer_norm"),
+             ("pre_feedforward_layernorm", "ffn_norm"), ("post_feedforward_layernorm", "post_ffn_norm"))
+    for i in range(model_cfg.n_layers):
+        hf, jx = f"model.layers.{i}", f"layer_{i}"
+        entries += [Entry(f"{hf}.{name}.weight", (jx, ours, "scale"), "gemma_norm") for name, ours in norms]
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            entries.append(Entry(f"{hf}.self_attn.{proj}.weight", (jx, "attn", proj, "kernel"), "linear"))
+        for norm in ("q_norm", "k_norm"):
+            entries.append(Entry(f"{hf}.self_attn.{norm}.weight", (jx, "attn", norm, "scale"), "gemma_norm"))
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            entries.append(Entry(f"{hf}.mlp.{proj}.weight", (jx, "ffn", proj), "linear"))
+    entries.append(Entry("model.norm.weight", ("final_norm", "scale"), "gemma_norm"))
+    return entries
+
+
 def weight_entries(model_cfg, family: str, conv_bias: bool = True) -> list[Entry]:
     """Every parameter of a `family` checkpoint for `model_cfg`, in checkpoint order."""
-    entries = _mamba_entries(model_cfg, conv_bias) if family == "mamba" else _transformer_entries(model_cfg)
+    if family == "mamba":
+        entries = _mamba_entries(model_cfg, conv_bias)
+    elif family == "gemma3":
+        entries = _gemma3_entries(model_cfg)
+    else:
+        entries = _transformer_entries(model_cfg)
     if not model_cfg.tie_embeddings:
         entries.append(Entry("lm_head.weight", ("lm_head", "kernel"), "linear"))
     return entries
@@ -173,8 +211,8 @@ def hf_family(hf_config: Mapping, where: str = CONFIG_FILE) -> str:
     architectures = hf_config.get("architectures") or []
     if len(architectures) == 1 and architectures[0] in ARCHITECTURES:
         return ARCHITECTURES[architectures[0]]
-    if not architectures and hf_config.get("model_type") in FAMILIES:
-        return hf_config["model_type"]
+    if not architectures and hf_config.get("model_type") in MODEL_TYPES:
+        return MODEL_TYPES[hf_config["model_type"]]
     raise ValueError(f"{where}: architecture {architectures or None} (model_type="
                      f"{hf_config.get('model_type')!r}) is not supported; supported: {sorted(ARCHITECTURES)}")
 
@@ -230,6 +268,67 @@ def _transformer_unsupported(hf: Mapping, family: str) -> list[str]:
     return problems
 
 
+def _gemma3_layer_types(hf: Mapping) -> list:
+    """Each layer's attention type; without "layer_types", every sliding_window_pattern-th layer is global."""
+    if hf.get("layer_types") is not None:
+        return list(hf["layer_types"])
+    pattern = hf.get("sliding_window_pattern", GEMMA3_DEFAULTS["sliding_window_pattern"])
+    return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+            for i in range(hf["num_hidden_layers"])]
+
+
+def _gemma3_rope(hf: Mapping) -> dict[str, dict]:
+    """Layer type -> its RoPE parameters, filled as Gemma3TextConfig fills them (legacy rope_theta,
+    rope_local_base_freq and rope_scaling included; rope_scaling applies to the global layers)."""
+    given = hf.get("rope_parameters") or {}
+    rope = {kind: dict(given.get(kind) or {"rope_type": "default"}) for kind in GEMMA3_LAYER_TYPES}
+    if hf.get("rope_scaling"):
+        rope["full_attention"].update(hf["rope_scaling"])
+    rope["full_attention"].setdefault("rope_theta", hf.get("rope_theta", GEMMA3_DEFAULTS["rope_theta"]))
+    rope["sliding_attention"].setdefault("rope_theta",
+                                         hf.get("rope_local_base_freq", GEMMA3_DEFAULTS["rope_local_base_freq"]))
+    return rope
+
+
+def _gemma3_unsupported(hf: Mapping) -> list[str]:
+    problems = []
+    if not isinstance(hf.get("num_hidden_layers"), int):  # reported as a missing key by the caller
+        return problems
+    act = hf.get("hidden_activation", GEMMA3_DEFAULTS["hidden_activation"])
+    if act != "gelu_pytorch_tanh":
+        problems.append(f"hidden_activation={act!r} (only 'gelu_pytorch_tanh', the GeGLU FFN)")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if hf.get(key) is not None:
+            problems.append(f"{key}={hf[key]} (no tanh soft-capping; only null)")
+    if hf.get("use_bidirectional_attention", False):
+        problems.append("use_bidirectional_attention=true (only causal attention)")
+    if hf.get("attention_bias", False):
+        problems.append("attention_bias=true (the attention projections have no biases)")
+    given = hf.get("rope_parameters")
+    if given is not None and (not isinstance(given, Mapping) or set(given) - set(GEMMA3_LAYER_TYPES)):
+        problems.append(f"rope_parameters={given!r} (only per-layer-type entries {list(GEMMA3_LAYER_TYPES)})")
+        return problems
+    types = _gemma3_layer_types(hf)
+    unknown = sorted(set(types) - set(GEMMA3_LAYER_TYPES))
+    if unknown or len(types) != hf["num_hidden_layers"]:
+        problems.append(f"layer_types={types} (only {list(GEMMA3_LAYER_TYPES)}, one per layer of "
+                        f"num_hidden_layers={hf['num_hidden_layers']})")
+        return problems
+    window = hf.get("sliding_window", GEMMA3_DEFAULTS["sliding_window"])
+    if "sliding_attention" in types and not (isinstance(window, int) and window > 0):
+        problems.append(f"sliding_window={window!r} with sliding_attention layers (only a positive window)")
+    for kind, rope in _gemma3_rope(hf).items():
+        if kind not in types:
+            continue
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            problems.append(f"rope type {rope_type!r} on the {kind} layers ({rope}; only plain RoPE, rope_type "
+                            "'default')")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            problems.append(f"partial_rotary_factor={rope['partial_rotary_factor']} on the {kind} layers (only 1.0)")
+    return problems
+
+
 def _mamba_unsupported(hf: Mapping) -> list[str]:
     problems = []
     if hf.get("hidden_act", "silu") != "silu":
@@ -257,7 +356,12 @@ def model_config_from_hf(hf_config: Mapping, dtype: str = "float32", max_len: in
     family = hf_family(hf_config, where)
     hf = dict(hf_config)
     problems = _common_unsupported(hf)
-    problems += _mamba_unsupported(hf) if family == "mamba" else _transformer_unsupported(hf, family)
+    if family == "mamba":
+        problems += _mamba_unsupported(hf)
+    elif family == "gemma3":
+        problems += _gemma3_unsupported(hf)
+    else:
+        problems += _transformer_unsupported(hf, family)
     if problems:
         raise ValueError(f"{where}: this {family} checkpoint uses features jaxspec does not support: "
                          + "; ".join(problems))
@@ -266,13 +370,16 @@ def model_config_from_hf(hf_config: Mapping, dtype: str = "float32", max_len: in
         cfg.vocab_size = int(hf["vocab_size"])
         cfg.d_model = int(hf["hidden_size"])
         cfg.n_layers = int(hf["num_hidden_layers"])
-        cfg.tie_embeddings = bool(hf.get("tie_word_embeddings", family == "mamba"))
+        cfg.tie_embeddings = bool(hf.get("tie_word_embeddings", family in ("mamba", "gemma3")))
         cfg.dtype = dtype
         if family == "mamba":
             _set_mamba_fields(cfg, hf)
             cfg.max_len = int(max_len or cfg.max_len)
         else:
-            _set_transformer_fields(cfg, hf, family)
+            if family == "gemma3":
+                _set_gemma3_fields(cfg, hf)
+            else:
+                _set_transformer_fields(cfg, hf, family)
             cfg.max_len = int(max_len or hf.get("max_position_embeddings") or cfg.max_len)
     except KeyError as err:
         raise ValueError(f"{where}: required key {err.args[0]!r} is missing") from err
@@ -289,6 +396,24 @@ def _set_transformer_fields(cfg, hf: Mapping, family: str) -> None:
     cfg.rope_theta = _rope(hf)[1]
     cfg.rms_eps = float(hf.get("rms_norm_eps", 1e-6))
     cfg.qkv_bias = family == "qwen2"
+
+
+def _set_gemma3_fields(cfg, hf: Mapping) -> None:
+    cfg.layer_pattern = "A"
+    cfg.n_heads = int(hf["num_attention_heads"])
+    cfg.n_kv_heads = int(hf.get("num_key_value_heads", GEMMA3_DEFAULTS["num_key_value_heads"]))
+    cfg.head_dim = int(hf.get("head_dim", GEMMA3_DEFAULTS["head_dim"]))
+    cfg.d_ff = int(hf["intermediate_size"])
+    cfg.rms_eps = float(hf.get("rms_norm_eps", GEMMA3_DEFAULTS["rms_norm_eps"]))
+    rope = _gemma3_rope(hf)
+    cfg.rope_theta = float(rope["full_attention"]["rope_theta"])
+    cfg.rope_local_theta = float(rope["sliding_attention"]["rope_theta"])
+    window = hf.get("sliding_window", GEMMA3_DEFAULTS["sliding_window"])
+    windows = tuple(int(window) if kind == "sliding_attention" else 0 for kind in _gemma3_layer_types(hf))
+    cfg.layer_windows = windows if any(windows) else ()
+    # As Gemma3Attention: scores scaled by query_pre_attn_scalar ** -0.5 (not head_dim ** -0.5).
+    cfg.query_scale = float(hf.get("query_pre_attn_scalar", GEMMA3_DEFAULTS["query_pre_attn_scalar"])) ** -0.5
+    cfg.update(GEMMA3_FEATURES)
 
 
 def _set_mamba_fields(cfg, hf: Mapping) -> None:
@@ -450,48 +575,14 @@ def params_from_hf_tensors(hf_config: Mapping, source: TensorSource, dtype: str 
 # ---------------------------------------------------------------------------------------------- tokenizer
 
 
-def _special_ids(hf_dir: str) -> dict[str, tuple[int, str, str]]:
-    """Role -> (id, file, key) of the bos/eos/pad ids the checkpoint declares (generation_config.json
-    over config.json)."""
-    ids = {}
-    for name in (CONFIG_FILE, GENERATION_CONFIG_FILE):
-        path = os.path.join(hf_dir, name)
-        if not os.path.isfile(path):
-            continue
-        data = read_json(path, "Hugging Face checkpoint config")
-        for key, role in (("bos_token_id", "bos_id"), ("eos_token_id", "eos_id"), ("pad_token_id", "pad_id")):
-            value = data.get(key)
-            if isinstance(value, list):  # several stop tokens: the first is the canonical one
-                value = value[0] if value else None
-            if value is not None:
-                ids[role] = (int(value), path, key)
-    return ids
-
-
-def apply_special_ids(tokenizer, directory: str):
-    """Set the tokenizer's bos/eos/pad ids to those declared in `directory`'s config files, if any.
-
-    Declared ids take precedence over ids guessed from special-token names, as they do for transformers'
-    generation. Returns the tokenizer.
-    """
-    for role, (value, source, key) in _special_ids(directory).items():
-        if not 0 <= value < tokenizer.vocab_size:
-            raise ValueError(f"{source}: {key}={value} is outside the vocabulary [0, {tokenizer.vocab_size}) "
-                             f"of tokenizer {tokenizer!r}")
-        setattr(tokenizer, role, value)
-    return tokenizer
-
-
 def load_hf_tokenizer(hf_dir: str):
-    """The checkpoint's tokenizer.json as a jaxspec tokenizer (vocab_size, bos/eos/pad ids, encode, decode),
-    with the special ids the checkpoint declares (see `apply_special_ids`)."""
-    from jaxspec.training.tokenizer import HFTokenizer
+    """The checkpoint's tokenizer, read from its tokenizer files as transformers reads them (see
+    `jaxspec.training.tokenizer`)."""
+    from jaxspec.training.tokenizer import load_tokenizer
 
-    path = os.path.join(hf_dir, TOKENIZER_FILE)
-    if not os.path.isfile(path):
-        raise ValueError(f"{hf_dir!r} has no {TOKENIZER_FILE} (only fast tokenizers in that format are "
-                         "supported)")
-    return apply_special_ids(HFTokenizer(path), hf_dir)
+    if not os.path.isdir(hf_dir):
+        raise ValueError(f"{hf_dir!r} is not a Hugging Face checkpoint directory")
+    return load_tokenizer(hf_dir)
 
 
 # ------------------------------------------------------------------------------------------------- export
@@ -507,15 +598,73 @@ def extract_matformer(params, model_cfg, granularity):
     return sub_params, sub_cfg
 
 
+def export_family(model_cfg) -> str:
+    """The Hugging Face family that holds `model_cfg`: "gemma3" (every Gemma feature), "qwen2" (q/k/v
+    biases) or "llama"; a model no family holds exactly raises a ValueError naming the features."""
+    gemma = {key: model_cfg[key] == value for key, value in GEMMA3_FEATURES.items()}
+    if any(gemma.values()) and not all(gemma.values()):
+        have = {key: model_cfg[key] for key in GEMMA3_FEATURES}
+        raise ValueError(f"model features {have} are a partial Gemma 3: a Hugging Face Gemma3ForCausalLM has all "
+                         f"of {GEMMA3_FEATURES}, a Llama/Qwen2 none of them")
+    windows = sorted({w for w in model_cfg.layer_windows if w})
+    default_scale = config_lib.head_dim(model_cfg) ** -0.5
+    if all(gemma.values()):
+        if model_cfg.qkv_bias:
+            raise ValueError("model.qkv_bias=True: Gemma3ForCausalLM has no q/k/v biases")
+        if len(windows) > 1:
+            raise ValueError(f"model.layer_windows={tuple(model_cfg.layer_windows)} has several window sizes "
+                             f"{windows}; Gemma3ForCausalLM has one sliding_window")
+        _gemma3_query_pre_attn_scalar(model_cfg)
+        return "gemma3"
+    if windows:
+        raise ValueError(f"model.layer_windows={tuple(model_cfg.layer_windows)}: a Llama/Qwen2 export has no "
+                         "sliding windows")
+    if model_cfg.query_scale and model_cfg.query_scale != default_scale:
+        raise ValueError(f"model.query_scale={model_cfg.query_scale}: a Llama/Qwen2 export scales scores by "
+                         f"1/sqrt(head_dim)={default_scale}")
+    return "qwen2" if model_cfg.qkv_bias else "llama"
+
+
+def _gemma3_query_pre_attn_scalar(model_cfg) -> int:
+    """Gemma's integer query_pre_attn_scalar whose ** -0.5 is model.query_scale exactly."""
+    if not model_cfg.query_scale:
+        return config_lib.head_dim(model_cfg)
+    scalar = round(model_cfg.query_scale**-2)
+    if scalar < 1 or scalar**-0.5 != model_cfg.query_scale:
+        raise ValueError(f"model.query_scale={model_cfg.query_scale} is not n ** -0.5 for an integer n; "
+                         "Gemma3ForCausalLM scales scores by query_pre_attn_scalar ** -0.5 (an integer)")
+    return scalar
+
+
+def _gemma3_hf_fields(model_cfg) -> dict:
+    """The Gemma3TextConfig fields beyond a Llama's: windows, per-layer-type RoPE, query scale, norms."""
+    windows = tuple(model_cfg.layer_windows) or (0,) * model_cfg.n_layers
+    local_theta = model_cfg.rope_local_theta or model_cfg.rope_theta
+    return {
+        "model_type": "gemma3_text",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": _gemma3_query_pre_attn_scalar(model_cfg),
+        "sliding_window": max(windows) or None,
+        "layer_types": [GEMMA3_LAYER_TYPES[0] if w else GEMMA3_LAYER_TYPES[1] for w in windows],
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": model_cfg.rope_theta},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}},
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
+        "use_bidirectional_attention": False,
+        "attention_bias": False,
+    }
+
+
 def _check_exportable(model_cfg) -> None:
     kinds = config_lib.layer_kinds(model_cfg)
     others = sorted({config_lib.MIXERS[k] for k in kinds if k != "A"})
     if others:
         raise ValueError(f"model.layer_pattern={model_cfg.layer_pattern!r} has {others} layers; only "
-                         "attention-only models (layer_pattern 'A') export to a Hugging Face Llama/Qwen2")
+                         "attention-only models (layer_pattern 'A') export to a Hugging Face Llama/Qwen2/Gemma 3")
     if model_cfg.d_model % model_cfg.n_heads:
         raise ValueError(f"model.d_model={model_cfg.d_model} is not a multiple of "
-                         f"n_heads={model_cfg.n_heads}, which transformers' Llama/Qwen2 configs require")
+                         f"n_heads={model_cfg.n_heads}, which transformers' Llama/Qwen2/Gemma 3 configs require")
+    export_family(model_cfg)
 
 
 def _check_param_shapes(params, model_cfg) -> None:
@@ -529,13 +678,17 @@ def _check_param_shapes(params, model_cfg) -> None:
 
 def hf_config_for(model_cfg, dtype: str, tokenizer=None) -> dict:
     """config.json of the Hugging Face model equal to an attention-only jaxspec model."""
-    family = "qwen2" if model_cfg.qkv_bias else "llama"
+    family = export_family(model_cfg)
     special = {key: getattr(tokenizer, attr, None) for key, attr in
                (("bos_token_id", "bos_id"), ("eos_token_id", "eos_id"), ("pad_token_id", "pad_id"))}
+    stop_ids = tuple(getattr(tokenizer, "eos_ids", ()))
+    if stop_ids:  # generation's stop set, a list when the checkpoint declared several
+        special["eos_token_id"] = stop_ids[0] if len(stop_ids) == 1 else list(stop_ids)
     for key, value in special.items():
-        if value is not None and not 0 <= value < model_cfg.vocab_size:
-            raise ValueError(f"tokenizer {tokenizer!r}: {key}={value} is outside the model's vocabulary "
-                             f"[0, {model_cfg.vocab_size})")
+        for one in value if isinstance(value, list) else [value]:
+            if one is not None and not 0 <= one < model_cfg.vocab_size:
+                raise ValueError(f"tokenizer {tokenizer!r}: {key}={one} is outside the model's vocabulary "
+                                 f"[0, {model_cfg.vocab_size})")
     config = {
         "architectures": [EXPORT_ARCHITECTURES[family]],
         "model_type": family,
@@ -557,7 +710,11 @@ def hf_config_for(model_cfg, dtype: str, tokenizer=None) -> dict:
         "torch_dtype": dtype,
         **special,
     }
-    if family == "llama":
+    if family == "gemma3":
+        for key in ("hidden_act", "rope_theta"):  # Gemma3TextConfig spells these differently
+            del config[key]
+        config.update(_gemma3_hf_fields(model_cfg))
+    elif family == "llama":
         config.update(attention_bias=False, mlp_bias=False)
     else:
         config.update(use_sliding_window=False, sliding_window=None)
@@ -568,7 +725,8 @@ def export_hf_checkpoint(params, model_cfg, out_dir: str, *, granularity=None, d
                          tokenizer=None) -> str:
     """Write an attention-only jaxspec model as a Hugging Face checkpoint that transformers loads.
 
-    The target is LlamaForCausalLM, or Qwen2ForCausalLM when the model has q/k/v biases. A MatFormer
+    The target is LlamaForCausalLM, Qwen2ForCausalLM when the model has q/k/v biases, or Gemma3ForCausalLM
+    when it has the Gemma features (GEMMA3_FEATURES, with any sliding windows of one size). A MatFormer
     model exports its full FFN, or one `granularity` (see `extract_matformer`). A `tokenizer` supplies the
     bos/eos/pad ids, and its tokenizer.json is copied when it has one. Returns the config.json path.
     """
@@ -579,12 +737,13 @@ def export_hf_checkpoint(params, model_cfg, out_dir: str, *, granularity=None, d
     _check_exportable(model_cfg)
     _check_param_shapes(params, model_cfg)
     params, model_cfg = extract_matformer(params, model_cfg, granularity)
-    family = "qwen2" if model_cfg.qkv_bias else "llama"
+    family = export_family(model_cfg)
     flat = traverse_util.flatten_dict(params)
     tensors = {}
     for e in weight_entries(model_cfg, family):
-        value = np.asarray(jax.device_get(flat[e.path])).astype(dtype)
-        tensors[e.hf_name] = np.ascontiguousarray(LAYOUTS[e.layout].to_hf(value))
+        # Layout first, then the dtype: an unfolded Gemma norm keeps its float32 precision until the cast.
+        value = LAYOUTS[e.layout].to_hf(np.asarray(jax.device_get(flat[e.path])))
+        tensors[e.hf_name] = np.ascontiguousarray(value.astype(dtype))
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, os.path.join(out_dir, SINGLE_FILE), metadata={"format": "pt"})
     config_path = os.path.join(out_dir, CONFIG_FILE)
@@ -598,13 +757,13 @@ def export_hf_checkpoint(params, model_cfg, out_dir: str, *, granularity=None, d
 
 __all__ = [
     "ARCHITECTURES",
-    "apply_special_ids",
     "export_hf_checkpoint",
     "extract_matformer",
     "hf_config_for",
     "load_hf_checkpoint",
     "params_from_hf_tensors",
     "dict_tensor_source",
+    "export_family",
     "load_hf_tokenizer",
     "model_config_from_hf",
     "weight_entries",

@@ -1,4 +1,4 @@
-"""Building blocks: RMSNorm, rotary embeddings, and the SwiGLU FFN with MatFormer nesting."""
+"""Building blocks: RMSNorm, rotary embeddings, and the gated FFN (SwiGLU or GeGLU) with MatFormer nesting."""
 
 from __future__ import annotations
 
@@ -41,16 +41,26 @@ def apply_rope(x, positions, theta: float):
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
+def gate_activation(name: str):
+    """The FFN gate nonlinearity: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, gelu's tanh approximation)."""
+    if name == "silu":
+        return nn.silu
+    if name == "gelu_tanh":
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    raise ValueError(f"FFN activation {name!r} is not known; allowed: 'silu', 'gelu_tanh'")
+
+
 class MatFormerFFN(nn.Module):
-    """SwiGLU FFN whose granularities are prefix slices of one set of weights.
+    """Gated FFN (act(x W_gate) * x W_up) W_down whose granularities are prefix slices of one set of weights.
 
     Granularity g uses the first `hidden_sizes[g]` rows of gate/up and columns of down, so every smaller
-    FFN is nested inside the larger ones (MatFormer). With one granularity this is a plain SwiGLU FFN.
+    FFN is nested inside the larger ones (MatFormer). With one granularity this is a plain gated FFN.
     """
 
     d_model: int
     hidden_sizes: tuple[int, ...]
     dtype: Dtype = jnp.float32
+    activation: str = "silu"  # see gate_activation
 
     @nn.compact
     def __call__(self, x, granularity: int | None = None):
@@ -63,4 +73,4 @@ class MatFormerFFN(nn.Module):
         x = x.astype(self.dtype)
         g = x @ gate[:, :h].astype(self.dtype)
         u = x @ up[:, :h].astype(self.dtype)
-        return (nn.silu(g) * u) @ down[:h].astype(self.dtype)
+        return (gate_activation(self.activation)(g) * u) @ down[:h].astype(self.dtype)

@@ -43,20 +43,39 @@ def has_ffn(model_cfg, kind: str) -> bool:
     return kind != "M" or model_cfg.mamba.ffn
 
 
+def make_mixer(model_cfg, kind: str, layer: int) -> nn.Module:
+    """The mixer module of `layer`; attention takes the layer's sliding window and RoPE base."""
+    if kind == "A":
+        return Attention(model_cfg, window=config_lib.layer_window(model_cfg, layer),
+                         rope_theta=config_lib.layer_rope_theta(model_cfg, layer), name=MIXER_NAMES[kind])
+    return MIXER_MODULES[kind](model_cfg, name=MIXER_NAMES[kind])
+
+
 class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x)).
+
+    With `sandwich_norms` (Gemma) the mixer's and the FFN's outputs are normalised again before each add.
+    """
+
     model_cfg: Any
     kind: str
-    layer: int  # index in the stack (FFN widths may differ per layer)
+    layer: int  # index in the stack (FFN widths, windows and RoPE bases may differ per layer)
 
     @nn.compact
     def __call__(self, x, step: Step, cache, granularity):
         cfg = self.model_cfg
-        mixer = MIXER_MODULES[self.kind](cfg, name=MIXER_NAMES[self.kind])
+        mixer = make_mixer(cfg, self.kind, self.layer)
         h, new = mixer(RMSNorm(cfg.rms_eps, name="mixer_norm")(x), step, cache)
+        if cfg.sandwich_norms:
+            h = RMSNorm(cfg.rms_eps, name="post_mixer_norm")(h)
         x = x + h
         if has_ffn(cfg, self.kind):
-            ffn = MatFormerFFN(cfg.d_model, config_lib.ffn_hidden_sizes(cfg, self.layer), dtype_of(cfg), name="ffn")
-            x = x + ffn(RMSNorm(cfg.rms_eps, name="ffn_norm")(x), granularity)
+            ffn = MatFormerFFN(cfg.d_model, config_lib.ffn_hidden_sizes(cfg, self.layer), dtype_of(cfg),
+                               cfg.ffn_activation, name="ffn")
+            h = ffn(RMSNorm(cfg.rms_eps, name="ffn_norm")(x), granularity)
+            if cfg.sandwich_norms:
+                h = RMSNorm(cfg.rms_eps, name="post_ffn_norm")(h)
+            x = x + h
         return x, new
 
 
@@ -130,7 +149,10 @@ class DecoderLM(nn.Module):
         if state is not None and len(state.layers) != cfg.n_layers:
             raise ValueError(f"decode state has {len(state.layers)} layers; the model has {cfg.n_layers}")
         step = make_step(tokens, state, parents, num_new, fresh)
-        x = self.embed(tokens).astype(dtype_of(cfg))
+        x = self.embed(tokens)
+        if cfg.embed_scale:  # as transformers: sqrt(d_model) rounded to float32, then to the embedding dtype
+            x = x * jnp.asarray(np.float32(cfg.d_model**0.5), x.dtype)
+        x = x.astype(dtype_of(cfg))
         new_layers, layer_hidden = [], []
         for i, block in enumerate(self.blocks):
             cache = None if state is None else state.layers[i]

@@ -54,6 +54,14 @@ FAMILIES = {
     "mamba": ("MambaConfig", "MambaForCausalLM",
               dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, state_size=8, conv_kernel=4,
                    expand=2, time_step_rank=3, **NO_SPECIALS)),
+    # Sliding windows of 4 (shorter than every test sequence) around a global layer, different local and
+    # global RoPE bases, a query scale other than 1/sqrt(head_dim).
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(TRANSFORMER, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                                     "full_attention": {"rope_type": "default", "rope_theta": 5000.0}},
+                    query_pre_attn_scalar=20, max_position_embeddings=128)),
 }
 
 
@@ -66,6 +74,11 @@ def build_hf_model(family: str, seed: int = 0, **overrides):
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("bias"):
+                    p.normal_(0.0, 0.5)
+    if family == "gemma3":  # Gemma norm weights start at zero (a scale of 1 + 0); make them matter
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
                     p.normal_(0.0, 0.5)
     return model
 
@@ -167,6 +180,38 @@ def test_import_maps_config_fields(saved):
                                hf_logits(hf_model, tokens), atol=0.1, rtol=0)
 
 
+def test_gemma3_config_and_folded_norms(saved):
+    hf_model, path = saved("gemma3")
+    cfg, params = hf.load_hf_checkpoint(path)
+    assert (cfg.layer_windows, cfg.rope_theta, cfg.rope_local_theta) == ((4, 0, 4), 5000.0, 100.0)
+    assert (cfg.head_dim, cfg.n_kv_heads, cfg.query_scale, cfg.tie_embeddings) == (16, 2, 20**-0.5, True)
+    assert (cfg.ffn_activation, cfg.embed_scale, cfg.qk_norm, cfg.sandwich_norms) == ("gelu_tanh", True, True, True)
+    # Gemma's (1 + w), folded in float32: the very product transformers computes.
+    layer = hf_model.model.layers[1]
+    for ours, theirs in ((("layer_1", "post_mixer_norm"), layer.post_attention_layernorm),
+                         (("layer_1", "ffn_norm"), layer.pre_feedforward_layernorm),
+                         (("layer_1", "attn", "k_norm"), layer.self_attn.k_norm)):
+        scale = traverse_util.flatten_dict(params)[(*ours, "scale")]
+        np.testing.assert_array_equal(np.asarray(scale), (1.0 + theirs.weight.detach().float()).numpy())
+
+
+def test_gemma3_legacy_config_keys_map_like_transformers():
+    """Older Gemma 3 configs: rope_theta / rope_local_base_freq and sliding_window_pattern, no layer_types;
+    model_type alone (no architectures) names the text model."""
+    legacy = dict(model_type="gemma3_text", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                  sliding_window_pattern=2, rope_theta=20000.0, rope_local_base_freq=50.0, query_pre_attn_scalar=16)
+    reference = transformers.Gemma3TextConfig(**legacy)
+    cfg = hf.model_config_from_hf(legacy)
+    assert reference.layer_types == ["sliding_attention", "full_attention"] * 2
+    assert cfg.layer_windows == (8, 0, 8, 0)
+    assert (cfg.rope_theta, cfg.rope_local_theta) == (reference.rope_parameters["full_attention"]["rope_theta"],
+                                                      reference.rope_parameters["sliding_attention"]["rope_theta"])
+    assert (cfg.query_scale, cfg.n_kv_heads, cfg.tie_embeddings) == (0.25, 1, True)
+    with pytest.raises(ValueError, match="model_type='gemma3'.*not supported"):  # the multimodal config
+        hf.model_config_from_hf({**legacy, "model_type": "gemma3"})
+
+
 def test_sharded_checkpoint_imports_like_single_file(saved, tmp_path):
     hf_model, path = saved("llama_gqa")
     sharded = str(tmp_path / "sharded")
@@ -209,6 +254,8 @@ EXPORT_CASES = {
     "llama_untied": (dict(), None, "LlamaForCausalLM"),
     "qwen2_bias_tied": (dict(qkv_bias=True, tie_embeddings=True), None, "Qwen2ForCausalLM"),
     "matformer_half": (dict(matformer_fractions=(0.5, 1.0)), 0, "LlamaForCausalLM"),
+    "gemma3_windows": (dict(hf.GEMMA3_FEATURES, layer_windows=(3, 0), rope_local_theta=50.0, query_scale=0.25),
+                       None, "Gemma3ForCausalLM"),
 }
 
 
@@ -240,6 +287,41 @@ def test_import_export_import_round_trip_is_exact(saved, family, tmp_path):
     cfg2, params2 = hf.load_hf_checkpoint(str(tmp_path))
     assert cfg2.to_dict() == cfg.to_dict()
     assert_trees_equal(params2, params)
+
+
+def test_gemma3_import_export_import_round_trip(saved, tmp_path):
+    """Unfolding (scale - 1) and folding again restores every norm scale bit for bit; transformers loads the
+    export as the same model."""
+    hf_model, path = saved("gemma3")
+    cfg, params = hf.load_hf_checkpoint(path)
+    hf.export_hf_checkpoint(params, cfg, str(tmp_path))
+    exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert type(exported).__name__ == "Gemma3ForCausalLM"
+    assert exported.config.layer_types == hf_model.config.layer_types
+    tokens = random_tokens((2, 12))
+    np.testing.assert_allclose(hf_logits(exported, tokens), hf_logits(hf_model, tokens), atol=1e-5, rtol=0)
+    cfg2, params2 = hf.load_hf_checkpoint(str(tmp_path))
+    assert cfg2.to_dict() == cfg.to_dict()
+    assert_trees_equal(params2, params)
+
+
+NOT_EXPORTABLE = {
+    "partial_gemma": (dict(qk_norm=True), "partial Gemma 3"),
+    "llama_with_windows": (dict(layer_windows=(4, 0)), "Llama/Qwen2 export has no sliding windows"),
+    "llama_query_scale": (dict(query_scale=0.3), "scales scores by 1/sqrt"),
+    "gemma_two_window_sizes": (dict(hf.GEMMA3_FEATURES, layer_windows=(4, 8)), "several window sizes"),
+    "gemma_query_scale": (dict(hf.GEMMA3_FEATURES, query_scale=0.3), "query_scale=0.3 is not n \\*\\* -0.5"),
+    "gemma_qkv_bias": (dict(hf.GEMMA3_FEATURES, qkv_bias=True), "no q/k/v biases"),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_EXPORTABLE))
+def test_export_rejects_feature_mixes_no_family_holds(case, tmp_path):
+    overrides, message = NOT_EXPORTABLE[case]
+    cfg, _, params = native_model(**overrides)
+    with pytest.raises(ValueError, match=message):
+        hf.export_hf_checkpoint(params, cfg, str(tmp_path))
+    assert not os.listdir(tmp_path)
 
 
 def test_export_rejects_models_transformers_cannot_hold(tmp_path):
@@ -287,6 +369,21 @@ UNSUPPORTED = {
                                "max_window_layers": 1}, r"sliding_window=8 in effect on layers \[1\]"),
     "mamba_bias": ("mamba", {"use_bias": True}, "use_bias=true"),
     "quantized": ("qwen2", {"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
+    "gemma3_final_softcap": ("gemma3", {"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0"),
+    "gemma3_attn_softcap": ("gemma3", {"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0"),
+    "gemma3_global_rope_scaling": ("gemma3", {"rope_scaling": {"rope_type": "linear", "factor": 8.0}},
+                                   "rope type 'linear' on the full_attention layers"),
+    "gemma3_local_rope_scaling": ("gemma3", {"rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 5000.0},
+        "sliding_attention": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 100.0}}},
+        "rope type 'dynamic' on the sliding_attention layers"),
+    "gemma3_activation": ("gemma3", {"hidden_activation": "gelu"}, "hidden_activation='gelu'"),
+    "gemma3_bidirectional": ("gemma3", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    "gemma3_layer_type": ("gemma3", {"layer_types": ["sliding_attention", "chunked_attention", "full_attention"]},
+                          "layer_types=.*chunked_attention"),
+    "gemma3_no_window": ("gemma3", {"sliding_window": None}, "sliding_window=None with sliding_attention"),
+    "gemma3_flat_rope": ("gemma3", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}},
+                         "only per-layer-type entries"),
 }
 
 
@@ -378,6 +475,8 @@ def write_tokenizer(directory) -> str:
     tok.add_special_tokens(["<s>", "</s>", "<unk>"])
     path = os.path.join(directory, hf.TOKENIZER_FILE)
     tok.save(path)
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as fh:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, fh)
     return path
 
 
@@ -394,7 +493,7 @@ def test_tokenizer_matches_transformers_and_takes_ids_from_the_checkpoint(saved,
     with open(tmp_path / "ckpt" / hf.GENERATION_CONFIG_FILE, "w") as fh:
         json.dump({"eos_token_id": [6, 1], "pad_token_id": 2}, fh)
     tokenizer = hf.load_hf_tokenizer(str(tmp_path / "ckpt"))
-    assert (tokenizer.eos_id, tokenizer.pad_id) == (6, 2)
+    assert (tokenizer.eos_ids, tokenizer.eos_id, tokenizer.pad_id) == ((6, 1), 1, 2)  # eos_id: the tokenizer's
     with open(tmp_path / "ckpt" / hf.GENERATION_CONFIG_FILE, "w") as fh:
         json.dump({"eos_token_id": 7}, fh)
     with pytest.raises(ValueError, match="generation_config.json: eos_token_id=7 is outside"):
@@ -423,9 +522,10 @@ def test_convert_cli_imports_to_a_workdir_and_exports_back(saved, tmp_path):
     cfg, expected = hf.load_hf_checkpoint(path, max_len=128)
     assert_trees_equal(params, expected)
     assert json.loads(config.model.to_json()) == json.loads(cfg.to_json())
-    assert config.data.tokenizer == os.path.join(workdir, hf.TOKENIZER_FILE)
-    tokenizer = hf.load_hf_tokenizer(workdir)
-    assert (tokenizer.encode("hello"), tokenizer.bos_id, tokenizer.eos_id) == ([3], 0, 6)
+    assert config.data.tokenizer == os.path.join(workdir, "tokenizer")
+    tokenizer = hf.load_hf_tokenizer(config.data.tokenizer)
+    # eos_id: the tokenizer's own </s>; eos_ids: the checkpoint's stop set, which the export writes back.
+    assert (tokenizer.encode("hello"), tokenizer.bos_id, tokenizer.eos_id, tokenizer.eos_ids) == ([3], 0, 1, (6,))
 
     out_dir = str(tmp_path / "exported")
     run_convert(f"--export_hf_dir={out_dir}", f"--workdir={workdir}")

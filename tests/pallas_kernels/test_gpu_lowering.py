@@ -23,13 +23,14 @@ def lower_for_cuda(fn, *args):
     return lowered.as_text()
 
 
-def test_tree_attention_lowers_for_triton():
+@pytest.mark.parametrize("window", [0, 100], ids=["global", "sliding_window"])
+def test_tree_attention_lowers_for_triton(window):
     b, h, hkv, k, d, cache_len = 2, 8, 2, 5, 64, 300
     bf16 = jnp.bfloat16
     args = (ARRAY((b, h, k, d), bf16), ARRAY((b, hkv, cache_len, d), bf16), ARRAY((b, hkv, cache_len, d), bf16),
             ARRAY((b,), jnp.int32), ARRAY((b, hkv, k, d), bf16), ARRAY((b, hkv, k, d), bf16),
             ARRAY((k, k), bool))
-    text = lower_for_cuda(lambda *a: tree_attention(*a, implementation="pallas", block_k=64), *args)
+    text = lower_for_cuda(lambda *a: tree_attention(*a, implementation="pallas", block_k=64, window=window), *args)
     assert "__gpu$xla.gpu.triton" in text
 
 

@@ -32,10 +32,10 @@ def make_inputs(rng, b, h, hkv, k, d, cache_len):
                 k_cache=normal(b, hkv, cache_len, d), v_cache=normal(b, hkv, cache_len, d))
 
 
-@functools.partial(jax.jit, static_argnames=("implementation", "block_sizes"))
-def run(x, lengths, tree_mask, implementation, block_sizes=()):
+@functools.partial(jax.jit, static_argnames=("implementation", "block_sizes", "window"))
+def run(x, lengths, tree_mask, implementation, block_sizes=(), window=0):
     return tree_attention(x["q"], x["k_cache"], x["v_cache"], lengths, x["k_tree"], x["v_tree"], tree_mask,
-                          implementation=implementation, **dict(block_sizes))
+                          implementation=implementation, window=window, **dict(block_sizes))
 
 
 CASES = [
@@ -65,6 +65,79 @@ def test_kernel_matches_reference(case):
     expected = run(x, lengths, tree_mask, "xla")
     got = run(x, lengths, tree_mask, "pallas", tuple(block_sizes.items()))
     assert got.shape == (b, h, k, d)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def windowed_attention_numpy(x, lengths, parents, window):
+    """Attention of each node over the keys it sees, written out: cache entry c at position c, node i at
+    length + depth(i); key position j visible to query position i iff i - window < j <= i."""
+    q, kc, vc, kt, vt = (np.asarray(x[n], np.float64) for n in ("q", "k_cache", "v_cache", "k_tree", "v_tree"))
+    b, h, k, d = q.shape
+    group = h // kc.shape[1]
+    out = np.zeros_like(q)
+    for row in range(b):
+        pars = parents[row]
+        for i in range(k):
+            chain = [i]
+            while pars[chain[-1]] >= 0:
+                chain.append(pars[chain[-1]])
+            depth = {node: len(chain) - 1 - n for n, node in enumerate(chain)}
+            pos = lengths[row] + depth[i]
+            cols = [c for c in range(lengths[row]) if c > pos - window]
+            nodes = [j for j in chain if lengths[row] + depth[j] > pos - window]
+            for head in range(h):
+                n = head // group
+                keys = np.concatenate([kc[row, n, cols], kt[row, n, nodes]])
+                values = np.concatenate([vc[row, n, cols], vt[row, n, nodes]])
+                scores = keys @ q[row, head, i] / np.sqrt(d)
+                p = np.exp(scores - scores.max())
+                out[row, head, i] = p @ values / p.sum()
+    return out
+
+
+WINDOW_CASES = [
+    # (name, batch, heads, kv heads, nodes, head dim, cache length, lengths, window, block sizes)
+    ("decode_window_inside_cache", 3, 2, 1, 1, 8, 64, [0, 20, 64], 7, {"block_k": 16, "num_splits": 2}),
+    ("tree_window_shorter_than_depth", 2, 4, 2, 9, 8, 48, [30, 3], 3, {"block_k": 16, "block_rows": 16}),
+    ("chain_window_one", 2, 2, 2, 4, 8, 40, [17, 0], 1, {"block_k": 16}),
+    ("window_longer_than_context", 2, 8, 2, 5, 16, 33, [33, 9], 100, {"block_k": 16, "num_splits": 3}),
+]
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=[c[0] for c in WINDOW_CASES])
+def test_sliding_window_kernel_and_reference_match_attention_written_out(case):
+    _, b, h, hkv, k, d, cache_len, lengths, window, block_sizes = case
+    rng = np.random.default_rng(len(case[0]))
+    parents = np.stack([random_parents(rng, k) for _ in range(b)])
+    if case[0].startswith("chain"):
+        parents[:] = np.arange(k) - 1
+    x = make_inputs(rng, b, h, hkv, k, d, cache_len)
+    tree_mask = jnp.asarray(np.stack([ancestor_mask(p) for p in parents]))
+    want = windowed_attention_numpy(x, lengths, parents, window)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    expected = run(x, lengths, tree_mask, "xla", window=window)
+    np.testing.assert_allclose(expected, want, atol=1e-5, rtol=1e-5)
+    got = run(x, lengths, tree_mask, "pallas", tuple(block_sizes.items()), window=window)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_blocks_before_the_window_are_never_read():
+    """NaN in every whole block before the window of all of a row's nodes: the kernel skips them."""
+    rng = np.random.default_rng(8)
+    b, h, hkv, d, cache_len, block_k, window = 2, 4, 2, 8, 96, 16, 20
+    parents = np.array([-1, 0, 0, 1])  # depths 0, 1, 1, 2
+    x = make_inputs(rng, b, h, hkv, len(parents), d, cache_len)
+    lengths = jnp.asarray([90, 37], jnp.int32)
+    tree_mask = jnp.asarray(ancestor_mask(parents))
+    expected = run(x, lengths, tree_mask, "xla", window=window)
+    # The shallowest node (position = length) sees columns from length - window + 1 on.
+    first_read = (np.array([90, 37]) - window + 1) // block_k * block_k
+    positions = np.arange(cache_len)[None, None, :, None]
+    poison = positions < first_read[:, None, None, None]
+    assert poison.any(axis=(1, 2, 3)).all()
+    x["k_cache"] = jnp.where(poison, jnp.nan, x["k_cache"])
+    x["v_cache"] = jnp.where(poison, jnp.nan, x["v_cache"])
+    got = run(x, lengths, tree_mask, "pallas", (("block_k", block_k), ("num_splits", 2)), window=window)
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -120,3 +193,6 @@ def test_bad_arguments_raise_value_errors():
         tree_attention(*args, implementation="pallas", block_k=24)
     with pytest.raises(ValueError, match="tree_mask must be"):
         tree_attention(*args[:-1], jnp.ones((3, 3), bool))
+    for window in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=f"window={window!r} must be a non-negative int"):
+            tree_attention(*args, window=window)
