@@ -14,7 +14,7 @@ import os
 import jax
 from absl import app, flags, logging
 
-from jaxspec.decoding import loading
+from jaxspec.decoding import loading, methods
 from jaxspec.eval.compare import compare_methods, markdown_table
 from jaxspec.training.data import heldout_prompts
 
@@ -31,22 +31,19 @@ flags.mark_flags_as_required(["target_workdir"])
 
 
 def method_grid(target, draft_workdir, medusa_workdir, skip_layers):
-    """Every method the given workdirs allow, with its default tree and a few variants."""
+    """Every method the given workdirs allow, with its default tree and a few variants (name -> spec)."""
     n_layers = target.config.model.n_layers
     skip = tuple(skip_layers) or tuple(range(n_layers // 2, n_layers))
-    grid = {"lookup chain:3": dict(method="lookup", tree="chain:3"),
-            "lookup chain:6": dict(method="lookup", tree="chain:6"),
-            "lookup chain:10": dict(method="lookup", tree="chain:10"),
-            "layerskip chain:3": loading.drafter_kwargs("layerskip", target, skip_layers=skip, tree="chain:3")}
+    grid = {f"lookup chain:{k}": methods.make("lookup", tree=f"chain:{k}") for k in (3, 6, 10)}
+    grid["layerskip chain:3"] = methods.make("layerskip", skip_layers=skip, tree="chain:3")
     if len(target.config.model.matformer_fractions) > 1:
-        grid["matformer g0 chain:4"] = loading.drafter_kwargs("matformer", target, granularity=0, tree="chain:4")
+        grid["matformer g0 chain:4"] = methods.make("matformer", granularity=0, tree="chain:4")
     if draft_workdir:
-        grid["draft chain:4"] = loading.drafter_kwargs("draft", target, draft_workdir=draft_workdir, tree="chain:4")
-        grid["draft branching:2,2,1"] = loading.drafter_kwargs("draft", target, draft_workdir=draft_workdir,
-                                                               tree="branching:2,2,1")
+        for tree in ("chain:4", "branching:2,2,1"):
+            grid[f"draft {tree}"] = methods.make("draft", draft_workdir=draft_workdir, tree=tree)
     if medusa_workdir:
-        grid["medusa chain:3"] = loading.drafter_kwargs("medusa", target, draft_workdir=medusa_workdir, tree="chain:3")
-        grid["medusa medusa_small"] = loading.drafter_kwargs("medusa", target, draft_workdir=medusa_workdir)
+        for tree in ("chain:3", "medusa_small"):
+            grid[f"medusa {tree}"] = methods.make("medusa", draft_workdir=medusa_workdir, tree=tree)
     return grid
 
 
@@ -61,7 +58,7 @@ def main(argv):
     prompts = [tok.encode_prompt(t)[:_PROMPT_LEN.value] for t in texts]
     grid = method_grid(target, expand(_DRAFT.value), expand(_MEDUSA.value), [int(s) for s in _SKIP.value])
     results = compare_methods(target.model, target.params, prompts, grid, max_new_tokens=_MAX_NEW.value,
-                              temperature=_TEMPERATURE.value, repeats=_REPEATS.value)
+                              temperature=_TEMPERATURE.value, repeats=_REPEATS.value, target_workdir=target.workdir)
     print(f"device: {jax.devices()[0].device_kind}, {len(prompts)} prompts x {_MAX_NEW.value} new tokens, "
           f"temperature {_TEMPERATURE.value}")
     print(markdown_table(results))

@@ -32,23 +32,25 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def parse_index_list(flag: str, value: str | list[str] | tuple) -> tuple[int, ...]:
-    """'20-29,31' (or absl's list of pieces) -> (20, ..., 29, 31); sorted, duplicates dropped.
+def parse_index_list(flag: str, value: str | list[str] | tuple, ranges: bool = True) -> tuple[int, ...]:
+    """'20-29,31' (or absl's list of pieces) -> (20, ..., 29, 31), sorted, duplicates dropped; with
+    ranges=False, '0,1,1' -> (0, 1, 1) as given (a value per position).
 
-    Any piece that is not an index or an ascending range raises a ConfigError naming `flag`.
+    Any piece that is not an index (or an ascending range) raises a ConfigError naming `flag`.
     """
     pieces = value.split(",") if isinstance(value, str) else [str(v) for v in value]
-    out: set[int] = set()
+    expected = "comma-separated indices and ranges such as 20-29,31" if ranges else "comma-separated indices"
+    out: list[int] = []
     for piece in (p.strip() for p in pieces):
         if not piece:
             continue
-        lo, sep, hi = piece.partition("-")
+        lo, sep, hi = piece.partition("-") if ranges else (piece, "", "")
         try:
             first, last = int(lo), int(hi if sep else lo)
         except ValueError:
-            raise ConfigError(f"--{flag}={','.join(map(str, pieces))!r}: {piece!r} is not an index or a range; "
-                              "expected comma-separated indices and ranges such as 20-29,31") from None
+            raise ConfigError(f"--{flag}={','.join(map(str, pieces))!r}: {piece!r} is not an index"
+                              f"{' or a range' if ranges else ''}; expected {expected}") from None
         if first < 0 or last < first:
-            raise ConfigError(f"--{flag}: range {piece!r} must be non-negative and ascending (like 20-29)")
-        out.update(range(first, last + 1))
-    return tuple(sorted(out))
+            raise ConfigError(f"--{flag}: {piece!r} must be non-negative{' and ascending (like 20-29)' * ranges}")
+        out.extend(range(first, last + 1))
+    return tuple(sorted(set(out))) if ranges else tuple(out)

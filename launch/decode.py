@@ -22,12 +22,12 @@ import sys
 from absl import app, flags
 
 from jaxspec import cli
-from jaxspec.decoding import api, loading
+from jaxspec.decoding import api, methods
 from jaxspec.parallel import distributed
 
 _MODEL = flags.DEFINE_string("model", None, "a zoo model name, e.g. smollm2-135m-instruct (or use --workdir)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "a jaxspec workdir: a training run or an imported checkpoint")
-_METHOD = flags.DEFINE_enum("method", "ar", list(api.METHODS), "decoding method")
+_METHOD = flags.DEFINE_enum("method", "ar", list(methods.names()), "decoding method (jaxspec/decoding/methods/)")
 _VERIFY = flags.DEFINE_enum("verify", None, ["greedy", "rejection", "typical"],
                             "verification rule (default: greedy at temperature 0, rejection otherwise)")
 _PROMPT = flags.DEFINE_string("prompt", None, "one prompt")
@@ -39,13 +39,23 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "0 = off")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "1 = off")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
-_DRAFT_WORKDIR = flags.DEFINE_string("draft_workdir", None, "draft model run (draft) or Medusa heads run (medusa)")
-_TREE = flags.DEFINE_string("tree", None, "token tree: chain:K, branching:b1,b2,..., medusa_63, medusa_small "
-                            f"(default per method: {api.DEFAULT_TREES})")
-_GRANULARITY = flags.DEFINE_integer("granularity", 0, "MatFormer granularity index that drafts (matformer)")
-_SKIP = flags.DEFINE_string("skip_layers", "", "layers the self-draft skips (layerskip), e.g. 20-29,31")
-_ADAPTIVE = flags.DEFINE_integer("adaptive", 0, "adaptive draft length starting here (0 = off)")
-_CONFIDENCE = flags.DEFINE_float("confidence_threshold", 0.0, "stop a draft below this top probability")
+# The method's own options: each is passed to the method's spec only when given, and a method that does not take
+# one refuses it by name.
+_METHOD_FLAGS = {
+    "tree": flags.DEFINE_string("tree", None, "token tree: chain:K, branching:b1,b2,..., medusa_63, medusa_small "
+                                 "(default: the method's own)"),
+    "draft_workdir": flags.DEFINE_string("draft_workdir", None, "draft model run (draft) or Medusa heads run "
+                                          "(medusa)"),
+    "granularity": flags.DEFINE_string("granularity", None, "MatFormer granularity that drafts (matformer): one "
+                                        "index, or one per layer as 0,1,1,..."),
+    "skip_layers": flags.DEFINE_string("skip_layers", None, "layers the self-draft skips (layerskip), e.g. "
+                                        "20-29,31; default: every other layer of the upper two thirds"),
+    "adaptive": flags.DEFINE_integer("adaptive", None, "adaptive draft length starting here (0 = off)"),
+    "confidence_threshold": flags.DEFINE_float("confidence_threshold", None, "stop a draft below this top "
+                                                "probability (draft, matformer, layerskip)"),
+    "min_ngram": flags.DEFINE_integer("min_ngram", None, "shortest n-gram prompt lookup matches (lookup)"),
+    "max_ngram": flags.DEFINE_integer("max_ngram", None, "longest n-gram prompt lookup matches (lookup)"),
+}
 _STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", True, "stop a row at the checkpoint's end-of-sequence ids")
 _STREAM = flags.DEFINE_bool("stream", False, "print each reply as rounds commit")
 _OUTPUT = flags.DEFINE_string("output_json", None, "write results here")
@@ -114,6 +124,27 @@ class StreamPrinter:
             print(prefix + delta, end="", flush=True)
 
 
+def method_arguments() -> dict:
+    """The method options given on the command line, parsed; a flag that was not given is left out, and one
+    the method does not take is an error naming the flag."""
+    takes = methods.field_names(_METHOD.value)
+    given = {}
+    for field, holder in _METHOD_FLAGS.items():
+        if holder.value is None:
+            continue
+        if field not in takes:
+            raise ValueError(f"--{field} does not apply to --method={_METHOD.value}; its options: "
+                             f"{', '.join('--' + t for t in takes) or 'none'}")
+        if field == "skip_layers":
+            given[field] = cli.parse_index_list("skip_layers", holder.value)
+        elif field == "granularity":
+            parsed = cli.parse_index_list("granularity", holder.value, ranges=False)
+            given[field] = parsed[0] if len(parsed) == 1 else parsed
+        else:
+            given[field] = holder.value
+    return given
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -125,18 +156,15 @@ def main(argv) -> None:
         if (_MODEL.value is None) == (_WORKDIR.value is None):
             raise ValueError("give exactly one of --model (a zoo name) and --workdir")
         requests = read_requests()
-        skip = cli.parse_index_list("skip_layers", _SKIP.value)
+        spec = methods.make(_METHOD.value, **method_arguments())
         target = api.load(_MODEL.value or _WORKDIR.value)
-        kwargs = loading.drafter_kwargs(_METHOD.value, target, draft_workdir=_DRAFT_WORKDIR.value, tree=_TREE.value,
-                                        granularity=_GRANULARITY.value, skip_layers=skip,
-                                        confidence_threshold=_CONFIDENCE.value)
         tok = target.tokenizer
         prompts = [encode_request(tok, r, _CHAT.value) for r in requests]
         printer = StreamPrinter(tok, len(prompts)) if _STREAM.value else None
         result = api.generate(target.model, target.params, prompts, max_new_tokens=_MAX_NEW.value,
                               temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
                               rule=_VERIFY.value, eos_ids=tok.eos_ids if _STOP_AT_EOS.value else None,
-                              seed=_SEED.value, adaptive=_ADAPTIVE.value, on_tokens=printer, **kwargs)
+                              seed=_SEED.value, on_tokens=printer, method=spec, target_workdir=target.workdir)
     except (ValueError, OSError) as err:
         sys.exit(f"decode: {err}")
     if printer is not None:
@@ -151,11 +179,11 @@ def main(argv) -> None:
         if printer is None:
             print(f"--- prompt {i}: {request.get('prompt', request.get('messages'))!r}\n{rows[-1]['text']}")
         print(f"[tau={rows[-1]['mean_accepted']:.2f}, {rows[-1]['new_tokens']} tokens]")
-    settings = dict(model=_MODEL.value, workdir=target.workdir, method=_METHOD.value,
+    settings = dict(model=_MODEL.value, workdir=target.workdir, method=_METHOD.value, method_fields=spec.fields(),
                     verify=_VERIFY.value or ("greedy" if _TEMPERATURE.value == 0 else "rejection"), chat=_CHAT.value,
                     temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
-                    max_new_tokens=_MAX_NEW.value, tree=kwargs.get("tree"), adaptive=_ADAPTIVE.value,
-                    draft_workdir=_DRAFT_WORKDIR.value, eos_ids=list(tok.eos_ids) if _STOP_AT_EOS.value else [],
+                    max_new_tokens=_MAX_NEW.value, tree=spec.tree_spec or None,
+                    eos_ids=list(tok.eos_ids) if _STOP_AT_EOS.value else [],
                     prompt_width=result.prompt_width, max_len=result.max_len, compile_s=result.compile_s,
                     compilations=result.compilations, batch_wall_time_s=result.wall_time_s,
                     batch_tokens_per_s=result.tokens_per_s)

@@ -13,6 +13,8 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 from jaxspec.decoding import api, engine
+from jaxspec.decoding import methods as registry
+from jaxspec.decoding.method import Method
 
 
 @dataclasses.dataclass
@@ -67,11 +69,13 @@ def _summarise(name, method, runs, baseline, compile_s, category) -> MethodResul
                         new_tokens=new, wall_time_s=wall, compile_s=compile_s, category=category)
 
 
-def compare_methods(model, params, prompts: list[list[int]], methods: dict[str, dict], *, max_new_tokens: int,
+def compare_methods(model, params, prompts: list[list[int]], methods: dict[str, Method], *, max_new_tokens: int,
                     temperature: float = 0.0, eos_ids=None, seed: int = 0, repeats: int = 1,
                     batch_size: int | None = None, categories: Sequence[str] | None = None,
-                    on_method: Callable[[str], None] | None = None) -> list[MethodResult]:
-    """Run "ar" and every entry of `methods` (name -> `api.generate` kwargs) on `prompts` and measure them.
+                    target_workdir: str | None = None, on_method: Callable[[str], None] | None = None
+                    ) -> list[MethodResult]:
+    """Run autoregressive decoding ("ar") and every method of `methods` (name -> spec) on `prompts` and
+    measure them. `target_workdir` lets trained drafters check they were trained for this target.
 
     Returns one result per method over all prompts ("all"), then, when `categories` (one per prompt) is
     given, one per (method, category). Wall time per batch is the best of `repeats` calls.
@@ -79,16 +83,17 @@ def compare_methods(model, params, prompts: list[list[int]], methods: dict[str, 
     if categories is not None and len(categories) != len(prompts):
         raise ValueError(f"categories has {len(categories)} entries for {len(prompts)} prompts")
     batch_size = batch_size or len(prompts)
-    trees = [1] + [api.resolve_tree(k.get("tree") or api.DEFAULT_TREES[k["method"]]).num_nodes
-                   for k in methods.values() if k["method"] != "ar"]
-    width, _ = engine.plan_shapes(model.model_cfg, [max(len(p) for p in prompts)], max_new_tokens, max(trees))
-    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, eos_ids=eos_ids, seed=seed)
+    every = {"ar": registry.make("ar"), **methods}
+    nodes = max(spec.num_nodes for spec in every.values())
+    width, _ = engine.plan_shapes(model.model_cfg, [max(len(p) for p in prompts)], max_new_tokens, nodes)
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, eos_ids=eos_ids, seed=seed,
+                   target_workdir=target_workdir)
     measured = {}
-    for name, kwargs in {"ar": dict(method="ar"), **methods}.items():
+    for name, spec in every.items():
         if on_method is not None:
             on_method(name)
-        measured[name] = (kwargs["method"],) + _run_batches(model, params, prompts, kwargs, batch_size, width,
-                                                            repeats, options)
+        measured[name] = (spec.name,) + _run_batches(model, params, prompts, dict(method=spec), batch_size, width,
+                                                     repeats, options)
     baseline = measured["ar"][1]
     groups = [("all", list(range(len(prompts))))]
     if categories is not None:

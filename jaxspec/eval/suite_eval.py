@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import ml_collections
 
 from jaxspec.config import ConfigError, check_keys
-from jaxspec.decoding import api, loading
+from jaxspec.decoding import api, methods
 from jaxspec.eval import compare, plots, sweep
 from jaxspec.eval.suite import CATEGORIES, load_suite
 
@@ -32,23 +32,30 @@ def suite_eval_defaults() -> ml_collections.ConfigDict:
         model="smollm2-135m-instruct",  # a zoo name or a workdir
         suite=dict(categories=(), per_category=3),  # () = all categories
         decode=dict(max_new_tokens=64, temperature=0.0, stop_at_eos=True, batch_size=1, repeats=1, seed=0),
-        methods={},  # name -> {method, tree, skip_layers, granularity, draft_workdir, confidence_threshold}
+        methods={},  # name -> {method: a registered name, and that method's fields (jaxspec/decoding/methods/)}
     ))
 
 
-METHOD_KEYS = ("method", "tree", "skip_layers", "granularity", "draft_workdir", "confidence_threshold")
+def method_specs(config) -> dict:
+    """name -> the validated spec of each configured method (errors name config.methods.<name>)."""
+    specs = {}
+    for name, entry in config.methods.items():
+        fields = dict(entry)
+        method = fields.pop("method", None)
+        if method is None or method == "ar":
+            raise ConfigError(f"config.methods.{name}.method={method!r} is not allowed: one of "
+                              f"{[m for m in methods.names() if m != 'ar']} (autoregressive decoding always runs)")
+        try:
+            specs[name] = methods.make(method, **fields)
+        except ValueError as err:
+            raise ConfigError(f"config.methods.{name}: {err}") from err
+    return specs
 
 
 def validate(config) -> None:
     template = suite_eval_defaults()
     check_keys({k: v for k, v in config.items() if k != "methods"}, template, "config")  # methods: below
-    for name, spec in config.methods.items():
-        for key in spec:
-            if key not in METHOD_KEYS:
-                raise ConfigError(f"unknown config key methods.{name}.{key}; allowed: {list(METHOD_KEYS)}")
-        if spec.get("method") not in api.METHODS or spec.get("method") == "ar":
-            raise ConfigError(f"config.methods.{name}.method={spec.get('method')!r} is not allowed: one of "
-                              f"{[m for m in api.METHODS if m != 'ar']} (autoregressive decoding always runs)")
+    method_specs(config)
     unknown = [c for c in config.suite.categories if c not in CATEGORIES]
     if unknown:
         raise ConfigError(f"config.suite.categories={tuple(config.suite.categories)} is not allowed: names from "
@@ -65,13 +72,6 @@ def encode_suite(tokenizer, prompts) -> list[list[int]]:
     return [tokenizer.encode_prompt(p.as_plain_prompt()) for p in prompts]
 
 
-def method_kwargs(spec: Mapping, target) -> dict:
-    return loading.drafter_kwargs(spec["method"], target, draft_workdir=spec.get("draft_workdir") or None,
-                                  tree=spec.get("tree") or None, granularity=spec.get("granularity", 0),
-                                  skip_layers=tuple(spec.get("skip_layers", ())),
-                                  confidence_threshold=spec.get("confidence_threshold", 0.0))
-
-
 def evaluate_suite(config, workdir: str, on_method: Callable[[str], None] | None = None) -> dict:
     """Run the suite evaluation of `config` and write its results into `workdir`; returns the report."""
     validate(config)
@@ -80,14 +80,15 @@ def evaluate_suite(config, workdir: str, on_method: Callable[[str], None] | None
     load_s = time.perf_counter() - start
     prompts = load_suite(tuple(config.suite.categories) or None, config.suite.per_category)
     tokens = encode_suite(target.tokenizer, prompts)
-    methods = {name: method_kwargs(spec, target) for name, spec in config.methods.items()}
+    specs = method_specs(config)
     d = config.decode
     results = compare.compare_methods(
-        target.model, target.params, tokens, methods, max_new_tokens=d.max_new_tokens, temperature=d.temperature,
+        target.model, target.params, tokens, specs, target_workdir=target.workdir,
+        max_new_tokens=d.max_new_tokens, temperature=d.temperature,
         eos_ids=target.tokenizer.eos_ids if d.stop_at_eos else None, seed=d.seed, repeats=d.repeats,
         batch_size=d.batch_size, categories=[p.category for p in prompts], on_method=on_method)
     rows = [dict(r.row(), run=r.category, status="ok",
-                 tree=methods.get(r.name, {}).get("tree", "")) for r in results]
+                 tree=specs[r.name].tree_spec if r.name in specs else "") for r in results]
     report = dict(model=config.model, workdir=target.workdir, prompts=len(prompts),
                   prompt_tokens=sum(map(len, tokens)), load_seconds=load_s,
                   seconds=time.perf_counter() - start, settings=config.to_dict(), rows=rows)

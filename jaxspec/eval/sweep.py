@@ -45,7 +45,8 @@ from tqdm import tqdm
 
 from jaxspec import config as config_lib
 from jaxspec.config import ConfigError
-from jaxspec.decoding import api, loading
+from jaxspec.decoding import loading, methods
+from jaxspec.decoding.method import Method
 from jaxspec.eval import compare, plots
 from jaxspec.models.matformer import submodel_param_count
 from jaxspec.training import checkpoint, trainer
@@ -72,7 +73,7 @@ _RESUMABLE_KEYS = frozenset({"train.steps", "train.progress_bar", "train.log_eve
 def eval_defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         target_workdir="",  # "": this run's own workdir; "run:NAME": an earlier run's; or a path
-        methods={},  # name -> method spec (see `method_defaults`); the autoregressive baseline always runs
+        methods={},  # name -> {method: a registered name, its fields}; the autoregressive baseline always runs
         num_prompts=4,  # held-out prompts from the target's validation split
         prompt_len=64,  # tokens per prompt
         max_new_tokens=64,
@@ -81,13 +82,6 @@ def eval_defaults() -> ml_collections.ConfigDict:
         repeats=1,  # timed calls per method after a compile call; the best counts
         seed=0,
     ))
-
-
-def method_defaults() -> dict[str, Any]:
-    """One decoding method of an evaluation; empty `tree` is the method's default, empty `draft_workdir`
-    (for draft / medusa) is this run's own workdir."""
-    return dict(method="", tree="", draft_workdir="", granularity=0, skip_layers=(),
-                confidence_threshold=0.0, adaptive=0)
 
 
 def stages_defaults() -> ml_collections.ConfigDict:
@@ -103,25 +97,21 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def validate_method_spec(name: str, spec: Mapping) -> dict[str, Any]:
-    """The spec with defaults filled in; raises ConfigError naming `eval.methods.<name>.<key>`."""
+def method_spec(name: str, spec: Mapping, run_dir: str = "") -> Method:
+    """The validated spec of `eval.methods.<name>`: "method" names a registered method, the other keys are its
+    fields; an empty draft_workdir is this run's own workdir. Raises ConfigError naming the entry."""
     where = f"eval.methods.{name}"
-    _require(isinstance(spec, Mapping), where, spec, f"a mapping with keys from {sorted(method_defaults())}")
-    unknown = sorted(set(spec) - set(method_defaults()))
-    if unknown:
-        raise ConfigError(f"unknown config key {where}.{unknown[0]}; allowed: {sorted(method_defaults())}")
-    full = {**method_defaults(), **spec}
-    speculative = tuple(m for m in api.METHODS if m != "ar")
-    _require(name != "ar", where, dict(spec), "a method name other than 'ar' (the baseline, always run)")
-    _require(full["method"] in speculative, f"{where}.method", full["method"], f"one of {speculative}")
-    _require(_is_int(full["adaptive"]) and full["adaptive"] >= 0, f"{where}.adaptive", full["adaptive"],
-             "a non-negative integer (0: a fixed tree)")
-    granularity = full["granularity"]
-    per_layer = isinstance(granularity, list | tuple) and all(_is_int(g) and g >= 0 for g in granularity)
-    _require((_is_int(granularity) and granularity >= 0) or (per_layer and granularity),
-             f"{where}.granularity", granularity,
-             "a MatFormer granularity index, or one per layer (Mix'n'Match)")
-    return full
+    _require(isinstance(spec, Mapping) and "method" in spec, where, spec,
+             "a mapping with 'method' (a registered name) and that method's fields")
+    _require(name != "ar" and spec["method"] != "ar", where, dict(spec),
+             "a speculative method (the autoregressive baseline always runs)")
+    fields = {k: v for k, v in spec.items() if k != "method"}
+    try:
+        if "draft_workdir" in methods.field_names(spec["method"]) and not fields.get("draft_workdir"):
+            fields["draft_workdir"] = run_dir
+        return methods.make(spec["method"], **fields)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from err
 
 
 def validate_eval_config(eval_cfg) -> None:
@@ -140,7 +130,7 @@ def validate_eval_config(eval_cfg) -> None:
     _require(isinstance(ev["methods"], Mapping), "eval.methods", ev["methods"],
              "a mapping name -> method spec")
     for name, spec in ev["methods"].items():
-        validate_method_spec(name, spec)
+        method_spec(name, spec)
 
 
 def validate_run_config(config) -> None:
@@ -399,19 +389,6 @@ def train_stage(config, run_dir: str, progress: bool = True) -> dict:
     return metrics
 
 
-def generate_kwargs(spec: Mapping, target: loading.LoadedLM, run_dir: str) -> dict:
-    """`api.generate` keyword arguments of a validated method spec."""
-    granularity = spec["granularity"]  # one index, or one per layer (a list after a JSON round trip)
-    granularity = granularity if isinstance(granularity, int) else tuple(granularity)
-    kwargs = loading.drafter_kwargs(spec["method"], target, draft_workdir=spec["draft_workdir"] or run_dir,
-                                    tree=spec["tree"] or None, granularity=granularity,
-                                    skip_layers=tuple(spec["skip_layers"]),
-                                    confidence_threshold=spec["confidence_threshold"])
-    if spec["adaptive"]:
-        kwargs["adaptive"] = spec["adaptive"]
-    return kwargs
-
-
 def eval_stage(config, run_dir: str, progress: bool = True) -> dict:
     """Decode held-out prompts with the autoregressive baseline and every method of `config.eval`.
 
@@ -419,7 +396,7 @@ def eval_stage(config, run_dir: str, progress: bool = True) -> dict:
     a machine whose load changes during the sweep); the reported "ar" row is the first baseline.
     """
     ev = {**eval_defaults().to_dict(), **config.eval.to_dict()}
-    specs = {name: validate_method_spec(name, spec) for name, spec in ev["methods"].items()}
+    specs = {name: method_spec(name, spec, run_dir) for name, spec in ev["methods"].items()}
     target_dir = ev["target_workdir"] or run_dir
     target = loading.load_lm(target_dir)
     texts = heldout_prompts(target.config.data, ev["num_prompts"], ev["prompt_len"])
@@ -432,11 +409,12 @@ def eval_stage(config, run_dir: str, progress: bool = True) -> dict:
     bar = tqdm(total=len(specs) + 1, desc="decode", unit="method", leave=False, disable=not progress)
     for name, spec in {"ar": None, **specs}.items():
         bar.set_postfix_str(name)
-        methods = {} if spec is None else {name: generate_kwargs(spec, target, run_dir)}
-        measured = compare.compare_methods(target.model, target.params, prompts, methods, **options)
+        compared = {} if spec is None else {name: spec}
+        measured = compare.compare_methods(target.model, target.params, prompts, compared,
+                                           target_workdir=target.workdir, **options)
         row = measured[-1].row()
-        row["tree"] = "" if spec is None else methods[name]["tree"]
-        row["tree_nodes"] = 1 if spec is None else api.resolve_tree(row["tree"]).num_nodes
+        row["tree"] = "" if spec is None else spec.tree_spec
+        row["tree_nodes"] = 1 if spec is None else spec.num_nodes
         rows.append(row)
         bar.update(1)
     bar.close()

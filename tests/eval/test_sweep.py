@@ -251,8 +251,9 @@ def test_validation_names_the_key():
     sweep.validate_run_config(config)
     cases = {
         "top-level config key 'evals'": lambda c: c.update(dict(evals=1)),
-        "eval.methods.lookup.trees": lambda c: c.eval.methods.lookup.update(dict(trees="chain:2")),
-        r"eval.methods.x.method='beam'": lambda c: c.eval.methods.update(dict(x=dict(method="beam"))),
+        "eval.methods.lookup: method 'lookup' takes no argument 'trees'":
+            lambda c: c.eval.methods.lookup.update(dict(trees="chain:2")),
+        "eval.methods.x: unknown decoding method 'beam'": lambda c: c.eval.methods.update(dict(x=dict(method="beam"))),
         r"eval.methods.ar=": lambda c: c.eval.methods.update(dict(ar=dict(method="lookup"))),
         "eval.max_new_tokens=0": lambda c: c.eval.update(dict(max_new_tokens=0)),
         "the run does nothing": lambda c: c.stages.update(dict(train=False, eval=False)),

@@ -56,7 +56,11 @@ def test_decode_writes_results_and_speculation_matches_autoregressive(target_dir
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method=draft", "--prompt=x"], "needs --draft_workdir"),
+    (["--method=draft", "--prompt=x"], "needs a draft model: draft_workdir (--draft_workdir"),
+    (["--method=lookup", "--prompt=x", "--granularity=0"], "--granularity does not apply to --method=lookup"),
+    (["--method=layerskip", "--prompt=x", "--skip_layers=20-x"], "--skip_layers='20-x': '20-x' is not an index"),
+    (["--method=layerskip", "--prompt=x", "--skip_layers=9"], "skip_layers entry 9 is not a layer index"),
+    (["--prompt=x", "--chat"], "has no chat template"),
     (["--method=ar", "--prompt=" + "x" * 200], "max_len"),
     (["--method=lookup", "--prompt=x", "--tree=chain:0x"], "tree spec"),
     (["--method=ar", "--prompt=x", "--verify=greedy", "--temperature=-1"], "temperature"),

@@ -1,0 +1,112 @@
+"""What a decoding method is: a frozen, typed spec that validates its own fields and builds its drafter.
+
+    spec = methods.make("lookup", tree="chain:4", max_ngram=2)     # jaxspec.decoding.methods: the registry
+    drafter, draft_params = spec.build(Target(model, params))
+    result = api.generate(model, params, prompts, method=spec)
+
+Every surface — `api.generate`, `launch.decode`, sweep and suite configs, the benchmarks — reads the same
+spec, so a method's fields, defaults and default tree live in one place, and an argument the method does
+not take is an error naming the method and what it takes. A new method is one new file in
+`jaxspec/decoding/methods/` (see that package's docstring).
+
+The drafter protocol, which every drafter meets the decode loop through (`engine.speculative_loop`):
+    init(params, prompts, prompt_lens, max_len, first_token) -> dstate
+    propose(params, dstate, ctx) -> Proposal(tokens [B, K], draft_probs [B, K, V] | None, node_valid, dstate)
+    update(dstate, emitted [B, K], num_emitted [B]) -> dstate
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Protocol
+
+from jaxspec.config import ConfigError
+from jaxspec.decoding.drafters import Context, Proposal
+from jaxspec.decoding.trees import TokenTree, tree_from_spec
+
+
+class Drafter(Protocol):
+    """Proposes a token tree each round; pure, its state a pytree in the loop carry. Static (hashable)."""
+
+    tree: TokenTree
+
+    def init(self, params, prompts, prompt_lens, max_len: int, first_token) -> Any: ...
+
+    def propose(self, params, dstate, ctx: Context) -> Proposal: ...
+
+    def update(self, dstate, emitted, num_emitted) -> Any: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The model a method drafts for: module, params, and (for checks of trained drafters) its workdir."""
+
+    model: Any
+    params: Any
+    workdir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """Base of every method spec. Subclasses set the class variables and add fields with defaults."""
+
+    name: ClassVar[str]
+    lossless: ClassVar[bool] = True  # output distribution equals the target's (greedy: identical tokens)
+    needs: ClassVar[str] = "nothing"  # what it needs besides the target: "nothing", "a draft model", ...
+    objects: ClassVar[tuple[str, ...]] = ()  # Python objects `build` accepts in place of a workdir
+
+    def build(self, target: Target, **objects) -> tuple[Drafter | None, Any]:
+        """(drafter, its params) — (None, None) for autoregressive decoding."""
+        raise NotImplementedError(f"method {self.name!r} does not build a drafter")
+
+    @property
+    def tree_spec(self) -> str:
+        return ""
+
+    @property
+    def num_nodes(self) -> int:
+        """Nodes a verification forward holds (1: one token per forward)."""
+        return 1
+
+    def fields(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def check(self, ok: bool, field: str, allowed: str) -> None:
+        """Raise a ConfigError naming this method's field, its value and what is allowed."""
+        if not ok:
+            raise ConfigError(f"method {self.name!r}: {field}={getattr(self, field)!r} is not allowed: {allowed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Speculative(Method):
+    """A method that drafts a token tree for the target to verify. `tree` "" is the method's default tree;
+    `adaptive` > 0 starts an adaptive draft length there (chains: +2 after a full accept, -1 otherwise)."""
+
+    default_tree: ClassVar[str] = "chain:4"
+    tree: str = ""
+    adaptive: int = 0
+
+    def __post_init__(self):
+        self.check(isinstance(self.tree, str), "tree", "a tree spec string (chain:K, branching:..., medusa_small)")
+        try:
+            self.token_tree()
+        except ValueError as err:
+            raise ConfigError(f"method {self.name!r}: {err}") from err
+        self.check(is_int(self.adaptive) and self.adaptive >= 0, "adaptive",
+                   "a non-negative integer (0: the whole tree every round)")
+
+    @property
+    def tree_spec(self) -> str:
+        return self.tree or self.default_tree
+
+    def token_tree(self) -> TokenTree:
+        return tree_from_spec(self.tree_spec)
+
+    @property
+    def num_nodes(self) -> int:
+        return self.token_tree().num_nodes
+
+
+def is_int(x) -> bool:
+    """An int that is not a bool (config values)."""
+    return isinstance(x, int) and not isinstance(x, bool)

@@ -1,0 +1,46 @@
+"""A separate draft model (chains or trees, drafted depth by depth), verified by the target."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxspec.decoding import methods
+from jaxspec.decoding.drafters import ModelDrafter
+from jaxspec.decoding.method import Speculative, Target
+
+
+@methods.register
+@dataclasses.dataclass(frozen=True)
+class DraftModel(Speculative):
+    """`draft_workdir`: a trained or imported draft model with the target's vocabulary (or pass `draft_model`
+    and `draft_params` to `build` / `api.generate`)."""
+
+    name = "draft"
+    needs = "a draft model"
+    objects = ("draft_model", "draft_params")
+    default_tree = "chain:4"
+    draft_workdir: str = ""
+    confidence_threshold: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check(isinstance(self.draft_workdir, str), "draft_workdir", "a workdir path")
+        self.check(0 <= self.confidence_threshold < 1, "confidence_threshold", "a number in [0, 1)")
+
+    def build(self, target: Target, draft_model=None, draft_params=None):
+        if draft_model is None and draft_params is None:
+            if not self.draft_workdir:
+                raise ValueError("method 'draft' needs a draft model: draft_workdir (--draft_workdir=a trained "
+                                 "or imported draft model), or the draft_model and draft_params objects")
+            from jaxspec.decoding.loading import load_lm
+
+            draft = load_lm(self.draft_workdir)
+            draft_model, draft_params = draft.model, draft.params
+        if draft_model is None or draft_params is None:
+            raise ValueError("method 'draft' needs both draft_model and draft_params")
+        vocab, draft_vocab = target.model.model_cfg.vocab_size, draft_model.model_cfg.vocab_size
+        if draft_vocab != vocab:
+            raise ValueError(f"draft model vocab_size={draft_vocab} differs from the target's vocab_size={vocab}; "
+                             "speculative decoding needs one vocabulary")
+        return ModelDrafter(draft_model, self.token_tree(),
+                            confidence_threshold=self.confidence_threshold), draft_params

@@ -1,0 +1,56 @@
+"""Medusa heads: extra heads on the target's last hidden state guess the next tokens; a tree of their top-k."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from jaxspec.decoding import methods
+from jaxspec.decoding.drafters import MedusaDrafter
+from jaxspec.decoding.method import Speculative, Target
+from jaxspec.models.heads import MedusaHeads, lm_head_kernel
+
+
+def load_heads(workdir: str, target: Target) -> tuple[MedusaHeads, dict]:
+    """The heads a Medusa training run left in `workdir`, refused when trained for another target."""
+    from jaxspec.training import checkpoint
+
+    params, cfg = checkpoint.restore_params(workdir)
+    if "medusa" not in cfg:
+        raise ValueError(f"{workdir} is not a Medusa heads run (its config has no 'medusa' section)")
+    trained_on = cfg.get("target_workdir", "")
+    if trained_on and target.workdir and os.path.realpath(trained_on) != os.path.realpath(target.workdir):
+        raise ValueError(f"Medusa heads in {workdir} were trained for the target {trained_on!r}, not "
+                         f"{target.workdir!r}: heads trained for another target")
+    m = cfg.medusa
+    return MedusaHeads(m.num_heads, cfg.model.d_model, cfg.model.vocab_size, m.num_layers, m.share_lm_head), params
+
+
+@methods.register
+@dataclasses.dataclass(frozen=True)
+class Medusa(Speculative):
+    """`draft_workdir`: a Medusa heads training run for this target (or pass `heads` and `heads_params`)."""
+
+    name = "medusa"
+    needs = "trained Medusa heads"
+    objects = ("heads", "heads_params")
+    default_tree = "medusa_small"
+    draft_workdir: str = ""
+
+    def build(self, target: Target, heads: MedusaHeads | None = None, heads_params=None):
+        if heads is None and heads_params is None:
+            if not self.draft_workdir:
+                raise ValueError("method 'medusa' needs trained heads: draft_workdir (--draft_workdir, a Medusa "
+                                 "heads run), or heads and heads_params")
+            heads, heads_params = load_heads(self.draft_workdir, target)
+        if heads is None or heads_params is None:
+            raise ValueError("method 'medusa' needs both heads and heads_params")
+        cfg = target.model.model_cfg
+        if heads.d_model != cfg.d_model or heads.vocab_size != cfg.vocab_size:
+            raise ValueError(f"Medusa heads were built for d_model={heads.d_model}, vocab_size={heads.vocab_size}; "
+                             f"the target has d_model={cfg.d_model}, vocab_size={cfg.vocab_size}: heads trained "
+                             "for another target")
+        dparams = {"heads": heads_params}
+        if heads.share_lm_head:
+            dparams["lm_head"] = lm_head_kernel(target.params, cfg)
+        return MedusaDrafter(heads, self.token_tree()), dparams
