@@ -23,7 +23,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     args = config_lib.parse_arg(arg, model="smollm2-135m-instruct", per_category=3, max_new_tokens=64,
                                 batch_size=1)
     config = suite_eval_defaults()
-    config.model = args.model
+    config.target = args.model
     config.suite.per_category = args.per_category
     config.decode.max_new_tokens = args.max_new_tokens
     config.decode.batch_size = args.batch_size

@@ -74,7 +74,7 @@ def run_toy(arg: str, workdir: str, start: float) -> None:
 
 def run_suite(arg: str, workdir: str, start: float) -> None:
     config = quickstart.get_config(arg)
-    print(f"quickstart: {config.model} on the prompt suite ({config.suite.per_category} per category), "
+    print(f"quickstart: {config.target} on the prompt suite ({config.suite.per_category} per category), "
           f"results in {workdir}", flush=True)
     say = (lambda name: print(f"  decoding the suite: {name} ({time.perf_counter() - start:.0f} s)", flush=True)
            ) if _PROGRESS.value else None

@@ -29,7 +29,7 @@ SPEEDUP_BY_CATEGORY = "speedup_by_category.png"
 
 def suite_eval_defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
-        model="smollm2-135m-instruct",  # a zoo name or a workdir
+        target="smollm2-135m-instruct",  # a zoo name or a workdir
         suite=dict(categories=(), per_category=3),  # () = all categories
         decode=dict(max_new_tokens=64, temperature=0.0, stop_at_eos=True, batch_size=1, repeats=1, seed=0),
         methods={},  # name -> {method: a registered name, and that method's fields (jaxspec/decoding/methods/)}
@@ -76,7 +76,7 @@ def evaluate_suite(config, workdir: str, on_method: Callable[[str], None] | None
     """Run the suite evaluation of `config` and write its results into `workdir`; returns the report."""
     validate(config)
     start = time.perf_counter()
-    target = api.load(config.model)
+    target = api.load(config.target)
     load_s = time.perf_counter() - start
     prompts = load_suite(tuple(config.suite.categories) or None, config.suite.per_category)
     tokens = encode_suite(target.tokenizer, prompts)
@@ -89,7 +89,7 @@ def evaluate_suite(config, workdir: str, on_method: Callable[[str], None] | None
         batch_size=d.batch_size, categories=[p.category for p in prompts], on_method=on_method)
     rows = [dict(r.row(), run=r.category, status="ok",
                  tree=specs[r.name].tree_spec if r.name in specs else "") for r in results]
-    report = dict(model=config.model, workdir=target.workdir, prompts=len(prompts),
+    report = dict(model=config.target, workdir=target.workdir, prompts=len(prompts),
                   prompt_tokens=sum(map(len, tokens)), load_seconds=load_s,
                   seconds=time.perf_counter() - start, settings=config.to_dict(), rows=rows)
     write_report(report, workdir)

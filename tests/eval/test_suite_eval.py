@@ -1,0 +1,63 @@
+"""Suite evaluation end to end on a saved tiny model: one row per (category, method) and over all prompts,
+tables and plots written; every bad config names its key."""
+
+import json
+import os
+
+import jax
+import pytest
+
+from configs import lm
+from jaxspec.config import ConfigError
+from jaxspec.eval import suite_eval
+from jaxspec.eval.suite import CATEGORIES
+from jaxspec.models.lm import build_model, init_params
+from jaxspec.training.checkpoint import CheckpointManager
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory):
+    config = lm.get_config("tiny")
+    config.model.update(dict(n_layers=2, d_model=32, d_ff=64, max_len=2048))
+    workdir = str(tmp_path_factory.mktemp("target"))
+    with CheckpointManager(workdir) as manager:
+        manager.save(0, {"params": init_params(build_model(config.model), jax.random.key(0))}, {}, config,
+                     force=True)
+    return workdir
+
+
+def small_config(target_dir):
+    config = suite_eval.suite_eval_defaults()
+    config.target = target_dir
+    config.suite.per_category = 1
+    config.decode.max_new_tokens = 4
+    config.methods = dict(lookup=dict(method="lookup", tree="chain:2"))
+    return config
+
+
+def test_every_category_and_method_gets_a_row(target_dir, tmp_path):
+    report = suite_eval.evaluate_suite(small_config(target_dir), str(tmp_path))
+    rows = report["rows"]
+    assert [(r["category"], r["method"]) for r in rows] == [
+        (c, m) for c in ("all", *CATEGORIES) for m in ("ar", "lookup")]
+    assert all(r["identical"] for r in rows) and report["prompts"] == len(CATEGORIES)
+    for name in ("results.json", "results.md", "results.csv", suite_eval.SPEEDUP_BY_CATEGORY):
+        assert os.path.isfile(tmp_path / name), name
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    table = suite_eval.table(rows).splitlines()
+    assert table[-1].startswith("| all | lookup | chain:2 |")  # the summary rows come last
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.methods.update(dict(x=dict(method="lookup", granularity=0))),
+     "config.methods.x: method 'lookup' takes no argument 'granularity'"),
+    (lambda c: c.methods.update(dict(x=dict(method="ar"))), "config.methods.x.method='ar' is not allowed"),
+    (lambda c: c.suite.update(dict(categories=("poetry",))), "config.suite.categories=('poetry',)"),
+    (lambda c: c.decode.update(dict(batch_size=0)), "config.decode.batch_size=0"),
+    (lambda c: c.update(dict(modle="x")), "unknown config key config.modle"),
+])
+def test_bad_configs_name_the_key(target_dir, change, message):
+    config = small_config(target_dir)
+    change(config)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        suite_eval.validate(config)
