@@ -72,9 +72,9 @@ import torch
 import transformers
 from absl import app, flags
 
+from jaxspec import cli, zoo
 from jaxspec import config as config_lib
-from jaxspec import zoo
-from jaxspec.decoding import api
+from jaxspec.decoding import api, methods
 from jaxspec.eval.suite import SuitePrompt, load_suite
 from jaxspec.interop.hf import load_hf_checkpoint
 from jaxspec.models.lm import build_model
@@ -82,7 +82,7 @@ from jaxspec.training.data import heldout_prompts
 from jaxspec.training.tokenizer import ByteTokenizer
 
 VOCAB = ByteTokenizer.vocab_size
-JAXSPEC_DEFAULT_DRAFT_TREE = "chain:4"  # what `generate(method="draft")` uses when no tree is given
+JAXSPEC_DEFAULT_DRAFT_TREE = methods.get("draft").default_tree  # what method="draft" drafts when no tree is given
 # Assisted generation with exactly K candidates per round: what jaxspec's chain:K drafts.
 MATCHED_ASSISTANT = dict(num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)
 
@@ -401,7 +401,7 @@ def random_plan(models: Models, s: Settings) -> Plan:
         "ar": dict(method="ar"),
         f"draft chain:{k}": dict(tree=f"chain:{k}", **draft),
         f"draft {JAXSPEC_DEFAULT_DRAFT_TREE}": dict(tree=JAXSPEC_DEFAULT_DRAFT_TREE, **draft),
-        f"lookup chain:{lk}": dict(method="lookup", tree=f"chain:{lk}", lookup_ngram=(1, ng)),
+        f"lookup chain:{lk}": dict(method="lookup", tree=f"chain:{lk}", min_ngram=1, max_ngram=ng),
     }
     defaults = transformers.GenerationConfig._get_default_generation_params()
     d = {key: defaults[key] for key in
@@ -442,7 +442,7 @@ def zoo_plan(s: Settings, n_layers: int, early_exit: int) -> Plan:
     k, lk, ng, e = s.draft_tokens, s.lookup_tokens, s.lookup_max_ngram, early_exit
     jx = {
         "ar": dict(method="ar"),
-        f"lookup chain:{lk}": dict(method="lookup", tree=f"chain:{lk}", lookup_ngram=(1, ng)),
+        f"lookup chain:{lk}": dict(method="lookup", tree=f"chain:{lk}", min_ngram=1, max_ngram=ng),
         f"layerskip chain:{k}": dict(method="layerskip", tree=f"chain:{k}", skip_layers=tuple(range(e, n_layers))),
     }
     hf = {
@@ -627,17 +627,16 @@ def gguf_subject(label: str, gguf_path: str, lm, s: Settings, log: Callable[[str
     log(f"[{label}] checking the weights and the early-exit draft")
     gap = logit_gap(models, prompts[0])
     agreement = draft_agreement(hf_target, lambda ids: early_exit_logits(hf_target, ids, early_exit), prompts)
-    eos = tuple(lm.tokenizer.eos_ids)
     lengths = [len(p) for p in prompts]
     rendered = "through the model's chat template" if chat else "as plain text (User: ... Assistant:), no template"
-    return Subject(label, models, prompts, zoo_plan(s, n_layers, early_exit), agreement, eos, lm.tokenizer.pad_id,
-                   notes=(
-        f"{len(suite)} prompts of the offline suite ({s.per_category} per category), rendered {rendered}, "
-        f"{min(lengths)}-{max(lengths)} tokens; token ids identical in jaxspec's and transformers' tokenizers: "
-        f"{same_ids}/{len(suite)} (jaxspec's ids go to both libraries)",
-        f"weights: {os.path.basename(gguf_path)} ({os.path.getsize(gguf_path) / 1e6:.0f} MB), dequantised to "
-        f"float32 by each library; on the first prompt, teacher-forced: max |logit difference| "
-        f"{gap.max_abs:.1e}, same top-1 at {gap.top1_agreement:.1%} of positions"))
+    prompt_note = (f"{len(suite)} prompts of the offline suite ({s.per_category} per category), rendered {rendered}, "
+                   f"{min(lengths)}-{max(lengths)} tokens; token ids identical in jaxspec's and transformers' "
+                   f"tokenizers: {same_ids}/{len(suite)} (jaxspec's ids go to both libraries)")
+    weights_note = (f"weights: {os.path.basename(gguf_path)} ({os.path.getsize(gguf_path) / 1e6:.0f} MB), "
+                    "dequantised to float32 by each library; on the first prompt, teacher-forced: max |logit "
+                    f"difference| {gap.max_abs:.1e}, same top-1 at {gap.top1_agreement:.1%} of positions")
+    return Subject(label, models, prompts, zoo_plan(s, n_layers, early_exit), agreement, tuple(lm.tokenizer.eos_ids),
+                   lm.tokenizer.pad_id, (prompt_note, weights_note))
 
 
 def zoo_subjects(s: Settings, log: Callable[[str], None]) -> Iterator[Subject]:
@@ -666,7 +665,8 @@ class Result:
 
 def run_subjects(s: Settings, subjects: Iterable[Subject], log: Callable[[str], None] = print) -> Result:
     """Warm up and time every pair of every subject; the rows of the table and the facts needed to read them."""
-    transformers.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()  # before `subjects`, a generator, loads anything
+    transformers.utils.logging.disable_progress_bar()
     load_before = os.getloadavg()
     candidates = s.torch_threads or tuple(dict.fromkeys((os.cpu_count() or 1, 1)))
     rows, wins, differ, agreement, weight_bytes, bandwidth, compiled, notes, eos = [], {}, [], {}, {}, {}, {}, {}, {}
@@ -696,8 +696,6 @@ def run_subjects(s: Settings, subjects: Iterable[Subject], log: Callable[[str], 
 
 def benchmark(s: Settings, workdir: str | None = None, log: Callable[[str], None] = print) -> Result:
     """Build, import, warm up and time every pair: the zoo model `s.model`, else every random size in `s`."""
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     if s.model:
         return run_subjects(s, zoo_subjects(s, log), log)
     with tempfile.TemporaryDirectory(dir=workdir) as root:
@@ -769,7 +767,7 @@ def report(s: Settings, result: Result, command: str) -> str:
         *[f"- {model}: " + (f"both libraries stop at EOS ids {list(ids)}" if ids else
                             "no EOS ids: every run makes max_new_tokens tokens")
           for model, ids in result.eos_ids.items()],
-        "- draft/target top-1 agreement, teacher-forced on the prompts: "
+        "- draft (draft model or early exit) / target top-1 agreement, teacher-forced on the prompts: "
         + ", ".join(f"{size} {a:.0%}" for size, a in result.draft_agreement.items()),
         f"- jaxspec compile seconds (not in tokens/s; prompt widths are bucketed): {compiles}",
         "- batch-1 ceiling from memory traffic (each target forward reads every weight once; the embedding is "
@@ -807,6 +805,7 @@ def main(argv):
     del argv
     if _MODEL.value and _SIZES.present:
         raise app.UsageError("pass --model (a zoo model) or --sizes (random models), not both")
+    cli.quiet_libraries()
     settings = Settings(sizes=tuple(_SIZES.value), max_new_tokens=_MAX_NEW.value, num_prompts=_PROMPTS.value,
                         prompt_len=_PROMPT_LEN.value, repeats=_REPEATS.value, draft_tokens=_DRAFT_TOKENS.value,
                         lookup_tokens=_LOOKUP_TOKENS.value, lookup_max_ngram=_LOOKUP_NGRAM.value,

@@ -77,7 +77,7 @@ def test_zoo_plan_pairs_the_same_draft_in_both_libraries(script):
 
     assert [(p.jaxspec, p.transformers, p.speculative) for p in plan.pairs] == [
         ("ar", "greedy", False), ("lookup chain:6", "lookup 6", True), ("layerskip chain:3", "early exit 12, 3", True)]
-    assert plan.jaxspec["lookup chain:6"] == dict(method="lookup", tree="chain:6", lookup_ngram=(1, 2))
+    assert plan.jaxspec["lookup chain:6"] == dict(method="lookup", tree="chain:6", min_ngram=1, max_ngram=2)
     assert plan.transformers["lookup 6"].kwargs == dict(prompt_lookup_num_tokens=6, max_matching_ngram_size=2)
     # jaxspec skips layers 12..29; transformers runs layers 0..11 of the target itself, 3 drafts, no early stop.
     assert plan.jaxspec["layerskip chain:3"] == dict(method="layerskip", tree="chain:3",
@@ -174,8 +174,9 @@ def tiny_gguf(tmp_path_factory):
     return path, imported(path, str(root / "workdir"))
 
 
-def transformers_continuation(gguf_path: str, prompt: list[int], num: int) -> list[int]:
-    model, _ = load_script().load_transformers_gguf(gguf_path)
+def transformers_continuation(script, gguf_path: str, prompt: list[int], num: int) -> list[int]:
+    """transformers' greedy continuation, EOS ignored."""
+    model, _ = script.load_transformers_gguf(gguf_path)
     ids = torch.tensor([prompt])
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=num, do_sample=False,
@@ -185,6 +186,7 @@ def transformers_continuation(gguf_path: str, prompt: list[int], num: int) -> li
 
 def test_gguf_model_same_tokens_stops_at_eos_and_every_row(script, tiny_gguf):
     path, lm = tiny_gguf
+    # A zoo name is only checked by Settings here: gguf_subject is handed the tiny file and its import.
     settings = script.Settings(model="smollm2-135m-instruct", max_new_tokens=10, per_category=1, repeats=1,
                                draft_tokens=3, lookup_tokens=4, torch_threads=(1,))
     subject = script.gguf_subject("tiny-gguf", path, lm, settings, log=lambda _: None)
@@ -195,7 +197,7 @@ def test_gguf_model_same_tokens_stops_at_eos_and_every_row(script, tiny_gguf):
         subject.notes[0]
     assert subject.eos_ids == (2,) and 0 <= subject.draft_agreement <= 1
     # Stop at a token greedy decoding first emits third or later on the first prompt, so the stop is exercised.
-    first = transformers_continuation(path, subject.prompts[0], 10)
+    first = transformers_continuation(script, path, subject.prompts[0], 10)
     stop = next(t for i, t in enumerate(first) if i >= 2 and t not in first[:i])
     # Two prompts padded to the same width: one compiled loop per method.
     second = next(p for p in subject.prompts[1:] if bucket_width(len(p)) == bucket_width(len(subject.prompts[0])))
