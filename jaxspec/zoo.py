@@ -24,6 +24,7 @@ import hashlib
 import importlib.metadata
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -234,13 +235,32 @@ def import_checkpoint(gguf_path: str, workdir: str) -> None:
     import_into_workdir(gguf_path, workdir)
 
 
+# The modules whose code decides what a conversion writes: a change to any of them converts again.
+_CONVERTER_MODULES = ("gguf.py", "gguf_tokenizer.py", "hf.py", "workdir.py")
+
+
+def converter_version() -> str:
+    """A digest of the importer's source, so a workdir converted by older code is never served."""
+    digest = hashlib.sha256()
+    interop = os.path.join(os.path.dirname(os.path.abspath(__file__)), "interop")
+    for name in _CONVERTER_MODULES:
+        with open(os.path.join(interop, name), "rb") as fh:
+            digest.update(fh.read())
+    return digest.hexdigest()[:12]
+
+
 def model_workdir(name: str, cache_dir: str | None = None) -> str:
-    """The jaxspec workdir of a zoo model, fetched and converted on first use."""
-    workdir = os.path.join(model_dir(name, cache_dir), "workdir")
+    """The jaxspec workdir of a zoo model, fetched and converted on first use (and again, replacing the old
+    one, when the importer's code has changed since)."""
+    workdir = os.path.join(model_dir(name, cache_dir), f"workdir-{converter_version()}")
     if not os.path.isdir(workdir):
         gguf_path = fetch_gguf(name, cache_dir)
-        os.makedirs(os.path.dirname(workdir), exist_ok=True)  # an installed GGUF leaves no cache directory yet
+        parent = os.path.dirname(workdir)
+        os.makedirs(parent, exist_ok=True)  # an installed GGUF leaves no cache directory yet
         import_checkpoint(gguf_path, workdir)
+        for stale in os.listdir(parent):
+            if stale.startswith("workdir") and os.path.join(parent, stale) != workdir:
+                shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
     return workdir
 
 

@@ -153,9 +153,18 @@ def test_model_workdir_converts_once(monkeypatch, tmp_path, downloads):
 
     monkeypatch.setattr(zoo, "import_checkpoint", fake_import)
     workdir = zoo.model_workdir("tiny")
-    assert workdir == str(tmp_path / "cache" / "models" / "tiny" / "workdir") and os.path.isdir(workdir)
+    model_dir = tmp_path / "cache" / "models" / "tiny"
+    assert workdir == str(model_dir / f"workdir-{zoo.converter_version()}") and os.path.isdir(workdir)
     assert zoo.model_workdir("tiny") == workdir and zoo.resolve_workdir("tiny", None) == workdir
-    assert conversions == [str(tmp_path / "cache" / "models" / "tiny" / "tiny.gguf")] and len(downloads) == 2
+    assert conversions == [str(model_dir / "tiny.gguf")] and len(downloads) == 2
+    # Changed importer code converts again and drops the workdir the older code wrote.
+    monkeypatch.setattr(zoo, "converter_version", lambda: "changed")
+    assert zoo.model_workdir("tiny") == str(model_dir / "workdir-changed") and len(conversions) == 2
+    assert sorted(p.name for p in model_dir.iterdir() if p.name.startswith("workdir")) == ["workdir-changed"]
+
+
+def test_converter_version_follows_the_importer_source():
+    assert len(zoo.converter_version()) == 12 and zoo.converter_version() == zoo.converter_version()
 
 
 def test_names_and_cli_arguments_are_checked(tmp_path):
