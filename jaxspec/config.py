@@ -6,6 +6,7 @@ fails at start with the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping
 
@@ -17,6 +18,8 @@ DECAYS = ("none", "retnet")
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "pallas")
 PREFILL_MODES = ("dense", "block_sparse")
 DTYPES = ("float32", "bfloat16")
+# Storage of the projection weights in the decode layout (jaxspec/models/decode_layout.py).
+WEIGHT_DTYPES = ("float32", "int8")
 # FFN gate activations: SwiGLU (Llama) or GeGLU with gelu's tanh approximation (Gemma).
 FFN_ACTIVATIONS = ("silu", "gelu_tanh")
 
@@ -42,6 +45,7 @@ def model_defaults() -> ml_collections.ConfigDict:
             qkv_bias=False,
             max_len=1024,  # context length a decode state holds
             dtype="float32",
+            weight_dtype="float32",  # one of WEIGHT_DTYPES: int8 is weight-only, per output channel, when decoding
             # MatFormer nested FFN: hidden fractions of d_ff, smallest first; (1.0,) is a plain SwiGLU.
             matformer_fractions=(1.0,),
             # Full FFN width of each layer, for sub-models whose layers differ (MatFormer Mix'n'Match
@@ -173,11 +177,18 @@ def mamba_dims(model_cfg) -> tuple[int, int]:
     return d_inner, dt_rank
 
 
+def nearest_keys(key: str, allowed) -> str:
+    """'did you mean ...?' with the allowed keys closest to `key`, or '' when none is close."""
+    close = difflib.get_close_matches(key, [str(k) for k in allowed], n=3, cutoff=0.5)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
 def check_keys(cfg: Mapping, template: Mapping, path: str) -> None:
     """Unknown keys are typos that would otherwise be ignored silently."""
     for key in cfg:
         if key not in template:
-            raise ConfigError(f"unknown config key {path}.{key}; allowed: {sorted(template.keys())}")
+            raise ConfigError(f"unknown config key {path}.{key}{nearest_keys(key, template.keys())}; allowed: "
+                              f"{sorted(template.keys())}")
         if _is_section(template[key]) and _is_section(cfg[key]):
             check_keys(cfg[key], template[key], f"{path}.{key}")
 
@@ -209,6 +220,8 @@ def validate_model_config(cfg, path: str = "model") -> None:
     _require(cfg.rope_theta > 0, f"{path}.rope_theta", cfg.rope_theta, "a positive number")
     _require(cfg.rms_eps > 0, f"{path}.rms_eps", cfg.rms_eps, "a positive number")
     _require(cfg.dtype in DTYPES, f"{path}.dtype", cfg.dtype, f"one of {DTYPES}")
+    _require(cfg.get("weight_dtype", "float32") in WEIGHT_DTYPES, f"{path}.weight_dtype", cfg.get("weight_dtype"),
+             f"one of {WEIGHT_DTYPES}")
     fractions = tuple(cfg.matformer_fractions)
     _require(len(fractions) > 0 and all(0 < f <= 1 for f in fractions), f"{path}.matformer_fractions",
              fractions, "a non-empty tuple of fractions in (0, 1]")

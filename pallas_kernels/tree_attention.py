@@ -24,11 +24,19 @@ online softmax over its split's cache blocks and stops at the row's length (bloc
 loaded); with a window it also starts at the first block any of its rows can see (blocks wholly before
 the window are never loaded). The last split also folds in the tree block under the ancestor mask. The splits' partial
 (accumulator, max, sum) triples are merged in XLA. Block sizes, keyword arguments of `tree_attention`:
-  block_k     cache block length (power of two; default 128, shrunk for short caches)
+  block_k     cache block length (power of two; default 128, an upper bound: shrunk for short caches
+              and, down to 16, until it divides the cache length)
   block_rows  query rows per program (power of two; default 64)
   num_splits  cache splits per (batch row, KV head) (default: enough programs to fill a GPU)
-A cache length that is not a multiple of block_k * num_splits is padded (a copy of the cache), and
-K, G*K and D are padded to powers of two (at least 16) inside the op.
+block_k and num_splits are chosen so that they tile the cache exactly when its length is a multiple of 16
+(the decode loops' lengths are multiples of 64): only other lengths are padded, a copy of the cache per call.
+K, G*K and D are padded to powers of two (at least 16) inside the op; those are the small operands.
+
+The "xla" implementation: up to STREAMING_MAX_ROWS query rows (G*K) per KV head it takes the cache in the
+layout it is stored in (`tree_attention_streaming`: scores as k_cache @ q^T, the cache the row-major left
+operand), so a decode step reads the cache once and never transposes a copy of it, as the reference's
+q @ k_cache^T makes XLA's CPU backend do on every step; more rows use the reference. An extend that has
+already written its nodes into the cache attends there (`cached_chain_attention`, used by the model).
 """
 
 from __future__ import annotations
@@ -57,6 +65,8 @@ from pallas_kernels._common import (
 )
 
 BLOCK_SIZE_KEYS = ("block_k", "block_rows", "num_splits")
+# Query rows per KV head (G*K) up to which the "xla" implementation streams the cache (see the docstring).
+STREAMING_MAX_ROWS = 64
 # Programs the default split count aims for: about one wave of a large GPU.
 _TARGET_PROGRAMS = 128
 
@@ -99,6 +109,87 @@ def tree_attention_reference(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_
     out += jnp.einsum("bngkj,bnjd->bngkd", p[..., l:], v_tree.astype(jnp.float32))
     return out.reshape(b, h, k, d).astype(q.dtype)
 
+
+
+def _scores_and_masks(lengths, tree_mask, cache_len: int, window: int, group: int):
+    """(cache_valid [B, G*K, L], tree_mask [B, G*K, K]) per query row r = g * K + i (node i of head g)."""
+    b, k, _ = tree_mask.shape
+    cols = jnp.arange(cache_len)
+    cache_valid = jnp.broadcast_to((cols[None, :] < lengths[:, None])[:, None, :], (b, k, cache_len))
+    if window:
+        positions = lengths[:, None] + node_depths(tree_mask)  # [B, K]
+        cache_valid = cache_valid & (cols[None, None, :] > positions[:, :, None] - window)
+        tree_mask = windowed_tree_mask(tree_mask, window)
+    return jnp.tile(cache_valid, (1, group, 1)), jnp.tile(tree_mask, (1, group, 1))
+
+
+def _scores_streaming(rows, k_cache):
+    """rows [B, Hkv, R, D] . k_cache [B, Hkv, L, D] over D -> [B, Hkv, R, L], with the cache as the product's
+    row-major left operand (k_cache @ rows^T, then the small [L, R] result transposed), the layout it is
+    stored in, so XLA need not transpose the cache."""
+    return jnp.einsum("bnld,bnrd->bnlr", k_cache.astype(jnp.float32), rows).swapaxes(-1, -2)
+
+
+def tree_attention_streaming(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_mask, *, scale=None, window=0):
+    """Tree attention with the cache read in its stored layout (see the module docstring).
+
+    Same inputs and result as `tree_attention_reference`; meant for few query rows (decode steps, tree
+    verification).
+    """
+    b, h, k, d = q.shape
+    hkv, cache_len = k_cache.shape[1], k_cache.shape[2]
+    if h % hkv:
+        raise ValueError(f"query heads {h} not a multiple of kv heads {hkv}")
+    group = h // hkv
+    scale = d**-0.5 if scale is None else scale
+    rows = q.reshape(b, hkv, group * k, d).astype(jnp.float32)  # row r = g * K + i
+    tree_mask = jnp.broadcast_to(tree_mask, (b, k, k)).astype(bool)
+    cache_valid, tree_valid = _scores_and_masks(lengths, tree_mask, cache_len, window, group)
+    neg = jnp.finfo(jnp.float32).min
+    s_cache = _scores_streaming(rows, k_cache) * scale
+    s_cache = jnp.where(cache_valid[:, None], s_cache, neg)  # [B, Hkv, R, L]
+    s_tree = jnp.einsum("bnrd,bnjd->bnrj", rows, k_tree.astype(jnp.float32)) * scale
+    s_tree = jnp.where(tree_valid[:, None], s_tree, neg)  # [B, Hkv, R, K]
+    peak = jnp.maximum(jnp.max(s_cache, axis=-1), jnp.max(s_tree, axis=-1))[..., None]
+    p_cache, p_tree = jnp.exp(s_cache - peak), jnp.exp(s_tree - peak)
+    total = (jnp.sum(p_cache, axis=-1) + jnp.sum(p_tree, axis=-1))[..., None]
+    # Normalised before the sums over values, so the result is two reductions and an add: cheap for XLA to
+    # fuse into the output projection that reads it.
+    p_cache, p_tree = p_cache / total, p_tree / total
+    out = jnp.einsum("bnrl,bnld->bnrd", p_cache, v_cache.astype(jnp.float32))
+    out = out + jnp.einsum("bnrj,bnjd->bnrd", p_tree, v_tree.astype(jnp.float32))
+    return out.reshape(b, h, k, d).astype(q.dtype)
+
+
+def cached_chain_attention(q, k_cache, v_cache, positions, *, scale=None, window=0):
+    """Attention of K chain nodes whose keys/values are already in the cache at their positions (an extend that
+    wrote them first): node i of row b sees the cache entries at positions <= positions[b, i] (and, with a
+    window, > positions[b, i] - window) -- what tree_attention gives with the cache before the write and the
+    nodes as a lower-triangular tree block. q [B, H, K, D], caches [B, Hkv, L, D], positions [B, K].
+
+    One softmax over the cache, as multiply-and-sum in the cache's layout (for few rows, see
+    STREAMING_MAX_ROWS): two reductions, whose result XLA keeps apart from the output projection that reads it.
+    """
+    b, h, k, d = q.shape
+    hkv, cache_len = k_cache.shape[1], k_cache.shape[2]
+    if h % hkv:
+        raise ValueError(f"query heads {h} not a multiple of kv heads {hkv}")
+    if positions.shape != (b, k):
+        raise ValueError(f"cached_chain_attention: positions must be [B={b}, K={k}], got {positions.shape}")
+    group = h // hkv
+    scale = d**-0.5 if scale is None else scale
+    rows = q.reshape(b, hkv, group * k, d).astype(jnp.float32)  # row r = g * K + i
+    row_positions = jnp.tile(positions, (1, group))[:, None, :, None]  # [B, 1, R, 1]
+    cols = jnp.arange(cache_len)[None, None, None, :]
+    visible = cols <= row_positions
+    if window:
+        visible = visible & (cols > row_positions - window)
+    # Multiply-and-sum only, no matmul against the cache: a matmul operand makes XLA duplicate the in-place
+    # cache update that precedes it (and copy the whole cache to do so) inside a decode loop.
+    scores = jnp.sum(rows[:, :, :, None, :] * k_cache[:, :, None].astype(jnp.float32), axis=-1) * scale
+    probs = jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    out = jnp.sum(probs[..., None] * v_cache[:, :, None].astype(jnp.float32), axis=-2)
+    return out.reshape(b, h, k, d).astype(q.dtype)
 
 
 def _tree_attention_kernel(*refs, scale, block_k, blocks_per_split, num_splits, row_tiles, window):
@@ -150,6 +241,20 @@ def _default_num_splits(num_blocks: int, programs: int) -> int:
     return max(1, min(num_blocks, _TARGET_PROGRAMS // max(programs, 1)))
 
 
+def _cache_block(cache_len: int, block_k: int) -> int:
+    """block_k, halved (not below 16) until it divides cache_len, so the cache needs no padding copy."""
+    while cache_len % block_k and block_k > 16:
+        block_k //= 2
+    return block_k
+
+
+def _blocks_per_split(num_blocks: int, num_splits: int) -> int:
+    """Blocks per split for at most `num_splits` splits: the smallest divisor of num_blocks that is enough,
+    so the splits tile the blocks exactly."""
+    need = pl.cdiv(num_blocks, min(num_splits, num_blocks))
+    return next(n for n in range(need, num_blocks + 1) if num_blocks % n == 0)
+
+
 def _window_tables(lengths, tree_mask, window: int, group: int, rows_padded: int, block_rows: int):
     """(absolute position of every query row [B, rows_padded], first cache column each (batch row, row tile)
     can see [B * row tiles]). Padding rows get a position past every key, so they see nothing."""
@@ -188,12 +293,12 @@ def _tree_attention_pallas(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_ma
     k_tree = pad_axis(pad_axis(k_tree, 2, tree_len), 3, dim)
     v_tree = pad_axis(pad_axis(v_tree, 2, tree_len), 3, dim)
 
-    block_k = min(block_k, max(16, next_power_of_2(cache_len)))
+    block_k = _cache_block(cache_len, min(block_k, max(16, next_power_of_2(cache_len))))
     num_blocks = pl.cdiv(cache_len, block_k)
     row_tiles = rows_padded // block_rows
     if num_splits is None:
         num_splits = _default_num_splits(num_blocks, b * hkv * row_tiles)
-    blocks_per_split = pl.cdiv(num_blocks, min(num_splits, num_blocks))
+    blocks_per_split = _blocks_per_split(num_blocks, num_splits)
     num_splits = pl.cdiv(num_blocks, blocks_per_split)  # no split left without blocks
     split_len = blocks_per_split * block_k
     k_cache = pad_axis(pad_axis(k_cache, 2, num_splits * split_len), 3, dim)
@@ -264,7 +369,8 @@ def _check_shapes(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_mask):
 
 def tree_attention(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_mask, *, scale=None, window=0,
                    implementation=None, **block_sizes):
-    """Dispatch: "xla" is the reference; "pallas" is the kernel (interpret mode on CPU).
+    """Dispatch: "xla" is plain XLA (streaming for few query rows, else the reference); "pallas" is the kernel
+    (interpret mode on CPU).
 
     None picks "pallas" on GPU/TPU and "xla" on CPU. `window` (0: none) is a sliding window over absolute
     positions (see the module docstring). Block sizes (see the module docstring) are static Python ints;
@@ -275,6 +381,9 @@ def tree_attention(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_mask, *, s
         raise ValueError(f"tree_attention: window={window!r} must be a non-negative int (0: no window)")
     implementation = resolve_implementation("tree_attention", implementation)
     _check_shapes(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_mask)
+    if implementation == "xla" and q.shape[1] // k_cache.shape[1] * q.shape[2] <= STREAMING_MAX_ROWS:
+        return tree_attention_streaming(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_mask, scale=scale,
+                                        window=window)
     if implementation == "xla":
         return tree_attention_reference(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_mask, scale=scale,
                                         window=window)

@@ -29,6 +29,7 @@ from jaxspec.decoding.drafters import Context
 from jaxspec.decoding.sampling import sample, warp_logits
 from jaxspec.decoding.trees import TokenTree
 from jaxspec.decoding.verify import verify_tree
+from jaxspec.models.decode_layout import for_decoding
 from jaxspec.models.lm import DecoderLM
 from jaxspec.state import commit, init_decode_state
 
@@ -137,16 +138,17 @@ def _prefill(model: DecoderLM, params, prompts, prompt_lens, max_len, sampling: 
     em = Emission(seq, prompt_lens.astype(jnp.int32), jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool))
     em, _ = emit_tokens(em, first[:, None], jnp.ones((b,), jnp.int32), eos_ids=eos_ids, max_new=max_new,
                         stream=stream)
-    return state, first, out.hidden[rows, last], em
+    return state, first, out.hidden[rows, last], em, out.logits  # logits: unused ones cost nothing under jit
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new", "max_len", "sampling", "eos_ids", "stream"))
 def autoregressive_loop(model: DecoderLM, params, prompts, prompt_lens, key, *, max_new: int, max_len: int,
                         sampling: Sampling, eos_ids: tuple[int, ...] = (), stream: bool = False) -> Output:
     """One token per target forward: the baseline every speculative method must reproduce."""
+    model, params = for_decoding(model, params)  # once per call, outside the while_loop (a no-op if done before)
     key, k0 = jax.random.split(key)
-    state, token, _, em = _prefill(model, params, prompts, prompt_lens, max_len, sampling, k0, eos_ids, max_new, 1,
-                                   stream)
+    state, token, _, em, _ = _prefill(model, params, prompts, prompt_lens, max_len, sampling, k0, eos_ids, max_new,
+                                      1, stream)
     b = prompts.shape[0]
     steps = jnp.zeros((b,), jnp.int32)
 
@@ -182,12 +184,19 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
     """Draft a tree, verify it with one target forward, commit the accepted path; repeat per row."""
     tree: TokenTree = drafter.tree
     k = tree.num_nodes
+    model, params = for_decoding(model, params)  # once per call, outside the while_loop (a no-op if done before)
     b = prompts.shape[0]
     rows = jnp.arange(b)
     key, k0 = jax.random.split(key)
-    state, root, hidden, em = _prefill(model, params, prompts, prompt_lens, max_len, sampling, k0, eos_ids, max_new,
-                                       k, stream)
+    state, root, hidden, em, prompt_logits = _prefill(model, params, prompts, prompt_lens, max_len, sampling, k0,
+                                                      eos_ids, max_new, k, stream)
     dstate = drafter.init(draft_params, prompts, prompt_lens, max_len, root)
+    # Optional hook: a drafter with `feedback_top_k` > 0 sees the target's top-k next tokens at every prompt
+    # token and, each round, at every tree node (`observe(dstate, tokens, top_k_next, valid)`).
+    feedback_k = getattr(drafter, "feedback_top_k", 0)
+    if feedback_k:
+        in_prompt = jnp.arange(prompts.shape[1])[None, :] < prompt_lens[:, None]
+        dstate = drafter.observe(dstate, prompts, jax.lax.top_k(prompt_logits, feedback_k)[1], in_prompt)
     depths = jnp.asarray(tree.depths)
     draft_len = jnp.full((b,), adaptive.initial or tree.max_depth, jnp.int32)
     zeros = jnp.zeros((b,), jnp.int32)
@@ -214,6 +223,9 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
         hidden = jnp.where(running[:, None], out.hidden[rows, last], hidden)
         em, _ = emit_tokens(em, res.accepted_tokens, n, eos_ids=eos_ids, max_new=max_new, stream=stream)
         dstate = drafter.update(prop.state, res.accepted_tokens, n)
+        if feedback_k:
+            scored = running[:, None] if prop.node_valid is None else prop.node_valid & running[:, None]
+            dstate = drafter.observe(dstate, prop.tokens, jax.lax.top_k(out.logits, feedback_k)[1], scored)
         if adaptive.initial:
             full = res.num_accepted - 1 >= draft_len
             grown = jnp.where(full, draft_len + adaptive.grow, draft_len - adaptive.shrink)

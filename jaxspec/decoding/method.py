@@ -13,6 +13,10 @@ The drafter protocol, which every drafter meets the decode loop through (`engine
     init(params, prompts, prompt_lens, max_len, first_token) -> dstate
     propose(params, dstate, ctx) -> Proposal(tokens [B, K], draft_probs [B, K, V] | None, node_valid, dstate)
     update(dstate, emitted [B, K], num_emitted [B]) -> dstate
+and, only for a drafter whose `feedback_top_k` is > 0 (the loop pays for nothing otherwise):
+    observe(dstate, tokens [B, N], top_k_next [B, N, feedback_top_k], valid [B, N]) -> dstate
+with the target's top-k next tokens at every prompt token (after the prefill) and at every tree node (after
+each verification).
 """
 
 from __future__ import annotations

@@ -6,7 +6,11 @@ RMS-normalised per head before RoPE (qk_norm), and scores may use a configured s
 
 Extend and tree verify are one computation: the new nodes attend to the committed cache plus the nodes
 their mask allows (causal for extend, ancestors for a tree), through `pallas_kernels.tree_attention`.
-Extend writes the new keys/values into the cache at once; a tree forward returns them as pending.
+Extend writes the new keys/values into the cache first and then reads it, so inside a decode loop the cache
+is updated in place and never copied: on the XLA path each new node attends to the cache up to its own
+position (`cached_chain_attention`), on the kernel path to the committed entries plus the nodes as the tree
+block. A tree forward only reads the cache and returns its keys/values as pending.
+In the decode layout (see models/decode_layout.py) q, k and v come from one fused projection.
 Under a mesh with a "sequence" axis of size > 1 (see `jaxspec.parallel.context`) the full forward is
 sequence-parallel: LASP-2H all-gathers keys and values and each device attends with its own query chunk.
 """
@@ -19,12 +23,13 @@ import flax.linen as nn
 import jax
 
 from jaxspec import config as config_lib
-from jaxspec.models.layers import RMSNorm, apply_rope, dtype_of
+from jaxspec.models.layers import Linear, RMSNorm, apply_rope, dtype_of, weight_dtype_of
 from jaxspec.models.step import Step
 from jaxspec.parallel.context import SEQUENCE_AXIS, sequence_parallel_mesh
 from jaxspec.parallel.lasp2 import lasp2h_attention
 from jaxspec.state import KVCache, write_kv
-from pallas_kernels.tree_attention import tree_attention
+from pallas_kernels._common import resolve_implementation
+from pallas_kernels.tree_attention import STREAMING_MAX_ROWS, cached_chain_attention, tree_attention
 
 
 def causal_attention(q, k, v, *, model_cfg, mesh=None, window: int = 0):
@@ -66,19 +71,47 @@ class Attention(nn.Module):
     model_cfg: Any
     window: int = 0  # sliding window of this layer (0: global)
     rope_theta: float | None = None  # RoPE base of this layer (None: model_cfg.rope_theta)
+    layout: str = "standard"  # "decode": fused qkv and o_proj as decode-layout Linear projections
+
+    def _project_qkv(self, x):
+        """q [B, T, H*hd], k and v [B, T, Hkv*hd]."""
+        cfg = self.model_cfg
+        hd = config_lib.head_dim(cfg)
+        n_q, n_kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
+        if self.layout == "decode":
+            qkv = Linear(cfg.d_model, n_q + 2 * n_kv, use_bias=cfg.qkv_bias, weight_dtype=weight_dtype_of(cfg),
+                         dtype=dtype_of(cfg), name="qkv")(x)
+            return qkv[..., :n_q], qkv[..., n_q:n_q + n_kv], qkv[..., n_q + n_kv:]
+        dense = lambda n, name: nn.Dense(n, use_bias=cfg.qkv_bias, dtype=dtype_of(cfg), name=name)
+        return dense(n_q, "q_proj")(x), dense(n_kv, "k_proj")(x), dense(n_kv, "v_proj")(x)
+
+    def _project_out(self, out):
+        cfg = self.model_cfg
+        if self.layout == "decode":
+            return Linear(out.shape[-1], cfg.d_model, weight_dtype=weight_dtype_of(cfg), dtype=dtype_of(cfg),
+                          name="o_proj")(out)
+        return nn.Dense(cfg.d_model, use_bias=False, dtype=dtype_of(cfg), name="o_proj")(out)
+
+    def _attend_extend(self, q, k, v, written: KVCache, step: Step):
+        """Attention of extend nodes over the cache they were just written into. The XLA path reads only the
+        cache (the nodes are in it); the kernel path takes the nodes as its tree block."""
+        cfg = self.model_cfg
+        scale = cfg.query_scale or None
+        few_rows = q.shape[1] // k.shape[1] * q.shape[2] <= STREAMING_MAX_ROWS
+        if few_rows and resolve_implementation("tree_attention", cfg.attention.implementation) == "xla":
+            return cached_chain_attention(q, written.k, written.v, step.positions, scale=scale, window=self.window)
+        return tree_attention(q, written.k, written.v, step.lengths, k, v, step.mask, scale=scale,
+                              window=self.window, implementation=cfg.attention.implementation)
 
     @nn.compact
     def __call__(self, x, step: Step, cache: KVCache | None):
         cfg = self.model_cfg
         b, t, _ = x.shape
         hd = config_lib.head_dim(cfg)
-        dtype = dtype_of(cfg)
         theta = cfg.rope_theta if self.rope_theta is None else self.rope_theta
-        dense = lambda n, name, bias: nn.Dense(n, use_bias=bias, dtype=dtype, name=name)
         split = lambda y, n: y.reshape(b, t, n, hd).transpose(0, 2, 1, 3)
-        q = split(dense(cfg.n_heads * hd, "q_proj", cfg.qkv_bias)(x), cfg.n_heads)
-        k = split(dense(cfg.n_kv_heads * hd, "k_proj", cfg.qkv_bias)(x), cfg.n_kv_heads)
-        v = split(dense(cfg.n_kv_heads * hd, "v_proj", cfg.qkv_bias)(x), cfg.n_kv_heads)
+        q, k, v = self._project_qkv(x)
+        q, k, v = split(q, cfg.n_heads), split(k, cfg.n_kv_heads), split(v, cfg.n_kv_heads)
         if cfg.qk_norm:
             q = RMSNorm(cfg.rms_eps, name="q_norm")(q)
             k = RMSNorm(cfg.rms_eps, name="k_norm")(k)
@@ -91,12 +124,12 @@ class Attention(nn.Module):
         elif step.fresh:  # prefill into an empty cache: plain causal attention over the new tokens
             out = causal_attention(q, k, v, model_cfg=cfg, window=self.window)
             new = KVCache(write_kv(cache.k, k, step.lengths), write_kv(cache.v, v, step.lengths))
+        elif step.mode == "extend":  # write first: the attention below reads the updated cache (see above)
+            new = KVCache(write_kv(cache.k, k, step.lengths), write_kv(cache.v, v, step.lengths))
+            out = self._attend_extend(q, k, v, new, step)
         else:
+            new = KVCache(k.astype(cache.k.dtype), v.astype(cache.v.dtype))
             out = tree_attention(q, cache.k, cache.v, step.lengths, k, v, step.mask, scale=cfg.query_scale or None,
                                  window=self.window, implementation=cfg.attention.implementation)
-            if step.mode == "extend":
-                new = KVCache(write_kv(cache.k, k, step.lengths), write_kv(cache.v, v, step.lengths))
-            else:
-                new = KVCache(k.astype(cache.k.dtype), v.astype(cache.v.dtype))
         out = out.transpose(0, 2, 1, 3).reshape(b, t, cfg.n_heads * hd)
-        return dense(cfg.d_model, "o_proj", False)(out), new
+        return self._project_out(out), new

@@ -37,7 +37,12 @@ class MedusaHeads(nn.Module):
 
 
 def lm_head_kernel(target_params, model_cfg):
-    """The target's [d_model, V] output projection (the tied embedding's transpose when tied)."""
-    if model_cfg.tie_embeddings:
-        return target_params["embed"]["embedding"].T
-    return target_params["lm_head"]["kernel"]
+    """The target's [d_model, V] output projection (the tied embedding's transpose when tied), float32, from
+    standard or decode-layout params (int8 ones dequantised)."""
+    entry = target_params["embed"] if model_cfg.tie_embeddings else target_params["lm_head"]
+    if "kernel" in entry:  # untied, standard layout
+        return entry["kernel"]
+    weight = entry["embedding"] if model_cfg.tie_embeddings else entry["kernel_t"]  # [V, d_model]
+    if "scale" in entry:
+        weight = weight.astype(jnp.float32) * entry["scale"][:, None]
+    return weight.T

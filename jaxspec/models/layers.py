@@ -1,6 +1,22 @@
-"""Building blocks: RMSNorm, rotary embeddings, and the gated FFN (SwiGLU or GeGLU) with MatFormer nesting."""
+"""Building blocks: RMSNorm, rotary embeddings, the gated FFN (SwiGLU or GeGLU) with MatFormer nesting, and the
+projections of the decode layout (fused; float32 kernels [in, out], int8 kernels [out, in] per output channel).
+
+How a product streams its weights on XLA's CPU backend (measured on a 2-core AVX-512 CPU, see
+benchmarks/step_cost.py), which is why the [V, d] vocabulary head and int8 kernels go through `matmul_t`:
+  * One row against a [V, d] or int8 [out, in] kernel written `x @ w.T` becomes one loop over the stored rows
+    with the transpose and the int8 conversion fused into it: int8 streams a quarter of the bytes.
+  * 2..SMALL_ROWS rows: XLA's matmul packs the whole weight matrix first, about twice the time of one row on the
+    wide [V, d] head although both read the same bytes; a multiply-and-sum over the input dimension of an
+    [out, in] kernel reads each row once for all input rows, no packing (int8 conversion fused in). On the
+    narrow float layer kernels it is not faster than the matmul, which they keep.
+  * Any other dot over an int8 kernel converts all of it to float first, so many rows dequantise explicitly.
+  * The cheap ops producing a one-row input are fused into that loop and rerun for every output row, so what
+    feeds these products should end in a reduction (see the extend attention in pallas_kernels.tree_attention).
+"""
 
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax
@@ -8,9 +24,147 @@ import jax.numpy as jnp
 
 Dtype = jnp.dtype
 
+# Row counts (tokens x batch) up to which a CPU product over an [out, in] kernel multiplies and sums.
+SMALL_ROWS = 16
+
 
 def dtype_of(model_cfg) -> Dtype:
     return jnp.dtype(model_cfg.dtype)
+
+
+def weight_dtype_of(model_cfg) -> str:
+    """Storage of the decode layout's projection weights: "float32" or "int8" (configs saved before the key
+    existed are float32)."""
+    return model_cfg.get("weight_dtype", "float32")
+
+
+def streams_rows(rows: int, dtype) -> bool:
+    """Whether a product of `rows` input rows over an [out, in] kernel multiplies-and-sums (CPU, float32,
+    2..SMALL_ROWS rows)."""
+    return 1 < rows <= SMALL_ROWS and jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu"
+
+
+def matmul_t(x, kernel_t, scale=None, dtype=jnp.float32):
+    """x [..., in] times kernel_t [out, in] transposed: [..., out] in `dtype`.
+
+    `kernel_t` may be int8 with `scale` [out] (per output channel). See the module docstring for the forms.
+    """
+    if x.shape[-1] != kernel_t.shape[1]:
+        raise ValueError(f"matmul_t: input has {x.shape[-1]} features, kernel_t {kernel_t.shape} expects "
+                         f"{kernel_t.shape[1]}")
+    rows = math.prod(x.shape[:-1])
+    if streams_rows(rows, dtype):
+        # The multiply-and-sum runs much slower on 5-7 or 9-15 rows than on a multiple of 8; zero rows cost a
+        # little arithmetic while the weights stream once either way.
+        padded = rows if rows <= 4 else -(-rows // 8) * 8
+        x2 = jnp.pad(x.reshape(rows, x.shape[-1]).astype(dtype), ((0, padded - rows), (0, 0)))
+        y = jnp.sum(x2[:, None, :] * kernel_t.astype(dtype)[None], axis=-1)[:rows]
+        y = y.reshape(*x.shape[:-1], kernel_t.shape[0])
+    else:
+        weight = kernel_t.astype(dtype)
+        if scale is not None and rows > 1:  # one row: the scale goes on the output, fused into the loop
+            weight, scale = weight * scale.astype(dtype)[:, None], None
+        # No reshape of the leading axes: they keep their sharding (batch, and sequence under LASP-2).
+        y = jnp.einsum("...i,oi->...o", x.astype(dtype), weight)
+    if scale is not None:
+        y = y * scale.astype(dtype)
+    return y
+
+
+def quantize_int8(kernel_t):
+    """(int8 [out, in], scale [out] float32): symmetric per output row, scale = max |row| / 127 (1 for zero rows)."""
+    w = jnp.asarray(kernel_t, jnp.float32)
+    if w.ndim != 2:
+        raise ValueError(f"quantize_int8: expected a 2-D [out, in] kernel, got shape {w.shape}")
+    peak = jnp.max(jnp.abs(w), axis=1)
+    scale = jnp.where(peak > 0, peak / 127.0, 1.0)
+    return jnp.clip(jnp.round(w / scale[:, None]), -127, 127).astype(jnp.int8), scale
+
+
+class Linear(nn.Module):
+    """Dense layer of the decode layout: y = x W (+ bias) for W [in_features, out_features].
+
+    weight_dtype "float32": `kernel` [in, out], as flax's nn.Dense. "int8": `kernel_t` [out, in] int8 and a
+    float32 `scale` per output row (W = (kernel_t * scale[:, None]).T). `outputs=(start, stop)` computes only
+    those outputs and `in_prefix` uses only the first inputs (MatFormer granularities).
+    """
+
+    in_features: int
+    out_features: int
+    use_bias: bool = False
+    weight_dtype: str = "float32"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, outputs: tuple[int, int] | None = None, in_prefix: int | None = None):
+        lo, hi = (0, self.out_features) if outputs is None else outputs
+        in_n = self.in_features if in_prefix is None else in_prefix
+        if self.weight_dtype == "int8":
+            kernel_t = self.param("kernel_t", nn.initializers.zeros, (self.out_features, self.in_features), jnp.int8)
+            scale = self.param("scale", nn.initializers.ones, (self.out_features,), jnp.float32)
+            y = matmul_t(x, kernel_t[lo:hi, :in_n], scale[lo:hi], self.dtype)
+        elif self.weight_dtype == "float32":
+            kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.in_features, self.out_features),
+                                jnp.float32)
+            y = x.astype(self.dtype) @ kernel[:in_n, lo:hi].astype(self.dtype)
+        else:
+            raise ValueError(f"Linear: weight_dtype={self.weight_dtype!r} is not one of ('float32', 'int8')")
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.out_features,), jnp.float32)
+            y = y + bias[lo:hi].astype(y.dtype)
+        return y
+
+
+class VocabProjection(nn.Module):
+    """The decode layout of an untied LM head: logits = x kernel_t^T, kernel_t [vocab, features] (float32, or
+    int8 with a float32 `scale` per vocabulary row), stored as a tied embedding is."""
+
+    features: int
+    vocab_size: int
+    weight_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, hidden):
+        shape = (self.vocab_size, self.features)
+        if self.weight_dtype == "int8":
+            kernel_t = self.param("kernel_t", nn.initializers.zeros, shape, jnp.int8)
+            scale = self.param("scale", nn.initializers.ones, (self.vocab_size,), jnp.float32)
+        else:
+            kernel_t = self.param("kernel_t", nn.initializers.lecun_normal(in_axis=1, out_axis=0), shape,
+                                  jnp.float32)
+            scale = None
+        return matmul_t(hidden, kernel_t, scale, jnp.float32)
+
+
+class Embed(nn.Module):
+    """Token embedding [vocab, features] that can also project onto the vocabulary (a tied LM head).
+
+    Parameters as flax's nn.Embed ("embedding", float32); weight_dtype "int8" stores it as int8 with a
+    float32 `scale` per vocabulary row (the decode layout of a tied head).
+    """
+
+    num_embeddings: int
+    features: int
+    weight_dtype: str = "float32"
+
+    def setup(self):
+        shape = (self.num_embeddings, self.features)
+        if self.weight_dtype == "int8":
+            self.embedding = self.param("embedding", nn.initializers.zeros, shape, jnp.int8)
+            self.scale = self.param("scale", nn.initializers.ones, (self.num_embeddings,), jnp.float32)
+        else:
+            self.embedding = self.param("embedding", nn.initializers.normal(0.02), shape, jnp.float32)
+            self.scale = None
+
+    def __call__(self, tokens):
+        rows = jnp.take(self.embedding, tokens, axis=0).astype(jnp.float32)
+        if self.scale is None:
+            return rows
+        return rows * jnp.take(self.scale, tokens, axis=0)[..., None]
+
+    def attend(self, hidden):
+        """Logits [..., vocab] float32 of hidden states [..., features]."""
+        return matmul_t(hidden, self.embedding, self.scale, jnp.float32)
 
 
 class RMSNorm(nn.Module):
@@ -55,16 +209,24 @@ class MatFormerFFN(nn.Module):
 
     Granularity g uses the first `hidden_sizes[g]` rows of gate/up and columns of down, so every smaller
     FFN is nested inside the larger ones (MatFormer). With one granularity this is a plain gated FFN.
+
+    layout "standard": gate_proj, up_proj [d_model, d_ff] and down_proj [d_ff, d_model].
+    layout "decode": gate_up (Linear, d_model -> 2 d_ff: the gate's outputs, then the up projection's; the full
+    width is one product, a smaller granularity two) and down_proj (Linear, d_ff -> d_model).
     """
 
     d_model: int
     hidden_sizes: tuple[int, ...]
     dtype: Dtype = jnp.float32
     activation: str = "silu"  # see gate_activation
+    layout: str = "standard"
+    weight_dtype: str = "float32"  # decode layout only
 
     @nn.compact
     def __call__(self, x, granularity: int | None = None):
         d_ff = self.hidden_sizes[-1]
+        if self.layout == "decode":
+            return self._decode(x, d_ff, self.hidden_sizes[-1 if granularity is None else granularity])
         init = nn.initializers.lecun_normal()
         gate = self.param("gate_proj", init, (self.d_model, d_ff), jnp.float32)
         up = self.param("up_proj", init, (self.d_model, d_ff), jnp.float32)
@@ -74,3 +236,13 @@ class MatFormerFFN(nn.Module):
         g = x @ gate[:, :h].astype(self.dtype)
         u = x @ up[:, :h].astype(self.dtype)
         return (gate_activation(self.activation)(g) * u) @ down[:h].astype(self.dtype)
+
+    def _decode(self, x, d_ff: int, h: int):
+        gate_up = Linear(self.d_model, 2 * d_ff, weight_dtype=self.weight_dtype, dtype=self.dtype, name="gate_up")
+        if h == d_ff:
+            both = gate_up(x)
+            gate, up = both[..., :d_ff], both[..., d_ff:]
+        else:
+            gate, up = gate_up(x, outputs=(0, h)), gate_up(x, outputs=(d_ff, d_ff + h))
+        down = Linear(d_ff, self.d_model, weight_dtype=self.weight_dtype, dtype=self.dtype, name="down_proj")
+        return down(gate_activation(self.activation)(gate) * up, in_prefix=h)

@@ -9,6 +9,10 @@
 
 `granularity` (MatFormer, global or per layer) and `skip_layers` (layer-skip drafting) are static apply-time
 options. `return_hidden=True` returns `LMOutput(logits, hidden, layer_hidden)` in place of the logits.
+
+`layout` says how the parameters are stored: "standard" (training, checkpoints, HF/GGUF import) or "decode"
+(fused projections, optionally int8; built once from standard ones by `decode_layout.for_decoding`). Both
+give the same logits (int8: those of the quantised weights).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 
 from jaxspec import config as config_lib
 from jaxspec.models.attention import Attention
-from jaxspec.models.layers import MatFormerFFN, RMSNorm, dtype_of
+from jaxspec.models.layers import Embed, MatFormerFFN, RMSNorm, VocabProjection, dtype_of, weight_dtype_of
 from jaxspec.models.linear_attention import LinearAttention
 from jaxspec.models.mamba import Mamba
 from jaxspec.models.step import Step
@@ -31,6 +35,7 @@ from jaxspec.state import DecodeState, node_depths, tree_ancestor_mask, validate
 
 MIXER_MODULES = {"A": Attention, "L": LinearAttention, "M": Mamba}
 MIXER_NAMES = {"A": "attn", "L": "linear_attn", "M": "mamba"}
+LAYOUTS = ("standard", "decode")
 
 
 class LMOutput(NamedTuple):
@@ -43,11 +48,12 @@ def has_ffn(model_cfg, kind: str) -> bool:
     return kind != "M" or model_cfg.mamba.ffn
 
 
-def make_mixer(model_cfg, kind: str, layer: int) -> nn.Module:
-    """The mixer module of `layer`; attention takes the layer's sliding window and RoPE base."""
+def make_mixer(model_cfg, kind: str, layer: int, layout: str = "standard") -> nn.Module:
+    """The mixer module of `layer`; attention takes the layer's sliding window, RoPE base and the layout."""
     if kind == "A":
         return Attention(model_cfg, window=config_lib.layer_window(model_cfg, layer),
-                         rope_theta=config_lib.layer_rope_theta(model_cfg, layer), name=MIXER_NAMES[kind])
+                         rope_theta=config_lib.layer_rope_theta(model_cfg, layer), layout=layout,
+                         name=MIXER_NAMES[kind])
     return MIXER_MODULES[kind](model_cfg, name=MIXER_NAMES[kind])
 
 
@@ -60,18 +66,19 @@ class Block(nn.Module):
     model_cfg: Any
     kind: str
     layer: int  # index in the stack (FFN widths, windows and RoPE bases may differ per layer)
+    layout: str = "standard"
 
     @nn.compact
     def __call__(self, x, step: Step, cache, granularity):
         cfg = self.model_cfg
-        mixer = make_mixer(cfg, self.kind, self.layer)
+        mixer = make_mixer(cfg, self.kind, self.layer, self.layout)
         h, new = mixer(RMSNorm(cfg.rms_eps, name="mixer_norm")(x), step, cache)
         if cfg.sandwich_norms:
             h = RMSNorm(cfg.rms_eps, name="post_mixer_norm")(h)
         x = x + h
         if has_ffn(cfg, self.kind):
             ffn = MatFormerFFN(cfg.d_model, config_lib.ffn_hidden_sizes(cfg, self.layer), dtype_of(cfg),
-                               cfg.ffn_activation, name="ffn")
+                               cfg.ffn_activation, layout=self.layout, weight_dtype=weight_dtype_of(cfg), name="ffn")
             h = ffn(RMSNorm(cfg.rms_eps, name="ffn_norm")(x), granularity)
             if cfg.sandwich_norms:
                 h = RMSNorm(cfg.rms_eps, name="post_ffn_norm")(h)
@@ -119,21 +126,29 @@ def make_step(tokens, state: DecodeState | None, parents, num_new, fresh: bool =
 
 class DecoderLM(nn.Module):
     model_cfg: Any  # ml_collections.ConfigDict (frozen on use, so the module is hashable)
+    layout: str = "standard"  # one of LAYOUTS (see the module docstring)
 
     def setup(self):
         cfg = self.model_cfg
-        self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=nn.initializers.normal(0.02),
-                              name="embed")
-        self.blocks = [Block(cfg, kind, i, name=f"layer_{i}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"DecoderLM: layout={self.layout!r} is not one of {LAYOUTS}")
+        decode = self.layout == "decode"
+        # A tied embedding is the LM head, so the decode layout stores it as the head's weights are stored.
+        embed_dtype = weight_dtype_of(cfg) if decode and cfg.tie_embeddings else "float32"
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, weight_dtype=embed_dtype, name="embed")
+        self.blocks = [Block(cfg, kind, i, self.layout, name=f"layer_{i}")
                        for i, kind in enumerate(config_lib.layer_kinds(cfg))]
         self.final_norm = RMSNorm(cfg.rms_eps, name="final_norm")
         if not cfg.tie_embeddings:
-            self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype_of(cfg), name="lm_head")
+            if decode:
+                self.lm_head = VocabProjection(cfg.d_model, cfg.vocab_size, weight_dtype_of(cfg), name="lm_head")
+            else:
+                self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dtype_of(cfg), name="lm_head")
 
     def project(self, hidden):
         """LM head on hidden states that already went through the final norm."""
         if self.model_cfg.tie_embeddings:
-            return self.embed.attend(hidden.astype(jnp.float32)).astype(jnp.float32)
+            return self.embed.attend(hidden.astype(jnp.float32))
         return self.lm_head(hidden).astype(jnp.float32)
 
     def exit_logits(self, layer_hidden):

@@ -3,11 +3,20 @@
 import functools
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.tree_attention import tree_attention, tree_attention_reference
+from pallas_kernels.tree_attention import (
+    STREAMING_MAX_ROWS,
+    _blocks_per_split,
+    _cache_block,
+    cached_chain_attention,
+    tree_attention,
+    tree_attention_reference,
+    tree_attention_streaming,
+)
 
 
 def ancestor_mask(parents):
@@ -18,6 +27,17 @@ def ancestor_mask(parents):
         if parent >= 0:
             mask[i] |= mask[parent]
     return mask
+
+
+def padded_shapes(jaxpr) -> list[tuple]:
+    """Shapes of the arrays that `pad` ops take, in a jaxpr and every jaxpr nested in it."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pad":
+            shapes.append(tuple(eqn.invars[0].aval.shape))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            shapes.extend(padded_shapes(sub))
+    return shapes
 
 
 def random_parents(rng, k):
@@ -168,12 +188,80 @@ def test_cache_blocks_past_length_are_never_read():
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_default_implementation_on_cpu_is_the_reference():
+def test_default_implementation_on_cpu_is_xla_streaming_for_few_rows_and_the_reference_beyond():
     rng = np.random.default_rng(1)
     x = make_inputs(rng, 1, 2, 1, 2, 8, 8)
     args = (x["q"], x["k_cache"], x["v_cache"], jnp.asarray([3]), x["k_tree"], x["v_tree"],
             jnp.asarray(ancestor_mask(np.array([-1, 0]))))
+    np.testing.assert_array_equal(tree_attention(*args), tree_attention_streaming(*args))
+    np.testing.assert_allclose(tree_attention(*args), tree_attention_reference(*args), atol=1e-6, rtol=1e-6)
+    k = STREAMING_MAX_ROWS // 2 + 1  # 2 query heads per KV head: 2k rows, one more than streams
+    x = make_inputs(rng, 1, 2, 1, k, 8, 8)
+    args = (x["q"], x["k_cache"], x["v_cache"], jnp.asarray([3]), x["k_tree"], x["v_tree"],
+            jnp.asarray(ancestor_mask(np.arange(k) - 1)))
     np.testing.assert_array_equal(tree_attention(*args), tree_attention_reference(*args))
+
+
+STREAMING_CASES = [
+    # (name, batch, heads, kv heads, parents, head dim, cache length, lengths, window)
+    ("decode_gqa3", 2, 6, 2, [-1], 8, 24, [0, 24], 0),
+    ("chain_mha", 3, 2, 2, [-1, 0, 1, 2], 8, 40, [40, 0, 17], 0),
+    ("tree_window", 2, 4, 2, [-1, 0, 0, 1, 1, 2], 16, 48, [30, 3], 3),
+    ("per_row_trees", 2, 4, 1, None, 8, 33, [1, 33], 0),
+]
+
+
+@pytest.mark.parametrize("case", STREAMING_CASES, ids=[c[0] for c in STREAMING_CASES])
+def test_streaming_xla_path_matches_reference(case):
+    _, b, h, hkv, parents, d, cache_len, lengths, window = case
+    rng = np.random.default_rng(len(case[0]))
+    if parents is None:
+        tree_mask = jnp.asarray(np.stack([ancestor_mask(random_parents(rng, 5)) for _ in range(b)]))
+        k = 5
+    else:
+        tree_mask, k = jnp.asarray(ancestor_mask(np.array(parents))), len(parents)
+    x = make_inputs(rng, b, h, hkv, k, d, cache_len)
+    args = (x["q"], x["k_cache"], x["v_cache"], jnp.asarray(lengths, jnp.int32), x["k_tree"], x["v_tree"], tree_mask)
+    got = jax.jit(functools.partial(tree_attention_streaming, scale=0.3, window=window))(*args)
+    expected = tree_attention_reference(*args, scale=0.3, window=window)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [0, 3])
+def test_cached_chain_attention_equals_tree_attention_before_the_write(window):
+    """An extend written into the cache first, then attended there, is tree attention over the cache before the
+    write with the nodes as a causal tree block (ragged lengths, GQA, a window shorter than the chain)."""
+    rng = np.random.default_rng(5 + window)
+    b, h, hkv, k, d, cache_len = 3, 6, 2, 4, 8, 24
+    x = make_inputs(rng, b, h, hkv, k, d, cache_len)
+    lengths = jnp.asarray([0, 9, 20], jnp.int32)
+    chain = jnp.asarray(ancestor_mask(np.arange(k) - 1))
+    expected = tree_attention_reference(x["q"], x["k_cache"], x["v_cache"], lengths, x["k_tree"], x["v_tree"], chain,
+                                        scale=0.4, window=window)
+    slots = lengths[:, None] + jnp.arange(k)
+    rows = jnp.arange(b)[:, None]
+    written = [c.at[rows, :, slots].set(t.swapaxes(1, 2)) for c, t in ((x["k_cache"], x["k_tree"]),
+                                                                        (x["v_cache"], x["v_tree"]))]
+    got = jax.jit(functools.partial(cached_chain_attention, scale=0.4, window=window))(x["q"], *written, slots)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="positions must be"):
+        cached_chain_attention(x["q"], *written, slots[:, :2])
+
+
+def test_cache_lengths_that_blocks_can_tile_are_not_padded():
+    """block_k shrinks (down to 16) to divide the cache length and the splits tile its blocks exactly, so the
+    kernel reads the cache in place; it still matches the reference."""
+    assert [_cache_block(n, 128) for n in (320, 256, 96, 48, 40)] == [64, 128, 32, 16, 16]
+    assert [_blocks_per_split(n, s) for n, s in ((5, 2), (4, 3), (6, 4), (8, 8), (3, 1))] == [5, 2, 2, 1, 3]
+    rng = np.random.default_rng(11)
+    x = make_inputs(rng, 2, 4, 2, 3, 16, 96)  # head dim 16: a power of two >= 16 is not padded either
+    lengths = jnp.asarray([96, 41], jnp.int32)
+    tree_mask = jnp.asarray(ancestor_mask(np.array([-1, 0, 0])))
+    blocks = (("block_k", 64), ("num_splits", 2))
+    jaxpr = jax.make_jaxpr(lambda v: run(v, lengths, tree_mask, "pallas", blocks))(x)
+    assert x["k_cache"].shape not in padded_shapes(jaxpr.jaxpr)
+    got = run(x, lengths, tree_mask, "pallas", blocks)
+    np.testing.assert_allclose(got, run(x, lengths, tree_mask, "xla"), atol=1e-5, rtol=1e-5)
 
 
 def test_bad_arguments_raise_value_errors():

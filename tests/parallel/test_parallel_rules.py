@@ -85,10 +85,46 @@ def test_custom_rules_and_bad_rules():
         ("layer_0/mixer_norm/scale", 1, (None,)),
         ("layer_0/attn/unknown_proj/kernel", 2, (None, None)),
         ("layer_0/attn/my_q_proj/kernel", 2, (None, None)),  # names match whole path components only
+        # The decode layout (models/decode_layout.py): fused float kernels [in, out], int8 kernel_t [out, in].
+        ("layer_0/attn/qkv/kernel", 2, ("embed", "heads")),
+        ("layer_0/attn/qkv/kernel_t", 2, ("heads", "embed")),
+        ("layer_0/attn/qkv/scale", 1, ("heads",)),
+        ("layer_0/attn/o_proj/kernel_t", 2, ("embed", "heads")),
+        ("layer_0/ffn/gate_up/kernel", 2, ("embed", "mlp")),
+        ("layer_0/ffn/gate_up/kernel_t", 2, ("mlp", "embed")),
+        ("layer_0/ffn/down_proj/kernel", 2, ("mlp", "embed")),
+        ("layer_0/ffn/down_proj/kernel_t", 2, ("embed", "mlp")),
+        ("layer_0/ffn/down_proj/scale", 1, ("embed",)),
+        ("lm_head/kernel_t", 2, ("vocab", "embed")),
+        ("embed/scale", 1, ("vocab",)),
     ],
 )
 def test_param_logical_axes_table(path, ndim, expected):
     assert param_logical_axes(path, ndim) == expected
+
+
+@pytest.mark.parametrize("weight_dtype", ["float32", "int8"])
+def test_every_decode_layout_matrix_has_sharding_axes(weight_dtype):
+    """No projection of the decode layout falls through to replication: each matrix gets a logical axis per
+    dimension, and its dimension sizes agree with the axes' meaning (embed = d_model)."""
+    import jax
+
+    from jaxspec.config import model_defaults
+    from jaxspec.models.decode_layout import for_decoding
+    from jaxspec.models.lm import build_model, init_params
+    from jaxspec.parallel.sharding import path_to_name
+
+    cfg = model_defaults()
+    cfg.update(dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, qkv_bias=True,
+                    tie_embeddings=False, weight_dtype=weight_dtype))
+    model = build_model(cfg)
+    shapes = jax.eval_shape(lambda k: for_decoding(model, init_params(model, k))[1], jax.random.key(0))
+    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+        name = path_to_name(path)
+        axes = param_logical_axes(name, leaf.ndim)
+        if leaf.ndim == 2:
+            assert None not in axes, name
+            assert leaf.shape[axes.index("embed")] == cfg.d_model, (name, axes, leaf.shape)
 
 
 HLO = """

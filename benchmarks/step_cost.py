@@ -1,0 +1,311 @@
+"""Decode-step cost on a real model: the autoregressive step against the weight-streaming roofline, and the
+cost of a K-token tree forward relative to one token, whole and by part (layers, LM head), per weight layout.
+
+  python benchmarks/step_cost.py --model=smollm2-135m-instruct
+  python benchmarks/step_cost.py --model=smollm2-135m-instruct --layouts=standard,decode --ks=1,2,4 --rounds=5
+  python benchmarks/step_cost.py --model=smollm2-135m-instruct --profile_dir=/tmp/step_trace
+
+Layouts (see jaxspec/models/decode_layout.py): "standard" is the parameters as loaded; "decode" the fused
+[out, in] layout that the decode loops use (converted once here, outside the timings); "int8" the decode layout
+with weight-only int8 projections (`model.weight_dtype="int8"`).
+
+1. Bandwidth: a large read (sum), an in-place read+write (donated), and a one-row product with a 512 MB
+   matrix (the decode step's own access pattern). The roofline of a step is the bytes of the weights it
+   streams over the faster of the two read-only probes.
+2. Autoregressive decoding through `engine.autoregressive_loop` (compile excluded), on a prompt of about
+   --context - new_tokens/2 tokens, so the mean context is about --context: ms per decode step (the prefill
+   subtracted), tokens/s, the share of the roofline, the loop's compile seconds, and how many tokens equal
+   the first layout's. Loops given standard parameters convert them to the decode layout once per call
+   (in the prefill column); the "decode" and "int8" rows pass converted parameters.
+3. The loops as a user calls them (`api.generate`, autoregressive and prompt lookup with a 4-token chain):
+   the compile seconds of the first call, tau, tokens/s.
+4. Tree forward at --context committed tokens (a chain of K nodes): milliseconds and cost(K)/cost(1) for the
+   whole forward, the layers alone (the LM head's output unused, so XLA drops it) and the LM head alone;
+   "head: x @ E^T" is the plain matmul the tied head used to be, on the same machine, side by side.
+
+Every figure is the minimum (and median) over --rounds round-robin rounds of all the variants of its table,
+so they share the machine's load; the load average is printed before and after each table.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+
+from jaxspec.decoding import api, engine
+from jaxspec.models.lm import DecoderLM, build_model
+from jaxspec.state import init_decode_state
+
+FLAGS = flags.FLAGS
+
+PROMPT_TEXT = (
+    "Speculative decoding drafts several tokens cheaply and lets the target model check them all in one "
+    "forward pass; every accepted token saves one pass over the weights. On a CPU a pass is limited by how "
+    "fast the weights stream from memory, so checking a few tokens should cost about as much as producing "
+    "one. Write a short essay about memory bandwidth, caches and why small batches are slow on processors "
+    "designed for throughput, with examples from matrix multiplication, attention over a key-value cache, "
+    "and the final projection onto a large vocabulary. Then explain how the layout of a weight matrix in "
+    "memory changes what a compiler can do with it, and list three experiments that would measure it."
+)
+
+
+def load_average() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def round_robin(fns: dict, rounds: int) -> dict:
+    """{name: (min ms, median ms)} of zero-argument callables, timed in turn every round (after one warm call)."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return {name: (min(t), float(np.median(t))) for name, t in times.items()}
+
+
+def param_bytes(params) -> int:
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)))
+
+
+def streamed_bytes(params) -> int:
+    """Bytes a one-token step reads: every parameter except the embedding rows it does not look up (an untied
+    embedding is only gathered; a tied one is also the LM head)."""
+    total = param_bytes(params)
+    if "lm_head" in params:
+        total -= param_bytes(params["embed"])
+    return total
+
+
+# ------------------------------------------------------------------------------------------------ bandwidth
+
+
+def bandwidth_table(size_mb: int, rounds: int) -> float:
+    n = size_mb * 2**20 // 4
+    data = jnp.ones((n,), jnp.float32)
+    matrix = jnp.ones((n // 576, 576), jnp.float32)
+    vector = jnp.ones((576,), jnp.float32)
+    read = jax.jit(jnp.sum)
+    bump = jax.jit(lambda x: x * 1.0000001, donate_argnums=0)
+    state = {"x": jnp.ones((n,), jnp.float32)}
+
+    def in_place():
+        state["x"] = bump(state["x"])
+        return state["x"]
+
+    gemv = jax.jit(lambda w, x: w @ x)
+    times = round_robin({"read": lambda: read(data), "read+write": in_place,
+                         "one-row product": lambda: gemv(matrix, vector)}, rounds)
+    moved = {"read": 4 * n, "read+write": 8 * n, "one-row product": matrix.size * 4}
+    print(f"\n## Memory bandwidth ({size_mb} MB arrays; {load_average()})\n")
+    print("| probe | bytes moved | min ms | median ms | GB/s (min) |")
+    print("|---|---:|---:|---:|---:|")
+    gbs = {}
+    for name, (lo, med) in times.items():
+        gbs[name] = moved[name] / lo / 1e6
+        print(f"| {name} | {moved[name] / 2**20:.0f} MB | {lo:.2f} | {med:.2f} | {gbs[name]:.1f} |")
+    best = max(gbs["read"], gbs["one-row product"])  # a step only reads its weights
+    print(f"\nRoofline bandwidth: {best:.1f} GB/s (the faster of the two read-only probes).")
+    return best
+
+
+# ------------------------------------------------------------------------------------------------ variants
+
+
+def layout_variants(lm, layouts) -> dict:
+    """{layout: (model, params)}; decode-layout params are converted here, once, and kept.
+
+    Only "standard" needs nothing newer than the loops and `api.load`, so `--layouts=standard` also measures
+    an older checkout (PYTHONPATH=<its root>) for before/after figures.
+    """
+    out = {}
+    for layout in layouts:
+        if layout == "standard":
+            out[layout] = (lm.model, lm.params)
+            continue
+        if layout not in ("decode", "int8"):
+            raise ValueError(f"--layouts: {layout!r} is not one of standard, decode, int8")
+        from jaxspec.models.decode_layout import for_decoding
+
+        cfg = ml_collections.ConfigDict(lm.config.model)
+        cfg.weight_dtype = "int8" if layout == "int8" else "float32"
+        model = build_model(cfg)
+        convert = jax.jit(lambda p, m=model: for_decoding(m, p)[1])
+        start = time.perf_counter()
+        params = jax.block_until_ready(convert(lm.params))
+        print(f"{layout}: converted once in {time.perf_counter() - start:.2f} s (compile included)")
+        out[layout] = (model.clone(layout="decode"), params)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ AR decode
+
+
+def ar_table(variants: dict, prompt: list[int], new: int, roofline_gbs: float | None, rounds: int,
+             profile_dir: str | None = None) -> None:
+    """Each layout's loop runs twice per round: with --new_tokens and with one token (the prefill and the first
+    token alone); their difference over new_tokens - 1 is the decode step. No stop ids: every call makes all
+    its tokens."""
+    width, max_len = engine.plan_shapes(next(iter(variants.values()))[0].model_cfg, [len(prompt)], new, 1)
+    tokens, lens = engine.pad_prompts([prompt], width=width)
+    runs, compile_s, outputs = {}, {}, {}
+    for name, (model, params) in variants.items():
+        for count in (new, 1):
+            dynamic = dict(params=params, prompts=tokens, prompt_lens=lens, key=jax.random.key(0))
+            statics = dict(model=model, max_new=count, max_len=max_len, sampling=engine.Sampling(), eos_ids=(),
+                           stream=False)
+            out, seconds = engine.run_compiled(engine.autoregressive_loop, dynamic, statics)
+            if count == new:
+                compile_s[name], outputs[name] = seconds, out
+            runs[(name, count)] = lambda d=dynamic, s=statics: engine.run_compiled(engine.autoregressive_loop, d, s)[0]
+    times = round_robin(runs, rounds)
+    reference = np.asarray(next(iter(outputs.values())).tokens)[0]
+    print(f"\n## Autoregressive decoding: prompt {len(prompt)} tokens, {new} new, state length {max_len} "
+          f"({load_average()})\n")
+    print("| layout | streamed MB | loop compile s | prefill + 1 token ms | ms/token | tok/s | roofline tok/s | "
+          "of roofline | tokens vs first row |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for name in variants:
+        full, first = times[(name, new)], times[(name, 1)]
+        step = [(a - b) / (new - 1) for a, b in zip(full, first)]  # (from minima, from medians)
+        mb = streamed_bytes(variants[name][1]) / 2**20
+        roof = roofline_gbs * 1e9 / (mb * 2**20) if roofline_gbs else float("nan")
+        got = np.asarray(outputs[name].tokens)[0]
+        same = int(np.argmin(np.append(got == reference, False)))
+        print(f"| {name} | {mb:.0f} | {compile_s[name]:.1f} | {first[0]:.0f} | {step[0]:.2f} ({step[1]:.2f}) | "
+              f"{1e3 / step[0]:.1f} | {roof:.1f} | {1e3 / step[0] / roof:.0%} | "
+              f"{'same' if same == len(got) else f'first {same} same'} |")
+    print("\nms/token: (min of full run - min of prefill run) / (new tokens - 1), (the same from medians).")
+    if profile_dir:
+        name = next(iter(variants))
+        with jax.profiler.trace(profile_dir):
+            jax.block_until_ready(runs[(name, new)]())
+        print(f"\nprofiler trace of one '{name}' call written to {profile_dir}")
+
+
+# ------------------------------------------------------------------------------------------------ loops
+
+
+def loops_table(variants: dict, prompt: list[int], new: int, rounds: int) -> None:
+    """The loops as a user calls them (`api.generate`): compile seconds on the first call, then tok/s and tau."""
+    methods = {"ar": dict(method="ar"), "lookup chain:4": dict(method="lookup", tree="chain:4")}
+    first, runs = {}, {}
+    for name, (model, params) in variants.items():
+        for label, kwargs in methods.items():
+            call = lambda m=model, p=params, kw=kwargs: api.generate(m, p, [prompt], max_new_tokens=new, **kw)
+            first[(name, label)] = call()
+            runs[(name, label)] = call
+    walls = {key: [] for key in runs}
+    for _ in range(rounds):
+        for key, call in runs.items():
+            walls[key].append(call().wall_time_s)
+    print(f"\n## Decode loops through api.generate: prompt {len(prompt)} tokens, {new} new ({load_average()})\n")
+    print("| layout | method | compile s (first call) | tau | tok/s (best) | tok/s (median) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for (name, label), result in first.items():
+        tokens = int(result.new_tokens.sum())
+        best, median = min(walls[(name, label)]), float(np.median(walls[(name, label)]))
+        print(f"| {name} | {label} | {result.compile_s:.1f} | {float(result.mean_accepted.mean()):.2f} | "
+              f"{tokens / best:.1f} | {tokens / median:.1f} |")
+
+
+# ------------------------------------------------------------------------------------------------ K curve
+
+
+def prefilled_state(model: DecoderLM, params, context: int, max_len: int):
+    tokens = (jnp.arange(context, dtype=jnp.int32) * 7919 % model.model_cfg.vocab_size)[None]
+    fill = jax.jit(lambda p, t: model.apply({"params": p}, t, state=init_decode_state(model.model_cfg, 1, max_len),
+                                            num_new=jnp.full((1,), context, jnp.int32), fresh=True)[1])
+    return fill(params, tokens)
+
+
+def curve_table(variants: dict, ks: list[int], context: int, rounds: int) -> None:
+    max_len = engine.bucket_len(context + max(ks) + 1)
+    fns = {}
+    for name, (model, params) in variants.items():
+        state = prefilled_state(model, params, context, max_len)
+        d = model.model_cfg.d_model
+        for k in ks:
+            parents = np.arange(k) - 1
+            tokens = jnp.full((1, k), 42, jnp.int32)
+            hidden = jnp.ones((1, k, d), jnp.float32) / d**0.5
+            whole = jax.jit(lambda p, t, s, m=model, pa=parents: m.apply({"params": p}, t, state=s, parents=pa)[0])
+            layers = jax.jit(lambda p, t, s, m=model, pa=parents: m.apply(
+                {"params": p}, t, state=s, parents=pa, return_hidden=True)[0].hidden)
+            head = jax.jit(lambda p, h, m=model: m.apply({"params": p}, h, method=DecoderLM.project))
+            fns[(name, "whole", k)] = lambda f=whole, p=params, t=tokens, s=state: f(p, t, s)
+            fns[(name, "layers", k)] = lambda f=layers, p=params, t=tokens, s=state: f(p, t, s)
+            fns[(name, "head", k)] = lambda f=head, p=params, h=hidden: f(p, h)
+    if "standard" in variants and variants["standard"][0].model_cfg.tie_embeddings:
+        embedding = variants["standard"][1]["embed"]["embedding"]
+        plain = jax.jit(lambda e, h: h @ e.T)
+        for k in ks:
+            rows = jnp.ones((k, embedding.shape[1]), jnp.float32)
+            fns[("standard", "head: x @ E^T", k)] = lambda h=rows: plain(embedding, h)
+    start = time.perf_counter()
+    for fn in fns.values():  # compile (and warm) everything before the first timed round
+        jax.block_until_ready(fn())
+    print(f"\n(compiled {len(fns)} forwards in {time.perf_counter() - start:.0f} s)")
+    times = round_robin(fns, rounds)
+    print(f"\n## Tree forward over K chain nodes at context {context} (state length {max_len}; {load_average()})\n")
+    print("| layout | part | " + " | ".join(f"K={k} ms" for k in ks) + " | " +
+          " | ".join(f"K={k}/K={ks[0]}" for k in ks[1:]) + " |")
+    print("|---|---|" + "---:|" * (2 * len(ks) - 1))
+    parts = sorted({(n, p) for n, p, _ in times}, key=lambda np_: (list(variants).index(np_[0]), np_[1]))
+    for name, part in parts:
+        lo = [times[(name, part, k)][0] for k in ks]
+        med = [times[(name, part, k)][1] for k in ks]
+        cells = [f"{a:.2f} ({b:.2f})" for a, b in zip(lo, med)]
+        ratios = [f"{x / lo[0]:.2f}" for x in lo[1:]]
+        print(f"| {name} | {part} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    print("\nms: min (median) over rounds; ratios from the minima.")
+
+
+def define_flags() -> None:
+    """The script's flags, defined only when it runs as a program, so that importing it (the smoke test, beside
+    other benchmark scripts that define flags of the same names) defines none."""
+    flags.DEFINE_string("model", "smollm2-135m-instruct", "zoo model name or workdir")
+    flags.DEFINE_list("layouts", ["standard", "decode", "int8"], "weight layouts to compare")
+    flags.DEFINE_list("ks", ["1", "2", "4", "7", "11"], "tree sizes K (a chain of K nodes)")
+    flags.DEFINE_integer("context", 192, "committed tokens before the tree forward / mean AR context")
+    flags.DEFINE_integer("new_tokens", 64, "tokens per autoregressive call")
+    flags.DEFINE_integer("rounds", 10, "round-robin rounds per table")
+    flags.DEFINE_integer("bandwidth_mb", 512, "array size of the bandwidth probes")
+    flags.DEFINE_list("sections", ["bandwidth", "ar", "loops", "curve"], "tables to run")
+    flags.DEFINE_string("profile_dir", None, "also write a jax.profiler trace of one AR call here")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    lm = api.load(FLAGS.model)
+    print(f"# step_cost: {FLAGS.model} on {jax.devices()[0].device_kind} ({os.cpu_count()} CPUs), "
+          f"{lm.model.model_cfg.dtype}, {load_average()}")
+    ks = [int(k) for k in FLAGS.ks]
+    roofline = bandwidth_table(FLAGS.bandwidth_mb, FLAGS.rounds) if "bandwidth" in FLAGS.sections else None
+    variants = layout_variants(lm, FLAGS.layouts)
+    for name, (_, params) in variants.items():
+        print(f"{name}: {param_bytes(params) / 2**20:.0f} MB of parameters, {streamed_bytes(params) / 2**20:.0f} MB "
+              "streamed per step")
+    if "ar" in FLAGS.sections:
+        text_ids = lm.tokenizer.encode_prompt(PROMPT_TEXT * 4)
+        prompt = text_ids[:max(1, FLAGS.context - FLAGS.new_tokens // 2)]
+        ar_table(variants, prompt, FLAGS.new_tokens, roofline, max(3, FLAGS.rounds // 2), FLAGS.profile_dir)
+    if "loops" in FLAGS.sections:
+        prompt = lm.tokenizer.encode_prompt(PROMPT_TEXT * 4)[:max(1, FLAGS.context - FLAGS.new_tokens // 2)]
+        loops_table(variants, prompt, FLAGS.new_tokens, max(3, FLAGS.rounds // 2))
+    if "curve" in FLAGS.sections:
+        curve_table(variants, ks, FLAGS.context, FLAGS.rounds)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

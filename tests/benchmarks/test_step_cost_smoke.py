@@ -1,0 +1,70 @@
+"""A tiny run of benchmarks/step_cost.py's tables on a random model: every layout gives a row in every table and
+the same greedy tokens as the standard layout (float) or a row of its own (int8). Speed is not asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import types
+
+import jax
+import pytest
+
+from jaxspec import config as config_lib
+from jaxspec.models.lm import build_model, init_params
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks",
+                      "step_cost.py")
+
+
+@pytest.fixture(scope="module")
+def script():
+    name = "benchmarks_step_cost"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def variants(script):
+    cfg = config_lib.model_defaults()
+    cfg.update(dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_len=64))
+    model = build_model(cfg)
+    lm = types.SimpleNamespace(model=model, params=init_params(model, jax.random.key(0)),
+                               config=types.SimpleNamespace(model=cfg))
+    return script.layout_variants(lm, ["standard", "decode", "int8"])
+
+
+def table_rows(text: str, title: str) -> list[list[str]]:
+    """The body rows of the Markdown table under the heading that starts with `title`."""
+    block = text.split(f"## {title}")[1].split("\n## ")[0]
+    lines = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| layout")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_every_table_has_a_row_per_layout(script, variants, capsys):
+    prompt = list(range(1, 9))
+    script.ar_table(variants, prompt, 4, roofline_gbs=10.0, rounds=1)
+    script.loops_table(variants, prompt, 4, rounds=1)
+    script.curve_table(variants, [1, 2], context=6, rounds=1)
+    out = capsys.readouterr().out
+    ar = table_rows(out, "Autoregressive decoding")
+    assert [row[0] for row in ar] == ["standard", "decode", "int8"]
+    assert ar[1][-1] == "same"  # the decode layout decodes the standard layout's tokens
+    assert [row[:2] for row in table_rows(out, "Decode loops")] == [
+        [layout, method] for layout in ("standard", "decode", "int8") for method in ("ar", "lookup chain:4")]
+    curve = table_rows(out, "Tree forward")
+    assert {(row[0], row[1]) for row in curve} == {(layout, part) for layout in ("standard", "decode", "int8")
+                                                    for part in ("whole", "layers", "head")} | {
+        ("standard", "head: x @ E^T")}
+    assert all(len(row) == 2 + 2 + 1 for row in curve)  # layout, part, K=1 ms, K=2 ms, K=2/K=1
+
+
+def test_streamed_bytes_leave_out_an_untied_embedding(script):
+    params = {"embed": {"embedding": jax.numpy.zeros((10, 4))}, "lm_head": {"kernel": jax.numpy.zeros((4, 10))}}
+    assert script.streamed_bytes(params) == 4 * 40
+    assert script.streamed_bytes({"embed": params["embed"]}) == 4 * 40
