@@ -7,10 +7,12 @@ method that needs no training, per category.
 
 arg: model (a zoo name or a workdir), per_category (suite prompts per category), max_new_tokens, batch_size.
 
-Methods: prompt lookup (n-grams of the context as drafts; chain:4 paid best on this CPU) and layer-skip
+Methods: prompt lookup (n-grams of the context as drafts; chain:4 paid best on this CPU), layer-skip
 self-drafting (the target without every other layer of its upper two thirds drafts for itself; the default
-skip set of `api.default_skip_layers`). Both are lossless: the table's last column checks the output against
-autoregressive decoding.
+skip set of `api.default_skip_layers`), adaptive n-gram drafting (the most frequent tri-gram / bi-gram
+continuations of the context and output so far) and token recycling (a 7-node tree of the target's own top-k
+successors of each token, recorded at every verification). All are lossless: the table's last column checks the
+output against autoregressive decoding.
 """
 
 import ml_collections
@@ -30,5 +32,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     config.methods = dict(
         lookup=dict(method="lookup", tree="chain:4"),
         layerskip=dict(method="layerskip", tree="chain:3"),
+        ngram=dict(method="ngram", tree="chain:4"),
+        recycling=dict(method="recycling", tree="branching:2,1,1"),
     )
     return config
