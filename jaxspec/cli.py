@@ -54,3 +54,68 @@ def parse_index_list(flag: str, value: str | list[str] | tuple, ranges: bool = T
             raise ConfigError(f"--{flag}: {piece!r} must be non-negative{' and ascending (like 20-29)' * ranges}")
         out.extend(range(first, last + 1))
     return tuple(sorted(set(out))) if ranges else tuple(out)
+
+
+def _config_file_value(argv: list[str], name: str) -> str | None:
+    """The value of --NAME=FILE[:ARG] (or --NAME FILE[:ARG]) in argv, the last one given."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+        elif arg == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
+def _load_config_file(value: str):
+    """get_config(arg) of a config file given as FILE[:ARG], as ml_collections' config flags load it."""
+    import importlib.util
+
+    path, _, arg = value.partition(":")
+    spec = importlib.util.spec_from_file_location("_jaxspec_config_file", path)
+    if spec is None or not os.path.isfile(path):
+        return None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def unknown_override(argv: list[str], name: str = "config") -> str | None:
+    """For the first --NAME.a.b=VALUE in argv whose key path is not in the config file's config: one line
+    naming the key, the nearest keys of its section and all of them; None when every override names a key."""
+    from jaxspec.config import nearest_keys
+
+    value = _config_file_value(argv, name)
+    if value is None:
+        return None
+    config = _load_config_file(value)
+    if config is None:
+        return None
+    for arg in argv:
+        if not arg.startswith(f"--{name}."):
+            continue
+        path = arg[len(name) + 3:].split("=", 1)[0]
+        node, walked = config, name
+        for part in path.split("."):
+            keys = list(node.keys()) if hasattr(node, "keys") else []
+            if part not in keys:
+                return (f"--{name}.{path}: {value} has no key {walked}.{part}{nearest_keys(part, keys)}"
+                        + (f"; keys of {walked}: {', '.join(sorted(map(str, keys)))}" if keys
+                           else f" ({walked} is a value, not a section)"))
+            node, walked = node[part], f"{walked}.{part}"
+    return None
+
+
+def parse_config_flags(argv: list[str], name: str = "config") -> list[str]:
+    """absl's flag parsing (usage on a bad flag), where an override of a config key that does not exist
+    (--config.data.pth=...) ends in one line naming it and the nearest keys, instead of ml_collections'
+    traceback. Use as `app.run(main, flags_parser=cli.parse_config_flags)`."""
+    from absl import app
+
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as err:
+        message = unknown_override(argv, name)
+        if message is None:
+            raise
+        raise SystemExit(message) from err

@@ -18,6 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxspec import cli
 from jaxspec.eval import sweep
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file with sweep(add, arg), e.g. "
@@ -65,4 +66,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_config_flags)

@@ -14,6 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxspec import cli
 from jaxspec.parallel import distributed
 from jaxspec.training import trainer
 
@@ -39,4 +40,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_config_flags)

@@ -16,8 +16,11 @@ Rules (p_u is the target distribution at node u, from ``sampling.warp_logits``; 
   bonus token is drawn from the final residual. Deterministic drafts (``draft_probs=None``) use one-hot
   q_j, so a rejection just removes x_j from r. The emitted tokens follow the target distribution exactly,
   provided every child was drawn independently from its q_j given its root path.
-- ``"typical"``: Medusa's typical acceptance: accept j iff p_cur(x_j) > min(eps, alpha * exp(-H(p_cur))).
-  Not lossless; the bonus token is a draw from p at the last accepted node (its argmax at temperature 0).
+- ``"typical"``: Medusa's typical acceptance: node j passes iff p_parent(x_j) > min(eps, alpha *
+  exp(-H(p_parent))). As Medusa defines it, among all root paths whose every node passes the longest one is
+  accepted, ties going to the larger summed log p (not the first passing child, which can accept fewer
+  tokens when several children pass). Not lossless; the bonus token is a draw from p at the last accepted
+  node (its argmax at temperature 0).
 """
 
 from __future__ import annotations
@@ -108,6 +111,35 @@ def _descend(parents: jax.Array, valid: jax.Array, test, aux):
         aux,
     )
     return jax.lax.fori_loop(1, num_nodes, visit, start)
+
+
+def _longest_passing_path(parents: jax.Array, passes: jax.Array, log_probs: jax.Array):
+    """(current, path, count) of the longest root path whose every node passes, ties to the larger summed
+    `log_probs`; as `_descend` returns them. Nodes are in topological order (parents before children)."""
+    batch, num_nodes = parents.shape
+    rows = jnp.arange(batch)
+
+    def accumulate(j, carry):
+        ok, depth, score = carry
+        parent = parents[:, j]
+        ok = ok.at[:, j].set(passes[:, j] & ok[rows, parent])
+        depth = depth.at[:, j].set(depth[rows, parent] + 1)
+        return ok, depth, score.at[:, j].set(score[rows, parent] + log_probs[:, j])
+
+    start = (jnp.ones((batch, num_nodes), bool), jnp.zeros((batch, num_nodes), jnp.int32),
+             jnp.zeros((batch, num_nodes), jnp.float32))
+    ok, depth, score = jax.lax.fori_loop(1, num_nodes, accumulate, start)
+    deepest = jnp.max(jnp.where(ok, depth, 0), axis=1, keepdims=True)
+    best = jnp.argmax(jnp.where(ok & (depth == deepest), score, -jnp.inf), axis=1).astype(jnp.int32)
+    count = deepest[:, 0] + 1
+
+    def climb(_, carry):  # write each ancestor of `best` at its depth
+        node, path = carry
+        path = path.at[rows, depth[rows, node]].set(node)
+        return jnp.maximum(parents[rows, node], 0), path
+
+    _, path = jax.lax.fori_loop(0, num_nodes, climb, (best, jnp.zeros((batch, num_nodes), jnp.int32)))
+    return best, path, count
 
 
 def _fixed_test(passes: jax.Array):
@@ -227,8 +259,9 @@ def verify_tree(
     if rule == "typical":
         threshold = jnp.minimum(typical_threshold, typical_alpha * jnp.exp(-_entropy(probs)))
         token_probs = probs[rows[:, None], parent_nodes, tree_tokens]
-        passes = token_probs > threshold[rows[:, None], parent_nodes]
-        current, path, count, _ = _descend(parents, valid, _fixed_test(passes), ())
+        passes = (token_probs > threshold[rows[:, None], parent_nodes]) & valid
+        log_probs = jnp.log(jnp.maximum(token_probs, jnp.finfo(jnp.float32).tiny))
+        current, path, count = _longest_passing_path(parents, passes, log_probs)
         bonus = sample(bonus_key, probs[rows, current])
     else:
         uniforms = jax.random.uniform(accept_key, (batch, num_nodes))

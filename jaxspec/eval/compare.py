@@ -25,6 +25,7 @@ class MethodResult:
     tokens_per_s: float
     speedup: float  # wall-clock of autoregressive decoding over this method's, on the same prompts
     identical: bool  # same tokens as the autoregressive baseline on every prompt
+    lossless: bool  # the method's claim (its spec): output distribution equals the target's
     new_tokens: int
     wall_time_s: float
     compile_s: float = 0.0
@@ -58,7 +59,7 @@ def _run_batches(model, params, prompts, kwargs, batch_size, width, repeats, opt
     return runs, compile_s
 
 
-def _summarise(name, method, runs, baseline, compile_s, category) -> MethodResult:
+def _summarise(name, method, lossless, runs, baseline, compile_s, category) -> MethodResult:
     new = sum(len(r.tokens) for r in runs)
     wall = sum(r.wall_time_s for r in runs)
     base_wall = sum(r.wall_time_s for r in baseline)
@@ -66,6 +67,7 @@ def _summarise(name, method, runs, baseline, compile_s, category) -> MethodResul
                         tau=sum(r.accepted for r in runs) / max(sum(r.target_steps for r in runs), 1),
                         tokens_per_s=new / max(wall, 1e-9), speedup=base_wall / max(wall, 1e-9),
                         identical=all(r.tokens == b.tokens for r, b in zip(runs, baseline, strict=True)),
+                        lossless=lossless,
                         new_tokens=new, wall_time_s=wall, compile_s=compile_s, category=category)
 
 
@@ -101,7 +103,7 @@ def compare_methods(model, params, prompts: list[list[int]], methods: dict[str, 
     results = []
     for category, index in groups:
         for name, (method, runs, compile_s) in measured.items():
-            results.append(_summarise(name, method, [runs[i] for i in index], [baseline[i] for i in index],
+            results.append(_summarise(name, method, every[name].lossless, [runs[i] for i in index], [baseline[i] for i in index],
                                       compile_s if category == "all" else 0.0, category))
     return results
 
@@ -109,10 +111,10 @@ def compare_methods(model, params, prompts: list[list[int]], methods: dict[str, 
 def markdown_table(results: list[MethodResult]) -> str:
     by_category = len({r.category for r in results}) > 1
     head = "| category " if by_category else ""
-    lines = [head + "| method | tau | tokens/s | speedup | identical to AR |",
-             ("|---" if by_category else "") + "|---|---:|---:|---:|:---:|"]
+    lines = [head + "| method | tau | tokens/s | speedup | identical to AR | lossless |",
+             ("|---" if by_category else "") + "|---|---:|---:|---:|:---:|:---:|"]
     for r in results:
         cell = f"| {r.category} " if by_category else ""
         lines.append(f"{cell}| {r.name} | {r.tau:.2f} | {r.tokens_per_s:.1f} | {r.speedup:.2f}x | "
-                     f"{'yes' if r.identical else 'no'} |")
+                     f"{'yes' if r.identical else 'no'} | {'yes' if r.lossless else 'no'} |")
     return "\n".join(lines)

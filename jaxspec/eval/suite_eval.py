@@ -101,7 +101,7 @@ def write_report(report: dict, workdir: str) -> None:
     with open(os.path.join(workdir, RESULTS_JSON), "w") as fh:
         json.dump(report, fh, indent=1, default=str)
     rows = report["rows"]
-    columns = ["category", "method", "tree", "tau", "tokens_per_s", "speedup", "identical", "compile_s"]
+    columns = ["category", "method", "tree", "tau", "tokens_per_s", "speedup", "identical", "lossless", "compile_s"]
     sweep.write_csv([{c: r.get(c) for c in columns} for r in rows], os.path.join(workdir, sweep.RESULTS_CSV))
     with open(os.path.join(workdir, sweep.RESULTS_MD), "w") as fh:
         fh.write(table(rows) + "\n")
@@ -116,4 +116,4 @@ def table(rows) -> str:
     """Markdown: one row per (category, method), the "all" rows last."""
     ordered = [r for r in rows if r["category"] != "all"] + [r for r in rows if r["category"] == "all"]
     return sweep.markdown_table(ordered, ["category", "method", "tree", "tau", "tokens_per_s", "speedup",
-                                          "identical"])
+                                          "identical", "lossless"])

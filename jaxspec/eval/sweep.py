@@ -528,7 +528,7 @@ def result_rows(results: Sequence[Mapping]) -> list[dict]:
             if m is not None:
                 row.update(method=m["name"], decode=m["method"], tree=m["tree"], tree_nodes=m["tree_nodes"],
                            tau=m["tau"], tokens_per_s=m["tokens_per_s"], speedup=m["speedup"],
-                           identical=m["identical"])
+                           identical=m["identical"], lossless=m.get("lossless"))
             rows.append(row)
     return rows
 
@@ -537,7 +537,7 @@ def _columns(rows: Sequence[Mapping]) -> list[str]:
     """Every key of the rows, in a fixed order: identity, overrides, decoding, training, errors."""
     first = ["run", "status"]
     decoding = ["method", "decode", "tree", "tree_nodes", "temperature", "tau", "tokens_per_s", "speedup",
-                "identical"]
+                "identical", "lossless"]
     training = ["num_params", "train_loss", "val_loss", "val_bpb", "train_tokens_per_s", "train_seconds"]
     seen = list(dict.fromkeys(k for row in rows for k in row))
     fixed = set(first + decoding + training + ["error"])
@@ -557,7 +557,7 @@ def write_csv(rows: Sequence[Mapping], path: str) -> None:
 _FORMATS = {"tau": "{:.2f}", "tokens_per_s": "{:.1f}", "speedup": "{:.2f}x", "train_tokens_per_s": "{:.0f}",
             "train_seconds": "{:.0f}", "num_params": "{:,}"}
 _ALIGN = {"run": "---", "status": "---", "category": "---", "method": "---", "tree": "---", "error": "---",
-          "identical": ":---:"}
+          "identical": ":---:", "lossless": ":---:"}
 _HEADERS = {"tokens_per_s": "tokens/s", "identical": "identical to AR", "num_params": "params",
             "train_tokens_per_s": "train tok/s", "train_seconds": "train s"}
 
@@ -567,6 +567,8 @@ def _format(column: str, value, row: Mapping) -> str:
         return ""
     if column == "identical":  # only greedy decoding is expected to reproduce the baseline
         return "yes" if value else ("no" if not row.get("temperature") else "- (sampled)")
+    if column == "lossless":  # the method's claim, from its spec (typical acceptance, lossy modes: no)
+        return "yes" if value else "no"
     if column in _FORMATS and isinstance(value, int | float) and not isinstance(value, bool):
         return _FORMATS[column].format(value)
     if isinstance(value, float):
@@ -594,7 +596,7 @@ def markdown_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None
 def method_table(rows: Sequence[Mapping]) -> str:
     """The comparison of one run's decoding methods: method, tree, tau, tokens/s, speedup, identical."""
     return markdown_table([r for r in rows if r.get("method")],
-                          ["method", "tree", "tau", "tokens_per_s", "speedup", "identical"])
+                          ["method", "tree", "tau", "tokens_per_s", "speedup", "identical", "lossless"])
 
 
 def write_tables(rows: Sequence[Mapping], workdir: str) -> tuple[str, str]:

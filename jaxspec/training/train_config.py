@@ -135,13 +135,16 @@ def validate_config(config) -> None:
     """Every section a training run reads, checked before any compute; raises ConfigError / ValueError."""
     for key in config:
         if key not in TOP_LEVEL_KEYS:
-            raise ConfigError(f"unknown top-level config key {key!r}; allowed: {sorted(TOP_LEVEL_KEYS)}")
+            raise ConfigError(f"unknown top-level config key {key!r}{config_lib.nearest_keys(key, TOP_LEVEL_KEYS)}; "
+                              f"allowed: {sorted(TOP_LEVEL_KEYS)}")
     for key in ("model", "data", "mesh", "train"):
         if key not in config:
             raise ConfigError(f"the config has no `{key}` section (configs build on "
                               "jaxspec.config.base_config() and add `train = train_defaults()`)")
     _require(_is_int(config.get("seed", 0)), "seed", config.get("seed"), "an integer")
     config_lib.validate_model_config(config.model)
+    config_lib.check_keys(config.data, config_lib.data_defaults(), "data")
+    config_lib.check_keys(config.mesh, config_lib.mesh_defaults(), "mesh")
     validate_train_config(config.train, config.model)
     if needs_target(config):
         target = config.get("target_workdir", "")

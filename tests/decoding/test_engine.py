@@ -126,6 +126,48 @@ def test_rejection_sampling_is_lossless():
     assert _chi_square_pvalue(counts, exact) < 1e-3
 
 
+def _exact_joint3(model, params, prompt, temperature, vocab):
+    """p(t1, t2, t3 | prompt) [V, V, V] of the target under temperature, from full forwards."""
+    apply = jax.jit(lambda t: model.apply({"params": params}, t))
+    p1 = jax.nn.softmax(apply(jnp.asarray([prompt]))[0, -1] / temperature)
+    p2 = jax.nn.softmax(apply(jnp.asarray([prompt + [t] for t in range(vocab)]))[:, -1] / temperature, axis=-1)
+    pairs = [[a, b] for a in range(vocab) for b in range(vocab)]
+    p3 = jax.nn.softmax(apply(jnp.asarray([prompt + ab for ab in pairs]))[:, -1] / temperature, axis=-1)
+    p3 = np.asarray(p3, np.float64).reshape(vocab, vocab, vocab)
+    return np.asarray(p1, np.float64)[:, None, None] * np.asarray(p2, np.float64)[:, :, None] * p3
+
+
+@pytest.mark.slow
+def test_rejection_sampling_is_lossless_at_draft_depth_two():
+    """The first three emitted tokens: the prefill's, then drafted depths 1 and 2 of the first round, where the
+    draft model's probabilities at depth 2 are conditioned on its own depth-1 draw."""
+    vocab = 6
+    cfg = tiny_cfg("A", vocab=vocab)
+    model = build_model(cfg)
+    params = init_params(model, jax.random.key(1))
+    params["embed"]["embedding"] = params["embed"]["embedding"] * SHARPEN
+    draft = build_model(tiny_cfg("A", d_model=16, n_layers=1, vocab=vocab, fractions=(1.0,)))
+    dparams = init_params(draft, jax.random.key(6))
+    prompt, n, temperature = [1, 2, 3], 8000, 1.0
+    exact = _exact_joint3(model, params, prompt, temperature, vocab)
+
+    def counts(out):
+        triples = np.asarray([t[:3] for t in out.tokens])
+        table = np.zeros((vocab,) * 3)
+        np.add.at(table, tuple(triples.T), 1)
+        return table
+
+    for tree in ("chain:3", "branching:2,2"):
+        out = api.generate(model, params, [prompt] * n, method="draft", draft_model=draft, draft_params=dparams,
+                           max_new_tokens=3, temperature=temperature, seed=21, tree=tree)
+        assert np.mean(out.accepted > 2 * out.target_steps) > 0.05, tree  # depth 2 is reached and accepted
+        assert _chi_square_pvalue(counts(out), exact) > 1e-3, tree
+    # Negative control: the same test rejects typical acceptance (lossy) on this target.
+    lossy = api.generate(model, params, [prompt] * n, method="draft", draft_model=draft, draft_params=dparams,
+                         max_new_tokens=3, temperature=temperature, rule="typical", seed=21, tree="chain:3")
+    assert _chi_square_pvalue(counts(lossy), exact) < 1e-3
+
+
 def test_bad_requests_fail_before_compute():
     model, params, methods = family("A")
     with pytest.raises(ValueError, match="unknown decoding method"):

@@ -115,8 +115,46 @@ def test_sampling_rules_at_temperature_zero_equal_greedy(rule, with_draft_probs)
     expected = _as_np(verify_jit(logits, tokens, tree, rule="greedy"))
     assert expected["num_accepted"].max() >= 3
     got = verify_jit(logits, tokens, tree, rule=rule, key=FAST_KEY, temperature=0.0, draft_probs=draft_probs)
-    for name, value in _as_np(got).items():
-        np.testing.assert_array_equal(value, expected[name], err_msg=name)
+    if rule == "rejection":
+        for name, value in _as_np(got).items():
+            np.testing.assert_array_equal(value, expected[name], err_msg=name)
+        return
+    # Typical takes the longest passing path, greedy the first passing child: with repeated sibling tokens
+    # (vocab 3, three children) typical may go deeper, through the same argmax tokens.
+    got = _as_np(got)
+    assert np.all(got["num_accepted"] >= expected["num_accepted"])
+    assert np.any(got["num_accepted"] > expected["num_accepted"])
+    for b in range(batch):
+        n = expected["num_accepted"][b]
+        np.testing.assert_array_equal(got["accepted_tokens"][b, :n - 1], expected["accepted_tokens"][b, :n - 1])
+        if got["num_accepted"][b] == n:
+            np.testing.assert_array_equal(got["accepted_tokens"][b], expected["accepted_tokens"][b])
+
+
+def test_typical_accepts_the_longest_passing_path_ties_to_the_likelier():
+    # Tree: root 0 -> 1, 2, 3; 2 -> 4; 3 -> 5. Tokens 1, 2, 3 pass under the root (0.3 each > eps 0.09)
+    # and node 1 is first, but it is a leaf; 4 and 5 both pass, so two depth-2 paths tie on length and the
+    # one with the larger summed log-probability (through node 3: 0.3 * 0.5 > 0.3 * 0.4) wins.
+    vocab = 6
+    tree = trees.TokenTree((-1, 0, 0, 0, 2, 3))
+    root_p = np.array([0.05, 0.3, 0.3, 0.3, 0.05, 0.0])
+    after_2 = np.array([0.2, 0.0, 0.0, 0.0, 0.4, 0.4])
+    after_3 = np.array([0.0, 0.0, 0.0, 0.0, 0.5, 0.5])
+    leaf = np.full(vocab, 1 / vocab)
+    probs = np.stack([root_p, leaf, after_2, after_3, leaf, leaf])[None]
+    logits = jnp.asarray(np.log(np.where(probs > 0, probs, 1e-30)), jnp.float32)
+    tokens = np.array([[0, 1, 2, 3, 4, 5]])
+    out = _as_np(verify_jit(logits, tokens, tree, rule="typical", key=FAST_KEY, temperature=1.0))
+    assert out["num_accepted"].tolist() == [3]
+    assert out["path"][0, :3].tolist() == [0, 3, 5] and out["accepted_tokens"][0, :2].tolist() == [3, 5]
+    # The first passing child alone when nothing passes below any child.
+    out = _as_np(verify_jit(logits, np.array([[0, 1, 2, 3, 1, 1]]), tree, rule="typical", key=FAST_KEY,
+                            temperature=1.0))
+    assert out["num_accepted"].tolist() == [2] and out["path"][0, :2].tolist() == [0, 1]
+    # Invalid nodes never pass.
+    out = _as_np(verify_jit(logits, tokens, tree, rule="typical", key=FAST_KEY, temperature=1.0,
+                            node_valid=jnp.asarray([[True, True, True, False, True, True]])))
+    assert out["path"][0, :3].tolist() == [0, 2, 4]
 
 
 def test_typical_accepts_above_threshold_and_rejects_below():

@@ -46,6 +46,8 @@ def test_every_category_and_method_gets_a_row(target_dir, tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == json.loads(json.dumps(rows))
     table = suite_eval.table(rows).splitlines()
     assert table[-1].startswith("| all | lookup | chain:2 |")  # the summary rows come last
+    assert table[0].endswith("| identical to AR | lossless |") and table[-1].endswith("| yes | yes |")
+    assert all(r["lossless"] is True for r in rows)  # from the specs: both methods claim it
 
 
 @pytest.mark.parametrize("change, message", [

@@ -52,6 +52,18 @@ def test_launch_rejects_a_bad_value_before_compute(tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.parametrize("override, named", [
+    ("--config.data.pth=x", "--config.data.pth: configs/lm.py:tiny has no key config.data.pth; keys of config.data: "),
+    ("--config.trian.steps=3", "has no key config.trian; did you mean train?"),
+    ("--config.model.d_model.x=3", "config.model.d_model is a value, not a section"),
+])
+def test_an_override_of_a_missing_key_is_one_line_naming_it(tmp_path, override, named):
+    proc = run_launch("--config=configs/lm.py:tiny", f"--workdir={tmp_path / 'run'}", override)
+    assert proc.returncode != 0
+    assert named in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not os.path.exists(tmp_path / "run")
+
+
 def lm_config():
     return lm.get_config("tiny")
 
@@ -71,7 +83,10 @@ def lm_config():
         (lambda c: setattr(c.train, "matformer_weights", (1.0, 2.0)), r"train.matformer_weights=\(1.0, 2.0\)"),
         (lambda c: setattr(c.train, "early_exit_layers", (3,)), r"train.early_exit_layers=\(3,\).*0..2"),
         (lambda c: setattr(c.train, "loss", "matformer"), r"model.matformer_fractions=\(1.0,\).*two"),
-        (lambda c: setattr(c.train, "learning_rat", 1.0), r"unknown config key train.learning_rat"),
+        (lambda c: setattr(c.train, "learning_rat", 1.0), r"unknown config key train.learning_rat; did you mean "
+                                                            r"learning_rate"),
+        (lambda c: c.data.update(dict(sequence_len=8)), r"unknown config key data.sequence_len; did you mean seq_len"),
+        (lambda c: c.mesh.update(dict(sequense=2)), r"unknown config key mesh.sequense; did you mean sequence"),
         (lambda c: setattr(c.train, "loss", "medusa"), r"config.target_workdir=''.*medusa"),
         (lambda c: setattr(c.train, "distill_alpha", 0.5) or setattr(c.train, "loss", "distill"),
          r"config.target_workdir=''.*distill_alpha=0.5"),
