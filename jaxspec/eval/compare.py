@@ -103,8 +103,9 @@ def compare_methods(model, params, prompts: list[list[int]], methods: dict[str, 
     results = []
     for category, index in groups:
         for name, (method, runs, compile_s) in measured.items():
-            results.append(_summarise(name, method, every[name].lossless, [runs[i] for i in index], [baseline[i] for i in index],
-                                      compile_s if category == "all" else 0.0, category))
+            results.append(_summarise(name, method, every[name].lossless, [runs[i] for i in index],
+                                      [baseline[i] for i in index], compile_s if category == "all" else 0.0,
+                                      category))
     return results
 
 

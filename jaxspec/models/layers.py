@@ -53,7 +53,10 @@ def matmul_t(x, kernel_t, scale=None, dtype=jnp.float32):
         raise ValueError(f"matmul_t: input has {x.shape[-1]} features, kernel_t {kernel_t.shape} expects "
                          f"{kernel_t.shape[1]}")
     rows = math.prod(x.shape[:-1])
-    if streams_rows(rows, dtype):
+    if rows == 1:  # a 2-D product: XLA fuses the transpose and the int8 conversion into one pass (not for 3-D)
+        y = x.reshape(1, x.shape[-1]).astype(dtype) @ kernel_t.astype(dtype).T
+        y = y.reshape(*x.shape[:-1], kernel_t.shape[0])
+    elif streams_rows(rows, dtype):
         # The multiply-and-sum runs much slower on 5-7 or 9-15 rows than on a multiple of 8; zero rows cost a
         # little arithmetic while the weights stream once either way.
         padded = rows if rows <= 4 else -(-rows // 8) * 8
@@ -62,7 +65,7 @@ def matmul_t(x, kernel_t, scale=None, dtype=jnp.float32):
         y = y.reshape(*x.shape[:-1], kernel_t.shape[0])
     else:
         weight = kernel_t.astype(dtype)
-        if scale is not None and rows > 1:  # one row: the scale goes on the output, fused into the loop
+        if scale is not None:  # many rows: dequantise once (any other dot converts all of it anyway)
             weight, scale = weight * scale.astype(dtype)[:, None], None
         # No reshape of the leading axes: they keep their sharding (batch, and sequence under LASP-2).
         y = jnp.einsum("...i,oi->...o", x.astype(dtype), weight)
