@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxspec import checks
 from jaxspec import config as config_lib
 
 
@@ -127,6 +128,9 @@ def commit(state: DecodeState, path, num_accepted) -> DecodeState:
         raise ValueError("commit: the state holds no pending tree (run a forward with parents= first)")
     path = jnp.asarray(path, jnp.int32)
     n = jnp.asarray(num_accepted, jnp.int32)
+    checks.expect((n >= 0) & (n <= path.shape[1]), f"commit: num_accepted={{}} must lie in [0, {path.shape[1]}]", n)
+    checks.expect(state.lengths + n <= state.max_len, "commit: lengths {} + num_accepted {} exceed the decode "
+                  f"state's max_len={state.max_len}", state.lengths, n)
     last = jnp.take_along_axis(path, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]  # [B]
     keep_old = n == 0
     layers = []

@@ -55,9 +55,13 @@ _METHOD_FLAGS = {
                                                 "probability (draft, matformer, layerskip)"),
     "min_ngram": flags.DEFINE_integer("min_ngram", None, "shortest n-gram prompt lookup matches (lookup)"),
     "max_ngram": flags.DEFINE_integer("max_ngram", None, "longest n-gram prompt lookup matches (lookup)"),
+    "table_size": flags.DEFINE_integer("table_size", None, "buckets per n-gram table, a power of two (ngram)"),
+    "slots": flags.DEFINE_integer("slots", None, "successors kept per n-gram context (ngram)"),
 }
 _STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", True, "stop a row at the checkpoint's end-of-sequence ids")
 _STREAM = flags.DEFINE_bool("stream", False, "print each reply as rounds commit")
+_CHECK = flags.DEFINE_bool("check_invariants", False, "debug mode: check the in-jit preconditions (num_new "
+                           "ranges, traced trees, lengths within the cache) and stop on the first violation")
 _OUTPUT = flags.DEFINE_string("output_json", None, "write results here")
 _CACHE_DIR = flags.DEFINE_string("compilation_cache_dir", None,
                                  "jax's persistent compilation cache (default: <cache>/xla; '' = off)")
@@ -164,7 +168,8 @@ def main(argv) -> None:
         result = api.generate(target.model, target.params, prompts, max_new_tokens=_MAX_NEW.value,
                               temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
                               rule=_VERIFY.value, eos_ids=tok.eos_ids if _STOP_AT_EOS.value else None,
-                              seed=_SEED.value, on_tokens=printer, method=spec, target_workdir=target.workdir)
+                              seed=_SEED.value, on_tokens=printer, method=spec, target_workdir=target.workdir,
+                              check_invariants=_CHECK.value)
     except (ValueError, OSError) as err:
         sys.exit(f"decode: {err}")
     if printer is not None:

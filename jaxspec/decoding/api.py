@@ -14,12 +14,14 @@ is the decode alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 
 import jax
 import numpy as np
 
+from jaxspec import checks
 from jaxspec.decoding import engine, methods
 from jaxspec.decoding.method import Method, Target
 from jaxspec.models.lm import DecoderLM
@@ -77,7 +79,7 @@ def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              rule: str | None = None, eos_ids=None, seed: int = 0, prompt_width: int | None = None,
              on_tokens: Callable[[list[list[int]]], None] | None = None, target_workdir: str | None = None,
-             **method_arguments) -> GenerateResult:
+             check_invariants: bool = False, **method_arguments) -> GenerateResult:
     """Decode a batch of token-id prompts with `method`: a registered name (`methods.names()`) with its fields
     and objects as keyword arguments (e.g. `tree="chain:4"`, `draft_model=..., draft_params=...`), or a spec.
 
@@ -85,7 +87,9 @@ def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str
     or several (a row stops after the first it emits). `prompt_width` pads every prompt to that width (one
     compiled shape for a whole suite); by default widths are bucketed. `on_tokens(new)` receives each round's
     new tokens per row as they are committed (streaming). `target_workdir` lets trained drafters check that
-    they were trained for this target.
+    they were trained for this target. `check_invariants` (a debug mode, slower) runs the loop under checkify
+    with the in-jit preconditions of `jaxspec.checks` on (num_new ranges, traced trees, lengths within the
+    cache): a violation raises checks.InvariantError instead of decoding on clamped indices.
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be positive")
@@ -117,7 +121,10 @@ def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str
 
     with engine.streaming(sink if on_tokens is not None else None):
         start = time.perf_counter()
-        out, compile_s = engine.run_compiled(loop, dynamic, statics)
+        if check_invariants:  # traced and compiled on every call: a debug mode, not a timed one
+            out, compile_s = checks.run_checked(functools.partial(loop, **statics, checked=True), **dynamic), 0.0
+        else:
+            out, compile_s = engine.run_compiled(loop, dynamic, statics)
         out = jax.block_until_ready(out)
         wall = time.perf_counter() - start - compile_s
     toks, num = np.asarray(out.tokens), np.asarray(out.num_tokens)

@@ -141,10 +141,15 @@ def _prefill(model: DecoderLM, params, prompts, prompt_lens, max_len, sampling: 
     return state, first, out.hidden[rows, last], em, out.logits  # logits: unused ones cost nothing under jit
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new", "max_len", "sampling", "eos_ids", "stream"))
+@functools.partial(jax.jit, static_argnames=("model", "max_new", "max_len", "sampling", "eos_ids", "stream",
+                                             "checked"))
 def autoregressive_loop(model: DecoderLM, params, prompts, prompt_lens, key, *, max_new: int, max_len: int,
-                        sampling: Sampling, eos_ids: tuple[int, ...] = (), stream: bool = False) -> Output:
-    """One token per target forward: the baseline every speculative method must reproduce."""
+                        sampling: Sampling, eos_ids: tuple[int, ...] = (), stream: bool = False,
+                        checked: bool = False) -> Output:
+    """One token per target forward: the baseline every speculative method must reproduce.
+
+    `checked`: traced with jaxspec.checks enabled (run it through checks.run_checked); a static argument so
+    that checked and unchecked programs never share a trace."""
     model, params = for_decoding(model, params)  # once per call, outside the while_loop (a no-op if done before)
     key, k0 = jax.random.split(key)
     state, token, _, em, _ = _prefill(model, params, prompts, prompt_lens, max_len, sampling, k0, eos_ids, max_new,
@@ -177,11 +182,12 @@ class Adaptive:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "drafter", "max_new", "max_len", "sampling", "eos_ids",
-                                             "adaptive", "stream"))
+                                             "adaptive", "stream", "checked"))
 def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, prompt_lens, key, *, max_new: int,
                      max_len: int, sampling: Sampling, eos_ids: tuple[int, ...] = (), adaptive: Adaptive = Adaptive(),
-                     stream: bool = False) -> Output:
-    """Draft a tree, verify it with one target forward, commit the accepted path; repeat per row."""
+                     stream: bool = False, checked: bool = False) -> Output:
+    """Draft a tree, verify it with one target forward, commit the accepted path; repeat per row. `checked`: as
+    in autoregressive_loop."""
     tree: TokenTree = drafter.tree
     k = tree.num_nodes
     model, params = for_decoding(model, params)  # once per call, outside the while_loop (a no-op if done before)

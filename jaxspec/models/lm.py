@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxspec import checks
 from jaxspec import config as config_lib
 from jaxspec.models.attention import Attention
 from jaxspec.models.layers import Embed, MatFormerFFN, RMSNorm, VocabProjection, dtype_of, weight_dtype_of
@@ -111,13 +112,21 @@ def make_step(tokens, state: DecodeState | None, parents, num_new, fresh: bool =
             validate_parents(parents)
         if jnp.shape(parents)[-1] != t:
             raise ValueError(f"parents has {jnp.shape(parents)[-1]} nodes but tokens has {t}")
+        traced = jnp.asarray(parents)
+        checks.expect((traced >= -1) & (traced < jnp.arange(t)), "parents {} is not a tree: every parent must be "
+                      "-1 or an earlier node index", traced)
         mask = tree_ancestor_mask(parents, b)
         positions = state.lengths[:, None] + node_depths(mask)
+        checks.expect(positions < state.max_len, "tree nodes at positions {} do not fit the decode state's "
+                      f"max_len={state.max_len}", positions)
         parents = jnp.broadcast_to(jnp.asarray(parents, jnp.int32), (b, t))
         return Step("tree", positions, state.lengths, mask=mask, parents=parents)
     count = jnp.full((b,), t, jnp.int32) if num_new is None else jnp.asarray(num_new, jnp.int32)
     if _is_concrete(count) and (np.any(np.asarray(count) < 0) or np.any(np.asarray(count) > t)):
         raise ValueError(f"num_new={np.asarray(count).tolist()} must lie in [0, {t}] (tokens has {t} columns)")
+    checks.expect((count >= 0) & (count <= t), f"num_new={{}} must lie in [0, {t}] (tokens has {t} columns)", count)
+    checks.expect(state.lengths + count <= state.max_len, "lengths {} + num_new {} exceed the decode state's "
+                  f"max_len={state.max_len}", state.lengths, count)
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
     valid = jnp.arange(t)[None, :] < count[:, None]
     return Step("extend", state.lengths[:, None] + jnp.arange(t), state.lengths, mask=mask, valid=valid,
