@@ -62,17 +62,40 @@ def check_breadth_first(tree: TokenTree) -> None:
                          f"{tree.depths.tolist()}")
 
 
-def children_tokens(key, parent_logits, ranks, temperature: float, top_k: int):
+def children_tokens(key, parent_logits, ranks, temperature: float, top_k: int, parent_ids=None):
     """Tokens for nodes whose parents have drafter logits parent_logits [B, n, V].
 
     Greedy drafting takes the rank-th best token (siblings distinct); sampled drafting draws each child
     i.i.d. from the warped distribution, which the verifier needs as draft_probs.
+
+    With `parent_ids` [n] (each node's parent; sampled drafting only) siblings are drawn without replacement,
+    as RSD does: Gumbel-top-k over their parent's distribution q with noise shared by the siblings, so the child
+    of rank r takes the (r+1)-th draw, and its draft distribution is q without its r earlier siblings' tokens,
+    renormalised -- the law of that draw given the earlier ones, which recursive rejection needs to stay
+    lossless.
     """
     if temperature == 0:
         best = jax.lax.top_k(parent_logits, top_k)[1]  # [B, n, top_k]
         return jnp.take_along_axis(best, jnp.asarray(ranks)[None, :, None], axis=-1)[..., 0], None
     probs = warp_logits(parent_logits, temperature)
-    return sample(key, probs), probs
+    if parent_ids is None:
+        return sample(key, probs), probs
+    parent_ids = np.asarray(parent_ids)
+    b, _, vocab = probs.shape
+    gumbel = jax.random.gumbel(key, (b, int(parent_ids.max()) + 1, vocab))[:, parent_ids]
+    scores = jnp.where(probs > 0, jnp.log(jnp.where(probs > 0, probs, 1.0)), -jnp.inf) + gumbel
+    draws = jax.lax.top_k(scores, top_k)[1]  # [B, n, top_k]: distinct tokens, in draw order
+    tokens = jnp.take_along_axis(draws, jnp.asarray(ranks)[None, :, None], axis=-1)[..., 0]
+    earlier = jnp.arange(top_k)[None, :] < jnp.asarray(ranks)[:, None]  # [n, top_k]
+    removed = jnp.zeros(probs.shape, bool)
+    for r in range(top_k - 1):  # top_k is a tree's widest branching: a few iterations
+        hit = jax.nn.one_hot(draws[..., r], vocab, dtype=bool) & earlier[None, :, r, None]
+        removed = removed | hit
+    kept = jnp.where(removed, 0.0, probs)
+    mass = jnp.sum(kept, axis=-1, keepdims=True)
+    # No mass left: every token with probability was drawn before; the draw is then a zero-probability
+    # token, which the verifier rejects with certainty.
+    return tokens, jnp.where(mass > 0, kept / jnp.where(mass > 0, mass, 1.0), probs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +107,7 @@ class ModelDrafter:
     granularity: Any = None
     skip_layers: tuple = ()
     confidence_threshold: float = 0.0  # stop a branch when the drafter's top probability falls below this
+    without_replacement: bool = False  # sampled siblings drawn without replacement (RSD; see children_tokens)
 
     def __post_init__(self):
         check_breadth_first(self.tree)
@@ -116,7 +140,8 @@ class ModelDrafter:
         for d in range(1, tree.max_depth + 1):
             nodes = np.flatnonzero(depths == d)
             parent_logits = node_logits[:, parents[nodes]]
-            new, probs = children_tokens(keys[d], parent_logits, ranks[nodes], ctx.temperature, widest)
+            new, probs = children_tokens(keys[d], parent_logits, ranks[nodes], ctx.temperature, widest,
+                                         parents[nodes] if self.without_replacement else None)
             tokens = tokens.at[:, nodes].set(new)
             if probs is not None:
                 draft_probs = draft_probs.at[:, nodes].set(probs)

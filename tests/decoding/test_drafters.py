@@ -167,3 +167,39 @@ def test_a_drafter_equal_to_the_target_has_every_draft_accepted(make_model, patt
     assert out.tokens == ar.tokens
     # 13 tokens: 1 from the prefill, then 3 rounds of 4 (three drafts and the bonus).
     assert out.target_steps.tolist() == [3, 3] and ar.target_steps.tolist() == [12, 12]
+
+
+# --- siblings sampled without replacement (RSD) ---------------------------------------------------------------
+
+
+def test_siblings_without_replacement_follow_the_conditional_laws_they_report():
+    """Three siblings from one parent's q over 5 tokens, 20000 draws: distinct tokens; the reported draft
+    distribution of rank r is q without the r earlier draws, renormalised; the pair (rank 0, rank 1) has the
+    sequential law q(a) q(b) / (1 - q(a))."""
+    from scipy import stats
+
+    from jaxspec.decoding.drafters import children_tokens
+
+    q = np.array([0.4, 0.3, 0.15, 0.1, 0.05])
+    logits = jnp.log(jnp.asarray(q, jnp.float32))[None, None].repeat(3, axis=1)  # [1, 3 siblings, 5]
+    ranks, parents = np.array([0, 1, 2]), np.array([0, 0, 0])
+    draw = jax.jit(jax.vmap(lambda k: children_tokens(k, logits, ranks, 1.0, 3, parents)))
+    tokens, probs = draw(jax.random.split(jax.random.key(3), 20000))
+    tokens, probs = np.asarray(tokens)[:, 0], np.asarray(probs)[:, 0]  # [N, 3], [N, 3, 5]
+    assert np.all(tokens[:, 0] != tokens[:, 1]) and np.all(tokens[:, 1] != tokens[:, 2])
+    assert np.all(tokens[:, 0] != tokens[:, 2])
+    for i in range(5):
+        row = tokens[i]
+        np.testing.assert_allclose(probs[i, 0], q, rtol=1e-5)
+        second = np.where(np.arange(5) == row[0], 0, q)
+        np.testing.assert_allclose(probs[i, 1], second / second.sum(), rtol=1e-5)
+        third = np.where(np.isin(np.arange(5), row[:2]), 0, q)
+        np.testing.assert_allclose(probs[i, 2], third / third.sum(), rtol=1e-5)
+    expected = np.array([[q[a] * q[b] / (1 - q[a]) if a != b else 0 for b in range(5)] for a in range(5)])
+    observed = np.zeros((5, 5))
+    np.add.at(observed, (tokens[:, 0], tokens[:, 1]), 1)
+    cells = expected > 0
+    assert stats.chisquare(observed[cells], expected[cells] * len(tokens)).pvalue > 1e-3
+    # Negative control: the second draw's marginal is far from q, the law an i.i.d. second draw would have.
+    second = np.bincount(tokens[:, 1], minlength=5)
+    assert stats.chisquare(second, q * len(tokens)).pvalue < 1e-3

@@ -168,6 +168,33 @@ def test_rejection_sampling_is_lossless_at_draft_depth_two():
     assert _chi_square_pvalue(counts(lossy), exact) < 1e-3
 
 
+@pytest.mark.slow
+def test_rsd_siblings_without_replacement_are_lossless():
+    """RSD end to end: three siblings drawn without replacement, verified with their conditional draft
+    distributions, give the target's joint law of the first two tokens."""
+    vocab = 8
+    model = build_model(tiny_cfg("A", vocab=vocab))
+    params = init_params(model, jax.random.key(0))
+    params["embed"]["embedding"] = params["embed"]["embedding"] * SHARPEN
+    draft = build_model(tiny_cfg("A", d_model=16, n_layers=1, vocab=vocab, fractions=(1.0,)))
+    dparams = init_params(draft, jax.random.key(5))
+    # A peaked draft, so that removing an earlier sibling's token changes the next sibling's law a lot.
+    dparams["embed"]["embedding"] = dparams["embed"]["embedding"] * SHARPEN
+    prompt, n, temperature = [1, 2, 3], 6000, 1.0
+    exact = _exact_joint(model, params, prompt, temperature, vocab)
+
+    def pvalue(out):
+        pairs = np.asarray([t[:2] for t in out.tokens])
+        counts = np.zeros((vocab, vocab))
+        np.add.at(counts, (pairs[:, 0], pairs[:, 1]), 1)
+        return _chi_square_pvalue(counts, exact)
+
+    options = dict(max_new_tokens=2, temperature=temperature, seed=13, tree="branching:3")
+    out = api.generate(model, params, [prompt] * n, method="rsd", draft_model=draft, draft_params=dparams,
+                       **options)
+    assert pvalue(out) > 1e-3  # the negative control is verify-level: test_verify.py
+
+
 def test_bad_requests_fail_before_compute():
     model, params, methods = family("A")
     with pytest.raises(ValueError, match="unknown decoding method"):

@@ -369,3 +369,30 @@ def test_bad_inputs_raise_clear_errors():
         verify_tree(logits, tokens, CHAIN, rule="greedy", node_valid=jnp.ones((2, 3), bool))
     with pytest.raises(ValueError, match="typical_threshold"):
         verify_tree(logits, tokens, CHAIN, rule="typical", key=key, typical_threshold=0.0)
+
+
+def test_siblings_without_replacement_are_lossless_only_with_their_conditional_laws():
+    """RSD at one node: three siblings drawn without replacement from q, verified by recursive rejection. With
+    each sibling's conditional law as its draft distribution the first emitted token follows p; with the plain
+    q for every sibling (verifying them as if i.i.d.) it does not. q puts most of its mass on two tokens that p
+    rarely emits, so the third sibling's conditional law is far from q."""
+    from jaxspec.decoding.drafters import children_tokens
+
+    p = np.array([0.05, 0.05, 0.1, 0.4, 0.4])
+    q = np.array([0.45, 0.45, 0.05, 0.03, 0.02])
+    rows, tree = 40000, trees.from_branching((3,))
+    draft_logits = jnp.log(jnp.asarray(q, jnp.float32))[None, None].repeat(3, axis=1).repeat(rows, axis=0)
+    drafted, conditional = children_tokens(jax.random.key(1), draft_logits, np.array([0, 1, 2]), 1.0, 3,
+                                           np.array([0, 0, 0]))
+    tokens = jnp.concatenate([jnp.zeros((rows, 1), jnp.int32), drafted], axis=1)
+    target_logits = jnp.log(jnp.asarray(p, jnp.float32))[None, None].repeat(4, axis=1).repeat(rows, axis=0)
+    zero = jnp.zeros((rows, 1, 5))
+
+    def first_emitted(draft_probs):
+        out = verify_jit(target_logits, tokens, tree, rule="rejection", key=jax.random.key(2), temperature=1.0,
+                         draft_probs=jnp.concatenate([zero, draft_probs], axis=1))
+        return np.bincount(np.asarray(out.accepted_tokens)[:, 0], minlength=5)
+
+    assert scipy.stats.chisquare(first_emitted(conditional), p * rows).pvalue > 1e-3
+    plain = jnp.broadcast_to(jnp.asarray(q, jnp.float32), conditional.shape)
+    assert scipy.stats.chisquare(first_emitted(plain), p * rows).pvalue < 1e-3
