@@ -216,22 +216,42 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
         if adaptive.initial:
             in_budget = depths[None, :] <= draft_len[:, None]
             valid = in_budget if valid is None else valid & in_budget
-        out, pending = model.apply({"params": params}, prop.tokens, state=state, parents=tree.parents_array,
-                                   return_hidden=True)
-        res = verify_tree(out.logits, prop.tokens, tree, rule=sampling.rule, key=kv,
-                          temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                          draft_probs=prop.draft_probs, node_valid=valid,
-                          typical_threshold=sampling.typical_threshold, typical_alpha=sampling.typical_alpha)
         running = ~em.done
+
+        def verify(logits, node_valid):
+            return verify_tree(logits, prop.tokens, tree, rule=sampling.rule, key=kv,
+                               temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                               draft_probs=prop.draft_probs, node_valid=node_valid,
+                               typical_threshold=sampling.typical_threshold, typical_alpha=sampling.typical_alpha)
+
+        def whole_tree(state):
+            out, pending = model.apply({"params": params}, prop.tokens, state=state, parents=tree.parents_array,
+                                       return_hidden=True)
+            res = verify(out.logits, valid)
+            return commit(pending, res.path, jnp.where(running, res.num_accepted, 0)), res, out.hidden, out.logits
+
+        def root_only(state):
+            # No row has a draft: the round is an autoregressive step (a one-token extend of the root), and
+            # verifying the root alone gives the tokens (and, sampling, the draw) the whole tree would.
+            out, state = model.apply({"params": params}, prop.tokens[:, :1], state=state,
+                                     num_new=running.astype(jnp.int32), return_hidden=True)
+            logits = jnp.broadcast_to(out.logits, (b, k, out.logits.shape[-1]))
+            res = verify(logits, jnp.zeros((b, k), bool))
+            return state, res, jnp.broadcast_to(out.hidden, (b, k, out.hidden.shape[-1])), logits
+
+        if valid is None:  # every node is a draft
+            state, res, node_hidden, node_logits = whole_tree(state)
+        else:
+            any_draft = jnp.any(valid[:, 1:] & running[:, None])
+            state, res, node_hidden, node_logits = jax.lax.cond(any_draft, whole_tree, root_only, state)
         n = jnp.where(running, res.num_accepted, 0)
-        state = commit(pending, res.path, n)
         last = jnp.take_along_axis(res.path, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
-        hidden = jnp.where(running[:, None], out.hidden[rows, last], hidden)
+        hidden = jnp.where(running[:, None], node_hidden[rows, last], hidden)
         em, _ = emit_tokens(em, res.accepted_tokens, n, eos_ids=eos_ids, max_new=max_new, stream=stream)
         dstate = drafter.update(prop.state, res.accepted_tokens, n)
         if feedback_k:
             scored = running[:, None] if prop.node_valid is None else prop.node_valid & running[:, None]
-            dstate = drafter.observe(dstate, prop.tokens, jax.lax.top_k(out.logits, feedback_k)[1], scored)
+            dstate = drafter.observe(dstate, prop.tokens, jax.lax.top_k(node_logits, feedback_k)[1], scored)
         if adaptive.initial:
             full = res.num_accepted - 1 >= draft_len
             grown = jnp.where(full, draft_len + adaptive.grow, draft_len - adaptive.shrink)
