@@ -40,6 +40,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from jaxspec import zoo
 from jaxspec.config import ConfigError
 from jaxspec.models.heads import MedusaHeads
 from jaxspec.models.lm import build_model, count_params, init_params
@@ -60,7 +61,8 @@ TrainState = dict[str, Any]  # {"params", "opt_state", "step", "rng"}
 
 def prepare_config(config) -> ml_collections.ConfigDict:
     """A validated copy of `config` (train/medusa keys it leaves out at their defaults), with the target's
-    model for Medusa runs; raises before any compute.
+    model for Medusa runs; raises before any compute. `target_workdir` may name a zoo model (fetched and
+    converted on first use).
 
     Medusa heads sit on the target, so their run's `model` section is the target's (from
     ``target_workdir/config.json``). A distilling draft must share the target's vocabulary and tokenizer.
@@ -72,6 +74,8 @@ def prepare_config(config) -> ml_collections.ConfigDict:
             filled.update(config[section])
             config[section] = filled
     target = None
+    if needs_target(config) and config.get("target_workdir") in zoo.ZOO:  # a zoo name: its converted workdir
+        config.target_workdir = zoo.model_workdir(config.target_workdir)
     if needs_target(config) and config.get("target_workdir"):
         target = checkpoint.load_config(config.target_workdir)
         if config.train.loss == "medusa":

@@ -161,3 +161,16 @@ def test_prepare_config_fills_left_out_train_keys_then_validates():
     prepared = prepare_config(config)
     assert prepared.train.steps == 5 and prepared.train.to_dict().keys() == train_defaults().to_dict().keys()
     assert config.train.to_dict() == {"steps": 5, "warmup_steps": 1}  # the caller's config is not changed
+
+
+def test_a_zoo_name_as_target_is_its_converted_workdir(tmp_path, monkeypatch):
+    from jaxspec import zoo
+
+    target = write_target_config(tmp_path / "target")
+    asked = []
+    monkeypatch.setattr(zoo, "model_workdir", lambda name, cache_dir=None: asked.append(name) or target)
+    heads = medusa.get_config("heads=2")
+    heads.target_workdir = "smollm2-135m-instruct"
+    prepared = prepare_config(heads)
+    assert asked == ["smollm2-135m-instruct"] and prepared.target_workdir == target
+    assert prepared.model.d_model == 128  # the target's model, read from its workdir
