@@ -60,6 +60,8 @@ _METHOD_FLAGS = {
 }
 _STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", True, "stop a row at the checkpoint's end-of-sequence ids")
 _STREAM = flags.DEFINE_bool("stream", False, "print each reply as rounds commit")
+_PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 0, "prefill each prompt in chunks of this many tokens (a "
+                                     "power of two; 0 = one forward); the output is the same")
 _CHECK = flags.DEFINE_bool("check_invariants", False, "debug mode: check the in-jit preconditions (num_new "
                            "ranges, traced trees, lengths within the cache) and stop on the first violation")
 _OUTPUT = flags.DEFINE_string("output_json", None, "write results here")
@@ -169,7 +171,7 @@ def main(argv) -> None:
                               temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
                               rule=_VERIFY.value, eos_ids=tok.eos_ids if _STOP_AT_EOS.value else None,
                               seed=_SEED.value, on_tokens=printer, method=spec, target_workdir=target.workdir,
-                              check_invariants=_CHECK.value)
+                              check_invariants=_CHECK.value, prefill_chunk=_PREFILL_CHUNK.value)
     except (ValueError, OSError) as err:
         sys.exit(f"decode: {err}")
     if printer is not None:

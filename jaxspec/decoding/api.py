@@ -79,7 +79,7 @@ def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              rule: str | None = None, eos_ids=None, seed: int = 0, prompt_width: int | None = None,
              on_tokens: Callable[[list[list[int]]], None] | None = None, target_workdir: str | None = None,
-             check_invariants: bool = False, **method_arguments) -> GenerateResult:
+             check_invariants: bool = False, prefill_chunk: int = 0, **method_arguments) -> GenerateResult:
     """Decode a batch of token-id prompts with `method`: a registered name (`methods.names()`) with its fields
     and objects as keyword arguments (e.g. `tree="chain:4"`, `draft_model=..., draft_params=...`), or a spec.
 
@@ -89,10 +89,14 @@ def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str
     new tokens per row as they are committed (streaming). `target_workdir` lets trained drafters check that
     they were trained for this target. `check_invariants` (a debug mode, slower) runs the loop under checkify
     with the in-jit preconditions of `jaxspec.checks` on (num_new ranges, traced trees, lengths within the
-    cache): a violation raises checks.InvariantError instead of decoding on clamped indices.
+    cache): a violation raises checks.InvariantError instead of decoding on clamped indices. `prefill_chunk`
+    (a power of two, 0 = off) prefills each prompt in chunks of that many tokens (exact: the same output).
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be positive")
+    if prefill_chunk < 0 or prefill_chunk & (prefill_chunk - 1):
+        raise ValueError(f"prefill_chunk={prefill_chunk} must be 0 (off) or a power of two (it divides the "
+                         "power-of-two prompt widths)")
     rule = rule or ("greedy" if temperature == 0 else "rejection")
     sampling = engine.Sampling(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), rule=rule)
     eos = stop_ids(eos_ids)
@@ -108,7 +112,7 @@ def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str
     tokens, lens = engine.pad_prompts(prompts, width=width)
     dynamic = dict(params=params, prompts=tokens, prompt_lens=lens, key=jax.random.key(seed))
     statics = dict(model=target, max_new=max_new_tokens, max_len=max_len, sampling=sampling, eos_ids=eos,
-                   stream=on_tokens is not None)
+                   stream=on_tokens is not None, prefill_chunk=int(prefill_chunk))
     if drafter is None:
         loop = engine.autoregressive_loop
     else:

@@ -125,12 +125,37 @@ def _outputs(em: Emission, prompt_lens, max_new: int):
     return jnp.where(jnp.arange(max_new)[None, :] < em.num_out[:, None], toks, 0)
 
 
+def chunked_prefill(model: DecoderLM, params, prompts, prompt_lens, state, chunk: int):
+    """The prompt forward in chunks of `chunk` tokens (Sarathi-style chunked prefill; exact): a fresh prefill of
+    the first chunk, then a scan of extends, each row taking the part of the chunk its prompt still has.
+    Returns (LMOutput over all P positions, state), as one fresh prefill of the whole prompt does."""
+    b, p = prompts.shape
+    if chunk <= 0 or chunk >= p:
+        return model.apply({"params": params}, prompts, state=state, num_new=prompt_lens, return_hidden=True,
+                           fresh=True)
+    if p % chunk:
+        raise ValueError(f"prefill_chunk={chunk} must divide the padded prompt width {p}")
+    in_chunk = lambda c: jnp.clip(prompt_lens - c * chunk, 0, chunk).astype(jnp.int32)
+    first, state = model.apply({"params": params}, prompts[:, :chunk], state=state, num_new=in_chunk(0),
+                               return_hidden=True, fresh=True)
+
+    def extend(state, c):
+        tokens = jax.lax.dynamic_slice_in_dim(prompts, c * chunk, chunk, axis=1)
+        out, state = model.apply({"params": params}, tokens, state=state, num_new=in_chunk(c), return_hidden=True)
+        return state, out
+
+    state, rest = jax.lax.scan(extend, state, jnp.arange(1, p // chunk))
+    # rest: [chunks - 1, B, chunk, ...] -> [B, (chunks - 1) * chunk, ...] after the first chunk's positions
+    join = lambda head, tail: jnp.concatenate(
+        [head, jnp.moveaxis(tail, 0, 1).reshape(b, -1, *head.shape[2:])], axis=1)
+    return jax.tree.map(join, first, rest), state
+
+
 def _prefill(model: DecoderLM, params, prompts, prompt_lens, max_len, sampling: Sampling, key, eos_ids, max_new,
-             extra_slots: int, stream: bool):
+             extra_slots: int, stream: bool, prefill_chunk: int = 0):
     b, p = prompts.shape
     state = init_decode_state(model.model_cfg, b, max_len)
-    out, state = model.apply({"params": params}, prompts, state=state, num_new=prompt_lens, return_hidden=True,
-                             fresh=True)
+    out, state = chunked_prefill(model, params, prompts, prompt_lens, state, prefill_chunk)
     rows = jnp.arange(b)
     last = jnp.maximum(prompt_lens - 1, 0)
     first = sampling.pick(key, out.logits[rows, last])
@@ -142,18 +167,19 @@ def _prefill(model: DecoderLM, params, prompts, prompt_lens, max_len, sampling: 
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new", "max_len", "sampling", "eos_ids", "stream",
-                                             "checked"))
+                                             "checked", "prefill_chunk"))
 def autoregressive_loop(model: DecoderLM, params, prompts, prompt_lens, key, *, max_new: int, max_len: int,
                         sampling: Sampling, eos_ids: tuple[int, ...] = (), stream: bool = False,
-                        checked: bool = False) -> Output:
+                        checked: bool = False, prefill_chunk: int = 0) -> Output:
     """One token per target forward: the baseline every speculative method must reproduce.
 
     `checked`: traced with jaxspec.checks enabled (run it through checks.run_checked); a static argument so
-    that checked and unchecked programs never share a trace."""
+    that checked and unchecked programs never share a trace. `prefill_chunk` > 0: the prompt is prefilled in
+    chunks of that many tokens (`chunked_prefill`; same output)."""
     model, params = for_decoding(model, params)  # once per call, outside the while_loop (a no-op if done before)
     key, k0 = jax.random.split(key)
     state, token, _, em, _ = _prefill(model, params, prompts, prompt_lens, max_len, sampling, k0, eos_ids, max_new,
-                                      1, stream)
+                                      1, stream, prefill_chunk)
     b = prompts.shape[0]
     steps = jnp.zeros((b,), jnp.int32)
 
@@ -182,12 +208,12 @@ class Adaptive:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "drafter", "max_new", "max_len", "sampling", "eos_ids",
-                                             "adaptive", "stream", "checked"))
+                                             "adaptive", "stream", "checked", "prefill_chunk"))
 def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, prompt_lens, key, *, max_new: int,
                      max_len: int, sampling: Sampling, eos_ids: tuple[int, ...] = (), adaptive: Adaptive = Adaptive(),
-                     stream: bool = False, checked: bool = False) -> Output:
-    """Draft a tree, verify it with one target forward, commit the accepted path; repeat per row. `checked`: as
-    in autoregressive_loop."""
+                     stream: bool = False, checked: bool = False, prefill_chunk: int = 0) -> Output:
+    """Draft a tree, verify it with one target forward, commit the accepted path; repeat per row. `checked` and
+    `prefill_chunk`: as in autoregressive_loop."""
     tree: TokenTree = drafter.tree
     k = tree.num_nodes
     model, params = for_decoding(model, params)  # once per call, outside the while_loop (a no-op if done before)
@@ -195,7 +221,7 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
     rows = jnp.arange(b)
     key, k0 = jax.random.split(key)
     state, root, hidden, em, prompt_logits = _prefill(model, params, prompts, prompt_lens, max_len, sampling, k0,
-                                                      eos_ids, max_new, k, stream)
+                                                      eos_ids, max_new, k, stream, prefill_chunk)
     dstate = drafter.init(draft_params, prompts, prompt_lens, max_len, root)
     # Optional hook: a drafter with `feedback_top_k` > 0 sees the target's top-k next tokens at every prompt
     # token and, each round, at every tree node (`observe(dstate, tokens, top_k_next, valid)`).
