@@ -127,6 +127,19 @@ def last_logits(model, params, sequences, **kwargs) -> np.ndarray:
     return np.stack([x[-1] for x in full_forward_logits(model, params, sequences, **kwargs)])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_programs():
+    """After each test module, drop every compiled program: each keeps memory mappings alive, and a whole suite's
+    worth in one process passes the kernel's limit (vm.max_map_count, 65530), where XLA:CPU crashes."""
+    yield
+    import jax
+
+    from jaxspec.decoding import engine
+
+    engine.clear_compiled()
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     return tiny_model_config

@@ -351,6 +351,13 @@ _EXECUTABLES: dict = {}
 _MAX_EXECUTABLES = 64
 
 
+def clear_compiled() -> None:
+    """Drop the loops compiled by `run_compiled` (with jax.clear_caches(), what a long-lived process calls to
+    release compiled programs: each holds memory mappings, and XLA:CPU fails once a process has more than the
+    kernel allows, vm.max_map_count)."""
+    _EXECUTABLES.clear()
+
+
 def _signature(dynamic: dict) -> tuple:
     leaves, treedef = jax.tree.flatten(dynamic)
     return treedef, tuple((np.shape(x), x.dtype if hasattr(x, "dtype") else np.result_type(x),
