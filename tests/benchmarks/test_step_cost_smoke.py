@@ -3,9 +3,6 @@ the same greedy tokens as the standard layout (float) or a row of its own (int8)
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 import types
 
 import jax
@@ -14,19 +11,10 @@ import pytest
 from jaxspec import config as config_lib
 from jaxspec.models.lm import build_model, init_params
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks",
-                      "step_cost.py")
-
 
 @pytest.fixture(scope="module")
-def script():
-    name = "benchmarks_step_cost"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+def script(benchmark_script):
+    return benchmark_script("step_cost")
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,7 @@ a zoo model. Speed is not asserted."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import os
-import sys
 
 import gguf
 import numpy as np
@@ -23,24 +20,10 @@ from jaxspec.decoding.engine import bucket_width
 from jaxspec.eval.suite import CATEGORIES, load_suite
 from jaxspec.interop import workdir as workdir_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(REPO, "benchmarks", "vs_transformers.py")
-
-
-def load_script():
-    """The script as a module (benchmarks/ is not a package); loaded once, as its flags are global."""
-    name = "benchmarks_vs_transformers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
 
 @pytest.fixture(scope="module")
-def script():
-    return load_script()
+def script(benchmark_script):
+    return benchmark_script("vs_transformers")
 
 
 def test_tiny_run_same_tokens_and_every_row(script, tmp_path):

@@ -98,32 +98,41 @@ def _chi_square_pvalue(observed, expected_probs):
     return stats.chisquare(obs_pooled, exp_pooled).pvalue
 
 
+def _sharpened_pair(vocab: int, target_seed: int, draft_seed: int, sharpen_draft: bool = False):
+    """(target, its params, draft, its params) on a tiny vocabulary; the target sharpened so that a wrong
+    acceptance rule would visibly distort it (the draft too when asked)."""
+    model = build_model(tiny_cfg("A", vocab=vocab))
+    params = init_params(model, jax.random.key(target_seed))
+    params["embed"]["embedding"] = params["embed"]["embedding"] * SHARPEN
+    draft = build_model(tiny_cfg("A", d_model=16, n_layers=1, vocab=vocab, fractions=(1.0,)))
+    dparams = init_params(draft, jax.random.key(draft_seed))
+    if sharpen_draft:
+        dparams["embed"]["embedding"] = dparams["embed"]["embedding"] * SHARPEN
+    return model, params, draft, dparams
+
+
+def _emitted_counts(out, depth: int, vocab: int) -> np.ndarray:
+    """Counts [V] * depth of the first `depth` tokens emitted per row."""
+    firsts = np.asarray([t[:depth] for t in out.tokens])
+    counts = np.zeros((vocab,) * depth)
+    np.add.at(counts, tuple(firsts.T), 1)
+    return counts
+
+
 @pytest.mark.slow
 def test_rejection_sampling_is_lossless():
     vocab = 8
-    cfg = tiny_cfg("A", vocab=vocab)
-    model = build_model(cfg)
-    params = init_params(model, jax.random.key(0))
-    # Sharpen the target so a wrong acceptance rule would visibly distort it.
-    params["embed"]["embedding"] = params["embed"]["embedding"] * SHARPEN
-    draft = build_model(tiny_cfg("A", d_model=16, n_layers=1, vocab=vocab, fractions=(1.0,)))
-    dparams = init_params(draft, jax.random.key(5))
+    model, params, draft, dparams = _sharpened_pair(vocab, 0, 5)
     prompt, n, temperature = [1, 2, 3], 6000, 1.0
     exact = _exact_joint(model, params, prompt, temperature, vocab)
     for kwargs in (dict(tree="chain:3"), dict(tree="branching:2,2")):
         out = api.generate(model, params, [prompt] * n, method="draft", draft_model=draft, draft_params=dparams,
                            max_new_tokens=2, temperature=temperature, seed=11, **kwargs)
-        pairs = np.asarray([t[:2] for t in out.tokens])
-        counts = np.zeros((vocab, vocab))
-        np.add.at(counts, (pairs[:, 0], pairs[:, 1]), 1)
-        assert _chi_square_pvalue(counts, exact) > 1e-3, kwargs
+        assert _chi_square_pvalue(_emitted_counts(out, 2, vocab), exact) > 1e-3, kwargs
     # Power check: the same test rejects a lossy rule (typical acceptance) on this target.
     lossy = api.generate(model, params, [prompt] * n, method="draft", draft_model=draft, draft_params=dparams,
                          max_new_tokens=2, temperature=temperature, rule="typical", seed=11, tree="chain:3")
-    pairs = np.asarray([t[:2] for t in lossy.tokens])
-    counts = np.zeros((vocab, vocab))
-    np.add.at(counts, (pairs[:, 0], pairs[:, 1]), 1)
-    assert _chi_square_pvalue(counts, exact) < 1e-3
+    assert _chi_square_pvalue(_emitted_counts(lossy, 2, vocab), exact) < 1e-3
 
 
 def _exact_joint3(model, params, prompt, temperature, vocab):
@@ -142,30 +151,19 @@ def test_rejection_sampling_is_lossless_at_draft_depth_two():
     """The first three emitted tokens: the prefill's, then drafted depths 1 and 2 of the first round, where the
     draft model's probabilities at depth 2 are conditioned on its own depth-1 draw."""
     vocab = 6
-    cfg = tiny_cfg("A", vocab=vocab)
-    model = build_model(cfg)
-    params = init_params(model, jax.random.key(1))
-    params["embed"]["embedding"] = params["embed"]["embedding"] * SHARPEN
-    draft = build_model(tiny_cfg("A", d_model=16, n_layers=1, vocab=vocab, fractions=(1.0,)))
-    dparams = init_params(draft, jax.random.key(6))
+    model, params, draft, dparams = _sharpened_pair(vocab, 1, 6)
     prompt, n, temperature = [1, 2, 3], 8000, 1.0
     exact = _exact_joint3(model, params, prompt, temperature, vocab)
-
-    def counts(out):
-        triples = np.asarray([t[:3] for t in out.tokens])
-        table = np.zeros((vocab,) * 3)
-        np.add.at(table, tuple(triples.T), 1)
-        return table
 
     for tree in ("chain:3", "branching:2,2"):
         out = api.generate(model, params, [prompt] * n, method="draft", draft_model=draft, draft_params=dparams,
                            max_new_tokens=3, temperature=temperature, seed=21, tree=tree)
         assert np.mean(out.accepted > 2 * out.target_steps) > 0.05, tree  # depth 2 is reached and accepted
-        assert _chi_square_pvalue(counts(out), exact) > 1e-3, tree
+        assert _chi_square_pvalue(_emitted_counts(out, 3, vocab), exact) > 1e-3, tree
     # Negative control: the same test rejects typical acceptance (lossy) on this target.
     lossy = api.generate(model, params, [prompt] * n, method="draft", draft_model=draft, draft_params=dparams,
                          max_new_tokens=3, temperature=temperature, rule="typical", seed=21, tree="chain:3")
-    assert _chi_square_pvalue(counts(lossy), exact) < 1e-3
+    assert _chi_square_pvalue(_emitted_counts(lossy, 3, vocab), exact) < 1e-3
 
 
 @pytest.mark.slow
@@ -173,26 +171,16 @@ def test_rsd_siblings_without_replacement_are_lossless():
     """RSD end to end: three siblings drawn without replacement, verified with their conditional draft
     distributions, give the target's joint law of the first two tokens."""
     vocab = 8
-    model = build_model(tiny_cfg("A", vocab=vocab))
-    params = init_params(model, jax.random.key(0))
-    params["embed"]["embedding"] = params["embed"]["embedding"] * SHARPEN
-    draft = build_model(tiny_cfg("A", d_model=16, n_layers=1, vocab=vocab, fractions=(1.0,)))
-    dparams = init_params(draft, jax.random.key(5))
     # A peaked draft, so that removing an earlier sibling's token changes the next sibling's law a lot.
-    dparams["embed"]["embedding"] = dparams["embed"]["embedding"] * SHARPEN
+    model, params, draft, dparams = _sharpened_pair(vocab, 0, 5, sharpen_draft=True)
     prompt, n, temperature = [1, 2, 3], 6000, 1.0
     exact = _exact_joint(model, params, prompt, temperature, vocab)
-
-    def pvalue(out):
-        pairs = np.asarray([t[:2] for t in out.tokens])
-        counts = np.zeros((vocab, vocab))
-        np.add.at(counts, (pairs[:, 0], pairs[:, 1]), 1)
-        return _chi_square_pvalue(counts, exact)
 
     options = dict(max_new_tokens=2, temperature=temperature, seed=13, tree="branching:3")
     out = api.generate(model, params, [prompt] * n, method="rsd", draft_model=draft, draft_params=dparams,
                        **options)
-    assert pvalue(out) > 1e-3  # the negative control is verify-level: test_verify.py
+    # The negative control is verify-level (test_verify.py).
+    assert _chi_square_pvalue(_emitted_counts(out, 2, vocab), exact) > 1e-3
 
 
 def test_bad_requests_fail_before_compute():
