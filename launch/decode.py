@@ -44,8 +44,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _METHOD_FLAGS = {
     "tree": flags.DEFINE_string("tree", None, "token tree: chain:K, branching:b1,b2,..., medusa_63, medusa_small "
                                  "(default: the method's own)"),
-    "draft_workdir": flags.DEFINE_string("draft_workdir", None, "draft model run (draft) or Medusa heads run "
-                                          "(medusa)"),
+    "draft_workdir": flags.DEFINE_string("draft_workdir", None, "draft model run (draft), Medusa heads run "
+                                          "(medusa) or EAGLE drafter run (eagle)"),
     "granularity": flags.DEFINE_string("granularity", None, "MatFormer granularity that drafts (matformer): one "
                                         "index, or one per layer as 0,1,1,..."),
     "skip_layers": flags.DEFINE_string("skip_layers", None, "layers the self-draft skips (layerskip), e.g. "

@@ -140,6 +140,31 @@ def release_compiled_programs():
     jax.clear_caches()
 
 
+def chat_byte_tokenizer():
+    """The byte tokenizer with a chat template, and a stop set wide enough that some replies of a random model
+    stop early (instruction data for tiny models: self-distillation sets, suite prompts)."""
+    from jaxspec.training import chat
+    from jaxspec.training.tokenizer import ByteTokenizer
+
+    class ChatBytes(ByteTokenizer):
+        chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+        eos_ids = (*range(97, 110), 257)
+
+        def apply_chat_template(self, messages, add_generation_prompt=True):
+            return chat.render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt)
+
+        def encode_chat(self, messages, add_generation_prompt=True):
+            return self.encode_prompt(self.apply_chat_template(messages, add_generation_prompt))
+
+    return ChatBytes()
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer():
+    return chat_byte_tokenizer()
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     return tiny_model_config

@@ -43,6 +43,7 @@ class Proposal(NamedTuple):
     draft_probs: jax.Array | None  # [B, K, V]: distribution each node was sampled from; None = deterministic
     node_valid: jax.Array | None  # [B, K] bool
     state: Any
+    parents: jax.Array | None = None  # [B, K] int32, a tree per row and round (dynamic trees); None: drafter.tree
 
 
 def sibling_ranks(tree: TokenTree) -> np.ndarray:

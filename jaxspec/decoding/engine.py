@@ -163,7 +163,7 @@ def _prefill(model: DecoderLM, params, prompts, prompt_lens, max_len, sampling: 
     em = Emission(seq, prompt_lens.astype(jnp.int32), jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool))
     em, _ = emit_tokens(em, first[:, None], jnp.ones((b,), jnp.int32), eos_ids=eos_ids, max_new=max_new,
                         stream=stream)
-    return state, first, out.hidden[rows, last], em, out.logits  # logits: unused ones cost nothing under jit
+    return state, first, out.hidden[rows, last], em, out  # unused outputs cost nothing under jit
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new", "max_len", "sampling", "eos_ids", "stream",
@@ -220,15 +220,19 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
     b = prompts.shape[0]
     rows = jnp.arange(b)
     key, k0 = jax.random.split(key)
-    state, root, hidden, em, prompt_logits = _prefill(model, params, prompts, prompt_lens, max_len, sampling, k0,
-                                                      eos_ids, max_new, k, stream, prefill_chunk)
-    dstate = drafter.init(draft_params, prompts, prompt_lens, max_len, root)
+    state, root, hidden, em, prompt_out = _prefill(model, params, prompts, prompt_lens, max_len, sampling, k0,
+                                                   eos_ids, max_new, k, stream, prefill_chunk)
+    # Optional hook: a drafter with `reads_features` (a feature drafter, EAGLE) gets the target's final hidden
+    # states: at every prompt position (init) and at the accepted path's nodes (update), keyword `features`.
+    reads_features = getattr(drafter, "reads_features", False)
+    features = {"features": prompt_out.hidden} if reads_features else {}
+    dstate = drafter.init(draft_params, prompts, prompt_lens, max_len, root, **features)
     # Optional hook: a drafter with `feedback_top_k` > 0 sees the target's top-k next tokens at every prompt
     # token and, each round, at every tree node (`observe(dstate, tokens, top_k_next, valid)`).
     feedback_k = getattr(drafter, "feedback_top_k", 0)
     if feedback_k:
         in_prompt = jnp.arange(prompts.shape[1])[None, :] < prompt_lens[:, None]
-        dstate = drafter.observe(dstate, prompts, jax.lax.top_k(prompt_logits, feedback_k)[1], in_prompt)
+        dstate = drafter.observe(dstate, prompts, jax.lax.top_k(prompt_out.logits, feedback_k)[1], in_prompt)
     depths = jnp.asarray(tree.depths)
     draft_len = jnp.full((b,), adaptive.initial or tree.max_depth, jnp.int32)
     zeros = jnp.zeros((b,), jnp.int32)
@@ -244,14 +248,17 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
             valid = in_budget if valid is None else valid & in_budget
         running = ~em.done
 
+        shape = tree if prop.parents is None else prop.parents  # a dynamic tree: per row, traced
+
         def verify(logits, node_valid):
-            return verify_tree(logits, prop.tokens, tree, rule=sampling.rule, key=kv,
+            return verify_tree(logits, prop.tokens, shape, rule=sampling.rule, key=kv,
                                temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                                draft_probs=prop.draft_probs, node_valid=node_valid,
                                typical_threshold=sampling.typical_threshold, typical_alpha=sampling.typical_alpha)
 
         def whole_tree(state):
-            out, pending = model.apply({"params": params}, prop.tokens, state=state, parents=tree.parents_array,
+            parents = tree.parents_array if prop.parents is None else prop.parents
+            out, pending = model.apply({"params": params}, prop.tokens, state=state, parents=parents,
                                        return_hidden=True)
             res = verify(out.logits, valid)
             return commit(pending, res.path, jnp.where(running, res.num_accepted, 0)), res, out.hidden, out.logits
@@ -274,7 +281,8 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
         last = jnp.take_along_axis(res.path, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
         hidden = jnp.where(running[:, None], node_hidden[rows, last], hidden)
         em, _ = emit_tokens(em, res.accepted_tokens, n, eos_ids=eos_ids, max_new=max_new, stream=stream)
-        dstate = drafter.update(prop.state, res.accepted_tokens, n)
+        features = {"features": node_hidden[rows[:, None], res.path]} if reads_features else {}
+        dstate = drafter.update(prop.state, res.accepted_tokens, n, **features)
         if feedback_k:
             scored = running[:, None] if prop.node_valid is None else prop.node_valid & running[:, None]
             dstate = drafter.observe(dstate, prop.tokens, jax.lax.top_k(node_logits, feedback_k)[1], scored)

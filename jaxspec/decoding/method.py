@@ -16,7 +16,9 @@ The drafter protocol, which every drafter meets the decode loop through (`engine
 and, only for a drafter whose `feedback_top_k` is > 0 (the loop pays for nothing otherwise):
     observe(dstate, tokens [B, N], top_k_next [B, N, feedback_top_k], valid [B, N]) -> dstate
 with the target's top-k next tokens at every prompt token (after the prefill) and at every tree node (after
-each verification).
+each verification); and, only for a drafter whose `reads_features` is True (a feature drafter, EAGLE):
+    init(..., first_token, features [B, P, d]) and update(..., num_emitted, features [B, K, d])
+with the target's final hidden states at every prompt position and at the accepted path's nodes (root first).
 """
 
 from __future__ import annotations

@@ -198,36 +198,43 @@ class Batches:
     position is ``state() = {"epoch", "step", "seed", "num_windows"}``; ``restore(state)`` continues from it.
     """
 
-    def __init__(self, windows: np.ndarray, batch_size: int, seed: int, shuffle: bool = True):
-        if windows.ndim != 2 or windows.shape[1] < 2:
-            raise ValueError(f"windows must be [N, seq_len + 1] with seq_len >= 1, got shape {windows.shape}")
-        if len(windows) < batch_size:
+    def __init__(self, windows: np.ndarray | dict[str, np.ndarray], batch_size: int, seed: int,
+                 shuffle: bool = True):
+        # A dict of arrays (one example per leading index, e.g. a self-distillation set) is batched as is.
+        tokens = windows["tokens"] if isinstance(windows, dict) else windows
+        if tokens.ndim != 2 or tokens.shape[1] < 2:
+            raise ValueError(f"windows must be [N, seq_len + 1] with seq_len >= 1, got shape {tokens.shape}")
+        if len(tokens) < batch_size:
             raise ValueError(
-                f"{len(windows)} windows of {windows.shape[1]} tokens cannot fill one batch of {batch_size}; "
+                f"{len(tokens)} windows of {tokens.shape[1]} tokens cannot fill one batch of {batch_size}; "
                 "lower batch_size or seq_len, or raise max_bytes"
             )
         self.windows = windows
+        self.num_windows = len(tokens)
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
-        self.steps_per_epoch = len(windows) // batch_size
+        self.steps_per_epoch = self.num_windows // batch_size
+        self._width = tokens.shape[1]
         self.epoch = 0
         self.step = 0
         self._order_epoch, self._order = -1, None
 
     @property
     def seq_len(self) -> int:
-        return self.windows.shape[1] - 1
+        return self._width - 1
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if self._order_epoch != epoch:
-            n = len(self.windows)
+            n = self.num_windows
             rng = np.random.default_rng([self.seed, epoch])
             self._order = rng.permutation(n) if self.shuffle else np.arange(n)
             self._order_epoch = epoch
         return self._order
 
     def _batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        if isinstance(self.windows, dict):
+            return {name: array[rows] for name, array in self.windows.items()}
         w = self.windows[rows]
         return {"inputs": w[:, :-1], "targets": w[:, 1:]}
 
@@ -250,7 +257,7 @@ class Batches:
             yield self._batch(np.arange(i * self.batch_size, (i + 1) * self.batch_size))
 
     def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "num_windows": len(self.windows)}
+        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "num_windows": self.num_windows}
 
     def restore(self, state: dict) -> None:
         """Continue from a ``state()``; another seed or corpus size is refused (the stream would differ)."""
@@ -259,10 +266,10 @@ class Batches:
             raise ValueError(f"data state {state} lacks keys {sorted(missing)}")
         if int(state["seed"]) != self.seed:
             raise ValueError(f"data state has seed {state['seed']} but this stream has seed {self.seed}")
-        if int(state["num_windows"]) != len(self.windows):
+        if int(state["num_windows"]) != self.num_windows:
             raise ValueError(
                 f"data state was made for {state['num_windows']} windows but this stream has "
-                f"{len(self.windows)}: the corpus, tokenizer, seq_len or caps changed"
+                f"{self.num_windows}: the corpus, tokenizer, seq_len or caps changed"
             )
         if not 0 <= int(state["step"]) < self.steps_per_epoch or int(state["epoch"]) < 0:
             raise ValueError(
@@ -348,18 +355,47 @@ def _split_tokens(spec: DataSpec, tokenizer: Tokenizer) -> tuple[list[np.ndarray
 
 
 def make_datasets(data_cfg) -> tuple[Batches, Batches, Tokenizer]:
-    """(train stream shuffled per epoch, validation stream in fixed order, tokenizer) from ``config.data``."""
+    """(train stream shuffled per epoch, validation stream in fixed order, tokenizer) from ``config.data``.
+
+    A ``source`` that is a self-distillation set (a directory with a manifest, see training/selfdistill.py)
+    yields its examples cut to ``seq_len + 1`` positions as ``{"tokens", "features", "mask"}`` batches, split
+    into train and validation by a hash of each example's index."""
     spec = parse_data_config(data_cfg)
     tokenizer = load_tokenizer(spec.tokenizer)
-    train_docs, val_docs = _split_tokens(spec, tokenizer)
+    if is_selfdistill_set(spec.source):
+        splits = _selfdistill_splits(spec)
+    else:
+        train_docs, val_docs = _split_tokens(spec, tokenizer)
+        splits = [pack_windows(docs, tokenizer.bos_id, tokenizer.eos_id, spec.seq_len + 1)
+                  for docs in (train_docs, val_docs)]
     streams = []
-    for split, docs, shuffle in (("train", train_docs, True), ("validation", val_docs, False)):
-        windows = pack_windows(docs, tokenizer.bos_id, tokenizer.eos_id, spec.seq_len + 1)
+    for split, windows, shuffle in zip(("train", "validation"), splits, (True, False), strict=True):
         try:
             streams.append(Batches(windows, spec.batch_size, spec.seed, shuffle=shuffle))
         except ValueError as err:
             raise ValueError(f"{split} split of data source {spec.source!r}: {err}") from err
     return streams[0], streams[1], tokenizer
+
+
+def is_selfdistill_set(source: str) -> bool:
+    from jaxspec.training import selfdistill
+
+    return os.path.isfile(os.path.join(source, selfdistill.MANIFEST))
+
+
+def _selfdistill_splits(spec: DataSpec) -> list[dict[str, np.ndarray]]:
+    from jaxspec.training import selfdistill
+
+    manifest, arrays = selfdistill.read(spec.source)
+    width = spec.seq_len + 1
+    if width > manifest["seq_len"]:
+        raise ValueError(f"data.seq_len={spec.seq_len} needs {width} positions per example; the self-distillation "
+                         f"set {spec.source!r} stores {manifest['seq_len']} (use data.seq_len <= "
+                         f"{manifest['seq_len'] - 1})")
+    examples = {"tokens": arrays["tokens"][:, :width], "features": arrays["features"][:, :width],
+                "mask": selfdistill.loss_mask(arrays)[:, :width]}
+    indices = split_documents([str(i) for i in range(len(examples["tokens"]))], spec.val_fraction)
+    return [{name: array[np.asarray(rows, np.int64)] for name, array in examples.items()} for rows in indices]
 
 
 def heldout_prompts(data_cfg, n: int, prompt_len: int) -> list[str]:

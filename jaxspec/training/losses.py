@@ -17,6 +17,12 @@ Streams by `train.loss`:
   medusa    "head0".."head{K-1}": head k reads the frozen target's final hidden state at position t and is
             scored on token t+k+2 (= targets[t+k+1]), weight `train.medusa_decay ** k`; "lm" is the
             target's own next-token loss, reported for reference only.
+  eagle     "tok0".."tok{S-1}" and "feat0".."feat{S-1}": an EAGLE drafter over a self-distillation set (batch
+            keys tokens, features, mask; see training/selfdistill.py), unrolled over S = `eagle.unroll` draft
+            depths (step s reads its own guesses of step s-1). "tok{s}" is the cross-entropy of the frozen
+            (vocabulary-trimmed) LM head on the guessed feature against the target's next token, weight
+            `eagle.token_weight`; its accuracy is the greedy acceptance rate of depth s+1. "feat{s}" is the
+            smooth-L1 distance of the guessed feature to the target's, weight `eagle.feature_weight`.
 Any loss but medusa adds "exit{i}" for each of `train.early_exit_layers`: the LM head applied (through the
 final norm) to the residual stream after layer i, weight `train.early_exit_weight` each, so that the
 first layers alone make a usable self-drafter.
@@ -37,8 +43,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspec.models.eagle import EagleNet, unrolled_parents
 from jaxspec.models.heads import MedusaHeads, lm_head_kernel
 from jaxspec.models.lm import DecoderLM
+from jaxspec.state import init_decode_state
 from jaxspec.training.tokenizer import ByteTokenizer
 
 Stream = dict[str, jax.Array]  # summed statistics of one prediction stream
@@ -229,4 +237,54 @@ def medusa_objective(backbone: DecoderLM, heads: MedusaHeads, train_cfg, pad_id:
         return streams
 
     weights = {f"head{k}": train_cfg.medusa_decay**k for k in range(heads.num_heads)}
+    return Objective(stats, weights, main=None)
+
+
+def _smooth_l1(x, y):
+    diff = jnp.abs(x - y)
+    return jnp.sum(jnp.where(diff < 1.0, 0.5 * diff * diff, diff - 0.5), axis=-1)
+
+
+def eagle_objective(net: EagleNet, eagle_cfg) -> Objective:
+    """Trainable params are the drafter's; the frozen argument is `{"embedding" [V, d], "head_t" [N, d],
+    "vocab_index" [V]}`: the target's token embedding, its LM head restricted to the draft vocabulary, and each
+    target id's row in it (-1 outside; such labels carry no token loss)."""
+    steps, noise = eagle_cfg.unroll, eagle_cfg.feature_noise
+
+    def stats(params, frozen, batch):
+        tokens, features, mask = batch["tokens"], batch["features"].astype(jnp.float32), batch["mask"]
+        b, t = tokens.shape[0], tokens.shape[1] - 1  # t pairs (f_i, x_{i+1}), i < t
+        feats = features[:, :t]
+        if noise > 0:  # EAGLE's input noise: robustness to the drafter's own feature errors
+            key = jax.random.fold_in(jax.random.key(0), jnp.sum(tokens))
+            feats = feats + jax.random.uniform(key, feats.shape, minval=-noise, maxval=noise)
+        embeddings = jnp.take(frozen["embedding"], tokens[:, 1:], axis=0).astype(jnp.float32)
+        want_feat = features[:, 1:]  # the pair at i guesses f_{i+1}
+        labels = jnp.pad(tokens[:, 2:], ((0, 0), (0, 1)))  # ... and its head scores x_{i+2}
+        valid = jnp.pad(mask[:, 2:], ((0, 0), (0, 1)))  # x_{i+2} is a reply token
+        guesses = None
+        for depth in range(1, steps + 1):
+            inputs = [feats]
+            if guesses is not None:  # step s reads the guess made one position earlier at step s-1
+                shifted = jnp.pad(guesses[:, :, :-1], ((0, 0), (0, 0), (1, 0), (0, 0)))
+                inputs += list(jnp.moveaxis(jax.lax.stop_gradient(shifted), 1, 0))
+            # A tree forward over an empty context: the tree is everything the nodes see.
+            state = init_decode_state(net.model_cfg, b, max_len=depth * t)
+            out, _ = net.apply({"params": params}, jnp.concatenate(inputs, axis=1),
+                               jnp.tile(embeddings, (1, depth, 1)), state=state,
+                               parents=unrolled_parents(t, depth))
+            guesses = out.reshape(b, depth, t, -1)
+        head_rows = jnp.take(frozen["vocab_index"], labels)
+        streams = {}
+        for s in range(steps):
+            ok = valid & (jnp.arange(t) >= s)[None, :]
+            logits = jnp.einsum("btd,nd->btn", guesses[:, s], frozen["head_t"])
+            streams[f"tok{s}"] = cross_entropy_stream(logits, jnp.maximum(head_rows, 0), ok & (head_rows >= 0))
+            weight = ok.astype(jnp.float32)
+            streams[f"feat{s}"] = {"sum": jnp.sum(_smooth_l1(guesses[:, s], want_feat) * weight),
+                                   "tokens": jnp.sum(weight)}
+        return streams
+
+    weights = {f"tok{s}": eagle_cfg.token_weight for s in range(steps)}
+    weights.update({f"feat{s}": eagle_cfg.feature_weight for s in range(steps)})
     return Objective(stats, weights, main=None)

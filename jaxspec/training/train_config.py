@@ -1,8 +1,8 @@
 """The `config.train` section (defaults) and the checks a training config passes before any compute.
 
 Top-level keys a training config may carry besides `seed`, `model`, `data`, `mesh` and `train`:
-`target_workdir` (the checkpoint that Medusa heads sit on, or that a draft model distils from) and `medusa`
-(the heads' shape).
+`target_workdir` (the checkpoint that Medusa heads or an EAGLE drafter sit on, or that a draft model distils
+from), `medusa` (the heads' shape) and `eagle` (the feature drafter's shape and objective).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from jaxspec.config import ConfigError
 from jaxspec.parallel import mesh as mesh_lib
 from jaxspec.training import data as data_lib
 
-LOSSES = ("lm", "matformer", "medusa", "distill")
-TOP_LEVEL_KEYS = frozenset({"seed", "model", "data", "mesh", "train", "target_workdir", "medusa"})
+LOSSES = ("lm", "matformer", "medusa", "distill", "eagle")
+TOP_LEVEL_KEYS = frozenset({"seed", "model", "data", "mesh", "train", "target_workdir", "medusa", "eagle"})
+ON_TARGET = ("medusa", "eagle")  # losses of drafters that sit on the frozen target (its model section)
 
 
 def train_defaults() -> ml_collections.ConfigDict:
@@ -51,6 +52,17 @@ def train_defaults() -> ml_collections.ConfigDict:
 
 def medusa_defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(num_heads=4, num_layers=1, share_lm_head=False))
+
+
+def eagle_defaults() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        num_layers=1,  # decoder layers of the target's shape
+        draft_vocab=0,  # the head scores the N most frequent reply tokens of the data (VocabTrim); 0: all
+        unroll=2,  # draft depths trained at once, each on the drafter's own guesses (training-time test)
+        token_weight=1.0,  # cross-entropy of the guessed feature's next token
+        feature_weight=0.1,  # smooth-L1 of the guessed feature to the target's
+        feature_noise=0.0,  # uniform noise on the input features (EAGLE-1's augmentation)
+    ))
 
 
 def _require(ok: bool, key: str, value, allowed: str) -> None:
@@ -111,8 +123,8 @@ def validate_train_config(train_cfg, model_cfg) -> None:
     _require(all(_is_int(i) and 0 <= i < last for i in exits) and len(set(exits)) == len(exits),
              "train.early_exit_layers", exits,
              f"distinct layer indices in 0..{last - 1} (the last layer {last} is the model's own output)")
-    if t.loss == "medusa":
-        _require(not exits, "train.early_exit_layers", exits, "empty for train.loss='medusa' (frozen backbone)")
+    if t.loss in ON_TARGET:
+        _require(not exits, "train.early_exit_layers", exits, f"empty for train.loss={t.loss!r} (frozen target)")
 
 
 def validate_medusa_config(medusa_cfg) -> None:
@@ -124,11 +136,23 @@ def validate_medusa_config(medusa_cfg) -> None:
              "True or False")
 
 
+def validate_eagle_config(eagle_cfg) -> None:
+    config_lib.check_keys(eagle_cfg, eagle_defaults(), "eagle")
+    for key in ("num_layers", "unroll"):
+        _require(_is_int(eagle_cfg[key]) and eagle_cfg[key] > 0, f"eagle.{key}", eagle_cfg[key], "a positive integer")
+    _require(_is_int(eagle_cfg.draft_vocab) and eagle_cfg.draft_vocab >= 0, "eagle.draft_vocab",
+             eagle_cfg.draft_vocab, "a non-negative integer (0: the whole vocabulary)")
+    for key in ("token_weight", "feature_weight", "feature_noise"):
+        _require(_is_number(eagle_cfg[key]) and eagle_cfg[key] >= 0, f"eagle.{key}", eagle_cfg[key],
+                 "a non-negative number")
+
+
 def needs_target(config) -> bool:
-    """Whether the run reads a target checkpoint: Medusa heads always, a draft model when it distils."""
+    """Whether the run reads a target checkpoint: heads and feature drafters always, a draft model when it
+    distils."""
     train = config.get("train") or {}
     loss = train.get("loss")
-    return loss == "medusa" or (loss == "distill" and train.get("distill_alpha", 0) > 0)
+    return loss in ON_TARGET or (loss == "distill" and train.get("distill_alpha", 0) > 0)
 
 
 def validate_config(config) -> None:
@@ -148,7 +172,7 @@ def validate_config(config) -> None:
     validate_train_config(config.train, config.model)
     if needs_target(config):
         target = config.get("target_workdir", "")
-        why = ("train.loss='medusa'" if config.train.loss == "medusa"
+        why = (f"train.loss={config.train.loss!r}" if config.train.loss in ON_TARGET
                else f"train.distill_alpha={config.train.distill_alpha}")
         _require(isinstance(target, str) and bool(target), "target_workdir", target,
                  f"a training workdir holding the target checkpoint ({why} reads it)")
@@ -158,6 +182,15 @@ def validate_config(config) -> None:
         validate_medusa_config(config.medusa)
         _require(config.data.seq_len > config.medusa.num_heads, "data.seq_len", config.data.seq_len,
                  f"more than medusa.num_heads={config.medusa.num_heads} (head k is scored k+1 tokens ahead)")
+    if config.train.loss == "eagle":
+        if "eagle" not in config:
+            raise ConfigError("train.loss='eagle' needs an `eagle` section (see configs/eagle.py)")
+        validate_eagle_config(config.eagle)
+        _require(config.data.seq_len > config.eagle.unroll + 1, "data.seq_len", config.data.seq_len,
+                 f"more than eagle.unroll + 1 = {config.eagle.unroll + 1} (depth s guesses s + 1 tokens ahead)")
+        _require(data_lib.is_selfdistill_set(config.data.source), "data.source", config.data.source,
+                 "a self-distillation set (a directory made by `python -m launch.selfdistill`) for "
+                 "train.loss='eagle', which reads the target's stored features")
     data_lib.parse_data_config(config.data)
     sizes = dict(zip(mesh_lib.MESH_AXES, mesh_lib.resolve_axis_sizes(config.mesh, jax.device_count())))
     batch_shards = sizes["data"] * sizes["fsdp"]

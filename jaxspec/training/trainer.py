@@ -4,8 +4,10 @@
 
 The train state is a dict pytree ``{"params", "opt_state", "step", "rng"}`` (``rng`` as uint32 key data,
 advanced every step so that stochastic objectives resume exactly). Only trainable parameters live in it:
-a Medusa run's ``params`` are the heads' (the frozen backbone is read from ``config.target_workdir``), a
-distilling draft run's are the draft's (the teacher is read the same way).
+a Medusa run's ``params`` are the heads' (the frozen backbone is read from ``config.target_workdir``), an
+EAGLE run's the feature drafter's (the target's embedding and vocabulary-trimmed LM head are frozen; the
+trimmed vocabulary is saved as ``workdir/draft_vocab.npy``), a distilling draft run's are the draft's (the
+teacher is read the same way).
 
 Parallelism: the step is ``jax.jit`` with ``in_shardings``/``out_shardings`` of ``NamedSharding`` on the mesh
 of ``config.mesh``: the batch is split over the ``data`` (and ``fsdp``) axes, parameters follow the logical
@@ -42,16 +44,25 @@ from tqdm import tqdm
 
 from jaxspec import zoo
 from jaxspec.config import ConfigError
+from jaxspec.models.eagle import EagleNet, drafter_model_cfg, target_side
 from jaxspec.models.heads import MedusaHeads
 from jaxspec.models.lm import build_model, count_params, init_params
 from jaxspec.parallel import mesh as mesh_lib
 from jaxspec.parallel import sharding as sharding_lib
-from jaxspec.training import checkpoint, losses, optim
+from jaxspec.training import checkpoint, losses, optim, selfdistill
 from jaxspec.training.data import make_datasets
 from jaxspec.training.tokenizer import load_tokenizer
-from jaxspec.training.train_config import medusa_defaults, needs_target, train_defaults, validate_config
+from jaxspec.training.train_config import (
+    ON_TARGET,
+    eagle_defaults,
+    medusa_defaults,
+    needs_target,
+    train_defaults,
+    validate_config,
+)
 
 METRICS_FILE = "metrics.jsonl"
+DRAFT_VOCAB_FILE = "draft_vocab.npy"  # an EAGLE run's draft vocabulary: target ids, most frequent first
 
 TrainState = dict[str, Any]  # {"params", "opt_state", "step", "rng"}
 
@@ -64,11 +75,12 @@ def prepare_config(config) -> ml_collections.ConfigDict:
     model for Medusa runs; raises before any compute. `target_workdir` may name a zoo model (fetched and
     converted on first use).
 
-    Medusa heads sit on the target, so their run's `model` section is the target's (from
-    ``target_workdir/config.json``). A distilling draft must share the target's vocabulary and tokenizer.
+    Medusa heads and EAGLE drafters sit on the target, so their run's `model` section is the target's (from
+    ``target_workdir/config.json``), and an EAGLE run reads its data with the target's tokenizer. A distilling
+    draft must share the target's vocabulary and tokenizer.
     """
     config = ml_collections.ConfigDict(config.to_dict())
-    for section, defaults in (("train", train_defaults), ("medusa", medusa_defaults)):
+    for section, defaults in (("train", train_defaults), ("medusa", medusa_defaults), ("eagle", eagle_defaults)):
         if isinstance(config.get(section), ml_collections.ConfigDict):  # keys left out take their defaults
             filled = defaults()
             filled.update(config[section])
@@ -78,12 +90,16 @@ def prepare_config(config) -> ml_collections.ConfigDict:
         config.target_workdir = zoo.model_workdir(config.target_workdir)
     if needs_target(config) and config.get("target_workdir"):
         target = checkpoint.load_config(config.target_workdir)
-        if config.train.loss == "medusa":
+        if config.train.loss in ON_TARGET:
             config.model = target.model
+        if config.train.loss == "eagle":
+            config.data.tokenizer = target.data.tokenizer
     validate_config(config)
     if target is None:
         return config
     where = f"target_workdir={config.target_workdir!r}"
+    if config.train.loss == "eagle":
+        _check_selfdistill_target(config.data.source, config.target_workdir, target.model)
     if target.data.tokenizer != config.data.tokenizer:
         raise ConfigError(f"config.data.tokenizer={config.data.tokenizer!r} differs from the target's "
                           f"{target.data.tokenizer!r} ({where}); a drafter must use the target's tokenizer")
@@ -91,6 +107,20 @@ def prepare_config(config) -> ml_collections.ConfigDict:
         raise ConfigError(f"config.model.vocab_size={config.model.vocab_size} differs from the target's "
                           f"{target.model.vocab_size} ({where}); a draft model must share the vocabulary")
     return config
+
+
+def _check_selfdistill_target(source: str, target_workdir: str, target_model) -> None:
+    """A self-distillation set holds one target's replies and features: refuse it for another target."""
+    with open(os.path.join(source, selfdistill.MANIFEST)) as fh:
+        manifest = json.load(fh)
+    made_by = manifest.get("target_workdir", "")
+    if made_by and os.path.realpath(made_by) != os.path.realpath(target_workdir):
+        raise ConfigError(f"data.source={source!r} was generated by the target {made_by!r}, not target_workdir="
+                          f"{target_workdir!r}: a drafter learns its own target's features")
+    if (manifest.get("d_model"), manifest.get("vocab_size")) != (target_model.d_model, target_model.vocab_size):
+        raise ConfigError(f"data.source={source!r} stores d_model={manifest.get('d_model')}, vocab_size="
+                          f"{manifest.get('vocab_size')}; the target has d_model={target_model.d_model}, "
+                          f"vocab_size={target_model.vocab_size}")
 
 
 def load_target(config) -> tuple[Any, Any]:
@@ -126,7 +156,7 @@ class Trainer:
     mesh: jax.sharding.Mesh
     objective: losses.Objective
     init_fn: Any  # key data -> train state
-    frozen: Any  # params that are read but not trained (Medusa backbone, distillation teacher), on the mesh
+    frozen: Any  # params read but not trained (Medusa backbone, EAGLE head, distillation teacher), on the mesh
     state_shardings: Any
     batch_shardings: Any
     train_step: Any  # (state, batch, frozen) -> (state, metrics); donates the state
@@ -151,7 +181,7 @@ class Trainer:
             x = np.asarray(x)
             return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
-        return {k: put(batch[k], self.batch_shardings[k]) for k in ("inputs", "targets")}
+        return {k: put(batch[k], sharding) for k, sharding in self.batch_shardings.items()}
 
     def evaluate(self, params, batches: Iterable[Mapping[str, np.ndarray]]) -> dict[str, float]:
         """``val_*`` figures over `batches`, from statistics summed over all of them."""
@@ -179,6 +209,11 @@ def _model_and_objective(config, tokenizer, target) -> tuple[Any, losses.Objecti
     """(init function key -> trainable params, objective) for `config.train.loss`."""
     train_cfg, loss = config.train, config.train.loss
     pad_id = tokenizer.pad_id
+    if loss == "eagle":
+        d = config.model.d_model
+        net = EagleNet(drafter_model_cfg(config.model, config.eagle.num_layers))
+        init = lambda key: net.init(key, jnp.zeros((1, 1, d)), jnp.zeros((1, 1, d)))["params"]
+        return init, losses.eagle_objective(net, config.eagle)
     if loss == "medusa":
         if target is None:
             raise ValueError("train.loss='medusa' needs the target (backbone) model and params")
@@ -211,7 +246,8 @@ def build_trainer(config, mesh, tokenizer=None, target=None) -> Trainer:
     frozen = jax.device_put(frozen, frozen_shardings)
     replicated = _replicated(mesh)
     batch_sharding = sharding_lib.batch_sharding(mesh, rules)
-    batch_shardings = {"inputs": batch_sharding, "targets": batch_sharding}
+    batch_keys = ("tokens", "features", "mask") if config.train.loss == "eagle" else ("inputs", "targets")
+    batch_shardings = {key: batch_sharding for key in batch_keys}
 
     def train_step(state, batch, frozen):
         grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
@@ -327,6 +363,28 @@ def _refuse_used_workdir(workdir: str) -> None:
             "resume from; use a fresh workdir or remove them")
 
 
+# ------------------------------------------------------------------------------------------------- EAGLE
+
+
+def draft_vocab(config, train_batches, workdir: str) -> np.ndarray:
+    """The draft vocabulary of an EAGLE run: the `eagle.draft_vocab` target ids most frequent among the
+    training split's reply tokens (all ids when 0), most frequent first; saved once in the workdir and read
+    back on resume, so a resumed run and the decoder use the same rows."""
+    path = os.path.join(workdir, DRAFT_VOCAB_FILE)
+    if os.path.isfile(path):
+        return np.load(path)
+    vocab_size, n = config.model.vocab_size, config.eagle.draft_vocab or config.model.vocab_size
+    examples = train_batches.windows
+    replies = examples["tokens"][:, 1:][examples["mask"][:, :-1]]  # mask[t]: token t+1 is a reply token
+    counts = np.bincount(replies, minlength=vocab_size)
+    ids = np.argsort(-counts, kind="stable")[:n].astype(np.int32)
+    covered = counts[ids].sum() / max(counts.sum(), 1)
+    print(f"draft vocabulary: {n} of {vocab_size} ids cover {covered:.2%} of the training replies' tokens")
+    np.save(f"{path}.tmp.npy", ids)
+    os.replace(f"{path}.tmp.npy", path)
+    return ids
+
+
 # ------------------------------------------------------------------------------------------------- train
 
 
@@ -346,6 +404,9 @@ def train(config, workdir: str) -> dict[str, float]:
         raise ConfigError(f"config.model.vocab_size={config.model.vocab_size} is smaller than the tokenizer's "
                           f"vocabulary ({tokenizer.vocab_size}, data.tokenizer={config.data.tokenizer!r})")
     target = load_target(config) if needs_target(config) else None
+    if config.train.loss == "eagle":
+        os.makedirs(workdir, exist_ok=True)
+        target = (target[0], target_side(target[1], config.model, draft_vocab(config, train_batches, workdir)))
     trainer = build_trainer(config, mesh, tokenizer, target)
     num_params = count_params(trainer.abstract_state()["params"])
     if is_main:

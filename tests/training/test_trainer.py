@@ -1,6 +1,7 @@
-"""The trainer end to end on a tiny model and corpus: learning, resume, MatFormer, Medusa, distillation,
+"""The trainer end to end on a tiny model and corpus: learning, resume, MatFormer, Medusa, EAGLE, distillation,
 data parallelism, checkpoint refusal, and the optimizer's schedule and decay mask."""
 
+import copy
 import json
 import os
 import shutil
@@ -14,9 +15,12 @@ import numpy as np
 import pytest
 
 from configs import lm
+from jaxspec.decoding import api
+from jaxspec.models.lm import build_model
 from jaxspec.parallel.mesh import make_mesh
-from jaxspec.training import checkpoint, optim
-from jaxspec.training.train_config import medusa_defaults, train_defaults
+from jaxspec.training import checkpoint, optim, selfdistill
+from jaxspec.training.data import make_datasets
+from jaxspec.training.train_config import eagle_defaults, medusa_defaults, train_defaults
 from jaxspec.training.trainer import build_trainer, prepare_config, read_metrics, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -151,7 +155,6 @@ def test_medusa_heads_learn_on_a_frozen_backbone(lm_run, corpus, tmp_path):
     final = train(config, workdir)
 
     # Chance = always guessing the most frequent validation target (a bigram-free baseline).
-    from jaxspec.training.data import make_datasets
     _, val_batches, _ = make_datasets(config.data)
     targets = np.concatenate([b["targets"].ravel() for b in val_batches.eval_pass(2)])
     majority = np.bincount(targets).max() / targets.size
@@ -169,6 +172,53 @@ def test_medusa_heads_learn_on_a_frozen_backbone(lm_run, corpus, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, backbone_before, backbone_after)
     # The backbone used at the end of head training scores the validation set as the target run did.
     assert final["val_lm_loss"] == pytest.approx(target_final["val_lm_loss"], rel=1e-5)
+
+
+def test_eagle_drafter_learns_its_targets_features_and_drafts_for_it(lm_run, corpus, chat_tokenizer, tmp_path):
+    """A self-distillation set of the trained tiny LM, an EAGLE drafter trained on it, and decoding with it."""
+    _, target_dir, _ = lm_run
+    params, target_config = checkpoint.restore_params(target_dir)
+    target_config.model.max_len = 256  # room for the chat-rendered prompts; the parameters do not depend on it
+    model = build_model(target_config.model)
+    tokenizer = copy.copy(chat_tokenizer)
+    tokenizer.eos_ids = (chat_tokenizer.eos_id,)  # the word-salad target says letters a-m often: no early stops
+    sd = str(tmp_path / "sd")
+    selfdistill.generate(model, params, tokenizer, sd, num_prompts=24, max_new_tokens=48, seq_len=160,
+                         batch_size=8, max_prompt_chars=60, target_workdir=target_dir,
+                         tokenizer_name=target_config.data.tokenizer, progress=False)
+    config = tiny_config(corpus, steps=120, loss="eagle", eval_every=120, learning_rate=3e-3)
+    config.data.source, config.data.seq_len, config.data.batch_size = sd, 159, 4
+    config.target_workdir = target_dir
+    config.eagle = eagle_defaults()
+    config.eagle.update(draft_vocab=32, unroll=2)
+    workdir = str(tmp_path / "eagle")
+    final = train(config, workdir)
+
+    records = read_metrics(workdir)
+    assert records[-1]["tok0_loss"] < records[0]["tok0_loss"] - 0.5
+    assert records[-1]["feat0_loss"] < records[0]["feat0_loss"]
+    # Depth 1 guesses the target's next token far better than its most frequent reply token would.
+    _, val_batches, _ = make_datasets(prepare_config(config).data)
+    val = list(val_batches.eval_pass(4))
+    labels = np.concatenate([b["tokens"][:, 2:][b["mask"][:, 2:]] for b in val])
+    majority = np.bincount(labels).max() / labels.size
+    assert final["val_tok0_acc"] > majority + 0.2, (final["val_tok0_acc"], majority)
+    assert final["val_tok1_acc"] > majority, (final["val_tok1_acc"], majority)
+    vocab = np.load(os.path.join(workdir, "draft_vocab.npy"))
+    assert vocab.shape == (32,) and len(set(vocab.tolist())) == 32
+
+    # Decoding with the trained drafter: identical output, and drafts accepted.
+    prompts = [selfdistill.encode_messages(tokenizer, m)
+               for m in selfdistill.instruction_prompts(3, seed=5, max_chars=60)]
+    ar = api.generate(model, params, prompts, max_new_tokens=32)
+    out = api.generate(model, params, prompts, method="eagle", draft_workdir=workdir, tree="chain:3",
+                       target_workdir=target_dir, max_new_tokens=32)
+    assert out.tokens == ar.tokens
+    assert np.sum(out.accepted) > 1.5 * np.sum(out.target_steps), (out.accepted, out.target_steps)
+    with pytest.raises(ValueError, match="trained for the target"):
+        api.generate(model, params, prompts, method="eagle", draft_workdir=workdir, target_workdir=str(tmp_path))
+    with pytest.raises(ValueError, match="not an EAGLE drafter run"):
+        api.generate(model, params, prompts, method="eagle", draft_workdir=target_dir)
 
 
 @pytest.mark.slow
@@ -193,7 +243,6 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from test_trainer import tiny_config
     from jaxspec.parallel.mesh import make_mesh
-    from jaxspec.training.data import make_datasets
     from jaxspec.training.trainer import build_trainer, prepare_config
 
     assert jax.device_count() == 4, jax.devices()

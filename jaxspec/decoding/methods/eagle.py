@@ -1,0 +1,234 @@
+"""EAGLE-style feature drafting (Li et al., 2024): a one-layer drafter autoregressive in the target's feature
+space, over the target's own (vocabulary-trimmed) LM head; trained by `python -m launch.train
+--config=configs/eagle.py` on a self-distillation set.
+
+Each round the drafter first commits the pairs (target feature, next token) of the tokens accepted last round,
+whose true features the verification forward just computed ("lag", as `ModelDrafter`), then drafts the tree
+depth by depth from its own guessed features: a node reads its parent's guessed feature and its own token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec.decoding import methods
+from jaxspec.decoding.drafters import Context, Proposal, check_breadth_first, children_tokens, sibling_ranks
+from jaxspec.decoding.method import Speculative, Target, is_int
+from jaxspec.decoding.trees import TokenTree, chain
+from jaxspec.models.eagle import EagleNet, drafter_model_cfg, target_side
+from jaxspec.models.layers import matmul_t
+from jaxspec.state import init_decode_state
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicTree:
+    """EAGLE-2's dynamic tree: expand the `top_k` best nodes of each depth by their `top_k` best children down to
+    `depth`, then keep the `nodes` best drafts by summed draft log-probability."""
+
+    top_k: int
+    depth: int
+    nodes: int
+
+    def __post_init__(self):
+        if self.top_k < 1 or self.depth < 1 or not 1 <= self.nodes <= self.top_k * self.depth:
+            raise ValueError(f"a dynamic tree needs top_k >= 1, depth >= 1 and 1 <= nodes <= top_k * depth; got "
+                             f"top_k={self.top_k}, depth={self.depth}, nodes={self.nodes}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleDrafter:
+    """Drafts a tree from guessed features. Params: {"net", "embedding", "head_t", "vocab_ids", ...}
+    (`models.eagle.target_side` plus the trained net)."""
+
+    net: EagleNet
+    tree: TokenTree  # the static tree; with `dynamic`, only its node count (dynamic.nodes + 1) matters
+    dynamic: DynamicTree | None = None
+    reads_features: bool = True  # the engine hands over the target's hidden states (init and update)
+
+    def __post_init__(self):
+        check_breadth_first(self.tree)
+        if self.dynamic is not None and self.tree.num_nodes != self.dynamic.nodes + 1:
+            raise ValueError(f"a dynamic tree of {self.dynamic.nodes} drafts needs tree.num_nodes = "
+                             f"{self.dynamic.nodes + 1}, got {self.tree.num_nodes}")
+
+    def _forward(self, params, features, tokens, **kw):
+        embeddings = jnp.take(params["embedding"], tokens, axis=0)
+        return self.net.apply({"params": params["net"]}, features, embeddings, **kw)
+
+    def init(self, params, prompts, prompt_lens, max_len, first_token, features):
+        b, d = prompts.shape[0], features.shape[-1]
+        rows = jnp.arange(b)
+        last = jnp.maximum(prompt_lens - 1, 0)
+        # Pair i is (f_i, x_{i+1}); the pair at the prompt's last position reads the first emitted token and
+        # waits in the lag, so the first proposal's extend ends on it.
+        following = jnp.pad(prompts[:, 1:], ((0, 0), (0, 1))).at[rows, last].set(first_token)
+        state = init_decode_state(self.net.model_cfg, b, max_len)
+        _, state = self._forward(params, features, following, state=state, num_new=last, fresh=True)
+        k = self.tree.num_nodes
+        lag_features = jnp.zeros((b, k, d), jnp.float32).at[:, 0].set(features[rows, last])
+        lag_tokens = jnp.zeros((b, k), jnp.int32).at[:, 0].set(first_token)
+        return state, lag_features, lag_tokens, jnp.ones((b,), jnp.int32)
+
+    def propose(self, params, dstate, ctx: Context) -> Proposal:
+        state, lag_features, lag_tokens, lag_n = dstate
+        b = lag_tokens.shape[0]
+        guessed, state = self._forward(params, lag_features, lag_tokens, state=state, num_new=lag_n)
+        root_feature = guessed[jnp.arange(b), jnp.maximum(lag_n - 1, 0)]
+        dstate = (state, lag_features, lag_tokens, lag_n)
+        if self.dynamic is not None:
+            tokens, parents = self._dynamic_tree(params, state, root_feature, ctx.root)
+            # Deterministic drafts (draft_probs None): at T > 0 the verifier treats each as a point mass, and
+            # recursive rejection over point masses is lossless (a rejected sibling's token leaves the residual).
+            return Proposal(tokens, None, None, dstate, parents)
+        return self._static_tree(params, state, root_feature, ctx, dstate)
+
+    def _static_tree(self, params, state, root_feature, ctx: Context, dstate) -> Proposal:
+        tree = self.tree
+        b, k = root_feature.shape[0], tree.num_nodes
+        node_features = jnp.zeros((b, k, root_feature.shape[-1]), jnp.float32).at[:, 0].set(root_feature)
+        tokens = jnp.zeros((b, k), jnp.int32).at[:, 0].set(ctx.root)
+        vocab = params["embedding"].shape[0]
+        draft_probs = None if ctx.temperature == 0 else jnp.zeros((b, k, vocab), jnp.float32)
+        depths, parents, ranks = tree.depths, np.asarray(tree.parents), sibling_ranks(tree)
+        widest = int(ranks.max()) + 1
+        keys = jax.random.split(ctx.key, tree.max_depth + 1)
+        for d in range(1, tree.max_depth + 1):
+            nodes = np.flatnonzero(depths == d)
+            logits = matmul_t(node_features[:, parents[nodes]], params["head_t"])  # [B, n, N]: the draft vocab
+            picked, probs = children_tokens(keys[d], logits, ranks[nodes], ctx.temperature, widest)
+            tokens = tokens.at[:, nodes].set(jnp.take(params["vocab_ids"], picked))
+            if probs is not None:  # the distribution over the whole vocabulary (0 outside the draft vocab)
+                full = jnp.zeros((b, len(nodes), vocab), jnp.float32)
+                draft_probs = draft_probs.at[:, nodes].set(full.at[:, :, params["vocab_ids"]].set(probs))
+            if d < tree.max_depth:
+                # Nodes up to depth d form a prefix (breadth-first): each reads its parent's guessed feature and
+                # its own token; the forward's pending state is dropped (only committed pairs enter the state).
+                m = int(np.sum(depths <= d))
+                sub_parents = parents[1:m] - 1  # the root's pair is already in the drafter's state
+                sub, _ = self._forward(params, node_features[:, parents[1:m]], tokens[:, 1:m], state=state,
+                                       parents=sub_parents)
+                node_features = node_features.at[:, 1:m].set(sub)
+        return Proposal(tokens, draft_probs, None, dstate)
+
+    def _dynamic_tree(self, params, state, root_feature, root):
+        """EAGLE-2's tree: a beam of the `top_k` best nodes per depth (by summed draft log-probability), each
+        expanded by its `top_k` best children, to `depth`; then the `nodes` best of all, per row. Returns
+        (tokens [B, nodes + 1], parents [B, nodes + 1]) in topological order."""
+        top_k, depth, nodes = self.dynamic.top_k, self.dynamic.depth, self.dynamic.nodes
+        b, d = root_feature.shape
+        rows = jnp.arange(b)[:, None]
+        log_probs = lambda feats: jax.nn.log_softmax(matmul_t(feats, params["head_t"]), axis=-1)
+        # The pool: node 0 the root, then `top_k` nodes per depth; parents index the pool.
+        score, pick = jax.lax.top_k(log_probs(root_feature), top_k)  # [B, top_k]
+        tokens, parents, scores = [pick], [jnp.zeros((b, top_k), jnp.int32)], [score]
+        layer_features = None
+        for level in range(1, depth):
+            pool_tokens = jnp.take(params["vocab_ids"], jnp.concatenate(tokens, 1))  # [B, level * top_k]
+            pool_parents = jnp.concatenate(parents, 1)
+            known = jnp.concatenate([root_feature[:, None]] + ([] if layer_features is None else [layer_features]), 1)
+            # Each drafted node reads its parent's guessed feature; the root's pair is already in the state.
+            out, _ = self._forward(params, known[rows, pool_parents], pool_tokens, state=state,
+                                   parents=pool_parents - 1)
+            layer_features = out
+            last = out[:, -top_k:]  # the newest level's guessed features
+            child = log_probs(last)  # [B, top_k, N]
+            child_score, child_pick = jax.lax.top_k(child, top_k)
+            total = (scores[-1][:, :, None] + child_score).reshape(b, top_k * top_k)
+            score, flat = jax.lax.top_k(total, top_k)
+            first_of_level = 1 + (level - 1) * top_k
+            parents.append((first_of_level + flat // top_k).astype(jnp.int32))
+            tokens.append(jnp.take_along_axis(child_pick.reshape(b, -1), flat, axis=1))
+            scores.append(score)
+        pool_tokens = jnp.take(params["vocab_ids"], jnp.concatenate(tokens, 1))
+        pool_parents, pool_scores = jnp.concatenate(parents, 1), jnp.concatenate(scores, 1)
+        # The best `nodes` (ties to the earlier node): a child never scores above its parent, so the set holds
+        # every chosen node's ancestors; kept in pool order, which is topological.
+        _, best = jax.lax.top_k(pool_scores, nodes)
+        chosen = jnp.sort(best, axis=1)  # [B, nodes] pool positions (pool index - 1)
+        new_index = jnp.zeros((b, pool_scores.shape[1] + 1), jnp.int32).at[rows, chosen + 1].set(
+            jnp.arange(1, nodes + 1, dtype=jnp.int32)[None])
+        tree_parents = new_index[rows, pool_parents[rows, chosen]]
+        tree_tokens = pool_tokens[rows, chosen]
+        return (jnp.concatenate([root[:, None].astype(jnp.int32), tree_tokens.astype(jnp.int32)], 1),
+                jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), tree_parents], 1))
+
+    def update(self, dstate, emitted, num_emitted, features):
+        """The accepted path's true features and the tokens that followed them are next round's pairs."""
+        state = dstate[0]
+        return state, features.astype(jnp.float32), emitted.astype(jnp.int32), num_emitted.astype(jnp.int32)
+
+
+def load_drafter(workdir: str, target: Target) -> tuple[EagleNet, dict, np.ndarray]:
+    """(net, its params, draft vocabulary) of an EAGLE training run, refused when trained for another target."""
+    from jaxspec.training import checkpoint
+    from jaxspec.training.trainer import DRAFT_VOCAB_FILE
+
+    params, cfg = checkpoint.restore_params(workdir)
+    if cfg.get("train", {}).get("loss") != "eagle" or "eagle" not in cfg:
+        raise ValueError(f"{workdir} is not an EAGLE drafter run (its config has train.loss="
+                         f"{cfg.get('train', {}).get('loss')!r})")
+    trained_on = cfg.get("target_workdir", "")
+    if trained_on and target.workdir and os.path.realpath(trained_on) != os.path.realpath(target.workdir):
+        raise ValueError(f"the EAGLE drafter in {workdir} was trained for the target {trained_on!r}, not "
+                         f"{target.workdir!r}")
+    vocab_path = os.path.join(workdir, DRAFT_VOCAB_FILE)
+    if not os.path.isfile(vocab_path):
+        raise ValueError(f"{workdir} has no {DRAFT_VOCAB_FILE} (the draft vocabulary its head was trained on)")
+    return EagleNet(drafter_model_cfg(cfg.model, cfg.eagle.num_layers)), params, np.load(vocab_path)
+
+
+@methods.register
+@dataclasses.dataclass(frozen=True)
+class Eagle(Speculative):
+    """`draft_workdir`: an EAGLE training run for this target (or pass `net`, `net_params` and `vocab_ids`).
+    `top_k` > 0 drafts EAGLE-2's dynamic tree (`DynamicTree(top_k, depth, nodes)`) in place of the static `tree`."""
+
+    name = "eagle"
+    needs = "a trained EAGLE drafter"
+    objects = ("net", "net_params", "vocab_ids")
+    draft_workdir: str = ""
+    top_k: int = 0
+    depth: int = 5
+    nodes: int = 10
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check(is_int(self.top_k) and self.top_k >= 0, "top_k", "0 (the static tree) or a positive integer")
+        for field in ("depth", "nodes"):
+            self.check(is_int(getattr(self, field)) and getattr(self, field) >= 1, field, "a positive integer")
+        if self.top_k:
+            self.check(not self.tree, "tree", "left empty with a dynamic tree (top_k > 0)")
+            self.check(self.nodes <= self.top_k * self.depth, "nodes", f"at most top_k * depth = "
+                       f"{self.top_k * self.depth} (the drafts a dynamic tree expands)")
+            self.check(not self.adaptive, "adaptive", "0 with a dynamic tree (top_k > 0)")
+
+    def token_tree(self) -> TokenTree:
+        # A dynamic tree changes per row and round; its static stand-in only fixes the node count.
+        return chain(self.nodes) if self.top_k else super().token_tree()
+
+    @property
+    def dynamic(self) -> DynamicTree | None:
+        return DynamicTree(self.top_k, self.depth, self.nodes) if self.top_k else None
+
+    def build(self, target: Target, net: EagleNet | None = None, net_params=None, vocab_ids=None):
+        if net is None and net_params is None:
+            if not self.draft_workdir:
+                raise ValueError("method 'eagle' needs a trained drafter: draft_workdir (--draft_workdir, an EAGLE "
+                                 "training run), or net and net_params")
+            net, net_params, vocab_ids = load_drafter(self.draft_workdir, target)
+        if net is None or net_params is None:
+            raise ValueError("method 'eagle' needs both net and net_params")
+        cfg = target.model.model_cfg
+        if net.model_cfg.d_model != cfg.d_model:
+            raise ValueError(f"the EAGLE drafter was built for d_model={net.model_cfg.d_model}; the target has "
+                             f"d_model={cfg.d_model}: a drafter trained for another target")
+        vocab_ids = np.arange(cfg.vocab_size) if vocab_ids is None else np.asarray(vocab_ids)
+        if vocab_ids.ndim != 1 or vocab_ids.min() < 0 or vocab_ids.max() >= cfg.vocab_size:
+            raise ValueError(f"vocab_ids must be target ids in [0, {cfg.vocab_size}); got shape {vocab_ids.shape}")
+        dparams = {"net": net_params, **target_side(target.params, cfg, vocab_ids)}
+        return EagleDrafter(net, self.token_tree(), self.dynamic), dparams

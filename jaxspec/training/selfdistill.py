@@ -1,0 +1,667 @@
+"""Self-distillation sets: the target model's own replies to instructions, stored with its hidden states, so a
+drafter (EAGLE-style feature drafters, Medusa / Hydra heads) trains on them without running the target again.
+
+    summary = generate(lm.model, lm.params, lm.tokenizer, "/tmp/sd", num_prompts=64, max_new_tokens=96,
+                       seq_len=384, batch_size=8, target_workdir=lm.workdir, tokenizer_name=lm.config.data.tokenizer)
+    manifest, arrays = read("/tmp/sd")
+    mask = loss_mask(arrays)                              # [N, L]: positions whose next token is a reply token
+
+Instructions (`instruction_prompts`) are built from the running interpreter's standard library, as the default
+training corpus is (jaxspec/training/data.py): module, class and function docstrings and the source of documented
+functions, each under one of several instruction templates ("Explain what this function does:", "Summarize this
+documentation:", "Write a docstring for:", "Continue the text:", "Continue the code:", ...). The stream is
+deterministic given the seed (on a given Python version) and never repeats a text; an instruction equal to, or
+sharing a line of 30 characters or more with, a conversation of the evaluation suite (jaxspec/eval/suite.py) is
+left out.
+
+Each instruction is rendered as one user message through the target's chat template with the generation prompt
+(the plain "User: ... Assistant:" form for a tokenizer without a template, as the suite evaluation does), and the
+replies are decoded greedily by `jaxspec.decoding.api.generate`, `batch_size` rows together, stopping at the
+tokenizer's stop ids (the stop id, when hit, is part of the reply). One full forward of the target over each
+[prompt + reply] then gives the stored features. Every example fits the fixed length `seq_len`: an instruction
+whose rendered prompt is longer than ``seq_len - max_new_tokens`` tokens is skipped (never truncated, which would
+cut the generation prompt off) and the next instruction of the stream takes its place.
+
+On disk (``FORMAT``), a directory with:
+
+- ``manifest.json``: {"format", "complete", "target_workdir", "tokenizer", "seq_len", "d_model", "vocab_size",
+  "feature_layers", "num_examples", "shards", "max_new_tokens", "seed", "prompt_set"}; written with
+  ``complete: false`` when a run starts and with ``complete: true`` when every shard is on disk.
+- ``shard_00000.npz``, ... one per batch: ``tokens`` int32 [n, L] (prompt then reply, right-padded with 0),
+  ``lengths`` int32 [n] (prompt + reply tokens), ``reply_start`` int32 [n] (the prompt's length), ``features``
+  float16 [n, L, d] (the hidden state after the final norm at every position, zero from ``lengths`` on), and,
+  when ``feature_layers`` is not empty, ``layer_features`` float16 [n, L, len(feature_layers), d] (the residual
+  stream after each of those layers, zero from ``lengths`` on). A shard also holds ``fingerprint``, a JSON
+  string of the settings and prompt ids that made it (readers ignore it).
+
+Shards and the manifest are written under a temporary name and renamed into place, so a file that exists is
+whole. A rerun with the same arguments skips the shards on disk (a run that was stopped continues where it
+stopped); a shard made with other arguments (target, tokenizer and its stop ids, seq_len, max_new_tokens,
+feature_layers, seed, prompt set, batch_size, or other prompts) is an error naming the file, raised before anything
+is written. One directory takes one run at a time.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import itertools
+import json
+import os
+import random
+import sys
+import sysconfig
+import textwrap
+import time
+import uuid
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from jaxspec.config import ConfigError, check_keys
+from jaxspec.decoding import api, engine
+from jaxspec.eval.suite import SuitePrompt, load_suite
+
+FORMAT = "jaxspec-selfdistill-1"
+MANIFEST = "manifest.json"
+PROMPT_SET = "stdlib-instructions-1"
+MANIFEST_KEYS = ("format", "complete", "target_workdir", "tokenizer", "seq_len", "d_model", "vocab_size",
+                 "feature_layers", "num_examples", "shards", "max_new_tokens", "seed", "prompt_set")
+SHARD_ARRAYS = ("tokens", "lengths", "reply_start", "features")  # plus layer_features with feature_layers
+FINGERPRINT = "fingerprint"
+DEFAULT_MAX_CHARS = 800
+
+# Directories of the standard library that hold no library text worth instructing on (tests, installed
+# packages, demos, codec tables, generated data).
+_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "idlelib",
+                        "turtledemo", "lib2to3", "pydoc_data", "ensurepip", "encodings"})
+_MIN_CHARS = 60  # shortest docstring or function source that makes an instruction
+_UNITS_PER_FILE = 2  # instructions taken from one file before moving to the next
+_SUITE_LINE = 30  # a suite line this long found in an instruction excludes it
+_MAX_SKIPPED_PER_PROMPT = 10  # prompts too long to fit, per prompt wanted, before giving up
+
+_DOC_TEMPLATES = {
+    "summarize": "Summarize this documentation:\n\n{text}",
+    "key_points": "List the key points of:\n\n{text}",
+    "beginner": "Explain this documentation to someone new to Python:\n\n{text}",
+    "questions": "Write three questions this documentation answers, each with its answer:\n\n{text}",
+    "continue": "Continue the text:\n\n{head}",
+}
+_CODE_TEMPLATES = {
+    "explain": "Explain what this function does:\n\n```python\n{code}\n```",
+    "docstring": "Write a docstring for:\n\n```python\n{bare}\n```",
+    "signature": "Describe the arguments and the return value of this function:\n\n```python\n{code}\n```",
+    "tests": "Suggest test cases for this function:\n\n```python\n{code}\n```",
+    "review": "Review this code and suggest one improvement:\n\n```python\n{code}\n```",
+    "continue": "Continue the code:\n\n```python\n{head}\n```",
+}
+
+
+# ------------------------------------------------------------------------------------------ instructions
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unit:
+    """A piece of the standard library and the template fields it fills."""
+
+    kind: str  # "doc" or "code"
+    fields: dict
+
+
+def _stdlib_sources() -> tuple[str, list[str]]:
+    """(stdlib root, sorted relative paths of its *.py files), without tests, packages and demos."""
+    root = sysconfig.get_paths()["stdlib"]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
+        rel_dir = os.path.relpath(dirpath, root)
+        found += [os.path.normpath(os.path.join(rel_dir, f)).replace(os.sep, "/")
+                  for f in filenames if f.endswith(".py")]
+    return root, sorted(found)
+
+
+def _cut_paragraphs(text: str, max_chars: int) -> str | None:
+    """The leading paragraphs of `text` that fit `max_chars`, or None when they are too short or none fits."""
+    kept = ""
+    for paragraph in text.strip().split("\n\n"):
+        joined = f"{kept}\n\n{paragraph}" if kept else paragraph
+        if len(joined) > max_chars:
+            break
+        kept = joined
+    return kept if len(kept) >= _MIN_CHARS else None
+
+
+def _head(text: str) -> str | None:
+    """About the first half of `text`, ending at a sentence or line end, for "Continue the text"."""
+    middle = len(text) // 2
+    cut = max(text.rfind(". ", 0, middle) + 1, text.rfind("\n", 0, middle))
+    return text[:cut].rstrip() if cut >= _MIN_CHARS // 2 else None
+
+
+def _doc_unit(doc: str | None, max_chars: int) -> _Unit | None:
+    text = _cut_paragraphs(doc or "", max_chars)
+    return None if text is None else _Unit("doc", {"text": text, "head": _head(text)})
+
+
+def _code_unit(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str], max_chars: int) -> _Unit | None:
+    """A documented function with a body besides its docstring: its source, and its source without the docstring."""
+    if len(node.body) < 2 or ast.get_docstring(node) is None:
+        return None
+    first, doc = node.lineno - 1, node.body[0]
+    code = textwrap.dedent("\n".join(lines[first:node.end_lineno])).strip("\n")
+    bare = textwrap.dedent("\n".join(lines[first:doc.lineno - 1] + lines[doc.end_lineno:node.end_lineno]))
+    if not _MIN_CHARS <= len(code) <= max_chars:
+        return None
+    code_lines = code.splitlines()
+    head = "\n".join(code_lines[:len(code_lines) // 2]) if len(code_lines) >= 4 else None
+    return _Unit("code", {"code": code, "bare": bare.strip("\n"), "head": head})
+
+
+def _file_units(path: str, max_chars: int) -> list[_Unit]:
+    """Docstrings (module, classes, functions) and documented functions of one source file; [] for a file that
+    does not read or parse."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            source = fh.read()
+        tree = ast.parse(source)
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+        return []
+    lines = source.splitlines()
+    units = [_doc_unit(ast.get_docstring(tree), max_chars)]
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            units.append(_doc_unit(ast.get_docstring(node), max_chars))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            units.append(_code_unit(node, lines, max_chars))
+    return [u for u in units if u is not None]
+
+
+@functools.cache
+def _suite_texts() -> tuple[frozenset[str], tuple[str, ...]]:
+    """(every message text of the evaluation suite, its lines of at least _SUITE_LINE characters)."""
+    texts = frozenset(m["content"] for p in load_suite() for m in p.messages)
+    lines = {line.strip() for t in texts for line in t.splitlines() if len(line.strip()) >= _SUITE_LINE}
+    return texts, tuple(sorted(lines))
+
+
+def overlaps_suite(content: str) -> bool:
+    """Whether `content` equals a message of the evaluation suite or holds one of its long lines."""
+    texts, lines = _suite_texts()
+    return content in texts or any(line in content for line in lines)
+
+
+def iter_instructions(seed: int = 0, max_chars: int = DEFAULT_MAX_CHARS) -> Iterator[list[dict[str, str]]]:
+    """The stream `instruction_prompts` takes its first n from: standard-library files in an order shuffled by
+    `seed`, up to two pieces of each, each under a template drawn by `seed` from those the piece fits."""
+    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < _MIN_CHARS:
+        raise ValueError(f"max_chars={max_chars!r} must be an integer of at least {_MIN_CHARS}")
+    rng = random.Random(seed)
+    root, files = _stdlib_sources()
+    rng.shuffle(files)
+    seen = set()
+    for rel in files:
+        units = _file_units(os.path.join(root, rel), max_chars)
+        rng.shuffle(units)
+        for unit in units[:_UNITS_PER_FILE]:
+            templates = _DOC_TEMPLATES if unit.kind == "doc" else _CODE_TEMPLATES
+            usable = [name for name, text in templates.items() if "{head}" not in text or unit.fields["head"]]
+            content = templates[rng.choice(usable)].format(**unit.fields)
+            if content in seen or overlaps_suite(content):
+                continue
+            seen.add(content)
+            yield [{"role": "user", "content": content}]
+
+
+def instruction_prompts(n: int, seed: int = 0, max_chars: int = DEFAULT_MAX_CHARS) -> list[list[dict[str, str]]]:
+    """n instructions, each a one-message chat ([{"role": "user", "content": ...}]), deterministic given `seed`;
+    the first m of n are the m of `instruction_prompts(m, seed)`. `max_chars` bounds the quoted text."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n={n!r} must be a non-negative integer")
+    prompts = list(itertools.islice(iter_instructions(seed, max_chars), n))
+    if len(prompts) < n:
+        raise ValueError(f"the standard library gives only {len(prompts)} instructions with max_chars={max_chars}; "
+                         f"asked for {n}")
+    return prompts
+
+
+def prompt_set_description(seed: int, max_chars: int) -> str:
+    version = ".".join(map(str, sys.version_info[:3]))
+    return f"{PROMPT_SET}: Python {version} standard library, seed={seed}, max_chars={max_chars}"
+
+
+def encode_messages(tokenizer, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """Token ids of a chat ending where the reply starts: the chat template with its generation prompt, or the
+    plain "User: ... Assistant:" form for a tokenizer without one (as `suite_eval.encode_suite`)."""
+    if tokenizer.chat_template is not None:
+        return tokenizer.encode_chat(list(messages), add_generation_prompt=True)
+    return tokenizer.encode_prompt(SuitePrompt("", "", tuple(messages)).as_plain_prompt())
+
+
+def plan_prompts(tokenizer, num_prompts: int, seed: int, max_chars: int, max_prompt_tokens: int
+                 ) -> tuple[list[list[int]], int]:
+    """(ids of the first `num_prompts` instructions whose rendered prompt fits `max_prompt_tokens`, how many
+    were skipped as too long)."""
+    kept, skipped = [], 0
+    for messages in iter_instructions(seed, max_chars):
+        ids = encode_messages(tokenizer, messages)
+        if 0 < len(ids) <= max_prompt_tokens:
+            kept.append(ids)
+            if len(kept) == num_prompts:
+                return kept, skipped
+            continue
+        skipped += 1
+        if skipped > _MAX_SKIPPED_PER_PROMPT * num_prompts + 100:
+            break
+    raise ValueError(f"only {len(kept)} of {num_prompts} instructions fit seq_len - max_new_tokens = "
+                     f"{max_prompt_tokens} prompt tokens ({skipped} were longer); raise seq_len or lower "
+                     f"max_prompt_chars={max_chars}")
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+@dataclasses.dataclass
+class Summary:
+    """What a `generate` call did."""
+
+    manifest: dict
+    reply_tokens: int  # reply tokens in the whole set
+    generated_tokens: int  # reply tokens decoded by this call (skipped shards excluded)
+    generate_s: float  # decoding time of this call, compilation excluded
+    compile_s: float  # compilation of the decode loop
+    feature_s: float  # the feature forwards, their compilation included
+    shards_written: int
+    shards_skipped: int
+    prompts_too_long: int  # instructions skipped because prompt + max_new_tokens > seq_len
+    bytes_on_disk: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / max(self.generate_s, 1e-9)
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.npz"
+
+
+def _write_atomically(path: str, write) -> None:
+    """`write(file)` into a temporary file beside `path`, renamed to `path` only when complete."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def _write_manifest(out_dir: str, manifest: dict) -> None:
+    _write_atomically(os.path.join(out_dir, MANIFEST),
+                      lambda fh: fh.write((json.dumps(manifest, indent=1) + "\n").encode("utf-8")))
+
+
+def _config_digest(model_cfg) -> str:
+    text = json.dumps(ml_collections.ConfigDict(model_cfg).to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _ids_digest(prompts: list[list[int]]) -> str:
+    return hashlib.sha256(json.dumps(prompts).encode("utf-8")).hexdigest()[:16]
+
+
+def _stored_fingerprint(path: str) -> tuple[dict, int]:
+    """(the fingerprint of an existing shard, its reply tokens), or a ValueError naming the file."""
+    try:
+        with np.load(path, allow_pickle=False) as shard:
+            stored = json.loads(str(shard[FINGERPRINT]))
+            replies = int(np.sum(shard["lengths"] - shard["reply_start"]))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path} is not a readable self-distillation shard ({err}); delete it and run again"
+                         ) from err
+    return stored, replies
+
+
+def _check_fingerprint(path: str, expected: dict) -> int:
+    stored, replies = _stored_fingerprint(path)
+    if stored != expected:
+        differ = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
+        detail = ", ".join(f"{k}: {stored.get(k)!r} there, {expected.get(k)!r} now" for k in differ)
+        raise ValueError(f"{path} was made with other arguments ({detail}); delete it or write to another "
+                         "directory")
+    return replies
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _forward_features(model, params, tokens, layers: tuple[int, ...]):
+    """The final hidden state (after the final norm) and the residual stream after `layers`, in float16."""
+    out = model.apply({"params": params}, tokens, return_hidden=True)
+    hidden = out.hidden.astype(jnp.float16)
+    if not layers:
+        return hidden, None
+    return hidden, jnp.stack([out.layer_hidden[i] for i in layers], axis=2).astype(jnp.float16)
+
+
+def feature_pass(model, params, tokens: np.ndarray, lengths: np.ndarray, feature_layers: Sequence[int]
+                 ) -> dict[str, np.ndarray]:
+    """One full forward of `model` over right-padded `tokens` [B, L]: ``features`` [B, L, d] and, with
+    feature_layers, ``layer_features`` [B, L, k, d], float16 and zero from each row's length on.
+
+    The forward runs over the first ``bucket_len(max(lengths))`` columns only (a multiple of 64, so a few
+    shapes compile): in a causal model the padding after a row's end reaches none of its positions."""
+    L = tokens.shape[1]
+    width = min(L, engine.bucket_len(int(np.max(lengths))))
+    hidden, layered = _forward_features(model, params, jnp.asarray(tokens[:, :width], jnp.int32),
+                                        tuple(feature_layers))
+    valid = np.arange(width)[None, :] < np.asarray(lengths)[:, None]
+
+    def stored(array, mask):
+        full = np.zeros((array.shape[0], L, *array.shape[2:]), np.float16)
+        full[:, :width] = np.where(mask, np.asarray(array), np.float16(0))
+        return full
+
+    out = {"features": stored(hidden, valid[:, :, None])}
+    if layered is not None:
+        out["layer_features"] = stored(layered, valid[:, :, None, None])
+    for name, array in out.items():
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"{name} overflow float16 (values beyond +-65504): the target's activations are too "
+                             "large to store in this format")
+    return out
+
+
+def _check_arguments(model, num_prompts, max_new_tokens, seq_len, batch_size, feature_layers) -> tuple[int, ...]:
+    cfg = model.model_cfg
+    for name, value in (("num_prompts", num_prompts), ("max_new_tokens", max_new_tokens), ("seq_len", seq_len),
+                        ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    if max_new_tokens >= seq_len:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in seq_len={seq_len}")
+    # The decode state holds prompt width + new tokens + one node + 1 (engine.required_max_len).
+    if seq_len + 2 > cfg.max_len:
+        raise ValueError(f"seq_len={seq_len} needs a decode state of {seq_len + 2} positions, longer than the "
+                         f"target's model.max_len={cfg.max_len}")
+    layers = tuple(feature_layers)
+    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < cfg.n_layers]
+    if bad or len(set(layers)) != len(layers):
+        raise ValueError(f"feature_layers={layers} must be distinct layer indices in 0..{cfg.n_layers - 1}")
+    return layers
+
+
+def generate(model, params, tokenizer, out_dir: str, *, num_prompts: int, max_new_tokens: int, seq_len: int,
+             batch_size: int, feature_layers: Sequence[int] = (), seed: int = 0,
+             max_prompt_chars: int = DEFAULT_MAX_CHARS, target_workdir: str = "", tokenizer_name: str = "",
+             progress: bool = True) -> Summary:
+    """Write (or complete) the self-distillation set of `model` into `out_dir` and return what was done.
+
+    `target_workdir` and `tokenizer_name` (the target's ``data.tokenizer``) are recorded in the manifest and
+    in each shard's fingerprint. The first `num_prompts` instructions of `instruction_prompts(..., seed,
+    max_prompt_chars)` whose prompt fits ``seq_len - max_new_tokens`` tokens are decoded greedily in batches of
+    `batch_size` (the last batch filled with copies of its last prompt, so every batch has `batch_size` rows;
+    prompt widths are bucketed as `api.generate` does, so a set compiles its loop once per width bucket).
+    """
+    layers = _check_arguments(model, num_prompts, max_new_tokens, seq_len, batch_size, feature_layers)
+    cfg = model.model_cfg
+    prompts, too_long = plan_prompts(tokenizer, num_prompts, seed, max_prompt_chars, seq_len - max_new_tokens)
+    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    prompt_set = prompt_set_description(seed, max_prompt_chars)
+    manifest = dict(format=FORMAT, complete=False, target_workdir=str(target_workdir),
+                    tokenizer=str(tokenizer_name), seq_len=seq_len, d_model=cfg.d_model, vocab_size=cfg.vocab_size,
+                    feature_layers=list(layers), num_examples=len(prompts),
+                    shards=[shard_name(i) for i in range(len(batches))], max_new_tokens=max_new_tokens, seed=seed,
+                    prompt_set=prompt_set)
+    settings = {k: manifest[k] for k in ("format", "target_workdir", "tokenizer", "seq_len", "feature_layers",
+                                         "max_new_tokens", "seed", "prompt_set")}
+    settings.update(model=_config_digest(cfg), eos_ids=list(api.stop_ids(tokenizer.eos_ids)), batch_size=batch_size)
+    fingerprints = [dict(settings, shard=i, prompts=_ids_digest(batch)) for i, batch in enumerate(batches)]
+    summary = Summary(manifest, 0, 0, 0.0, 0.0, 0.0, 0, 0, too_long, 0)
+    # Everything already on disk is checked before anything is written, so a refused run changes nothing.
+    _check_existing_manifest(out_dir)
+    done = set()
+    for index, fingerprint in enumerate(fingerprints):
+        path = os.path.join(out_dir, shard_name(index))
+        if os.path.exists(path):
+            summary.reply_tokens += _check_fingerprint(path, fingerprint)
+            done.add(index)
+    os.makedirs(out_dir, exist_ok=True)
+    _write_manifest(out_dir, manifest)
+    with tqdm(total=len(prompts), desc="selfdistill", unit="prompt", disable=not progress) as bar:
+        for index, batch in enumerate(batches):
+            path = os.path.join(out_dir, shard_name(index))
+            if index in done:
+                summary.shards_skipped += 1
+            else:
+                arrays = _make_shard(model, params, tokenizer, batch, batch_size, max_new_tokens, seq_len, layers,
+                                     summary)
+                arrays[FINGERPRINT] = np.asarray(json.dumps(fingerprints[index], sort_keys=True))
+                _write_atomically(path, lambda fh, arrays=arrays: np.savez(fh, **arrays))
+                summary.shards_written += 1
+            bar.update(len(batch))
+    manifest["complete"] = True
+    _write_manifest(out_dir, manifest)
+    files = [MANIFEST, *manifest["shards"]]
+    summary.bytes_on_disk = sum(os.path.getsize(os.path.join(out_dir, name)) for name in files)
+    return summary
+
+
+def _check_existing_manifest(out_dir: str) -> None:
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.exists(path):
+        if os.path.isdir(out_dir) and os.listdir(out_dir):
+            raise ValueError(f"{out_dir} holds files but no {MANIFEST}: it is not a self-distillation set; write to "
+                             "a new or empty directory")
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise ValueError(f"{out_dir} exists and is not a directory")
+        return
+    try:
+        with open(path, encoding="utf-8") as fh:
+            old = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} exists but is not readable JSON ({err}); delete it or write to another "
+                         "directory") from err
+    if not isinstance(old, dict) or old.get("format") != FORMAT:
+        got = old.get("format") if isinstance(old, dict) else type(old).__name__
+        raise ValueError(f"{path} is not a {FORMAT} manifest (format {got!r}); write to another directory")
+
+
+def _make_shard(model, params, tokenizer, batch, batch_size, max_new_tokens, seq_len, layers, summary
+                ) -> dict[str, np.ndarray]:
+    """Decode one batch, run the feature forward over [prompt + reply] and return the shard's arrays."""
+    padded = batch + [batch[-1]] * (batch_size - len(batch))
+    result = api.generate(model, params, padded, method="ar", max_new_tokens=max_new_tokens, temperature=0.0,
+                          eos_ids=tokenizer.eos_ids)
+    replies = result.tokens[:len(batch)]
+    summary.generate_s += result.wall_time_s
+    summary.compile_s += result.compile_s
+    summary.generated_tokens += sum(map(len, replies))
+    summary.reply_tokens += sum(map(len, replies))
+    tokens = np.zeros((batch_size, seq_len), np.int32)
+    lengths = np.zeros(batch_size, np.int32)
+    for row, (prompt, reply) in enumerate(zip(padded, result.tokens)):
+        sequence = prompt + reply
+        tokens[row, :len(sequence)] = sequence
+        lengths[row] = len(sequence)
+    start = time.perf_counter()
+    features = feature_pass(model, params, tokens, lengths, layers)
+    summary.feature_s += time.perf_counter() - start
+    n = len(batch)
+    return dict(tokens=tokens[:n], lengths=lengths[:n], reply_start=np.asarray([len(p) for p in batch], np.int32),
+                **{name: array[:n] for name, array in features.items()})
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def _read_manifest(out_dir: str) -> dict:
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise ValueError(f"{out_dir}: no {MANIFEST}; not a self-distillation set (or its run never started)")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            manifest = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{out_dir}: {MANIFEST} is not readable JSON ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{out_dir}: {MANIFEST} has format {got!r}, not {FORMAT!r}")
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise ValueError(f"{out_dir}: {MANIFEST} lacks the keys {missing}")
+    if manifest["complete"] is not True:
+        raise ValueError(f"{out_dir}: the set is incomplete ({MANIFEST} says complete={manifest['complete']!r}): "
+                         "its run did not finish; run it again with the same arguments to complete it")
+    for key in ("seq_len", "d_model", "vocab_size", "num_examples"):
+        if isinstance(manifest[key], bool) or not isinstance(manifest[key], int) or manifest[key] < 0:
+            raise ValueError(f"{out_dir}: {MANIFEST} has {key}={manifest[key]!r}, not a non-negative integer")
+    if not isinstance(manifest["shards"], list) or not all(isinstance(s, str) for s in manifest["shards"]):
+        raise ValueError(f"{out_dir}: {MANIFEST} has shards={manifest['shards']!r}, not a list of file names")
+    if not isinstance(manifest["feature_layers"], list):
+        raise ValueError(f"{out_dir}: {MANIFEST} has feature_layers={manifest['feature_layers']!r}, not a list")
+    return manifest
+
+
+def _expected_shapes(manifest: dict, n: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    L, d, k = manifest["seq_len"], manifest["d_model"], len(manifest["feature_layers"])
+    shapes = dict(tokens=((n, L), np.int32), lengths=((n,), np.int32), reply_start=((n,), np.int32),
+                  features=((n, L, d), np.float16))
+    if k:
+        shapes["layer_features"] = ((n, L, k, d), np.float16)
+    return shapes
+
+
+def _read_shard(out_dir: str, name: str, manifest: dict) -> dict[str, np.ndarray]:
+    path = os.path.join(out_dir, name)
+    if not os.path.isfile(path):
+        raise ValueError(f"{out_dir}: shard {name} listed in {MANIFEST} is missing")
+    try:
+        with np.load(path, allow_pickle=False) as shard:
+            arrays = {key: shard[key] for key in shard.files if key != FINGERPRINT}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{out_dir}: shard {name} is not a readable .npz ({err})") from err
+    n = len(arrays["tokens"]) if "tokens" in arrays else 0
+    expected = _expected_shapes(manifest, n)
+    if sorted(arrays) != sorted(expected):
+        raise ValueError(f"{out_dir}: shard {name} holds {sorted(arrays)}; the manifest's format needs "
+                         f"{sorted(expected)}")
+    for key, (shape, dtype) in expected.items():
+        if arrays[key].shape != shape or arrays[key].dtype != dtype:
+            raise ValueError(f"{out_dir}: shard {name} has {key} {arrays[key].dtype}{list(arrays[key].shape)}; the "
+                             f"manifest says {np.dtype(dtype)}{list(shape)}")
+    start, lengths = arrays["reply_start"], arrays["lengths"]
+    if np.any(start < 1) or np.any(lengths < start) or np.any(lengths > manifest["seq_len"]):
+        raise ValueError(f"{out_dir}: shard {name} has lengths or reply_start outside 1 <= reply_start <= lengths "
+                         f"<= seq_len={manifest['seq_len']}")
+    return arrays
+
+
+def read(out_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(manifest, arrays): every shard of a complete set, concatenated along the example axis. Refuses, naming
+    `out_dir` and the problem, an incomplete set, a missing or unreadable shard, a manifest of another format,
+    and arrays whose shapes or dtypes disagree with the manifest."""
+    manifest = _read_manifest(out_dir)
+    shards = [_read_shard(out_dir, name, manifest) for name in manifest["shards"]]
+    total = sum(len(s["tokens"]) for s in shards)
+    if total != manifest["num_examples"]:
+        raise ValueError(f"{out_dir}: the shards hold {total} examples; {MANIFEST} says num_examples="
+                         f"{manifest['num_examples']}")
+    expected = _expected_shapes(manifest, 0)
+    arrays = {key: np.concatenate([s[key] for s in shards]) if shards else np.zeros(shape, dtype)
+              for key, (shape, dtype) in expected.items()}
+    return manifest, arrays
+
+
+def loss_mask(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """bool [N, L]: positions t whose next token t + 1 is a reply token, reply_start - 1 <= t < lengths - 1 (the
+    positions a drafter is trained to predict from)."""
+    positions = np.arange(arrays["tokens"].shape[1])[None, :]
+    start = np.asarray(arrays["reply_start"])[:, None]
+    end = np.asarray(arrays["lengths"])[:, None]
+    return (positions >= start - 1) & (positions < end - 1)
+
+
+def token_frequencies(arrays: Mapping[str, np.ndarray], vocab_size: int) -> np.ndarray:
+    """int64 [vocab_size]: how often each token occurs in the replies (for trimming a draft vocabulary to the
+    target's most frequent tokens)."""
+    tokens = np.asarray(arrays["tokens"])
+    positions = np.arange(tokens.shape[1])[None, :]
+    in_reply = (positions >= np.asarray(arrays["reply_start"])[:, None]) & (
+        positions < np.asarray(arrays["lengths"])[:, None])
+    replies = tokens[in_reply]
+    if replies.size and (replies.min() < 0 or replies.max() >= vocab_size):
+        raise ValueError(f"reply tokens span [{replies.min()}, {replies.max()}], outside vocab_size={vocab_size}")
+    return np.bincount(replies, minlength=vocab_size).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------ configs
+
+
+def config_defaults() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        target="smollm2-135m-instruct",  # a zoo name or a jaxspec workdir
+        num_prompts=64,
+        max_new_tokens=96,
+        seq_len=384,  # L: prompt + reply tokens of every example
+        batch_size=8,  # rows decoded together; one shard per batch
+        feature_layers=(),  # residual-stream layers stored besides the final hidden state (EAGLE-3: low, mid, high)
+        seed=0,
+        max_prompt_chars=DEFAULT_MAX_CHARS,  # longest quoted text of an instruction
+        progress_bar=True,
+    ))
+
+
+def _require(ok: bool, key: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{key}={value!r} is not allowed: {allowed}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_config(config) -> None:
+    """Raise ConfigError naming the key, the value and what is allowed (layers are checked against the model
+    when it is loaded)."""
+    template = config_defaults()
+    check_keys(config, template, "config")
+    missing = sorted(k for k in template if k not in config)
+    if missing:
+        raise ConfigError(f"config lacks the keys {missing}")
+    _require(isinstance(config.target, str) and bool(config.target), "target", config.target,
+             "a zoo model name or a jaxspec workdir")
+    for key in ("num_prompts", "max_new_tokens", "seq_len", "batch_size"):
+        _require(_is_int(config[key]) and config[key] > 0, key, config[key], "a positive integer")
+    _require(config.max_new_tokens < config.seq_len, "max_new_tokens", config.max_new_tokens,
+             f"fewer than seq_len={config.seq_len} (the prompt needs room)")
+    _require(_is_int(config.seed) and config.seed >= 0, "seed", config.seed, "a non-negative integer")
+    _require(_is_int(config.max_prompt_chars) and config.max_prompt_chars >= _MIN_CHARS, "max_prompt_chars",
+             config.max_prompt_chars, f"an integer of at least {_MIN_CHARS}")
+    layers = config.feature_layers
+    _require(isinstance(layers, (tuple, list)) and all(_is_int(i) and i >= 0 for i in layers)
+             and len(set(layers)) == len(layers), "feature_layers", layers,
+             "a tuple of distinct non-negative layer indices, e.g. (2, 15, 27)")
+    _require(isinstance(config.progress_bar, bool), "progress_bar", config.progress_bar, "True or False")
+
+
+def run(config, out_dir: str) -> Summary:
+    """Validate `config`, load its target (a zoo model is fetched and converted once) and `generate`."""
+    validate_config(config)
+    target = api.load(config.target)
+    return generate(target.model, target.params, target.tokenizer, out_dir, num_prompts=config.num_prompts,
+                    max_new_tokens=config.max_new_tokens, seq_len=config.seq_len, batch_size=config.batch_size,
+                    feature_layers=tuple(config.feature_layers), seed=config.seed,
+                    max_prompt_chars=config.max_prompt_chars, target_workdir=target.workdir,
+                    tokenizer_name=target.config.data.tokenizer, progress=config.progress_bar)
+
+
+__all__ = ["FORMAT", "MANIFEST", "Summary", "config_defaults", "encode_messages", "feature_pass", "generate",
+           "instruction_prompts", "iter_instructions", "loss_mask", "overlaps_suite", "plan_prompts", "read", "run",
+           "token_frequencies", "validate_config"]
