@@ -30,6 +30,12 @@ from jaxspec.config import ConfigError
 from jaxspec.decoding.drafters import Context, Proposal
 from jaxspec.decoding.trees import TokenTree, tree_from_spec
 
+# The keyword arguments of `api.generate` itself: a method field of one of these names would be taken by
+# generate and never reach the method (a test keeps this list equal to generate's signature).
+GENERATE_ARGUMENTS = frozenset({"method", "max_new_tokens", "temperature", "top_k", "top_p", "rule", "eos_ids",
+                                "seed", "prompt_width", "on_tokens", "target_workdir", "check_invariants",
+                                "prefill_chunk"})
+
 
 class Drafter(Protocol):
     """Proposes a token tree each round; pure, its state a pytree in the loop carry. Static (hashable)."""

@@ -174,13 +174,13 @@ def test_dynamic_tree_decoding_equals_autoregressive(target):
     net, params = eagle_net(model)
     prompts = [[1, 2, 3, 4, 5, 1, 2, 3], [7, 8, 9]]
     ar = api.generate(model, tparams, prompts, method="ar", max_new_tokens=20)
-    out = api.generate(model, tparams, prompts, method="eagle", top_k=3, depth=3, nodes=6, net=net,
+    out = api.generate(model, tparams, prompts, method="eagle", expand=3, depth=3, nodes=6, net=net,
                        net_params=params, vocab_ids=np.arange(40), max_new_tokens=20)
     assert out.tokens == ar.tokens
 
 
-def dynamic_reference(net, params, side, feats, history, top_k, depth, nodes):
-    """EAGLE-2's tree from full forwards: per level the top_k best expansions of the last level's nodes by
+def dynamic_reference(net, params, side, feats, history, expand, depth, nodes):
+    """EAGLE-2's tree from full forwards: per level the `expand` best expansions of the last level's nodes by
     summed draft log-probability, then the `nodes` best of all. Returns the chosen drafts as token paths."""
     embed = lambda ids: jnp.take(side["embedding"], jnp.asarray(ids), axis=0)[None]
     forward = padded_causal(lambda f, e: net.apply({"params": params}, f, e))
@@ -200,19 +200,19 @@ def dynamic_reference(net, params, side, feats, history, top_k, depth, nodes):
         for path, score in level:
             logp = np.asarray(jax.nn.log_softmax(side["head_t"] @ feature(path)))
             candidates += [(path + (int(vocab[i]),), score + float(logp[i]))
-                           for i in np.argsort(-logp, kind="stable")[:top_k]]
-        level = sorted(candidates, key=lambda c: -c[1])[:top_k]
+                           for i in np.argsort(-logp, kind="stable")[:expand]]
+        level = sorted(candidates, key=lambda c: -c[1])[:expand]
         pool.update(level)
     return {path for path, _ in sorted(pool.items(), key=lambda kv: -kv[1])[:nodes]}
 
 
-@pytest.mark.parametrize("top_k,depth,nodes", [(1, 3, 3), (3, 3, 7)])
-def test_dynamic_tree_is_eagle2s_tree(target, top_k, depth, nodes):
+@pytest.mark.parametrize("expand,depth,nodes", [(1, 3, 3), (3, 3, 7)])
+def test_dynamic_tree_is_eagle2s_tree(target, expand, depth, nodes):
     model, tparams = target
     net, params = eagle_net(model)
     side = target_side(tparams, model.model_cfg, np.arange(0, 64, 2))
     dparams = {"net": params, **side}
-    drafter = EagleDrafter(net, trees.chain(nodes), DynamicTree(top_k, depth, nodes))
+    drafter = EagleDrafter(net, trees.chain(nodes), DynamicTree(expand, depth, nodes))
     hidden = padded_causal(lambda ids: model.apply({"params": tparams}, ids, return_hidden=True).hidden)
     prompt, first = [3, 1, 4, 1, 5, 9], 7
     feats = hidden(jnp.asarray([prompt], jnp.int32))
@@ -229,6 +229,6 @@ def test_dynamic_tree_is_eagle2s_tree(target, top_k, depth, nodes):
             node = parents[node]
         paths.append(tuple(path[::-1]))
     history = prompt + [first]
-    want = dynamic_reference(net, params, side, hidden(jnp.asarray([history], jnp.int32))[0], history, top_k,
+    want = dynamic_reference(net, params, side, hidden(jnp.asarray([history], jnp.int32))[0], history, expand,
                              depth, nodes)
     assert set(paths) == want and len(paths) == len(want)

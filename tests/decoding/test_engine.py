@@ -9,6 +9,7 @@ from scipy import stats
 
 from configs import lm
 from jaxspec.decoding import api, engine
+from jaxspec.models.eagle import EagleNet, drafter_model_cfg
 from jaxspec.models.heads import MedusaHeads
 from jaxspec.models.lm import build_model, init_params
 
@@ -160,6 +161,16 @@ def test_rejection_sampling_is_lossless_at_draft_depth_two():
                            max_new_tokens=3, temperature=temperature, seed=21, tree=tree)
         assert np.mean(out.accepted > 2 * out.target_steps) > 0.05, tree  # depth 2 is reached and accepted
         assert _chi_square_pvalue(_emitted_counts(out, 3, vocab), exact) > 1e-3, tree
+    # An EAGLE feature drafter whose trimmed vocabulary leaves two tokens out (its draft distribution is 0 there),
+    # sampled on a chain, and EAGLE-2's dynamic tree (deterministic top-k drafts, verified as point masses).
+    net = EagleNet(drafter_model_cfg(model.model_cfg, 1))
+    net_params = net.init(jax.random.key(4), jnp.zeros((1, 1, 32)), jnp.zeros((1, 1, 32)))["params"]
+    eagle = dict(method="eagle", net=net, net_params=net_params, vocab_ids=[0, 2, 3, 5])
+    for options in (dict(tree="chain:3"), dict(expand=2, depth=2, nodes=4)):
+        out = api.generate(model, params, [prompt] * n, max_new_tokens=3, temperature=temperature, seed=23,
+                           **eagle, **options)
+        assert np.mean(out.accepted > 2 * out.target_steps) > 0.05, options
+        assert _chi_square_pvalue(_emitted_counts(out, 3, vocab), exact) > 1e-3, options
     # Negative control: the same test rejects typical acceptance (lossy) on this target.
     lossy = api.generate(model, params, [prompt] * n, method="draft", draft_model=draft, draft_params=dparams,
                          max_new_tokens=3, temperature=temperature, rule="typical", seed=21, tree="chain:3")

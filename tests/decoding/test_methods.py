@@ -9,7 +9,7 @@ import pytest
 from jaxspec.config import ConfigError
 from jaxspec.decoding import api, methods
 from jaxspec.decoding.drafters import Proposal
-from jaxspec.decoding.method import Speculative, Target
+from jaxspec.decoding.method import GENERATE_ARGUMENTS, Speculative, Target
 
 
 def test_every_method_is_registered_with_a_default_tree():
@@ -91,3 +91,21 @@ def test_a_new_method_is_one_registered_class(make_model):
     ar = api.generate(model, params, prompts, max_new_tokens=10)
     out = api.generate(model, params, prompts, method="repeat_root_test", max_new_tokens=10)
     assert out.tokens == ar.tokens and "repeat_root_test" in methods.names()
+
+
+def test_a_method_field_may_not_shadow_an_argument_of_generate():
+    """generate takes its own keyword arguments first: a method field of the same name would never reach the
+    method (its default would silently apply), so registering one is refused."""
+    import inspect
+
+    params = inspect.signature(api.generate).parameters
+    own = {n for n, p in params.items() if p.kind == p.KEYWORD_ONLY or n == "method"}
+    assert own == GENERATE_ARGUMENTS
+
+    with pytest.raises(ValueError, match="'top_k' is an argument of api.generate itself"):
+        @methods.register
+        @dataclasses.dataclass(frozen=True)
+        class Shadowing(Speculative):
+            name = "shadowing_test"
+            top_k: int = 0
+    assert "shadowing_test" not in methods.names()

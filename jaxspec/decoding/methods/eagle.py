@@ -27,17 +27,17 @@ from jaxspec.state import init_decode_state
 
 @dataclasses.dataclass(frozen=True)
 class DynamicTree:
-    """EAGLE-2's dynamic tree: expand the `top_k` best nodes of each depth by their `top_k` best children down to
-    `depth`, then keep the `nodes` best drafts by summed draft log-probability."""
+    """EAGLE-2's dynamic tree: the `expand` best nodes of each depth, each expanded by its `expand` best children,
+    down to `depth`; then the `nodes` best drafts by summed draft log-probability."""
 
-    top_k: int
+    expand: int
     depth: int
     nodes: int
 
     def __post_init__(self):
-        if self.top_k < 1 or self.depth < 1 or not 1 <= self.nodes <= self.top_k * self.depth:
-            raise ValueError(f"a dynamic tree needs top_k >= 1, depth >= 1 and 1 <= nodes <= top_k * depth; got "
-                             f"top_k={self.top_k}, depth={self.depth}, nodes={self.nodes}")
+        if self.expand < 1 or self.depth < 1 or not 1 <= self.nodes <= self.expand * self.depth:
+            raise ValueError(f"a dynamic tree needs expand >= 1, depth >= 1 and 1 <= nodes <= expand * depth; got "
+                             f"expand={self.expand}, depth={self.depth}, nodes={self.nodes}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,32 +116,32 @@ class EagleDrafter:
         return Proposal(tokens, draft_probs, None, dstate)
 
     def _dynamic_tree(self, params, state, root_feature, root):
-        """EAGLE-2's tree: a beam of the `top_k` best nodes per depth (by summed draft log-probability), each
-        expanded by its `top_k` best children, to `depth`; then the `nodes` best of all, per row. Returns
+        """EAGLE-2's tree: a beam of the `expand` best nodes per depth (by summed draft log-probability), each
+        expanded by its `expand` best children, to `depth`; then the `nodes` best of all, per row. Returns
         (tokens [B, nodes + 1], parents [B, nodes + 1]) in topological order."""
-        top_k, depth, nodes = self.dynamic.top_k, self.dynamic.depth, self.dynamic.nodes
+        expand, depth, nodes = self.dynamic.expand, self.dynamic.depth, self.dynamic.nodes
         b, d = root_feature.shape
         rows = jnp.arange(b)[:, None]
         log_probs = lambda feats: jax.nn.log_softmax(matmul_t(feats, params["head_t"]), axis=-1)
-        # The pool: node 0 the root, then `top_k` nodes per depth; parents index the pool.
-        score, pick = jax.lax.top_k(log_probs(root_feature), top_k)  # [B, top_k]
-        tokens, parents, scores = [pick], [jnp.zeros((b, top_k), jnp.int32)], [score]
+        # The pool: node 0 the root, then `expand` nodes per depth; parents index the pool.
+        score, pick = jax.lax.top_k(log_probs(root_feature), expand)  # [B, expand]
+        tokens, parents, scores = [pick], [jnp.zeros((b, expand), jnp.int32)], [score]
         layer_features = None
         for level in range(1, depth):
-            pool_tokens = jnp.take(params["vocab_ids"], jnp.concatenate(tokens, 1))  # [B, level * top_k]
+            pool_tokens = jnp.take(params["vocab_ids"], jnp.concatenate(tokens, 1))  # [B, level * expand]
             pool_parents = jnp.concatenate(parents, 1)
             known = jnp.concatenate([root_feature[:, None]] + ([] if layer_features is None else [layer_features]), 1)
             # Each drafted node reads its parent's guessed feature; the root's pair is already in the state.
             out, _ = self._forward(params, known[rows, pool_parents], pool_tokens, state=state,
                                    parents=pool_parents - 1)
             layer_features = out
-            last = out[:, -top_k:]  # the newest level's guessed features
-            child = log_probs(last)  # [B, top_k, N]
-            child_score, child_pick = jax.lax.top_k(child, top_k)
-            total = (scores[-1][:, :, None] + child_score).reshape(b, top_k * top_k)
-            score, flat = jax.lax.top_k(total, top_k)
-            first_of_level = 1 + (level - 1) * top_k
-            parents.append((first_of_level + flat // top_k).astype(jnp.int32))
+            last = out[:, -expand:]  # the newest level's guessed features
+            child = log_probs(last)  # [B, expand, N]
+            child_score, child_pick = jax.lax.top_k(child, expand)
+            total = (scores[-1][:, :, None] + child_score).reshape(b, expand * expand)
+            score, flat = jax.lax.top_k(total, expand)
+            first_of_level = 1 + (level - 1) * expand
+            parents.append((first_of_level + flat // expand).astype(jnp.int32))
             tokens.append(jnp.take_along_axis(child_pick.reshape(b, -1), flat, axis=1))
             scores.append(score)
         pool_tokens = jnp.take(params["vocab_ids"], jnp.concatenate(tokens, 1))
@@ -186,34 +186,34 @@ def load_drafter(workdir: str, target: Target) -> tuple[EagleNet, dict, np.ndarr
 @dataclasses.dataclass(frozen=True)
 class Eagle(Speculative):
     """`draft_workdir`: an EAGLE training run for this target (or pass `net`, `net_params` and `vocab_ids`).
-    `top_k` > 0 drafts EAGLE-2's dynamic tree (`DynamicTree(top_k, depth, nodes)`) in place of the static `tree`."""
+    `expand` > 0 drafts EAGLE-2's dynamic tree (`DynamicTree(expand, depth, nodes)`) in place of the static `tree`."""
 
     name = "eagle"
     needs = "a trained EAGLE drafter"
     objects = ("net", "net_params", "vocab_ids")
     draft_workdir: str = ""
-    top_k: int = 0
+    expand: int = 0
     depth: int = 5
     nodes: int = 10
 
     def __post_init__(self):
         super().__post_init__()
-        self.check(is_int(self.top_k) and self.top_k >= 0, "top_k", "0 (the static tree) or a positive integer")
+        self.check(is_int(self.expand) and self.expand >= 0, "expand", "0 (the static tree) or a positive integer")
         for field in ("depth", "nodes"):
             self.check(is_int(getattr(self, field)) and getattr(self, field) >= 1, field, "a positive integer")
-        if self.top_k:
-            self.check(not self.tree, "tree", "left empty with a dynamic tree (top_k > 0)")
-            self.check(self.nodes <= self.top_k * self.depth, "nodes", f"at most top_k * depth = "
-                       f"{self.top_k * self.depth} (the drafts a dynamic tree expands)")
-            self.check(not self.adaptive, "adaptive", "0 with a dynamic tree (top_k > 0)")
+        if self.expand:
+            self.check(not self.tree, "tree", "left empty with a dynamic tree (expand > 0)")
+            self.check(self.nodes <= self.expand * self.depth, "nodes", f"at most expand * depth = "
+                       f"{self.expand * self.depth} (the drafts a dynamic tree expands)")
+            self.check(not self.adaptive, "adaptive", "0 with a dynamic tree (expand > 0)")
 
     def token_tree(self) -> TokenTree:
         # A dynamic tree changes per row and round; its static stand-in only fixes the node count.
-        return chain(self.nodes) if self.top_k else super().token_tree()
+        return chain(self.nodes) if self.expand else super().token_tree()
 
     @property
     def dynamic(self) -> DynamicTree | None:
-        return DynamicTree(self.top_k, self.depth, self.nodes) if self.top_k else None
+        return DynamicTree(self.expand, self.depth, self.nodes) if self.expand else None
 
     def build(self, target: Target, net: EagleNet | None = None, net_params=None, vocab_ids=None):
         if net is None and net_params is None:
