@@ -1,8 +1,13 @@
 """Pallas kernels against their references and dense attention; prints Markdown tables.
 
 On GPU/TPU: median wall time (ms) of jitted calls after warm-up (`block_until_ready`), and speedups
-measured side by side in one run. On CPU the kernels only run in interpret mode, so the script reports
-correctness there instead (max abs error of the kernel against the reference), on small shapes.
+measured side by side in one run; dense attention is `jax.nn.dot_product_attention` with XLA's implementation
+and, where it runs, cuDNN's. On CPU the kernels only run in interpret mode, so the script reports correctness
+there instead (max abs error of the kernel against the reference), on small shapes. Gradients of the
+block-sparse kernel are checked against the reference's up to --grad_check_max_len tokens.
+
+A failure (a kernel that does not lower, a shape out of memory) is printed with its first lines and leaves
+"fail" in its cells; the sweep goes on, and the run exits non-zero at the end.
 
   python -m benchmarks.kernels                                  # default sweep for the backend
   python -m benchmarks.kernels --seq_lens=16384 --densities=0.1 --causal=false
@@ -11,6 +16,8 @@ correctness there instead (max abs error of the kernel against the reference), o
 from __future__ import annotations
 
 import argparse
+import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +34,33 @@ from pallas_kernels.tree_attention import tree_attention, tree_attention_referen
 # Above this many attention-matrix elements (B*H*Tq*Tk) the dense masked reference is not run: it
 # materialises several float32 copies of the matrix.
 _MAX_REFERENCE_ELEMENTS = 2**31
+
+FAILED = "fail"  # the value of a measurement that raised; "-" is one not taken
+failures: list[str] = []
+
+
+def attempt(what: str, fn, *args):
+    """fn(*args), or FAILED after printing the error's first lines: one kernel or shape that fails must not
+    stop the others."""
+    try:
+        return fn(*args)
+    except Exception as error:  # noqa: BLE001 (reported, counted, and the exit status says so)
+        lines = [line for line in str(error).splitlines() if line.strip()][:6]
+        print(f"FAILED {what}: {type(error).__name__}: " + "\n    ".join(lines), flush=True)
+        failures.append(what)
+        return FAILED
+
+
+def cell(value, spec: str) -> str:
+    if value is None or value is FAILED:
+        return "-" if value is None else FAILED
+    return format(value, spec)
+
+
+def ratio(slow, fast) -> str:
+    if any(x is None or x is FAILED for x in (slow, fast)):
+        return "-"
+    return f"{slow / fast:.2f}x"
 
 
 def int_list(text):
@@ -53,6 +87,11 @@ def parse_args():
     parser.add_argument("--block_q", type=int, default=16 if on_cpu else 128)
     parser.add_argument("--block_k", type=int, default=16 if on_cpu else 64)
     parser.add_argument("--backward", action="store_true", help="also time forward + backward")
+    parser.add_argument("--grad_check_max_len", type=int, default=None if on_cpu else 4096,
+                        help="check block-sparse gradients against the reference up to this T (default: all on "
+                             "CPU, 4096 elsewhere)")
+    parser.add_argument("--cudnn", choices=["auto", "on", "off"], default="auto",
+                        help="also time jax.nn.dot_product_attention(implementation='cudnn') (auto: on GPU)")
     parser.add_argument("--timings", choices=["auto", "on", "off"], default="auto",
                         help="auto: time on GPU/TPU, correctness only on CPU (interpret-mode timings mean nothing)")
     parser.add_argument("--cache_lens", type=int_list, default=[64, 100] if on_cpu else [1024, 4096, 16384],
@@ -86,59 +125,105 @@ def random_block_mask(rng, heads, t, block_q, block_k, density, causal):
     keep |= (kj * block_k <= (qi + 1) * block_q - 1) & ((kj + 1) * block_k - 1 >= qi * block_q)
     mask = three_state_block_mask(jnp.asarray(keep), causal=causal, block_q=block_q, block_k=block_k,
                                 q_len=t, k_len=t)
-    allowed = np.tril(np.ones((nq, nk), bool)) if causal else np.ones((nq, nk), bool)
+    # Allowed tiles: all, or under causal those with a key at or before the tile's last query.
+    allowed = kj * block_k <= np.minimum((qi + 1) * block_q, t) - 1 if causal else np.ones((nq, nk), bool)
     kept = float(np.count_nonzero(np.asarray(mask))) / (heads * allowed.sum())
     return mask, kept
+
+
+def dense_attention(implementation, causal):
+    """jax.nn.dot_product_attention over [B, H, T, D] arrays (it takes [B, T, H, D])."""
+    def attend(q, k, v):
+        out = jax.nn.dot_product_attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
+                                           v.transpose(0, 2, 1, 3), is_causal=causal,
+                                           implementation=implementation)
+        return out.transpose(0, 2, 1, 3)
+
+    return jax.jit(attend)
 
 
 def block_sparse_rows(args, timing, dtype):
     rng = np.random.default_rng(args.seed)
     causal_flags = {"true": [True], "false": [False], "both": [True, False]}[args.causal]
-    b, h, hkv, d, bq, bk = args.batch, args.heads, args.kv_heads, args.head_dim, args.block_q, args.block_k
+    b, h, hkv, d = args.batch, args.heads, args.kv_heads, args.head_dim
+    cudnn = {"auto": jax.default_backend() == "gpu", "on": True, "off": False}[args.cudnn]
+    headers = headers_block_sparse(args, timing, cudnn)
     rows = []
     for t in args.seq_lens:
-        q = jnp.asarray(rng.standard_normal((b, h, t, d)), dtype)
-        k = jnp.asarray(rng.standard_normal((b, hkv, t, d)), dtype)
-        v = jnp.asarray(rng.standard_normal((b, hkv, t, d)), dtype)
+        inputs = attempt(f"block_sparse T={t}: inputs", lambda t: tuple(
+            jnp.asarray(rng.standard_normal((b, n, t, d)), dtype) for n in (h, hkv, hkv)), t)
         for causal in causal_flags:
-            dense = jax.jit(lambda q, k, v, causal=causal: jax.nn.dot_product_attention(
-                q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
-                is_causal=causal).transpose(0, 2, 1, 3))
-            for density in args.densities:
-                mask, kept = random_block_mask(rng, h, t, bq, bk, density, causal)
-                kw = dict(causal=causal, block_q=bq, block_k=bk)
-                kernel = jax.jit(lambda q, k, v, m, kw=kw: block_sparse_attention(
-                    q, k, v, m, implementation="pallas", **kw))
-                reference = jax.jit(lambda q, k, v, m, kw=kw: block_sparse_attention_reference(q, k, v, m, **kw))
-                run_reference = b * h * t * t <= _MAX_REFERENCE_ELEMENTS
-                out = kernel(q, k, v, mask)
-                error = max_abs_error(out, reference(q, k, v, mask)) if run_reference else None
-                row = [t, causal, f"{kept:.2f}", "-" if error is None else f"{error:.1e}"]
-                if timing:
-                    t_kernel = median_ms(kernel, q, k, v, mask, warmup=args.warmup, iters=args.iters)
-                    t_dense = median_ms(dense, q, k, v, warmup=args.warmup, iters=args.iters)
-                    t_ref = (median_ms(reference, q, k, v, mask, warmup=args.warmup, iters=args.iters)
-                             if run_reference else None)
-                    row += [f"{t_kernel:.3f}", f"{t_dense:.3f}", "-" if t_ref is None else f"{t_ref:.3f}",
-                            f"{t_dense / t_kernel:.2f}x", "-" if t_ref is None else f"{t_ref / t_kernel:.2f}x"]
-                    if args.backward:
-                        row += [f"{backward_ms(kernel, q, k, v, mask, args):.3f}",
-                                f"{backward_ms(lambda q, k, v, m, f=dense: f(q, k, v), q, k, v, mask, args):.3f}"]
-                else:
-                    grads = jax.jit(jax.grad(lambda q, k, v, m, kw=kw: jnp.sum(block_sparse_attention(
-                        q, k, v, m, implementation="pallas", **kw)), argnums=(0, 1, 2)))
-                    grads_ref = jax.jit(jax.grad(lambda q, k, v, m, kw=kw: jnp.sum(
-                        block_sparse_attention_reference(q, k, v, m, **kw)), argnums=(0, 1, 2)))
-                    row.append(f"{max_abs_error(grads(q, k, v, mask), grads_ref(q, k, v, mask)):.1e}")
-                rows.append(row)
-    headers = ["T", "causal", "kept tiles", "max err vs ref"]
+            if inputs is FAILED:
+                rows += [[t, causal, "-"] + [FAILED] * (len(headers) - 3) for _ in args.densities]
+                continue
+            rows += block_sparse_densities(args, rng, timing, cudnn, t, causal, *inputs)
+    return headers, rows
+
+
+def block_sparse_densities(args, rng, timing, cudnn, t, causal, q, k, v):
+    """The rows of one (T, causal): one jitted function each, the mask an argument, so densities share a
+    compile; the dense attention is timed once (it does not depend on the density)."""
+    b, h = q.shape[:2]
+    kw = dict(causal=causal, block_q=args.block_q, block_k=args.block_k)
+
+    def loss(attention, q, k, v, m):
+        return jnp.sum(attention(q, k, v, m, **kw).astype(jnp.float32))
+
+    kernel = jax.jit(functools.partial(block_sparse_attention, implementation="pallas", **kw))
+    reference = jax.jit(functools.partial(block_sparse_attention_reference, **kw))
+    pallas = functools.partial(block_sparse_attention, implementation="pallas")
+    grads = jax.jit(jax.grad(functools.partial(loss, pallas), argnums=(0, 1, 2)))
+    grads_ref = jax.jit(jax.grad(functools.partial(loss, block_sparse_attention_reference), argnums=(0, 1, 2)))
+    dense, dense_cudnn = dense_attention("xla", causal), dense_attention("cudnn", causal)
+    run_reference = b * h * t * t <= _MAX_REFERENCE_ELEMENTS
+    check_grads = run_reference and (args.grad_check_max_len is None or t <= args.grad_check_max_len)
+
+    def ms(fn, *inputs):
+        return median_ms(fn, *inputs, warmup=args.warmup, iters=args.iters)
+
+    def error_of(fn, ref, *inputs):
+        return max_abs_error(fn(*inputs), ref(*inputs))
+
+    here = f"block_sparse T={t} causal={causal}"
+    t_dense = t_cudnn = None
     if timing:
-        headers += ["kernel ms", "dense ms", "masked ref ms", "vs dense", "vs ref"]
+        t_dense = attempt(f"{here}: dense XLA timing", ms, dense, q, k, v)
+        t_cudnn = attempt(f"{here}: dense cuDNN timing", ms, dense_cudnn, q, k, v) if cudnn else None
+    rows = []
+    for density in args.densities:
+        where = f"{here} density={density}"
+        mask, kept = random_block_mask(rng, h, t, args.block_q, args.block_k, density, causal)
+        out = attempt(f"{where}: kernel", lambda *a: jax.block_until_ready(kernel(*a)), q, k, v, mask)
+        ok = out is not FAILED
+        error = attempt(f"{where}: vs reference", error_of, kernel, reference, q, k, v, mask) \
+            if run_reference and ok else None
+        grad_error = attempt(f"{where}: gradients vs reference", error_of, grads, grads_ref, q, k, v, mask) \
+            if check_grads and ok else None
+        row = [t, causal, f"{kept:.2f}", cell(error if ok else FAILED, ".1e"), cell(grad_error, ".1e")]
+        if timing:
+            t_kernel = attempt(f"{where}: kernel timing", ms, kernel, q, k, v, mask) if ok else FAILED
+            t_ref = attempt(f"{where}: reference timing", ms, reference, q, k, v, mask) if run_reference else None
+            row += [cell(t_kernel, ".3f"), cell(t_dense, ".3f")] + ([cell(t_cudnn, ".3f")] if cudnn else [])
+            row += [cell(t_ref, ".3f"), ratio(t_dense, t_kernel)] + ([ratio(t_cudnn, t_kernel)] if cudnn else [])
+            row.append(ratio(t_ref, t_kernel))
+            if args.backward:
+                row += [cell(attempt(f"{where}: kernel fwd+bwd timing", backward_ms, kernel, q, k, v, mask, args),
+                             ".3f"),
+                        cell(attempt(f"{where}: dense fwd+bwd timing", backward_ms,
+                                     lambda q, k, v, m: dense(q, k, v), q, k, v, mask, args), ".3f")]
+        rows.append(row)
+    return rows
+
+
+def headers_block_sparse(args, timing, cudnn):
+    headers = ["T", "causal", "kept tiles", "max err vs ref", "max grad err vs ref"]
+    if timing:
+        headers += ["kernel ms", "dense XLA ms"] + (["dense cuDNN ms"] if cudnn else []) + ["masked ref ms",
+                                                                                          "vs dense XLA"]
+        headers += (["vs cuDNN"] if cudnn else []) + ["vs ref"]
         if args.backward:
             headers += ["kernel fwd+bwd ms", "dense fwd+bwd ms"]
-    else:
-        headers.append("max grad err vs ref")
-    return headers, rows
+    return headers
 
 
 def backward_ms(fn, q, k, v, mask, args):
@@ -149,12 +234,23 @@ def backward_ms(fn, q, k, v, mask, args):
 def tree_rows(args, timing, dtype):
     rng = np.random.default_rng(args.seed + 1)
     b, h, hkv, d = args.tree_batch, args.tree_heads, args.kv_heads, args.head_dim
+    kernel = jax.jit(functools.partial(tree_attention, implementation="pallas"))
+    reference = jax.jit(tree_attention_reference)
+    streaming = jax.jit(functools.partial(tree_attention, implementation="xla"))
+
+    def ms(fn, *inputs):
+        return median_ms(fn, *inputs, warmup=args.warmup, iters=args.iters)
+
+    def error_of(*inputs):
+        return max_abs_error(kernel(*inputs), reference(*inputs))
+
     rows = []
     for cache_len in args.cache_lens:
         for k in args.tree_sizes:
             def normal(*shape):
                 return jnp.asarray(rng.standard_normal(shape), dtype)
 
+            where = f"tree L={cache_len} K={k}"
             q, k_tree, v_tree = normal(b, h, k, d), normal(b, hkv, k, d), normal(b, hkv, k, d)
             k_cache, v_cache = normal(b, hkv, cache_len, d), normal(b, hkv, cache_len, d)
             lengths = jnp.asarray(rng.integers(cache_len // 2, cache_len + 1, size=b), jnp.int32)
@@ -164,17 +260,18 @@ def tree_rows(args, timing, dtype):
                 if parent >= 0:
                     mask[i] |= mask[parent]
             inputs = (q, k_cache, v_cache, lengths, k_tree, v_tree, jnp.asarray(mask))
-            kernel = jax.jit(lambda *a: tree_attention(*a, implementation="pallas"))
-            reference = jax.jit(tree_attention_reference)
-            row = [cache_len, k, f"{max_abs_error(kernel(*inputs), reference(*inputs)):.1e}"]
+            error = attempt(f"{where}: kernel vs reference", error_of, *inputs)
+            row = [cache_len, k, cell(error, ".1e")]
             if timing:
-                t_kernel = median_ms(kernel, *inputs, warmup=args.warmup, iters=args.iters)
-                t_ref = median_ms(reference, *inputs, warmup=args.warmup, iters=args.iters)
-                row += [f"{t_kernel:.3f}", f"{t_ref:.3f}", f"{t_ref / t_kernel:.2f}x"]
+                t_kernel = attempt(f"{where}: kernel timing", ms, kernel, *inputs) if error is not FAILED else FAILED
+                t_ref = attempt(f"{where}: reference timing", ms, reference, *inputs)
+                t_xla = attempt(f"{where}: 'xla' timing", ms, streaming, *inputs)
+                row += [cell(t_kernel, ".3f"), cell(t_ref, ".3f"), cell(t_xla, ".3f"), ratio(t_ref, t_kernel),
+                        ratio(t_xla, t_kernel)]
             rows.append(row)
     headers = ["L", "K", "max err vs ref"]
     if timing:
-        headers += ["kernel ms", "XLA ref ms", "speedup"]
+        headers += ["kernel ms", "XLA ref ms", "'xla' impl ms", "vs ref", "vs 'xla' impl"]
     return headers, rows
 
 
@@ -191,13 +288,19 @@ def main():
     if unknown:
         raise ValueError(f"--ops: unknown op(s) {unknown}; allowed: block_sparse, tree")
     if "block_sparse" in ops:
-        print(f"### Block-sparse attention (B={args.batch}, H={args.heads}, Hkv={args.kv_heads}, "
+        table = markdown_table(*block_sparse_rows(args, timing, dtype))
+        print(f"\n### Block-sparse attention (B={args.batch}, H={args.heads}, Hkv={args.kv_heads}, "
               f"D={args.head_dim}, block {args.block_q}x{args.block_k}; dense = jax.nn.dot_product_attention)\n")
-        print(markdown_table(*block_sparse_rows(args, timing, dtype)) + "\n")
+        print(table + "\n", flush=True)
     if "tree" in ops:
-        print(f"### Tree attention (B={args.tree_batch}, H={args.tree_heads}, Hkv={args.kv_heads}, "
-              f"D={args.head_dim}, lengths uniform in [L/2, L], random trees)\n")
-        print(markdown_table(*tree_rows(args, timing, dtype)) + "\n")
+        table = markdown_table(*tree_rows(args, timing, dtype))
+        print(f"\n### Tree attention (B={args.tree_batch}, H={args.tree_heads}, Hkv={args.kv_heads}, "
+              f"D={args.head_dim}, lengths uniform in [L/2, L], random trees; 'xla' impl = "
+              f"tree_attention(implementation='xla'))\n")
+        print(table + "\n", flush=True)
+    if failures:
+        print(f"{len(failures)} measurement(s) failed: " + "; ".join(failures))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

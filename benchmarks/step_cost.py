@@ -4,6 +4,13 @@ cost of a K-token tree forward relative to one token, whole and by part (layers,
   python benchmarks/step_cost.py --model=smollm2-135m-instruct
   python benchmarks/step_cost.py --model=smollm2-135m-instruct --layouts=standard,decode --ks=1,2,4 --rounds=5
   python benchmarks/step_cost.py --model=smollm2-135m-instruct --profile_dir=/tmp/step_trace
+  python benchmarks/step_cost.py --model_config=model.json --dtypes=float32,bfloat16 --layouts=decode
+
+--model_config names a JSON file holding a model config section (or a whole config with a "model" key, as a
+workdir's config.json): the model of that shape with random weights (seed 0), for machines the checkpoint
+cannot reach; its prompts are synthetic token ids. --dtypes adds a variant of every layout per compute dtype
+(`model.dtype`), its float parameters cast to that dtype (so bfloat16 streams half the bytes); a variant of
+another dtype than the model's own is named "<layout> <dtype>".
 
 Layouts (see jaxspec/models/decode_layout.py): "standard" is the parameters as loaded; "decode" the fused
 [out, in] layout that the decode loops use (converted once here, outside the timings); "int8" the decode layout
@@ -29,8 +36,10 @@ so they share the machine's load; the load average is printed before and after e
 
 from __future__ import annotations
 
+import json
 import os
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +47,9 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
+from jaxspec import config as config_lib
 from jaxspec.decoding import api, engine
-from jaxspec.models.lm import DecoderLM, build_model
+from jaxspec.models.lm import DecoderLM, build_model, init_params
 from jaxspec.state import init_decode_state
 
 FLAGS = flags.FLAGS
@@ -53,6 +63,24 @@ PROMPT_TEXT = (
     "and the final projection onto a large vocabulary. Then explain how the layout of a weight matrix in "
     "memory changes what a compiler can do with it, and list three experiments that would measure it."
 )
+
+
+def random_lm(path: str, seed: int = 0):
+    """What the tables need of a loaded model (model, params, config.model), of the shape a JSON config file
+    gives and with random weights; it has no tokenizer (prompts are synthetic)."""
+    with open(path) as fh:
+        section = json.load(fh)
+    cfg = config_lib.model_defaults()  # keys the file leaves out keep their defaults
+    cfg.update(section.get("model", section))
+    model = build_model(cfg)
+    params = jax.jit(lambda key: init_params(model, key))(jax.random.key(seed))
+    return types.SimpleNamespace(model=model, params=params, config=ml_collections.ConfigDict({"model": cfg}),
+                                 tokenizer=None)
+
+
+def synthetic_prompt(length: int, vocab_size: int) -> list[int]:
+    """Token ids spread over the vocabulary (for a model without a tokenizer)."""
+    return [int(x) for x in (np.arange(length) * 7919 + 13) % vocab_size]
 
 
 def load_average() -> str:
@@ -120,29 +148,43 @@ def bandwidth_table(size_mb: int, rounds: int) -> float:
 # ------------------------------------------------------------------------------------------------ variants
 
 
-def layout_variants(lm, layouts) -> dict:
-    """{layout: (model, params)}; decode-layout params are converted here, once, and kept.
+def cast_floats(params, dtype: str):
+    """Every floating parameter as `dtype` (integer ones, int8 kernels, unchanged)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
-    Only "standard" needs nothing newer than the loops and `api.load`, so `--layouts=standard` also measures
-    an older checkout (PYTHONPATH=<its root>) for before/after figures.
+
+def layout_variants(lm, layouts, dtypes=()) -> dict:
+    """{name: (model, params)} per compute dtype (default: the model's own) and layout; decode-layout params are
+    converted here, once, and kept. A dtype other than the model's own casts the float parameters to it first
+    and names its variants "<layout> <dtype>".
+
+    Only "standard" in the model's own dtype needs nothing newer than the loops and `api.load`, so
+    `--layouts=standard` also measures an older checkout (PYTHONPATH=<its root>) for before/after figures.
     """
-    out = {}
     for layout in layouts:
-        if layout == "standard":
-            out[layout] = (lm.model, lm.params)
-            continue
-        if layout not in ("decode", "int8"):
+        if layout not in ("standard", "decode", "int8"):
             raise ValueError(f"--layouts: {layout!r} is not one of standard, decode, int8")
-        from jaxspec.models.decode_layout import for_decoding
-
+    own = lm.config.model.get("dtype", "float32")
+    out = {}
+    for dtype in dtypes or [own]:
+        suffix = "" if dtype == own else f" {dtype}"
         cfg = ml_collections.ConfigDict(lm.config.model)
-        cfg.weight_dtype = "int8" if layout == "int8" else "float32"
-        model = build_model(cfg)
-        convert = jax.jit(lambda p, m=model: for_decoding(m, p)[1])
-        start = time.perf_counter()
-        params = jax.block_until_ready(convert(lm.params))
-        print(f"{layout}: converted once in {time.perf_counter() - start:.2f} s (compile included)")
-        out[layout] = (model.clone(layout="decode"), params)
+        cfg.dtype = dtype
+        model, params = (lm.model, lm.params) if dtype == own else (build_model(cfg), cast_floats(lm.params, dtype))
+        for layout in layouts:
+            if layout == "standard":
+                out[layout + suffix] = (model, params)
+                continue
+            from jaxspec.models.decode_layout import for_decoding
+
+            layout_cfg = ml_collections.ConfigDict(cfg)
+            layout_cfg.weight_dtype = "int8" if layout == "int8" else "float32"
+            layout_model = build_model(layout_cfg)
+            convert = jax.jit(lambda p, m=layout_model: for_decoding(m, p)[1])
+            start = time.perf_counter()
+            converted = jax.block_until_ready(convert(params))
+            print(f"{layout + suffix}: converted once in {time.perf_counter() - start:.2f} s (compile included)")
+            out[layout + suffix] = (layout_model.clone(layout="decode"), converted)
     return out
 
 
@@ -177,11 +219,12 @@ def ar_table(variants: dict, prompt: list[int], new: int, roofline_gbs: float | 
         full, first = times[(name, new)], times[(name, 1)]
         step = [(a - b) / (new - 1) for a, b in zip(full, first)]  # (from minima, from medians)
         mb = streamed_bytes(variants[name][1]) / 2**20
-        roof = roofline_gbs * 1e9 / (mb * 2**20) if roofline_gbs else float("nan")
+        roof = roofline_gbs * 1e9 / (mb * 2**20) if roofline_gbs else None  # None: bandwidth not measured
         got = np.asarray(outputs[name].tokens)[0]
         same = int(np.argmin(np.append(got == reference, False)))
         print(f"| {name} | {mb:.0f} | {compile_s[name]:.1f} | {first[0]:.0f} | {step[0]:.2f} ({step[1]:.2f}) | "
-              f"{1e3 / step[0]:.1f} | {roof:.1f} | {1e3 / step[0] / roof:.0%} | "
+              f"{1e3 / step[0]:.1f} | {'-' if roof is None else f'{roof:.1f}'} | "
+              f"{'-' if roof is None else f'{1e3 / step[0] / roof:.0%}'} | "
               f"{'same' if same == len(got) else f'first {same} same'} |")
     print("\nms/token: (min of full run - min of prefill run) / (new tokens - 1), (the same from medians).")
     if profile_dir:
@@ -227,7 +270,8 @@ def prefilled_state(model: DecoderLM, params, context: int, max_len: int):
     return fill(params, tokens)
 
 
-def curve_table(variants: dict, ks: list[int], context: int, rounds: int) -> None:
+def curve_table(variants: dict, ks: list[int], context: int, rounds: int,
+                parts=("whole", "layers", "head")) -> None:
     max_len = engine.bucket_len(context + max(ks) + 1)
     fns = {}
     for name, (model, params) in variants.items():
@@ -241,10 +285,12 @@ def curve_table(variants: dict, ks: list[int], context: int, rounds: int) -> Non
             layers = jax.jit(lambda p, t, s, m=model, pa=parents: m.apply(
                 {"params": p}, t, state=s, parents=pa, return_hidden=True)[0].hidden)
             head = jax.jit(lambda p, h, m=model: m.apply({"params": p}, h, method=DecoderLM.project))
-            fns[(name, "whole", k)] = lambda f=whole, p=params, t=tokens, s=state: f(p, t, s)
-            fns[(name, "layers", k)] = lambda f=layers, p=params, t=tokens, s=state: f(p, t, s)
-            fns[(name, "head", k)] = lambda f=head, p=params, h=hidden: f(p, h)
-    if "standard" in variants and variants["standard"][0].model_cfg.tie_embeddings:
+            part_fns = {"whole": lambda f=whole, p=params, t=tokens, s=state: f(p, t, s),
+                        "layers": lambda f=layers, p=params, t=tokens, s=state: f(p, t, s),
+                        "head": lambda f=head, p=params, h=hidden: f(p, h)}
+            for part in parts:
+                fns[(name, part, k)] = part_fns[part]
+    if "head" in parts and "standard" in variants and variants["standard"][0].model_cfg.tie_embeddings:
         embedding = variants["standard"][1]["embed"]["embedding"]
         plain = jax.jit(lambda e, h: h @ e.T)
         for k in ks:
@@ -273,6 +319,11 @@ def define_flags() -> None:
     """The script's flags, defined only when it runs as a program, so that importing it (the smoke test, beside
     other benchmark scripts that define flags of the same names) defines none."""
     flags.DEFINE_string("model", "smollm2-135m-instruct", "zoo model name or workdir")
+    flags.DEFINE_string("model_config", None, "JSON file of a model config section (or a whole config): that "
+                        "model with random weights instead of --model, synthetic prompts")
+    flags.DEFINE_list("dtypes", [], "compute dtypes (model.dtype) to compare, float parameters cast to each "
+                      "(default: the model's own)")
+    flags.DEFINE_list("curve_parts", ["whole", "layers", "head"], "parts of the tree forward to time")
     flags.DEFINE_list("layouts", ["standard", "decode", "int8"], "weight layouts to compare")
     flags.DEFINE_list("ks", ["1", "2", "4", "7", "11"], "tree sizes K (a chain of K nodes)")
     flags.DEFINE_integer("context", 192, "committed tokens before the tree forward / mean AR context")
@@ -286,24 +337,32 @@ def define_flags() -> None:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    lm = api.load(FLAGS.model)
-    print(f"# step_cost: {FLAGS.model} on {jax.devices()[0].device_kind} ({os.cpu_count()} CPUs), "
-          f"{lm.model.model_cfg.dtype}, {load_average()}")
+    if FLAGS.model_config:
+        lm, what = random_lm(FLAGS.model_config), f"random weights of the shape in {FLAGS.model_config}"
+    else:
+        lm, what = api.load(FLAGS.model), FLAGS.model
+    print(f"# step_cost: {what} on {jax.devices()[0].device_kind} ({os.cpu_count()} CPUs), "
+          f"{lm.model.model_cfg.dtype}, jax {jax.__version__}, {load_average()}")
     ks = [int(k) for k in FLAGS.ks]
     roofline = bandwidth_table(FLAGS.bandwidth_mb, FLAGS.rounds) if "bandwidth" in FLAGS.sections else None
-    variants = layout_variants(lm, FLAGS.layouts)
+    unknown = sorted(set(FLAGS.curve_parts) - {"whole", "layers", "head"})
+    if unknown:
+        raise ValueError(f"--curve_parts: unknown part(s) {unknown}; allowed: whole, layers, head")
+    variants = layout_variants(lm, FLAGS.layouts, FLAGS.dtypes)
     for name, (_, params) in variants.items():
         print(f"{name}: {param_bytes(params) / 2**20:.0f} MB of parameters, {streamed_bytes(params) / 2**20:.0f} MB "
               "streamed per step")
+    prompt_len = max(1, FLAGS.context - FLAGS.new_tokens // 2)
+    if lm.tokenizer is None:
+        prompt = synthetic_prompt(prompt_len, lm.model.model_cfg.vocab_size)
+    else:
+        prompt = lm.tokenizer.encode_prompt(PROMPT_TEXT * 4)[:prompt_len]
     if "ar" in FLAGS.sections:
-        text_ids = lm.tokenizer.encode_prompt(PROMPT_TEXT * 4)
-        prompt = text_ids[:max(1, FLAGS.context - FLAGS.new_tokens // 2)]
         ar_table(variants, prompt, FLAGS.new_tokens, roofline, max(3, FLAGS.rounds // 2), FLAGS.profile_dir)
     if "loops" in FLAGS.sections:
-        prompt = lm.tokenizer.encode_prompt(PROMPT_TEXT * 4)[:max(1, FLAGS.context - FLAGS.new_tokens // 2)]
         loops_table(variants, prompt, FLAGS.new_tokens, max(3, FLAGS.rounds // 2))
     if "curve" in FLAGS.sections:
-        curve_table(variants, ks, FLAGS.context, FLAGS.rounds)
+        curve_table(variants, ks, FLAGS.context, FLAGS.rounds, FLAGS.curve_parts)
 
 
 if __name__ == "__main__":
