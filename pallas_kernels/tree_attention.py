@@ -381,6 +381,9 @@ def tree_attention(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_mask, *, s
         raise ValueError(f"tree_attention: window={window!r} must be a non-negative int (0: no window)")
     implementation = resolve_implementation("tree_attention", implementation)
     _check_shapes(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_mask)
+    if k_cache.shape[2] == 0:  # no committed context: the nodes attend among themselves (plain jnp suffices)
+        return tree_attention_reference(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_mask, scale=scale,
+                                        window=window)
     if implementation == "xla" and q.shape[1] // k_cache.shape[1] * q.shape[2] <= STREAMING_MAX_ROWS:
         return tree_attention_streaming(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_mask, scale=scale,
                                         window=window)

@@ -21,6 +21,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jaxspec import config as config_lib
 from jaxspec.models.layers import Linear, RMSNorm, apply_rope, dtype_of, weight_dtype_of
@@ -128,6 +129,9 @@ class Attention(nn.Module):
             new = KVCache(write_kv(cache.k, k, step.lengths), write_kv(cache.v, v, step.lengths))
             out = self._attend_extend(q, k, v, new, step)
         else:
+            if cache is None:  # a tree with no committed context (lm.context_free_tree_step): an empty cache
+                empty = jnp.zeros((b, cfg.n_kv_heads, 0, hd), k.dtype)
+                cache = KVCache(empty, empty)
             new = KVCache(k.astype(cache.k.dtype), v.astype(cache.v.dtype))
             out = tree_attention(q, cache.k, cache.v, step.lengths, k, v, step.mask, scale=cfg.query_scale or None,
                                  window=self.window, implementation=cfg.attention.implementation)

@@ -8,6 +8,7 @@ into a distribution over x_{t+2}. Drafting feeds the guessed features back in, d
     net = EagleNet(drafter_model_cfg(target_cfg, num_layers=1))
     feats, state = net.apply({"params": p}, features, embeddings, state=state, num_new=n)     # extend
     feats, state = net.apply({"params": p}, features, embeddings, state=state, parents=par)   # tree (pending)
+    feats = net.apply({"params": p}, features, embeddings, parents=par)   # a tree with no context (training)
 
 The layers are `lm.Block`s over the same `Step`s as the target, so drafting a tree, committing accepted
 pairs and training over unrolled draft steps (`unrolled_parents`) all use the target's attention code.
@@ -24,7 +25,7 @@ import numpy as np
 
 from jaxspec.models.heads import lm_head_kernel
 from jaxspec.models.layers import RMSNorm
-from jaxspec.models.lm import Block, make_step
+from jaxspec.models.lm import Block, context_free_tree_step, make_step
 from jaxspec.state import DecodeState
 
 
@@ -72,7 +73,10 @@ class EagleNet(nn.Module):
         if state is not None and len(state.layers) != cfg.n_layers:
             raise ValueError(f"EagleNet: decode state has {len(state.layers)} layers; the drafter has "
                              f"{cfg.n_layers}")
-        step = make_step(features[..., 0], state, parents, num_new, fresh)
+        if state is None and parents is not None:  # training over unrolled draft depths: no context, no cache
+            step = context_free_tree_step(parents, features.shape[0])
+        else:
+            step = make_step(features[..., 0], state, parents, num_new, fresh)
         fused = jnp.concatenate([features.astype(jnp.float32), embeddings.astype(jnp.float32)], axis=-1)
         x = nn.Dense(cfg.d_model, use_bias=True, name="fuse")(fused)
         new_layers = []

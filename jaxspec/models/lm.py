@@ -133,6 +133,14 @@ def make_step(tokens, state: DecodeState | None, parents, num_new, fresh: bool =
                 fresh=fresh)
 
 
+def context_free_tree_step(parents, batch: int) -> Step:
+    """A tree forward with no committed context: each node sees its ancestors only, at position = its depth
+    (training a drafter over unrolled draft depths, models/eagle.py). Attention layers only; nothing is cached."""
+    mask = tree_ancestor_mask(parents, batch)
+    parents = jnp.broadcast_to(jnp.asarray(parents, jnp.int32), mask.shape[:2])
+    return Step("tree", node_depths(mask), jnp.zeros((batch,), jnp.int32), mask=mask, parents=parents)
+
+
 class DecoderLM(nn.Module):
     model_cfg: Any  # ml_collections.ConfigDict (frozen on use, so the module is hashable)
     layout: str = "standard"  # one of LAYOUTS (see the module docstring)

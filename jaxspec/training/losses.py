@@ -46,7 +46,6 @@ import numpy as np
 from jaxspec.models.eagle import EagleNet, unrolled_parents
 from jaxspec.models.heads import MedusaHeads, lm_head_kernel
 from jaxspec.models.lm import DecoderLM
-from jaxspec.state import init_decode_state
 from jaxspec.training.tokenizer import ByteTokenizer
 
 Stream = dict[str, jax.Array]  # summed statistics of one prediction stream
@@ -241,8 +240,9 @@ def medusa_objective(backbone: DecoderLM, heads: MedusaHeads, train_cfg, pad_id:
 
 
 def _smooth_l1(x, y):
+    """Smooth-L1 distance, averaged over the feature axis (EAGLE's regression loss)."""
     diff = jnp.abs(x - y)
-    return jnp.sum(jnp.where(diff < 1.0, 0.5 * diff * diff, diff - 0.5), axis=-1)
+    return jnp.mean(jnp.where(diff < 1.0, 0.5 * diff * diff, diff - 0.5), axis=-1)
 
 
 def eagle_objective(net: EagleNet, eagle_cfg) -> Objective:
@@ -268,11 +268,8 @@ def eagle_objective(net: EagleNet, eagle_cfg) -> Objective:
             if guesses is not None:  # step s reads the guess made one position earlier at step s-1
                 shifted = jnp.pad(guesses[:, :, :-1], ((0, 0), (0, 0), (1, 0), (0, 0)))
                 inputs += list(jnp.moveaxis(jax.lax.stop_gradient(shifted), 1, 0))
-            # A tree forward over an empty context: the tree is everything the nodes see.
-            state = init_decode_state(net.model_cfg, b, max_len=depth * t)
-            out, _ = net.apply({"params": params}, jnp.concatenate(inputs, axis=1),
-                               jnp.tile(embeddings, (1, depth, 1)), state=state,
-                               parents=unrolled_parents(t, depth))
+            out = net.apply({"params": params}, jnp.concatenate(inputs, axis=1), jnp.tile(embeddings, (1, depth, 1)),
+                            parents=unrolled_parents(t, depth))  # a tree with no context: it is all they see
             guesses = out.reshape(b, depth, t, -1)
         head_rows = jnp.take(frozen["vocab_index"], labels)
         streams = {}

@@ -60,7 +60,7 @@ def eagle_defaults() -> ml_collections.ConfigDict:
         draft_vocab=0,  # the head scores the N most frequent reply tokens of the data (VocabTrim); 0: all
         unroll=2,  # draft depths trained at once, each on the drafter's own guesses (training-time test)
         token_weight=1.0,  # cross-entropy of the guessed feature's next token
-        feature_weight=0.1,  # smooth-L1 of the guessed feature to the target's
+        feature_weight=1.0,  # smooth-L1 of the guessed feature to the target's (mean over the feature axis)
         feature_noise=0.0,  # uniform noise on the input features (EAGLE-1's augmentation)
     ))
 

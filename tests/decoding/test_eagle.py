@@ -13,7 +13,6 @@ from jaxspec.decoding import api, trees
 from jaxspec.decoding.drafters import Context
 from jaxspec.decoding.methods.eagle import DynamicTree, EagleDrafter
 from jaxspec.models.eagle import EagleNet, drafter_model_cfg, target_side, unrolled_parents
-from jaxspec.state import init_decode_state
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +63,8 @@ def test_unrolled_forward_equals_drafting_step_by_step(target):
     for depth in range(1, steps + 1):  # the objective's recomputation, stage by stage
         inputs = [feats] + ([] if guesses is None else
                             list(jnp.pad(guesses[:, :, :-1], ((0, 0), (0, 0), (1, 0), (0, 0))).swapaxes(0, 1)))
-        state = init_decode_state(net.model_cfg, 1, max_len=depth * t)
-        out, _ = net.apply({"params": params}, jnp.concatenate(inputs, 1), jnp.tile(embeds, (1, depth, 1)),
-                           state=state, parents=unrolled_parents(t, depth))
+        out = net.apply({"params": params}, jnp.concatenate(inputs, 1), jnp.tile(embeds, (1, depth, 1)),
+                        parents=unrolled_parents(t, depth))
         guesses = out.reshape(1, depth, t, d)
 
     for s in range(steps):
