@@ -13,12 +13,20 @@ skip set of `api.default_skip_layers`), adaptive n-gram drafting (the most frequ
 continuations of the context and output so far) and token recycling (a 7-node tree of the target's own top-k
 successors of each token, recorded at every verification). All are lossless: the table's last column checks the
 output against autoregressive decoding.
+
+Trained drafters: once `python -m launch.quickstart --arg=drafters` has made the EAGLE drafter of the model
+(`drafter_configs`: a self-distillation set and a drafter trained on it, in the cache), the table also shows
+EAGLE on a 4-draft chain and EAGLE-2's dynamic tree.
 """
 
 import ml_collections
 
+from configs import eagle as eagle_config
+from configs import selfdistill as selfdistill_config
 from jaxspec import config as config_lib
+from jaxspec import zoo
 from jaxspec.eval.suite_eval import suite_eval_defaults
+from jaxspec.training import checkpoint
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
@@ -35,4 +43,32 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         ngram=dict(method="ngram", tree="chain:4"),
         recycling=dict(method="recycling", tree="branching:2,1,1"),
     )
+    eagle = trained_eagle(args.model)
+    if eagle:  # made by `python -m launch.quickstart --arg=drafters` (see launch/quickstart.py)
+        config.methods.eagle = dict(method="eagle", draft_workdir=eagle, tree="chain:4")
+        config.methods.eagle2 = dict(method="eagle", draft_workdir=eagle, expand=4, depth=4, nodes=6)
     return config
+
+
+def drafter_configs(arg=None) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict, str, str]:
+    """The drafter recipe for the quickstart's model: (self-distillation config, EAGLE training config, the set's
+    directory, the drafter's workdir), both in the cache. A few minutes each on a 2-core CPU."""
+    args = config_lib.parse_arg(arg, model="smollm2-135m-instruct", num_prompts=160, max_new_tokens=128,
+                                steps=300)
+    data = selfdistill_config.get_config(f"small,target={args.model},num_prompts={args.num_prompts},"
+                                         f"max_new_tokens={args.max_new_tokens},batch_size=16")
+    data.progress_bar = False
+    train = eagle_config.get_config(f"steps={args.steps}")
+    train.target_workdir = args.model
+    train.data.source = zoo.drafter_dir(args.model, "selfdistill")
+    train.data.seq_len = data.seq_len - 1
+    train.train.progress_bar = False
+    return data, train, train.data.source, zoo.drafter_dir(args.model, "eagle")
+
+
+def trained_eagle(model: str) -> str:
+    """The recipe's EAGLE drafter for `model` when a finished run is in the cache, else ''."""
+    if model not in zoo.ZOO:
+        return ""
+    workdir = zoo.drafter_dir(model, "eagle")
+    return workdir if checkpoint.finished(workdir) else ""

@@ -93,6 +93,12 @@ def model_dir(name: str, cache_dir: str | None = None) -> str:
     return os.path.join(cache_root(cache_dir), "models", get_entry(name).name)
 
 
+def drafter_dir(name: str, kind: str, cache_dir: str | None = None) -> str:
+    """Where the quickstart's drafter recipe keeps what it trains for zoo model `name`: `kind` is "selfdistill"
+    (the self-distillation set) or a drafter ("eagle")."""
+    return os.path.join(cache_root(cache_dir), "drafters", get_entry(name).name, kind)
+
+
 def cached_gguf_path(name: str, cache_dir: str | None = None) -> str:
     return os.path.join(model_dir(name, cache_dir), f"{name}.gguf")
 

@@ -57,6 +57,10 @@ _METHOD_FLAGS = {
     "max_ngram": flags.DEFINE_integer("max_ngram", None, "longest n-gram prompt lookup matches (lookup)"),
     "table_size": flags.DEFINE_integer("table_size", None, "buckets per n-gram table, a power of two (ngram)"),
     "slots": flags.DEFINE_integer("slots", None, "successors kept per n-gram context (ngram)"),
+    "expand": flags.DEFINE_integer("expand", None, "EAGLE-2 dynamic tree (eagle): the best nodes per depth, each "
+                                   "expanded by its best children (0: the static --tree)"),
+    "depth": flags.DEFINE_integer("depth", None, "depth of the dynamic tree (eagle, with --expand)"),
+    "nodes": flags.DEFINE_integer("nodes", None, "drafts kept in the dynamic tree (eagle, with --expand)"),
 }
 _STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", True, "stop a row at the checkpoint's end-of-sequence ids")
 _STREAM = flags.DEFINE_bool("stream", False, "print each reply as rounds commit")

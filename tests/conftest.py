@@ -160,6 +160,19 @@ def chat_byte_tokenizer():
     return ChatBytes()
 
 
+def autoregressive_and(model, params, prompts, max_new: int, method: str, **fields):
+    """(autoregressive result, `method`'s result) of the same greedy request."""
+    from jaxspec.decoding import api
+
+    ar = api.generate(model, params, prompts, max_new_tokens=max_new)
+    return ar, api.generate(model, params, prompts, max_new_tokens=max_new, method=method, **fields)
+
+
+@pytest.fixture(scope="session")
+def ar_and_method():
+    return autoregressive_and
+
+
 @pytest.fixture(scope="session")
 def chat_tokenizer():
     return chat_byte_tokenizer()

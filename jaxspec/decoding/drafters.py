@@ -57,6 +57,23 @@ def sibling_ranks(tree: TokenTree) -> np.ndarray:
     return ranks
 
 
+def fill_tree(tree: TokenTree, root, draft) -> tuple[jax.Array, jax.Array]:
+    """Model-free drafting over a static tree, depth by depth: `draft(tokens, nodes)` gives the tokens
+    [B, len(nodes)] of the nodes of one depth, reading their ancestors' tokens from `tokens` [B, K]; a negative
+    token means no draft. Returns (tokens, known): a node is known (a draft) when it and all its ancestors got
+    one; the others hold token 0 (any valid id) and are never accepted."""
+    b, k = root.shape[0], tree.num_nodes
+    parents = tree.parents_array
+    tokens = jnp.zeros((b, k), jnp.int32).at[:, 0].set(root.astype(jnp.int32))
+    known = jnp.ones((b, k), bool)
+    for depth in range(1, tree.max_depth + 1):
+        nodes = np.flatnonzero(tree.depths == depth)
+        drafted = draft(tokens, nodes)
+        known = known.at[:, nodes].set((drafted >= 0) & known[:, parents[nodes]])
+        tokens = tokens.at[:, nodes].set(jnp.maximum(drafted, 0))
+    return tokens, known
+
+
 def check_breadth_first(tree: TokenTree) -> None:
     if np.any(np.diff(tree.depths) < 0):
         raise ValueError("drafting needs a breadth-first tree (node depths non-decreasing); got depths "

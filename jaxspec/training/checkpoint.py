@@ -316,3 +316,14 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[Any, ml_colle
     with CheckpointManager(workdir, read_only=True) as manager:
         params = manager.restore_params(step)
     return params, config
+
+
+def finished(workdir: str) -> bool:
+    """Whether `workdir` holds a training run that saved its config's last step (False for none, a partial
+    run, or a directory that is not a run)."""
+    if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)) or not os.path.isdir(os.path.join(workdir,
+                                                                                             CHECKPOINT_DIR)):
+        return False
+    _quiet_read_only_notes()
+    with CheckpointManager(workdir, read_only=True) as manager:
+        return manager.latest_step() == load_config(workdir).train.steps

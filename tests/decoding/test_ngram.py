@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxspec.config import ConfigError
-from jaxspec.decoding import api, methods
+from jaxspec.decoding import methods
 from jaxspec.decoding.drafters import Context
 from jaxspec.decoding.method import Target
 from jaxspec.decoding.methods.ngram import (
@@ -160,23 +160,18 @@ def test_a_context_that_hashes_alike_evicts_the_older_one():
     assert all(np.array_equal(new, old) for new, old in zip(same, table, strict=True))
 
 
-def ar_and(model, params, prompts, max_new, **kwargs):
-    ar = api.generate(model, params, prompts, max_new_tokens=max_new)
-    return ar, api.generate(model, params, prompts, max_new_tokens=max_new, method="ngram", **kwargs)
-
-
 @pytest.mark.parametrize("pattern", ["A", "ALM"])
-def test_greedy_ngram_equals_autoregressive(make_model, pattern):
+def test_greedy_ngram_equals_autoregressive(make_model, ar_and_method, pattern):
     model, params = make_model(pattern, seed=5, max_len=64)
     prompts = [[4, 4, 4, 4, 4, 4], [5, 6, 7], [1, 2, 3, 1, 2, 3, 1, 2], [9, 8, 7, 6, 5, 4, 3]]
-    ar, out = ar_and(model, params, prompts, 16, tree="branching:3,2")
+    ar, out = ar_and_method(model, params, prompts, 16, "ngram", tree="branching:3,2")
     assert out.tokens == ar.tokens
     assert np.all(out.accepted >= out.target_steps) and np.all(out.target_steps <= ar.target_steps)
     if pattern == "A":
         # This model loops on rows 0 and 2: the counted n-grams draft those loops.
         assert np.all(out.accepted[[0, 2]] > 2 * out.target_steps[[0, 2]])
         for row in ([prompts[1]], [prompts[3]]):  # a batch of one, with a chain and a small table
-            ar, out = ar_and(model, params, row, 16, tree="chain:3", table_size=64, slots=1)
+            ar, out = ar_and_method(model, params, row, 16, "ngram", tree="chain:3", table_size=64, slots=1)
             assert out.tokens == ar.tokens
 
 

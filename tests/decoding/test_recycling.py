@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxspec.config import ConfigError
-from jaxspec.decoding import api, engine, methods
+from jaxspec.decoding import engine, methods
 from jaxspec.decoding.drafters import Context
 from jaxspec.decoding.method import Target
 from jaxspec.decoding.methods.recycling import UNSET, RecyclingDrafter
@@ -135,23 +135,18 @@ def test_the_engine_seeds_from_the_prefill_and_feeds_back_every_verification(mak
     assert (scored_valid <= node_valid).all()
 
 
-def ar_and(model, params, prompts, max_new, **kwargs):
-    ar = api.generate(model, params, prompts, max_new_tokens=max_new)
-    return ar, api.generate(model, params, prompts, max_new_tokens=max_new, method="recycling", **kwargs)
-
-
 @pytest.mark.parametrize("pattern", ["A", "ALM"])
-def test_greedy_recycling_equals_autoregressive(make_model, pattern):
+def test_greedy_recycling_equals_autoregressive(make_model, ar_and_method, pattern):
     model, params = make_model(pattern, seed=5, max_len=64)
     prompts = [[4, 4, 4, 4, 4, 4], [5, 6, 7], [1, 2, 3, 1, 2, 3, 1, 2], [9, 8, 7, 6, 5, 4, 3]]
-    ar, out = ar_and(model, params, prompts, 16)
+    ar, out = ar_and_method(model, params, prompts, 16, "recycling")
     assert out.tokens == ar.tokens
     assert np.all(out.accepted >= out.target_steps) and np.all(out.target_steps <= ar.target_steps)
     if pattern == "A":
         # This model loops on rows 0 and 2: the recycled successors draft those loops.
         assert np.all(out.accepted[[0, 2]] > 2 * out.target_steps[[0, 2]])
         for row in ([prompts[1]], [prompts[3]]):  # a batch of one, with a chain
-            ar, out = ar_and(model, params, row, 16, tree="chain:3")
+            ar, out = ar_and_method(model, params, row, 16, "recycling", tree="chain:3")
             assert out.tokens == ar.tokens
 
 

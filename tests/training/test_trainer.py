@@ -204,6 +204,7 @@ def test_eagle_drafter_learns_its_targets_features_and_drafts_for_it(lm_run, cor
     majority = np.bincount(labels).max() / labels.size
     assert final["val_tok0_acc"] > majority + 0.2, (final["val_tok0_acc"], majority)
     assert final["val_tok1_acc"] > majority, (final["val_tok1_acc"], majority)
+    assert checkpoint.finished(workdir) and not checkpoint.finished(sd) and not checkpoint.finished(str(tmp_path))
     vocab = np.load(os.path.join(workdir, "draft_vocab.npy"))
     assert vocab.shape == (32,) and len(set(vocab.tolist())) == 32
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec.decoding import methods
-from jaxspec.decoding.drafters import Context, Proposal, sibling_ranks
+from jaxspec.decoding.drafters import Context, Proposal, fill_tree, sibling_ranks
 from jaxspec.decoding.method import Speculative, Target, is_int
 from jaxspec.decoding.trees import TokenTree
 
@@ -145,20 +145,17 @@ class NgramDrafter:
         return commit_token(state, jnp.asarray(first_token), jnp.ones((b,), bool))
 
     def propose(self, params, state: NgramState, ctx: Context) -> Proposal:
-        tree = self.tree
-        b, k = ctx.root.shape[0], tree.num_nodes
-        parents, ranks = tree.parents_array, sibling_ranks(tree)
-        tokens = jnp.zeros((b, k), jnp.int32).at[:, 0].set(ctx.root.astype(jnp.int32))
-        before = jnp.zeros((b, k), jnp.int32).at[:, 0].set(state.tail[:, 0])  # the token before each node's
-        known = jnp.ones((b, k), bool)
-        for depth in range(1, tree.max_depth + 1):
-            nodes = np.flatnonzero(tree.depths == depth)
-            options = candidates(state, before[:, parents[nodes]], tokens[:, parents[nodes]])
-            drafted = jnp.take_along_axis(options, jnp.asarray(ranks[nodes])[None, :, None], axis=-1)[..., 0]
-            # A node without a candidate holds token 0 (any valid id) and is never accepted, nor its subtree.
-            known = known.at[:, nodes].set((drafted != EMPTY) & known[:, parents[nodes]])
-            tokens = tokens.at[:, nodes].set(jnp.maximum(drafted, 0))
-            before = before.at[:, nodes].set(tokens[:, parents[nodes]])
+        parents, ranks = self.tree.parents_array, sibling_ranks(self.tree)
+
+        def draft(tokens, nodes):
+            # The context of a node's draft is its parent's token and the one before it (the grandparent's, or
+            # the text's last token before the root).
+            grand = parents[parents[nodes]]
+            before = jnp.where(grand[None, :] >= 0, tokens[:, np.maximum(grand, 0)], state.tail[:, :1])
+            options = candidates(state, before, tokens[:, parents[nodes]])
+            return jnp.take_along_axis(options, jnp.asarray(ranks[nodes])[None, :, None], axis=-1)[..., 0]
+
+        tokens, known = fill_tree(self.tree, ctx.root, draft)  # EMPTY (-1): no candidate, no draft
         return Proposal(tokens, None, known, state)
 
     def update(self, state: NgramState, emitted, num_emitted):

@@ -13,10 +13,9 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
-import numpy as np
 
 from jaxspec.decoding import methods
-from jaxspec.decoding.drafters import Context, Proposal, sibling_ranks
+from jaxspec.decoding.drafters import Context, Proposal, fill_tree, sibling_ranks
 from jaxspec.decoding.method import Speculative, Target
 from jaxspec.decoding.trees import TokenTree
 
@@ -45,19 +44,11 @@ class RecyclingDrafter:
         return jnp.full((prompts.shape[0], self.vocab_size, self.feedback_top_k), UNSET, jnp.int32)
 
     def propose(self, params, matrix, ctx: Context) -> Proposal:
-        tree = self.tree
-        b, k = ctx.root.shape[0], tree.num_nodes
-        rows = jnp.arange(b)[:, None]
-        parents, ranks = tree.parents_array, sibling_ranks(tree)
-        tokens = jnp.zeros((b, k), jnp.int32).at[:, 0].set(ctx.root.astype(jnp.int32))
-        known = jnp.ones((b, k), bool)
-        for depth in range(1, tree.max_depth + 1):
-            nodes = np.flatnonzero(tree.depths == depth)
-            drafted = matrix[rows, tokens[:, parents[nodes]], ranks[nodes]]  # [B, nodes at this depth]
-            # A node is a draft only when its entry was written and every ancestor is a draft; the others
-            # hold token 0 (any valid id) and are never accepted.
-            known = known.at[:, nodes].set((drafted != UNSET) & known[:, parents[nodes]])
-            tokens = tokens.at[:, nodes].set(jnp.maximum(drafted, 0))
+        rows = jnp.arange(ctx.root.shape[0])[:, None]
+        parents, ranks = self.tree.parents_array, sibling_ranks(self.tree)
+        # A node takes its parent token's successor at its sibling rank (UNSET: no draft there).
+        tokens, known = fill_tree(self.tree, ctx.root,
+                                  lambda tokens, nodes: matrix[rows, tokens[:, parents[nodes]], ranks[nodes]])
         return Proposal(tokens, None, known, matrix)
 
     def update(self, matrix, emitted, num_emitted):
