@@ -50,6 +50,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     return config
 
 
+def sub_arg(arg: str, job: str) -> str | None:
+    """The own arg of another quickstart job when `arg` asks for it (`job` or "job,k=v,..."), else None: "toy"
+    (configs/toy_quickstart.py) or "drafters" (`drafter_configs`)."""
+    head, _, rest = arg.partition(",")
+    return rest if head == job else None
+
+
 def drafter_configs(arg=None) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict, str, str]:
     """The drafter recipe for the quickstart's model: (self-distillation config, EAGLE training config, the set's
     directory, the drafter's workdir), both in the cache. A few minutes each on a 2-core CPU."""

@@ -198,88 +198,95 @@ def _is_section(value) -> bool:
     return isinstance(value, (Mapping, ml_collections.ConfigDict))
 
 
-def _require(ok: bool, key: str, value, allowed: str) -> None:
+def require(ok: bool, key: str, value, allowed: str) -> None:
+    """Raise a ConfigError naming config.`key`, its value and what is allowed, unless `ok`."""
     if not ok:
         raise ConfigError(f"config.{key}={value!r} is not allowed: {allowed}")
+
+
+def is_int(value) -> bool:
+    """An int that is not a bool (config values)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def validate_model_config(cfg, path: str = "model") -> None:
     """Raise ConfigError naming the key, the value and what is allowed."""
     check_keys(cfg, model_defaults(), path)
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_len"):
-        _require(isinstance(cfg[key], int) and cfg[key] > 0, f"{path}.{key}", cfg[key], "a positive integer")
-    _require(cfg.head_dim >= 0, f"{path}.head_dim", cfg.head_dim, "0 (derived) or a positive integer")
-    _require(cfg.n_heads % cfg.n_kv_heads == 0, f"{path}.n_kv_heads", cfg.n_kv_heads,
+        require(isinstance(cfg[key], int) and cfg[key] > 0, f"{path}.{key}", cfg[key], "a positive integer")
+    require(cfg.head_dim >= 0, f"{path}.head_dim", cfg.head_dim, "0 (derived) or a positive integer")
+    require(cfg.n_heads % cfg.n_kv_heads == 0, f"{path}.n_kv_heads", cfg.n_kv_heads,
              f"a divisor of n_heads={cfg.n_heads}")
     if not cfg.head_dim:
-        _require(cfg.d_model % cfg.n_heads == 0, f"{path}.n_heads", cfg.n_heads,
+        require(cfg.d_model % cfg.n_heads == 0, f"{path}.n_heads", cfg.n_heads,
                  f"a divisor of d_model={cfg.d_model} (or set head_dim)")
-    _require(head_dim(cfg) % 2 == 0, f"{path}.head_dim", head_dim(cfg), "an even number (RoPE rotates pairs)")
-    _require(bool(cfg.layer_pattern) and all(c in MIXERS for c in cfg.layer_pattern),
+    require(head_dim(cfg) % 2 == 0, f"{path}.head_dim", head_dim(cfg), "an even number (RoPE rotates pairs)")
+    require(bool(cfg.layer_pattern) and all(c in MIXERS for c in cfg.layer_pattern),
              f"{path}.layer_pattern", cfg.layer_pattern, f"letters from {sorted(MIXERS)} ({MIXERS})")
-    _require(cfg.rope_theta > 0, f"{path}.rope_theta", cfg.rope_theta, "a positive number")
-    _require(cfg.rms_eps > 0, f"{path}.rms_eps", cfg.rms_eps, "a positive number")
-    _require(cfg.dtype in DTYPES, f"{path}.dtype", cfg.dtype, f"one of {DTYPES}")
-    _require(cfg.get("weight_dtype", "float32") in WEIGHT_DTYPES, f"{path}.weight_dtype", cfg.get("weight_dtype"),
+    require(cfg.rope_theta > 0, f"{path}.rope_theta", cfg.rope_theta, "a positive number")
+    require(cfg.rms_eps > 0, f"{path}.rms_eps", cfg.rms_eps, "a positive number")
+    require(cfg.dtype in DTYPES, f"{path}.dtype", cfg.dtype, f"one of {DTYPES}")
+    require(cfg.get("weight_dtype", "float32") in WEIGHT_DTYPES, f"{path}.weight_dtype", cfg.get("weight_dtype"),
              f"one of {WEIGHT_DTYPES}")
     fractions = tuple(cfg.matformer_fractions)
-    _require(len(fractions) > 0 and all(0 < f <= 1 for f in fractions), f"{path}.matformer_fractions",
+    require(len(fractions) > 0 and all(0 < f <= 1 for f in fractions), f"{path}.matformer_fractions",
              fractions, "a non-empty tuple of fractions in (0, 1]")
-    _require(list(fractions) == sorted(set(fractions)) and fractions[-1] == 1.0, f"{path}.matformer_fractions",
+    require(list(fractions) == sorted(set(fractions)) and fractions[-1] == 1.0, f"{path}.matformer_fractions",
              fractions, "strictly increasing, ending with 1.0 (the full model)")
     per_layer = tuple(cfg.d_ff_per_layer)
-    _require(not per_layer or (len(per_layer) == cfg.n_layers
+    require(not per_layer or (len(per_layer) == cfg.n_layers
                                and all(isinstance(w, int) and w > 0 for w in per_layer)),
              f"{path}.d_ff_per_layer", per_layer, f"() or n_layers={cfg.n_layers} positive integers")
     for width in sorted(set(per_layer or (cfg.d_ff,))):
         for f in fractions:
-            _require(abs(f * width - round(f * width)) < 1e-6 and round(f * width) > 0,
+            require(abs(f * width - round(f * width)) < 1e-6 and round(f * width) > 0,
                      f"{path}.matformer_fractions", f, f"fractions whose share of d_ff={width} is a whole number")
     _validate_gemma_features(cfg, path)
     la = cfg.linear_attention
-    _require(la.feature_map in FEATURE_MAPS, f"{path}.linear_attention.feature_map", la.feature_map,
+    require(la.feature_map in FEATURE_MAPS, f"{path}.linear_attention.feature_map", la.feature_map,
              f"one of {FEATURE_MAPS}")
-    _require(la.decay in DECAYS, f"{path}.linear_attention.decay", la.decay, f"one of {DECAYS}")
-    _require(la.chunk_size > 0, f"{path}.linear_attention.chunk_size", la.chunk_size, "a positive integer")
+    require(la.decay in DECAYS, f"{path}.linear_attention.decay", la.decay, f"one of {DECAYS}")
+    require(la.chunk_size > 0, f"{path}.linear_attention.chunk_size", la.chunk_size, "a positive integer")
     mb = cfg.mamba
     for key in ("d_state", "d_conv", "expand"):
-        _require(mb[key] > 0, f"{path}.mamba.{key}", mb[key], "a positive integer")
-    _require(mb.d_conv >= 2, f"{path}.mamba.d_conv", mb.d_conv, "at least 2")
-    _require(mb.dt_rank >= 0, f"{path}.mamba.dt_rank", mb.dt_rank, "0 (auto) or a positive integer")
+        require(mb[key] > 0, f"{path}.mamba.{key}", mb[key], "a positive integer")
+    require(mb.d_conv >= 2, f"{path}.mamba.d_conv", mb.d_conv, "at least 2")
+    require(mb.dt_rank >= 0, f"{path}.mamba.dt_rank", mb.dt_rank, "0 (auto) or a positive integer")
     at = cfg.attention
-    _require(at.implementation in ATTENTION_IMPLEMENTATIONS, f"{path}.attention.implementation",
+    require(at.implementation in ATTENTION_IMPLEMENTATIONS, f"{path}.attention.implementation",
              at.implementation, f"one of {ATTENTION_IMPLEMENTATIONS}")
-    _require(at.prefill in PREFILL_MODES, f"{path}.attention.prefill", at.prefill, f"one of {PREFILL_MODES}")
-    _require(at.block_size > 0, f"{path}.attention.block_size", at.block_size, "a positive integer")
-    _require(0 < at.xattention_threshold <= 1, f"{path}.attention.xattention_threshold",
+    require(at.prefill in PREFILL_MODES, f"{path}.attention.prefill", at.prefill, f"one of {PREFILL_MODES}")
+    require(at.block_size > 0, f"{path}.attention.block_size", at.block_size, "a positive integer")
+    require(0 < at.xattention_threshold <= 1, f"{path}.attention.xattention_threshold",
              at.xattention_threshold, "a number in (0, 1]")
-    _require(at.prefill != "block_sparse" or not any(cfg.layer_windows), f"{path}.attention.prefill", at.prefill,
+    require(at.prefill != "block_sparse" or not any(cfg.layer_windows), f"{path}.attention.prefill", at.prefill,
              f"'dense' when layer_windows sets sliding windows ({tuple(cfg.layer_windows)}): block-sparse "
              "prefill has no window")
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+    """An int or float that is not a bool (config values)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _validate_gemma_features(cfg, path: str) -> None:
     """FFN activation, embedding scale, q/k norms, sandwich norms, query scale, sliding windows, local RoPE."""
-    _require(cfg.ffn_activation in FFN_ACTIVATIONS, f"{path}.ffn_activation", cfg.ffn_activation,
+    require(cfg.ffn_activation in FFN_ACTIVATIONS, f"{path}.ffn_activation", cfg.ffn_activation,
              f"one of {FFN_ACTIVATIONS}")
     for key in ("embed_scale", "qk_norm", "sandwich_norms"):
-        _require(isinstance(cfg[key], bool), f"{path}.{key}", cfg[key], "True or False")
-    _require(_is_number(cfg.query_scale) and cfg.query_scale >= 0, f"{path}.query_scale", cfg.query_scale,
+        require(isinstance(cfg[key], bool), f"{path}.{key}", cfg[key], "True or False")
+    require(is_number(cfg.query_scale) and cfg.query_scale >= 0, f"{path}.query_scale", cfg.query_scale,
              "0.0 (1/sqrt(head_dim)) or a positive number")
-    _require(_is_number(cfg.rope_local_theta) and cfg.rope_local_theta >= 0, f"{path}.rope_local_theta",
+    require(is_number(cfg.rope_local_theta) and cfg.rope_local_theta >= 0, f"{path}.rope_local_theta",
              cfg.rope_local_theta, "0.0 (same as rope_theta) or a positive number")
     windows = tuple(cfg.layer_windows)
-    _require(not windows or len(windows) == cfg.n_layers, f"{path}.layer_windows", windows,
+    require(not windows or len(windows) == cfg.n_layers, f"{path}.layer_windows", windows,
              f"() (every layer global) or one window per layer (n_layers={cfg.n_layers} entries)")
-    _require(all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in windows),
+    require(all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in windows),
              f"{path}.layer_windows", windows, "non-negative integers (0: global attention)")
     kinds = layer_kinds(cfg)
     not_attention = [i for i, w in enumerate(windows) if w and kinds[i] != "A"]
-    _require(not not_attention, f"{path}.layer_windows", windows,
+    require(not not_attention, f"{path}.layer_windows", windows,
              f"0 on layers that are not attention (layers {not_attention} of layer_pattern={cfg.layer_pattern!r})")
 
 

@@ -39,12 +39,6 @@ def default_workdir(arg: str = "") -> str:
     return os.path.join(zoo.cache_root(), f"quickstart{suffix}")
 
 
-def toy_arg(arg: str) -> str | None:
-    """The toy sweep's own arg when `arg` asks for the toy ("toy" or "toy,k=v,..."), else None."""
-    head, _, rest = arg.partition(",")
-    return rest if head == "toy" else None
-
-
 def toy_summary(results: list[dict], workdir: str, seconds: float) -> str:
     rows = sweep.result_rows(results)
     trained = [r for r in rows if "num_params" in r]
@@ -92,12 +86,6 @@ def run_suite(arg: str, workdir: str, start: float) -> None:
     print(f"wall time: {(time.perf_counter() - start) / 60:.1f} min")
 
 
-def drafters_arg(arg: str) -> str | None:
-    """The drafter recipe's own arg when `arg` asks for it ("drafters" or "drafters,k=v,..."), else None."""
-    head, _, rest = arg.partition(",")
-    return rest if head == "drafters" else None
-
-
 def run_drafters(arg: str, start: float) -> None:
     """The CPU recipe for the quickstart's trained drafters: a self-distillation set of the model, then an EAGLE
     drafter trained on it, both in the cache (each step resumes or is skipped when done). The next
@@ -128,9 +116,9 @@ def main(argv) -> None:
     cli.enable_compilation_cache(_CACHE_DIR.value)
     start = time.perf_counter()
     workdir = _WORKDIR.value or default_workdir(_ARG.value)
-    toy = toy_arg(_ARG.value)
+    toy = quickstart.sub_arg(_ARG.value, "toy")
     try:
-        drafters = drafters_arg(_ARG.value)
+        drafters = quickstart.sub_arg(_ARG.value, "drafters")
         if toy is not None:
             run_toy(toy, workdir, start)
         elif drafters is not None:

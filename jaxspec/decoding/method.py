@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar, Protocol
 
-from jaxspec.config import ConfigError
+from jaxspec.config import ConfigError, is_int
 from jaxspec.decoding.drafters import Context, Proposal
 from jaxspec.decoding.trees import TokenTree, tree_from_spec
 
@@ -118,7 +118,3 @@ class Speculative(Method):
     def num_nodes(self) -> int:
         return self.token_tree().num_nodes
 
-
-def is_int(x) -> bool:
-    """An int that is not a bool (config values)."""
-    return isinstance(x, int) and not isinstance(x, bool)

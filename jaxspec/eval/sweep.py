@@ -44,7 +44,7 @@ import ml_collections
 from tqdm import tqdm
 
 from jaxspec import config as config_lib
-from jaxspec.config import ConfigError
+from jaxspec.config import ConfigError, is_int, require
 from jaxspec.decoding import loading, methods
 from jaxspec.decoding.method import Method
 from jaxspec.eval import compare, plots
@@ -88,22 +88,13 @@ def stages_defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(train=True, eval=True))
 
 
-def _require(ok: bool, key: str, value, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"config.{key}={value!r} is not allowed: {allowed}")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def method_spec(name: str, spec: Mapping, run_dir: str = "") -> Method:
     """The validated spec of `eval.methods.<name>`: "method" names a registered method, the other keys are its
     fields; an empty draft_workdir is this run's own workdir. Raises ConfigError naming the entry."""
     where = f"eval.methods.{name}"
-    _require(isinstance(spec, Mapping) and "method" in spec, where, spec,
+    require(isinstance(spec, Mapping) and "method" in spec, where, spec,
              "a mapping with 'method' (a registered name) and that method's fields")
-    _require(name != "ar" and spec["method"] != "ar", where, dict(spec),
+    require(name != "ar" and spec["method"] != "ar", where, dict(spec),
              "a speculative method (the autoregressive baseline always runs)")
     fields = {k: v for k, v in spec.items() if k != "method"}
     try:
@@ -121,13 +112,13 @@ def validate_eval_config(eval_cfg) -> None:
             raise ConfigError(f"unknown config key eval.{key}; allowed: {allowed}")
     ev = {**eval_defaults().to_dict(), **eval_cfg.to_dict()}
     for key in ("num_prompts", "prompt_len", "max_new_tokens", "repeats"):
-        _require(_is_int(ev[key]) and ev[key] > 0, f"eval.{key}", ev[key], "a positive integer")
-    _require(isinstance(ev["temperature"], int | float) and ev["temperature"] >= 0, "eval.temperature",
+        require(is_int(ev[key]) and ev[key] > 0, f"eval.{key}", ev[key], "a positive integer")
+    require(isinstance(ev["temperature"], int | float) and ev["temperature"] >= 0, "eval.temperature",
              ev["temperature"], "a non-negative number")
-    _require(isinstance(ev["stop_at_eos"], bool), "eval.stop_at_eos", ev["stop_at_eos"], "True or False")
-    _require(isinstance(ev["target_workdir"], str), "eval.target_workdir", ev["target_workdir"],
+    require(isinstance(ev["stop_at_eos"], bool), "eval.stop_at_eos", ev["stop_at_eos"], "True or False")
+    require(isinstance(ev["target_workdir"], str), "eval.target_workdir", ev["target_workdir"],
              "a string: '' (this run), 'run:NAME' or a workdir path")
-    _require(isinstance(ev["methods"], Mapping), "eval.methods", ev["methods"],
+    require(isinstance(ev["methods"], Mapping), "eval.methods", ev["methods"],
              "a mapping name -> method spec")
     for name, spec in ev["methods"].items():
         method_spec(name, spec)
@@ -142,7 +133,7 @@ def validate_run_config(config) -> None:
     stages = config.get("stages", stages_defaults())
     config_lib.check_keys(stages, stages_defaults(), "stages")
     for key, value in stages.items():
-        _require(isinstance(value, bool), f"stages.{key}", value, "True or False")
+        require(isinstance(value, bool), f"stages.{key}", value, "True or False")
     if "eval" in config:
         validate_eval_config(config.eval)
     if not (will_train(config) or will_evaluate(config)):

@@ -32,7 +32,7 @@ from jaxspec.training.tokenizer import Tokenizer, load_tokenizer
 STDLIB = "stdlib"
 SUFFIXES = (".txt", ".py", ".md", ".jsonl")
 # Directories of the standard library that are not library source (tests, installed packages, caches).
-_STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,13 @@ class Document:
 # ----------------------------------------------------------------------------------------------- corpus
 
 
-def _stdlib_files() -> tuple[str, list[str]]:
-    """(stdlib root, sorted relative paths of its *.py files), pruning tests and installed packages."""
+def stdlib_files(skip_dirs=STDLIB_SKIP_DIRS) -> tuple[str, list[str]]:
+    """(stdlib root, sorted relative paths of its *.py files), pruning directories named in `skip_dirs` (by
+    default tests and installed packages)."""
     root = sysconfig.get_paths()["stdlib"]
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP_DIRS]
+        dirnames[:] = [d for d in dirnames if d not in skip_dirs]
         rel_dir = os.path.relpath(dirpath, root)
         for f in filenames:
             if f.endswith(".py"):
@@ -112,7 +113,7 @@ def _file_documents(path: str, name: str) -> Iterator[Document]:
 
 def _all_documents(source: str) -> Iterator[Document]:
     if source == STDLIB:
-        root, rel_paths = _stdlib_files()
+        root, rel_paths = stdlib_files()
         for rel in rel_paths:
             yield from _file_documents(os.path.join(root, rel), f"stdlib/{rel}")
     else:

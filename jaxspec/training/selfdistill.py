@@ -53,7 +53,6 @@ import json
 import os
 import random
 import sys
-import sysconfig
 import textwrap
 import time
 import uuid
@@ -66,9 +65,10 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from jaxspec.config import ConfigError, check_keys
+from jaxspec.config import ConfigError, check_keys, is_int, require
 from jaxspec.decoding import api, engine
 from jaxspec.eval.suite import SuitePrompt, load_suite
+from jaxspec.training import data
 
 FORMAT = "jaxspec-selfdistill-1"
 MANIFEST = "manifest.json"
@@ -79,10 +79,9 @@ SHARD_ARRAYS = ("tokens", "lengths", "reply_start", "features")  # plus layer_fe
 FINGERPRINT = "fingerprint"
 DEFAULT_MAX_CHARS = 800
 
-# Directories of the standard library that hold no library text worth instructing on (tests, installed
-# packages, demos, codec tables, generated data).
-_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "idlelib",
-                        "turtledemo", "lib2to3", "pydoc_data", "ensurepip", "encodings"})
+# Directories of the standard library that hold no library text worth instructing on: those the training
+# corpus skips (tests, installed packages), and demos, codec tables, generated data.
+_SKIP_DIRS = data.STDLIB_SKIP_DIRS | {"idlelib", "turtledemo", "lib2to3", "pydoc_data", "ensurepip", "encodings"}
 _MIN_CHARS = 60  # shortest docstring or function source that makes an instruction
 _UNITS_PER_FILE = 2  # instructions taken from one file before moving to the next
 _SUITE_LINE = 30  # a suite line this long found in an instruction excludes it
@@ -114,18 +113,6 @@ class _Unit:
 
     kind: str  # "doc" or "code"
     fields: dict
-
-
-def _stdlib_sources() -> tuple[str, list[str]]:
-    """(stdlib root, sorted relative paths of its *.py files), without tests, packages and demos."""
-    root = sysconfig.get_paths()["stdlib"]
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
-        rel_dir = os.path.relpath(dirpath, root)
-        found += [os.path.normpath(os.path.join(rel_dir, f)).replace(os.sep, "/")
-                  for f in filenames if f.endswith(".py")]
-    return root, sorted(found)
 
 
 def _cut_paragraphs(text: str, max_chars: int) -> str | None:
@@ -204,7 +191,7 @@ def iter_instructions(seed: int = 0, max_chars: int = DEFAULT_MAX_CHARS) -> Iter
     if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < _MIN_CHARS:
         raise ValueError(f"max_chars={max_chars!r} must be an integer of at least {_MIN_CHARS}")
     rng = random.Random(seed)
-    root, files = _stdlib_sources()
+    root, files = data.stdlib_files(_SKIP_DIRS)
     rng.shuffle(files)
     seen = set()
     for rel in files:
@@ -618,15 +605,6 @@ def config_defaults() -> ml_collections.ConfigDict:
     ))
 
 
-def _require(ok: bool, key: str, value, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"config.{key}={value!r} is not allowed: {allowed}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def validate_config(config) -> None:
     """Raise ConfigError naming the key, the value and what is allowed (layers are checked against the model
     when it is loaded)."""
@@ -635,20 +613,20 @@ def validate_config(config) -> None:
     missing = sorted(k for k in template if k not in config)
     if missing:
         raise ConfigError(f"config lacks the keys {missing}")
-    _require(isinstance(config.target, str) and bool(config.target), "target", config.target,
+    require(isinstance(config.target, str) and bool(config.target), "target", config.target,
              "a zoo model name or a jaxspec workdir")
     for key in ("num_prompts", "max_new_tokens", "seq_len", "batch_size"):
-        _require(_is_int(config[key]) and config[key] > 0, key, config[key], "a positive integer")
-    _require(config.max_new_tokens < config.seq_len, "max_new_tokens", config.max_new_tokens,
+        require(is_int(config[key]) and config[key] > 0, key, config[key], "a positive integer")
+    require(config.max_new_tokens < config.seq_len, "max_new_tokens", config.max_new_tokens,
              f"fewer than seq_len={config.seq_len} (the prompt needs room)")
-    _require(_is_int(config.seed) and config.seed >= 0, "seed", config.seed, "a non-negative integer")
-    _require(_is_int(config.max_prompt_chars) and config.max_prompt_chars >= _MIN_CHARS, "max_prompt_chars",
+    require(is_int(config.seed) and config.seed >= 0, "seed", config.seed, "a non-negative integer")
+    require(is_int(config.max_prompt_chars) and config.max_prompt_chars >= _MIN_CHARS, "max_prompt_chars",
              config.max_prompt_chars, f"an integer of at least {_MIN_CHARS}")
     layers = config.feature_layers
-    _require(isinstance(layers, (tuple, list)) and all(_is_int(i) and i >= 0 for i in layers)
+    require(isinstance(layers, (tuple, list)) and all(is_int(i) and i >= 0 for i in layers)
              and len(set(layers)) == len(layers), "feature_layers", layers,
              "a tuple of distinct non-negative layer indices, e.g. (2, 15, 27)")
-    _require(isinstance(config.progress_bar, bool), "progress_bar", config.progress_bar, "True or False")
+    require(isinstance(config.progress_bar, bool), "progress_bar", config.progress_bar, "True or False")
 
 
 def run(config, out_dir: str) -> Summary:

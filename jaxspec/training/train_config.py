@@ -11,7 +11,7 @@ import jax
 import ml_collections
 
 from jaxspec import config as config_lib
-from jaxspec.config import ConfigError
+from jaxspec.config import ConfigError, is_int, is_number, require
 from jaxspec.parallel import mesh as mesh_lib
 from jaxspec.training import data as data_lib
 
@@ -65,85 +65,72 @@ def eagle_defaults() -> ml_collections.ConfigDict:
     ))
 
 
-def _require(ok: bool, key: str, value, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"config.{key}={value!r} is not allowed: {allowed}")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
-
-
 def validate_train_config(train_cfg, model_cfg) -> None:
     """Raise ConfigError naming the `train.*` key, its value and what is allowed."""
     config_lib.check_keys(train_cfg, train_defaults(), "train")
     t = train_defaults()
     t.update(train_cfg)
-    _require(t.loss in LOSSES, "train.loss", t.loss, f"one of {LOSSES}")
+    require(t.loss in LOSSES, "train.loss", t.loss, f"one of {LOSSES}")
     for key in ("steps", "log_every", "eval_batches", "save_every", "keep_checkpoints"):
-        _require(_is_int(t[key]) and t[key] > 0, f"train.{key}", t[key], "a positive integer")
+        require(is_int(t[key]) and t[key] > 0, f"train.{key}", t[key], "a positive integer")
     for key in ("warmup_steps", "decay_steps", "eval_every"):
-        _require(_is_int(t[key]) and t[key] >= 0, f"train.{key}", t[key], "a non-negative integer")
+        require(is_int(t[key]) and t[key] >= 0, f"train.{key}", t[key], "a non-negative integer")
     horizon = t.decay_steps or t.steps
-    _require(t.warmup_steps < horizon, "train.warmup_steps", t.warmup_steps,
+    require(t.warmup_steps < horizon, "train.warmup_steps", t.warmup_steps,
              f"fewer than the decay horizon (train.decay_steps or train.steps = {horizon})")
-    _require(_is_number(t.learning_rate) and t.learning_rate > 0, "train.learning_rate", t.learning_rate,
+    require(is_number(t.learning_rate) and t.learning_rate > 0, "train.learning_rate", t.learning_rate,
              "a positive number")
-    _require(_is_number(t.min_lr_ratio) and 0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio,
+    require(is_number(t.min_lr_ratio) and 0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio,
              "a number in [0, 1]")
     for key in ("b1", "b2"):
-        _require(_is_number(t[key]) and 0 <= t[key] < 1, f"train.{key}", t[key], "a number in [0, 1)")
+        require(is_number(t[key]) and 0 <= t[key] < 1, f"train.{key}", t[key], "a number in [0, 1)")
     for key in ("eps", "distill_temperature"):
-        _require(_is_number(t[key]) and t[key] > 0, f"train.{key}", t[key], "a positive number")
+        require(is_number(t[key]) and t[key] > 0, f"train.{key}", t[key], "a positive number")
     for key in ("weight_decay", "grad_clip", "early_exit_weight"):
-        _require(_is_number(t[key]) and t[key] >= 0, f"train.{key}", t[key], "a non-negative number")
-    _require(_is_number(t.medusa_decay) and 0 < t.medusa_decay <= 1, "train.medusa_decay", t.medusa_decay,
+        require(is_number(t[key]) and t[key] >= 0, f"train.{key}", t[key], "a non-negative number")
+    require(is_number(t.medusa_decay) and 0 < t.medusa_decay <= 1, "train.medusa_decay", t.medusa_decay,
              "a number in (0, 1]")
-    _require(_is_number(t.distill_alpha) and 0 <= t.distill_alpha <= 1, "train.distill_alpha", t.distill_alpha,
+    require(is_number(t.distill_alpha) and 0 <= t.distill_alpha <= 1, "train.distill_alpha", t.distill_alpha,
              "a number in [0, 1]")
-    _require(isinstance(t.progress_bar, bool), "train.progress_bar", t.progress_bar, "True or False")
+    require(isinstance(t.progress_bar, bool), "train.progress_bar", t.progress_bar, "True or False")
 
     n_granularities = len(model_cfg.matformer_fractions)
     weights = tuple(t.matformer_weights)
-    _require(not weights or (len(weights) == n_granularities and all(_is_number(w) and w >= 0 for w in weights)
+    require(not weights or (len(weights) == n_granularities and all(is_number(w) and w >= 0 for w in weights)
                              and sum(weights) > 0),
              "train.matformer_weights", weights,
              f"empty (all 1) or {n_granularities} non-negative numbers, not all 0, one per granularity of "
              f"model.matformer_fractions={tuple(model_cfg.matformer_fractions)}")
     if t.loss == "matformer":
-        _require(n_granularities > 1, "model.matformer_fractions", tuple(model_cfg.matformer_fractions),
+        require(n_granularities > 1, "model.matformer_fractions", tuple(model_cfg.matformer_fractions),
                  "at least two granularities for train.loss='matformer'")
 
     exits = tuple(t.early_exit_layers)
     last = model_cfg.n_layers - 1
-    _require(all(_is_int(i) and 0 <= i < last for i in exits) and len(set(exits)) == len(exits),
+    require(all(is_int(i) and 0 <= i < last for i in exits) and len(set(exits)) == len(exits),
              "train.early_exit_layers", exits,
              f"distinct layer indices in 0..{last - 1} (the last layer {last} is the model's own output)")
     if t.loss in ON_TARGET:
-        _require(not exits, "train.early_exit_layers", exits, f"empty for train.loss={t.loss!r} (frozen target)")
+        require(not exits, "train.early_exit_layers", exits, f"empty for train.loss={t.loss!r} (frozen target)")
 
 
 def validate_medusa_config(medusa_cfg) -> None:
     config_lib.check_keys(medusa_cfg, medusa_defaults(), "medusa")
     for key in ("num_heads", "num_layers"):
-        _require(_is_int(medusa_cfg[key]) and medusa_cfg[key] > 0, f"medusa.{key}", medusa_cfg[key],
+        require(is_int(medusa_cfg[key]) and medusa_cfg[key] > 0, f"medusa.{key}", medusa_cfg[key],
                  "a positive integer")
-    _require(isinstance(medusa_cfg.share_lm_head, bool), "medusa.share_lm_head", medusa_cfg.share_lm_head,
+    require(isinstance(medusa_cfg.share_lm_head, bool), "medusa.share_lm_head", medusa_cfg.share_lm_head,
              "True or False")
 
 
 def validate_eagle_config(eagle_cfg) -> None:
     config_lib.check_keys(eagle_cfg, eagle_defaults(), "eagle")
     for key in ("num_layers", "unroll"):
-        _require(_is_int(eagle_cfg[key]) and eagle_cfg[key] > 0, f"eagle.{key}", eagle_cfg[key], "a positive integer")
-    _require(_is_int(eagle_cfg.draft_vocab) and eagle_cfg.draft_vocab >= 0, "eagle.draft_vocab",
+        require(is_int(eagle_cfg[key]) and eagle_cfg[key] > 0, f"eagle.{key}", eagle_cfg[key], "a positive integer")
+    require(is_int(eagle_cfg.draft_vocab) and eagle_cfg.draft_vocab >= 0, "eagle.draft_vocab",
              eagle_cfg.draft_vocab, "a non-negative integer (0: the whole vocabulary)")
     for key in ("token_weight", "feature_weight", "feature_noise"):
-        _require(_is_number(eagle_cfg[key]) and eagle_cfg[key] >= 0, f"eagle.{key}", eagle_cfg[key],
+        require(is_number(eagle_cfg[key]) and eagle_cfg[key] >= 0, f"eagle.{key}", eagle_cfg[key],
                  "a non-negative number")
 
 
@@ -165,7 +152,7 @@ def validate_config(config) -> None:
         if key not in config:
             raise ConfigError(f"the config has no `{key}` section (configs build on "
                               "jaxspec.config.base_config() and add `train = train_defaults()`)")
-    _require(_is_int(config.get("seed", 0)), "seed", config.get("seed"), "an integer")
+    require(is_int(config.get("seed", 0)), "seed", config.get("seed"), "an integer")
     config_lib.validate_model_config(config.model)
     config_lib.check_keys(config.data, config_lib.data_defaults(), "data")
     config_lib.check_keys(config.mesh, config_lib.mesh_defaults(), "mesh")
@@ -174,32 +161,32 @@ def validate_config(config) -> None:
         target = config.get("target_workdir", "")
         why = (f"train.loss={config.train.loss!r}" if config.train.loss in ON_TARGET
                else f"train.distill_alpha={config.train.distill_alpha}")
-        _require(isinstance(target, str) and bool(target), "target_workdir", target,
+        require(isinstance(target, str) and bool(target), "target_workdir", target,
                  f"a training workdir holding the target checkpoint ({why} reads it)")
     if config.train.loss == "medusa":
         if "medusa" not in config:
             raise ConfigError("train.loss='medusa' needs a `medusa` section (see configs/medusa.py)")
         validate_medusa_config(config.medusa)
-        _require(config.data.seq_len > config.medusa.num_heads, "data.seq_len", config.data.seq_len,
+        require(config.data.seq_len > config.medusa.num_heads, "data.seq_len", config.data.seq_len,
                  f"more than medusa.num_heads={config.medusa.num_heads} (head k is scored k+1 tokens ahead)")
     if config.train.loss == "eagle":
         if "eagle" not in config:
             raise ConfigError("train.loss='eagle' needs an `eagle` section (see configs/eagle.py)")
         validate_eagle_config(config.eagle)
-        _require(config.data.seq_len > config.eagle.unroll + 1, "data.seq_len", config.data.seq_len,
+        require(config.data.seq_len > config.eagle.unroll + 1, "data.seq_len", config.data.seq_len,
                  f"more than eagle.unroll + 1 = {config.eagle.unroll + 1} (depth s guesses s + 1 tokens ahead)")
-        _require(data_lib.is_selfdistill_set(config.data.source), "data.source", config.data.source,
+        require(data_lib.is_selfdistill_set(config.data.source), "data.source", config.data.source,
                  "a self-distillation set (a directory made by `python -m launch.selfdistill`) for "
                  "train.loss='eagle', which reads the target's stored features")
     data_lib.parse_data_config(config.data)
     sizes = dict(zip(mesh_lib.MESH_AXES, mesh_lib.resolve_axis_sizes(config.mesh, jax.device_count())))
     batch_shards = sizes["data"] * sizes["fsdp"]
-    _require(config.data.batch_size % batch_shards == 0, "data.batch_size", config.data.batch_size,
+    require(config.data.batch_size % batch_shards == 0, "data.batch_size", config.data.batch_size,
              f"a multiple of the mesh's data x fsdp size ({batch_shards}), which splits the batch")
     seq = sizes["sequence"]
-    _require(config.data.seq_len % seq == 0, "data.seq_len", config.data.seq_len,
+    require(config.data.seq_len % seq == 0, "data.seq_len", config.data.seq_len,
              f"a multiple of mesh.sequence={seq} (each device holds one equal chunk of the sequence)")
     if seq > 1 and "M" in config.model.layer_pattern:
-        _require(config.data.seq_len // seq >= config.model.mamba.d_conv - 1, "mesh.sequence", seq,
+        require(config.data.seq_len // seq >= config.model.mamba.d_conv - 1, "mesh.sequence", seq,
                  f"at most data.seq_len / (mamba.d_conv - 1) = {config.data.seq_len // (config.model.mamba.d_conv - 1)}"
                  " (each chunk must hold a whole Mamba conv window)")

@@ -4,13 +4,13 @@ finished drafter."""
 from configs import quickstart
 from jaxspec import zoo
 from jaxspec.training import checkpoint, selfdistill
-from launch.quickstart import drafters_arg, toy_arg
 
 
 def test_args_route_to_the_toy_the_drafter_recipe_or_the_suite():
-    assert drafters_arg("drafters") == "" and drafters_arg("drafters,steps=5") == "steps=5"
-    assert drafters_arg("toy") is None and drafters_arg("per_category=2") is None
-    assert toy_arg("drafters") is None
+    assert quickstart.sub_arg("drafters", "drafters") == "" and quickstart.sub_arg("drafters,steps=5", "drafters") == (
+        "steps=5")
+    assert quickstart.sub_arg("toy", "drafters") is None and quickstart.sub_arg("per_category=2", "toy") is None
+    assert quickstart.sub_arg("toy,size=tiny", "toy") == "size=tiny"
 
 
 def test_drafter_recipe_configs_live_in_the_cache(monkeypatch, tmp_path):
