@@ -7,6 +7,10 @@ against autoregressive decoding, side by side in one run (SmolLM2-135M-Instruct 
 
 Each row: tau (tokens per target forward), tokens/s, speedup over autoregressive decoding and whether the output
 is identical to it, per category and over all prompts (jaxspec.eval.suite_eval, as the quickstart).
+
+`--round_split` (on by default) then times one round's parts for each EAGLE variant, jitted apart at a suite
+prompt's context: draft (the drafter's propose), verify (the target's tree forward and the acceptance rule) and
+commit (the target's cache commit and the drafter's update), beside one autoregressive step.
 """
 
 from __future__ import annotations
@@ -18,17 +22,9 @@ from absl import app, flags
 
 from configs import quickstart
 from jaxspec import cli
-from jaxspec.eval import suite_eval
+from jaxspec.eval import suite_eval, sweep
 
-_DRAFTER = flags.DEFINE_string("drafter", None, "an EAGLE drafter's training workdir")
-_MODEL = flags.DEFINE_string("model", "smollm2-135m-instruct", "the target (a zoo name or a workdir)")
-_CHAINS = flags.DEFINE_list("chains", ["2", "3", "4", "5"], "static chain lengths")
-_DYNAMIC = flags.DEFINE_list("dynamic", ["4:4:6", "4:5:8", "6:6:12"], "dynamic trees, expand:depth:nodes")
-_PER_CATEGORY = flags.DEFINE_integer("per_category", 3, "suite prompts per category")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "tokens per prompt")
-_LOOKUP = flags.DEFINE_bool("lookup", True, "also prompt lookup on a 4-draft chain (the best training-free row)")
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/eagle_trees", "where the tables and plots go")
-flags.mark_flags_as_required(["drafter"])
+FLAGS = flags.FLAGS
 
 
 def eagle_methods(drafter: str, chains, dynamic) -> dict:
@@ -40,25 +36,117 @@ def eagle_methods(drafter: str, chains, dynamic) -> dict:
     return grid
 
 
+def round_parts(model, params, drafter, dparams, prefilled, iters: int) -> dict:
+    """Median ms of one round's draft, verify and commit for `drafter` after the prefill `prefilled`."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxspec.decoding.drafters import Context
+    from jaxspec.decoding.verify import verify_tree
+    from jaxspec.eval.timing import median_ms
+    from jaxspec.state import commit
+
+    tokens, lens, max_len, out, state, first = prefilled
+    features = {"features": out.hidden} if getattr(drafter, "reads_features", False) else {}
+    dstate = jax.jit(lambda dp, f: drafter.init(dp, tokens, lens, max_len, first, **f))(dparams, features)
+    seq = jnp.zeros((1, max_len), jnp.int32).at[:, :tokens.shape[1]].set(tokens).at[:, tokens.shape[1]].set(first)
+    ctx = Context(first, seq, lens + 1, out.hidden[:, -1], jax.random.key(0), 0.0)
+    propose = jax.jit(lambda dp, ds: drafter.propose(dp, ds, ctx))
+    prop = propose(dparams, dstate)
+    dynamic = prop.parents is not None
+
+    def verify(p, s, t, parents):
+        o, pending = model.apply({"params": p}, t, state=s, parents=parents, return_hidden=True)
+        return verify_tree(o.logits, t, parents if dynamic else drafter.tree, rule="greedy"), pending, o
+
+    parents = prop.parents if dynamic else drafter.tree.parents_array
+    verify_j = jax.jit(verify)
+    res, pending, o = verify_j(params, state, prop.tokens, parents)
+    path_features = {"features": o.hidden[jnp.arange(1)[:, None], res.path]} if features else {}
+    commit_j = jax.jit(lambda pend, ps, r, f: (commit(pend, r.path, r.num_accepted),
+                                               drafter.update(ps, r.accepted_tokens, r.num_accepted, **f)))
+    return {"draft_ms": median_ms(propose, dparams, dstate, warmup=2, iters=iters),
+            "verify_ms": median_ms(verify_j, params, state, prop.tokens, parents, warmup=2, iters=iters),
+            "commit_ms": median_ms(commit_j, pending, prop.state, res, path_features, warmup=2, iters=iters)}
+
+
+def round_split(model, params, drafters: dict, prompt: list[int], iters: int = 20) -> list[dict]:
+    """One round's parts per drafter (name -> (drafter, its params); see the module docstring) beside one
+    autoregressive step of `model`."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxspec.decoding import engine
+    from jaxspec.eval.timing import median_ms
+    from jaxspec.models.decode_layout import for_decoding
+    from jaxspec.state import init_decode_state
+
+    model, params = for_decoding(model, params)
+    tokens, lens = jnp.asarray([prompt], jnp.int32), jnp.asarray([len(prompt)], jnp.int32)
+    max_len = engine.bucket_len(len(prompt) + 64)
+    empty = init_decode_state(model.model_cfg, 1, max_len)
+    out, state = jax.jit(lambda p: model.apply({"params": p}, tokens, state=empty, num_new=lens, return_hidden=True,
+                                               fresh=True))(params)
+    first = jnp.argmax(out.logits[:, -1], -1).astype(jnp.int32)
+    step = jax.jit(lambda p, s, t: model.apply({"params": p}, t[:, None], state=s))
+    ar_ms = median_ms(step, params, state, first, warmup=2, iters=iters)
+    rows = [{"method": "ar", "draft_ms": 0.0, "verify_ms": ar_ms, "commit_ms": 0.0}]
+    for name, (drafter, dparams) in drafters.items():
+        parts = round_parts(model, params, drafter, dparams, (tokens, lens, max_len, out, state, first), iters)
+        rows.append({"method": name, **parts})
+    for row in rows:
+        row["round_ms"] = row["draft_ms"] + row["verify_ms"] + row["commit_ms"]
+        row["round / AR step"] = row["round_ms"] / ar_ms
+    return rows
+
+
+def define_flags() -> None:
+    """The script's flags, defined only when it runs (tests import its functions without them)."""
+    flags.DEFINE_string("drafter", None, "an EAGLE drafter's training workdir")
+    flags.DEFINE_string("model", "smollm2-135m-instruct", "the target (a zoo name or a workdir)")
+    flags.DEFINE_list("chains", ["2", "3", "4", "5"], "static chain lengths")
+    flags.DEFINE_list("dynamic", ["4:4:6", "4:5:8", "6:6:12"], "dynamic trees, expand:depth:nodes")
+    flags.DEFINE_integer("per_category", 3, "suite prompts per category")
+    flags.DEFINE_integer("max_new_tokens", 64, "tokens per prompt")
+    flags.DEFINE_bool("lookup", True, "also prompt lookup on a 4-draft chain (the best training-free row)")
+    flags.DEFINE_string("workdir", "/tmp/eagle_trees", "where the tables and plots go")
+    flags.DEFINE_bool("round_split", True, "also time draft / verify / commit of one round per variant")
+    flags.mark_flags_as_required(["drafter"])
+
+
 def main(argv) -> None:
     del argv
     cli.quiet_libraries()
     cli.enable_compilation_cache(None)
-    config = quickstart.get_config(f"model={_MODEL.value},per_category={_PER_CATEGORY.value},"
-                                   f"max_new_tokens={_MAX_NEW.value}")
+    config = quickstart.get_config(f"model={FLAGS.model},per_category={FLAGS.per_category},"
+                                   f"max_new_tokens={FLAGS.max_new_tokens}")
     lookup = config.methods.lookup
-    config.methods = eagle_methods(os.path.abspath(os.path.expanduser(_DRAFTER.value)), _CHAINS.value,
-                                   _DYNAMIC.value)
-    if _LOOKUP.value:
+    config.methods = eagle_methods(os.path.abspath(os.path.expanduser(FLAGS.drafter)), FLAGS.chains,
+                                   FLAGS.dynamic)
+    if FLAGS.lookup:
         config.methods.lookup = lookup
     start = time.perf_counter()
-    report = suite_eval.evaluate_suite(config, _WORKDIR.value,
+    report = suite_eval.evaluate_suite(config, FLAGS.workdir,
                                        on_method=lambda name: print(f"  {name} ({time.perf_counter() - start:.0f} s)",
                                                                     flush=True))
     print("\n" + suite_eval.table(report["rows"]) + "\n")
-    print(f"{report['prompts']} prompts, greedy, max_new_tokens={_MAX_NEW.value}; "
-          f"wall time {(time.perf_counter() - start) / 60:.1f} min; results in {_WORKDIR.value}")
+    print(f"{report['prompts']} prompts, greedy, max_new_tokens={FLAGS.max_new_tokens}; "
+          f"wall time {(time.perf_counter() - start) / 60:.1f} min; results in {FLAGS.workdir}")
+    if FLAGS.round_split:
+        from jaxspec.decoding import api, methods
+        from jaxspec.decoding.method import Target
+        from jaxspec.eval.suite import load_suite
+
+        lm = api.load(FLAGS.model)
+        prompt = suite_eval.encode_suite(lm.tokenizer, load_suite(per_category=1))[0]
+        target = Target(lm.model, lm.params, lm.workdir)
+        drafters = {name: methods.make(**fields).build(target) for name, fields in config.methods.items()}
+        rows = round_split(lm.model, lm.params, drafters, prompt)
+        print(f"\nOne round's parts at a {len(prompt)}-token context (median ms, jitted apart):\n")
+        print(sweep.markdown_table(rows, ["method", "draft_ms", "verify_ms", "commit_ms", "round_ms",
+                                          "round / AR step"]))
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
