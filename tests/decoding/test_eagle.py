@@ -230,3 +230,27 @@ def test_dynamic_tree_is_eagle2s_tree(target, expand, depth, nodes):
     want = dynamic_reference(net, params, side, hidden(jnp.asarray([history], jnp.int32))[0], history, expand,
                              depth, nodes)
     assert set(paths) == want and len(paths) == len(want)
+
+
+def test_a_planted_exact_drafter_reaches_tau_depth_plus_one(make_model):
+    """A target whose layers add nothing (o_proj and down_proj zero): its feature at t is its final norm of
+    embed(x_t), and an EAGLE net planted to output the final norm of its input token's embedding guesses every
+    next feature exactly, so every draft is accepted: tau = depth + 1 on a chain and on a dynamic tree."""
+    model, params = make_model("A", seed=4, max_len=64)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.zeros_like(x) if any(getattr(k, "key", "") in ("o_proj", "down_proj") for k in path)
+        else x, params)
+    params["embed"]["embedding"] = params["embed"]["embedding"] * 8.0  # peaked: the greedy path scores best
+    net, planted = eagle_net(model)
+    d = model.model_cfg.d_model
+    planted["fuse"] = {"kernel": jnp.concatenate([jnp.zeros((d, d)), jnp.eye(d)]), "bias": jnp.zeros((d,))}
+    planted["layer_0"]["attn"]["o_proj"]["kernel"] = jnp.zeros((d, d))
+    planted["layer_0"]["ffn"]["down_proj"] = jnp.zeros_like(planted["layer_0"]["ffn"]["down_proj"])
+    planted["norm"]["scale"] = params["final_norm"]["scale"]
+    prompts = [[3, 1, 4, 1, 5], [9, 2]]
+    ar = api.generate(model, params, prompts, max_new_tokens=21)
+    for options in (dict(tree="chain:4"), dict(expand=2, depth=4, nodes=6)):
+        out = api.generate(model, params, prompts, method="eagle", net=net, net_params=planted, max_new_tokens=21,
+                           **options)
+        assert out.tokens == ar.tokens
+        assert out.target_steps.tolist() == [4, 4] and out.accepted.tolist() == [20, 20], options
