@@ -110,6 +110,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_new_tokens", 64, "tokens per prompt")
     flags.DEFINE_bool("lookup", True, "also prompt lookup on a 4-draft chain (the best training-free row)")
     flags.DEFINE_string("workdir", "/tmp/eagle_trees", "where the tables and plots go")
+    flags.DEFINE_bool("suite", True, "decode the suite (off: only the round split)")
     flags.DEFINE_bool("round_split", True, "also time draft / verify / commit of one round per variant")
     flags.mark_flags_as_required(["drafter"])
 
@@ -126,12 +127,12 @@ def main(argv) -> None:
     if FLAGS.lookup:
         config.methods.lookup = lookup
     start = time.perf_counter()
-    report = suite_eval.evaluate_suite(config, FLAGS.workdir,
-                                       on_method=lambda name: print(f"  {name} ({time.perf_counter() - start:.0f} s)",
-                                                                    flush=True))
-    print("\n" + suite_eval.table(report["rows"]) + "\n")
-    print(f"{report['prompts']} prompts, greedy, max_new_tokens={FLAGS.max_new_tokens}; "
-          f"wall time {(time.perf_counter() - start) / 60:.1f} min; results in {FLAGS.workdir}")
+    if FLAGS.suite:
+        report = suite_eval.evaluate_suite(config, FLAGS.workdir, on_method=lambda name: print(
+            f"  {name} ({time.perf_counter() - start:.0f} s)", flush=True))
+        print("\n" + suite_eval.table(report["rows"]) + "\n")
+        print(f"{report['prompts']} prompts, greedy, max_new_tokens={FLAGS.max_new_tokens}; "
+              f"wall time {(time.perf_counter() - start) / 60:.1f} min; results in {FLAGS.workdir}")
     if FLAGS.round_split:
         from jaxspec.decoding import api, methods
         from jaxspec.decoding.method import Target
@@ -140,7 +141,8 @@ def main(argv) -> None:
         lm = api.load(FLAGS.model)
         prompt = suite_eval.encode_suite(lm.tokenizer, load_suite(per_category=1))[0]
         target = Target(lm.model, lm.params, lm.workdir)
-        drafters = {name: methods.make(**fields).build(target) for name, fields in config.methods.items()}
+        drafters = {name: methods.make(fields["method"], **{k: v for k, v in fields.items() if k != "method"}
+                                       ).build(target) for name, fields in config.methods.items()}
         rows = round_split(lm.model, lm.params, drafters, prompt)
         print(f"\nOne round's parts at a {len(prompt)}-token context (median ms, jitted apart):\n")
         print(sweep.markdown_table(rows, ["method", "draft_ms", "verify_ms", "commit_ms", "round_ms",

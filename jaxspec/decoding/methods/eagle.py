@@ -207,6 +207,10 @@ class Eagle(Speculative):
                        f"{self.expand * self.depth} (the drafts a dynamic tree expands)")
             self.check(not self.adaptive, "adaptive", "0 with a dynamic tree (expand > 0)")
 
+    @property
+    def tree_spec(self) -> str:
+        return f"dynamic:{self.expand}x{self.depth},{self.nodes}" if self.expand else super().tree_spec
+
     def token_tree(self) -> TokenTree:
         # A dynamic tree changes per row and round; its static stand-in only fixes the node count.
         return chain(self.nodes) if self.expand else super().token_tree()
