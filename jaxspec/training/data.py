@@ -200,15 +200,14 @@ class Batches:
     """
 
     def __init__(self, windows: np.ndarray | dict[str, np.ndarray], batch_size: int, seed: int,
-                 shuffle: bool = True):
+                 shuffle: bool = True, remedy: str = "lower batch_size or seq_len, or raise max_bytes"):
         # A dict of arrays (one example per leading index, e.g. a self-distillation set) is batched as is.
         tokens = windows["tokens"] if isinstance(windows, dict) else windows
         if tokens.ndim != 2 or tokens.shape[1] < 2:
             raise ValueError(f"windows must be [N, seq_len + 1] with seq_len >= 1, got shape {tokens.shape}")
         if len(tokens) < batch_size:
             raise ValueError(
-                f"{len(tokens)} windows of {tokens.shape[1]} tokens cannot fill one batch of {batch_size}; "
-                "lower batch_size or seq_len, or raise max_bytes"
+                f"{len(tokens)} windows of {tokens.shape[1]} tokens cannot fill one batch of {batch_size}; {remedy}"
             )
         self.windows = windows
         self.num_windows = len(tokens)
@@ -363,8 +362,10 @@ def make_datasets(data_cfg) -> tuple[Batches, Batches, Tokenizer]:
     into train and validation by a hash of each example's index."""
     spec = parse_data_config(data_cfg)
     tokenizer = load_tokenizer(spec.tokenizer)
+    remedy = "lower batch_size or seq_len, or raise max_bytes"
     if is_selfdistill_set(spec.source):
         splits = _selfdistill_splits(spec)
+        remedy = "lower data.batch_size, raise data.val_fraction, or make the set with more prompts"
     else:
         train_docs, val_docs = _split_tokens(spec, tokenizer)
         splits = [pack_windows(docs, tokenizer.bos_id, tokenizer.eos_id, spec.seq_len + 1)
@@ -372,7 +373,7 @@ def make_datasets(data_cfg) -> tuple[Batches, Batches, Tokenizer]:
     streams = []
     for split, windows, shuffle in zip(("train", "validation"), splits, (True, False), strict=True):
         try:
-            streams.append(Batches(windows, spec.batch_size, spec.seed, shuffle=shuffle))
+            streams.append(Batches(windows, spec.batch_size, spec.seed, shuffle=shuffle, remedy=remedy))
         except ValueError as err:
             raise ValueError(f"{split} split of data source {spec.source!r}: {err}") from err
     return streams[0], streams[1], tokenizer

@@ -205,6 +205,14 @@ def test_eagle_drafter_learns_its_targets_features_and_drafts_for_it(lm_run, cor
     assert final["val_tok0_acc"] > majority + 0.2, (final["val_tok0_acc"], majority)
     assert final["val_tok1_acc"] > majority, (final["val_tok1_acc"], majority)
     assert checkpoint.finished(workdir) and not checkpoint.finished(sd) and not checkpoint.finished(str(tmp_path))
+    too_big = prepare_config(config).data
+    too_big.batch_size = 16
+    with pytest.raises(ValueError, match="validation split .* make the set with more prompts"):
+        make_datasets(too_big)
+    too_long = prepare_config(config).data
+    too_long.seq_len = 160
+    with pytest.raises(ValueError, match=r"data.seq_len=160 needs 161 positions .* stores 160"):
+        make_datasets(too_long)
     vocab = np.load(os.path.join(workdir, "draft_vocab.npy"))
     assert vocab.shape == (32,) and len(set(vocab.tolist())) == 32
 
