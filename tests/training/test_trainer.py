@@ -252,6 +252,7 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     from test_trainer import tiny_config
     from jaxspec.parallel.mesh import make_mesh
+    from jaxspec.training.data import make_datasets
     from jaxspec.training.trainer import build_trainer, prepare_config
 
     assert jax.device_count() == 4, jax.devices()
