@@ -13,7 +13,7 @@ arg: layers (decoder layers), vocab (draft vocabulary size, 0: all), unroll (dra
 
 from configs import lm
 from jaxspec import config as config_lib
-from jaxspec.training.train_config import eagle_defaults
+from jaxspec.training.train_config import drafter_schedule, eagle_defaults
 
 
 def get_config(arg=None):
@@ -28,11 +28,8 @@ def get_config(arg=None):
     config.eagle.num_layers = args.layers
     config.eagle.draft_vocab = args.vocab
     config.eagle.unroll = args.unroll
+    drafter_schedule(config.train, "eagle", args.steps, warmup_cap=50)
     t = config.train
-    t.loss = "eagle"
-    t.steps, t.warmup_steps = args.steps, min(50, args.steps // 10)
-    t.learning_rate = 1e-3
     t.weight_decay = 0.0
     t.log_every, t.eval_every, t.eval_batches = 20, 200, 4
-    t.save_every = args.steps
     return config

@@ -10,7 +10,7 @@ arg: heads (num_heads), layers (residual blocks per head), steps.
 
 from configs import lm
 from jaxspec import config as config_lib
-from jaxspec.training.train_config import medusa_defaults
+from jaxspec.training.train_config import drafter_schedule, medusa_defaults
 
 
 def get_config(arg=None):
@@ -20,11 +20,7 @@ def get_config(arg=None):
     config.medusa = medusa_defaults()
     config.medusa.num_heads = args.heads
     config.medusa.num_layers = args.layers
-    t = config.train
-    t.loss = "medusa"
-    t.steps, t.warmup_steps = args.steps, min(30, args.steps // 10)
-    t.learning_rate = 1e-3
-    t.medusa_decay = 0.8
-    t.eval_every = 100
-    t.save_every = args.steps
+    drafter_schedule(config.train, "medusa", args.steps, warmup_cap=30)
+    config.train.medusa_decay = 0.8
+    config.train.eval_every = 100
     return config

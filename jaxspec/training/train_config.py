@@ -54,6 +54,15 @@ def medusa_defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(num_heads=4, num_layers=1, share_lm_head=False))
 
 
+def drafter_schedule(train_cfg, loss: str, steps: int, warmup_cap: int, learning_rate: float = 1e-3) -> None:
+    """The train section of a drafter run on a frozen target (heads, feature drafters): `loss`, `steps` with a
+    warmup of a tenth of them (at most `warmup_cap`), the peak learning rate, one checkpoint at the end."""
+    train_cfg.loss = loss
+    train_cfg.steps, train_cfg.warmup_steps = steps, min(warmup_cap, steps // 10)
+    train_cfg.learning_rate = learning_rate
+    train_cfg.save_every = steps
+
+
 def eagle_defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         num_layers=1,  # decoder layers of the target's shape
