@@ -117,8 +117,12 @@ def _all_documents(source: str) -> Iterator[Document]:
         for rel in rel_paths:
             yield from _file_documents(os.path.join(root, rel), f"stdlib/{rel}")
     else:
-        for path in _source_files(source):
-            yield from _file_documents(path, path)
+        paths = _source_files(source)
+        root = source if os.path.isdir(source) else os.path.commonpath([os.path.dirname(p) for p in paths])
+        for path in paths:
+            # Named relative to the corpus root: the hash split (split_documents) must not change when
+            # the corpus is moved or copied to another directory.
+            yield from _file_documents(path, os.path.relpath(path, root))
 
 
 def load_documents(

@@ -63,6 +63,21 @@ def test_split_is_disjoint_stable_and_close_to_the_fraction():
         data.split_documents(["only"], 0.5)
 
 
+def test_a_corpus_keeps_its_split_when_moved(tmp_path):
+    """Documents are named relative to the corpus root, so copies in two places split alike."""
+    for place in ("a", "b/deeper"):
+        for i in range(12):
+            (tmp_path / place / "sub").mkdir(parents=True, exist_ok=True)
+            (tmp_path / place / "sub" / f"doc{i}.txt").write_text(f"document {i} " * 40)
+    cfg = dict(tokenizer="bytes", seq_len=16, batch_size=2, val_fraction=0.3, max_bytes=None)
+    for source in (lambda place: str(tmp_path / place), lambda place: str(tmp_path / place / "sub" / "*.txt")):
+        names = [[d.name for d in load_documents(source(place))] for place in ("a", "b/deeper")]
+        assert names[0] == names[1] and all(not n.startswith("/") for n in names[0])
+        val_a, val_b = (make_datasets(data_config(source=source(place), **cfg))[1].windows
+                        for place in ("a", "b/deeper"))
+        np.testing.assert_array_equal(val_a, val_b)
+
+
 def _windows(n, width=5):
     return np.arange(n * width, dtype=np.int32).reshape(n, width)
 

@@ -134,8 +134,8 @@ def test_used_workdir_is_refused_not_overwritten(lm_run, corpus, tmp_path):
 
 @pytest.mark.slow
 def test_matformer_granularities_are_ordered_by_validation_loss(corpus, tmp_path):
-    config = tiny_config(corpus, steps=60, loss="matformer", eval_every=60)
-    config.model.matformer_fractions = (0.25, 0.5, 1.0)
+    config = tiny_config(corpus, steps=60, loss="matformer", eval_every=60, eval_batches=16)
+    config.model.matformer_fractions = (0.0625, 0.25, 1.0)
     config.model.d_ff = 128
     final = train(config, str(tmp_path / "matformer"))
     val = [final[f"val_g{g}_loss"] for g in range(3)]
