@@ -12,6 +12,8 @@ from collections.abc import Mapping
 
 import ml_collections
 
+from jaxspec.errors import InputError
+
 MIXERS = {"A": "attention", "L": "linear_attention", "M": "mamba"}
 FEATURE_MAPS = ("elu1", "identity", "relu")
 DECAYS = ("none", "retnet")
@@ -24,7 +26,7 @@ WEIGHT_DTYPES = ("float32", "int8")
 FFN_ACTIVATIONS = ("silu", "gelu_tanh")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config value that is not allowed; the message names the key, the value and what is allowed."""
 
 
@@ -151,7 +153,7 @@ def ffn_hidden_sizes(model_cfg, layer: int | None = None) -> tuple[int, ...]:
     """
     if model_cfg.d_ff_per_layer:
         if layer is None:
-            raise ValueError("ffn_hidden_sizes: the config sets d_ff_per_layer, so pass the layer index")
+            raise InputError("ffn_hidden_sizes: the config sets d_ff_per_layer, so pass the layer index")
         full = model_cfg.d_ff_per_layer[layer]
     else:
         full = model_cfg.d_ff

@@ -16,6 +16,7 @@ from flax import struct
 
 from jaxspec import checks
 from jaxspec import config as config_lib
+from jaxspec.errors import InputError
 
 
 @struct.dataclass
@@ -53,7 +54,7 @@ def init_decode_state(model_cfg, batch: int, max_len: int | None = None, dtype=N
     """Empty state for `batch` rows; attention layers get a cache of `max_len` (default model.max_len)."""
     max_len = max_len or model_cfg.max_len
     if max_len <= 0 or batch <= 0:
-        raise ValueError(f"init_decode_state: batch={batch} and max_len={max_len} must be positive")
+        raise InputError(f"init_decode_state: batch={batch} and max_len={max_len} must be positive")
     dtype = dtype or jnp.dtype(model_cfg.dtype)
     hd = config_lib.head_dim(model_cfg)
     d_inner, _ = config_lib.mamba_dims(model_cfg)
@@ -75,12 +76,12 @@ def validate_parents(parents) -> np.ndarray:
     """Host-side check of a concrete parents array [K] or [B, K]: each parent in [-1, own index)."""
     p = np.asarray(parents)
     if p.ndim not in (1, 2) or p.shape[-1] == 0:
-        raise ValueError(f"parents must have shape [K] or [B, K] with K >= 1, got shape {p.shape}")
+        raise InputError(f"parents must have shape [K] or [B, K] with K >= 1, got shape {p.shape}")
     idx = np.arange(p.shape[-1])
     bad = (p < -1) | (p >= idx)
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"parents is not a valid tree: parents{list(where)}={int(p[where])}, but every "
+        raise InputError(f"parents is not a valid tree: parents{list(where)}={int(p[where])}, but every "
                          "parent must be -1 (follows the committed context) or an earlier node index")
     return p
 
@@ -125,7 +126,7 @@ def commit(state: DecodeState, path, num_accepted) -> DecodeState:
     path [B, P] node indices in order (root first), num_accepted [B] in [0, P]. Rows with 0 keep their state.
     """
     if state.pending is None:
-        raise ValueError("commit: the state holds no pending tree (run a forward with parents= first)")
+        raise InputError("commit: the state holds no pending tree (run a forward with parents= first)")
     path = jnp.asarray(path, jnp.int32)
     n = jnp.asarray(num_accepted, jnp.int32)
     checks.expect((n >= 0) & (n <= path.shape[1]), f"commit: num_accepted={{}} must lie in [0, {path.shape[1]}]", n)

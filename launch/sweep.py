@@ -19,6 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxspec import cli
+from jaxspec.errors import InputError
 from jaxspec.eval import sweep
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file with sweep(add, arg), e.g. "
@@ -31,7 +32,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def load_module(path: str):
     """The Python module of a config file path."""
     if not os.path.isfile(path):
-        raise ValueError(f"config file {path!r} does not exist")
+        raise InputError(f"config file {path!r} does not exist")
     spec = importlib.util.spec_from_file_location(f"sweep_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

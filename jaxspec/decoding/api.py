@@ -24,6 +24,7 @@ import numpy as np
 from jaxspec import checks
 from jaxspec.decoding import engine, methods
 from jaxspec.decoding.method import Method, Target
+from jaxspec.errors import InputError
 from jaxspec.models.lm import DecoderLM
 
 
@@ -59,7 +60,7 @@ def method_spec(method: str | Method, arguments: dict) -> tuple[Method, dict]:
     if isinstance(method, Method):
         fields, objects = methods.split_arguments(method.name, arguments)
         if fields:
-            raise ValueError(f"method is a ready spec ({method!r}); set {sorted(fields)} on the spec instead")
+            raise InputError(f"method is a ready spec ({method!r}); set {sorted(fields)} on the spec instead")
         return method, objects
     fields, objects = methods.split_arguments(method, arguments)
     return methods.make(method, **fields), objects
@@ -71,7 +72,7 @@ def stop_ids(eos_ids) -> tuple[int, ...]:
         return ()
     ids = (eos_ids,) if isinstance(eos_ids, (int, np.integer)) else tuple(eos_ids)
     if any(not isinstance(i, (int, np.integer)) or i < 0 for i in ids):
-        raise ValueError(f"eos_ids={eos_ids!r} must be non-negative token ids")
+        raise InputError(f"eos_ids={eos_ids!r} must be non-negative token ids")
     return tuple(sorted({int(i) for i in ids}))
 
 
@@ -93,21 +94,21 @@ def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str
     (a power of two, 0 = off) prefills each prompt in chunks of that many tokens (exact: the same output).
     """
     if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be positive")
+        raise InputError(f"max_new_tokens={max_new_tokens} must be positive")
     if prefill_chunk < 0 or prefill_chunk & (prefill_chunk - 1):
-        raise ValueError(f"prefill_chunk={prefill_chunk} must be 0 (off) or a power of two (it divides the "
+        raise InputError(f"prefill_chunk={prefill_chunk} must be 0 (off) or a power of two (it divides the "
                          "power-of-two prompt widths)")
     rule = rule or ("greedy" if temperature == 0 else "rejection")
     sampling = engine.Sampling(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), rule=rule)
     eos = stop_ids(eos_ids)
     if any(i >= target.model_cfg.vocab_size for i in eos):
-        raise ValueError(f"eos_ids={eos} lie outside the model's vocabulary [0, {target.model_cfg.vocab_size})")
+        raise InputError(f"eos_ids={eos} lie outside the model's vocabulary [0, {target.model_cfg.vocab_size})")
     spec, objects = method_spec(method, method_arguments)
     drafter, dparams = spec.build(Target(target, params, target_workdir), **objects)
     lens = np.asarray([len(p) for p in prompts], np.int32)
     nodes = 1 if drafter is None else drafter.tree.num_nodes
     if not prompts or lens.min() == 0:
-        raise ValueError("every prompt needs at least one token")
+        raise InputError("every prompt needs at least one token")
     width, max_len = engine.plan_shapes(target.model_cfg, lens, max_new_tokens, nodes, prompt_width)
     tokens, lens = engine.pad_prompts(prompts, width=width)
     dynamic = dict(params=params, prompts=tokens, prompt_lens=lens, key=jax.random.key(seed))

@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxspec.decoding.sampling import sample, warp_logits
 from jaxspec.decoding.trees import TokenTree
+from jaxspec.errors import InputError
 from jaxspec.models.heads import MedusaHeads
 from jaxspec.models.lm import DecoderLM
 from jaxspec.state import init_decode_state
@@ -76,7 +77,7 @@ def fill_tree(tree: TokenTree, root, draft) -> tuple[jax.Array, jax.Array]:
 
 def check_breadth_first(tree: TokenTree) -> None:
     if np.any(np.diff(tree.depths) < 0):
-        raise ValueError("drafting needs a breadth-first tree (node depths non-decreasing); got depths "
+        raise InputError("drafting needs a breadth-first tree (node depths non-decreasing); got depths "
                          f"{tree.depths.tolist()}")
 
 
@@ -191,7 +192,7 @@ class MedusaDrafter:
 
     def __post_init__(self):
         if self.tree.max_depth > self.heads.num_heads:
-            raise ValueError(f"tree depth {self.tree.max_depth} needs at least that many Medusa heads; the heads "
+            raise InputError(f"tree depth {self.tree.max_depth} needs at least that many Medusa heads; the heads "
                              f"have num_heads={self.heads.num_heads}")
 
     def init(self, params, prompts, prompt_lens, max_len, first_token):
@@ -224,9 +225,9 @@ class PromptLookupDrafter:
 
     def __post_init__(self):
         if not self.tree.is_chain:
-            raise ValueError("prompt lookup drafts a chain; got a branching tree")
+            raise InputError("prompt lookup drafts a chain; got a branching tree")
         if not 1 <= self.min_ngram <= self.max_ngram:
-            raise ValueError(f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {self.min_ngram}, "
+            raise InputError(f"prompt lookup needs 1 <= min_ngram <= max_ngram, got {self.min_ngram}, "
                              f"{self.max_ngram}")
 
     def init(self, params, prompts, prompt_lens, max_len, first_token):

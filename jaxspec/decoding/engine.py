@@ -29,6 +29,7 @@ from jaxspec.decoding.drafters import Context
 from jaxspec.decoding.sampling import sample, warp_logits
 from jaxspec.decoding.trees import TokenTree
 from jaxspec.decoding.verify import verify_tree
+from jaxspec.errors import InputError
 from jaxspec.models.decode_layout import for_decoding
 from jaxspec.models.lm import DecoderLM
 from jaxspec.state import commit, init_decode_state
@@ -49,11 +50,11 @@ class Sampling:
 
     def __post_init__(self):
         if self.rule not in RULES:
-            raise ValueError(f"unknown verification rule {self.rule!r}; allowed: {RULES}")
+            raise InputError(f"unknown verification rule {self.rule!r}; allowed: {RULES}")
         if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0")
+            raise InputError(f"temperature={self.temperature} must be >= 0")
         if self.rule == "rejection" and self.temperature == 0:
-            raise ValueError("rule='rejection' samples; use temperature > 0 (or rule='greedy' at temperature 0)")
+            raise InputError("rule='rejection' samples; use temperature > 0 (or rule='greedy' at temperature 0)")
 
     def pick(self, key, logits):
         if self.temperature == 0:
@@ -134,7 +135,7 @@ def chunked_prefill(model: DecoderLM, params, prompts, prompt_lens, state, chunk
         return model.apply({"params": params}, prompts, state=state, num_new=prompt_lens, return_hidden=True,
                            fresh=True)
     if p % chunk:
-        raise ValueError(f"prefill_chunk={chunk} must divide the padded prompt width {p}")
+        raise InputError(f"prefill_chunk={chunk} must divide the padded prompt width {p}")
     in_chunk = lambda c: jnp.clip(prompt_lens - c * chunk, 0, chunk).astype(jnp.int32)
     first, state = model.apply({"params": params}, prompts[:, :chunk], state=state, num_new=in_chunk(0),
                                return_hidden=True, fresh=True)
@@ -313,11 +314,11 @@ def pad_prompts(prompts: list[list[int]], pad_id: int = 0, width: int | None = N
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad token lists to [B, width] int32 (default: the longest prompt) and return per-row lengths."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise InputError("every prompt needs at least one token")
     longest = max(len(p) for p in prompts)
     width = longest if width is None else width
     if width < longest:
-        raise ValueError(f"prompt_width={width} is shorter than the longest prompt ({longest} tokens)")
+        raise InputError(f"prompt_width={width} is shorter than the longest prompt ({longest} tokens)")
     out = np.full((len(prompts), width), pad_id, np.int32)
     for i, p in enumerate(prompts):
         out[i, :len(p)] = p
@@ -332,7 +333,7 @@ def check_fits(model_cfg, prompt_lens, max_new: int, tree_nodes: int) -> int:
     """The decode state's length: prompt + new tokens + one tree must fit the configured context."""
     need = required_max_len(int(np.max(prompt_lens)), max_new, tree_nodes)
     if need > model_cfg.max_len:
-        raise ValueError(f"prompt of {int(np.max(prompt_lens))} tokens + max_new_tokens={max_new} + a tree of "
+        raise InputError(f"prompt of {int(np.max(prompt_lens))} tokens + max_new_tokens={max_new} + a tree of "
                          f"{tree_nodes} nodes needs a context of {need}, longer than model.max_len="
                          f"{model_cfg.max_len}")
     return need
@@ -345,7 +346,7 @@ def plan_shapes(model_cfg, prompt_lens, max_new: int, tree_nodes: int, prompt_wi
     longest = int(np.max(prompt_lens))
     check_fits(model_cfg, prompt_lens, max_new, tree_nodes)
     if prompt_width is not None and prompt_width < longest:
-        raise ValueError(f"prompt_width={prompt_width} is shorter than the longest prompt ({longest} tokens)")
+        raise InputError(f"prompt_width={prompt_width} is shorter than the longest prompt ({longest} tokens)")
     width = prompt_width or bucket_width(longest)
     if required_max_len(width, max_new, tree_nodes) > model_cfg.max_len:
         width = prompt_width or longest

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxspec import zoo
+from jaxspec.errors import InputError
 from jaxspec.models.lm import DecoderLM, build_model
 from jaxspec.training import checkpoint
 from jaxspec.training.tokenizer import load_tokenizer
@@ -25,7 +26,7 @@ def load_lm(model: str) -> LoadedLM:
     workdir = zoo.model_workdir(model) if model in zoo.ZOO else model
     params, config = checkpoint.restore_params(workdir)
     if "medusa" in config and config.train.loss == "medusa":
-        raise ValueError(f"{workdir} holds Medusa heads, not a language model; pass it as --draft_workdir with "
+        raise InputError(f"{workdir} holds Medusa heads, not a language model; pass it as --draft_workdir with "
                          "--method=medusa and the target's workdir as --workdir")
     # An imported checkpoint names its Hugging Face tokenizer directory here, special tokens and all.
     tokenizer = load_tokenizer(config.data.tokenizer)

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspec.errors import InputError
+
 
 def _is_python_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
@@ -26,7 +28,7 @@ def _check_scalar(name: str, value) -> None:
     if _is_python_number(value):
         return
     if isinstance(value, bool) or jnp.ndim(value) != 0:
-        raise ValueError(f"{name} = {value!r} must be a scalar (a Python number or a 0-d array)")
+        raise InputError(f"{name} = {value!r} must be a scalar (a Python number or a 0-d array)")
 
 
 def _top_k_filter(logits: jax.Array, top_k) -> jax.Array:
@@ -69,11 +71,11 @@ def warp_logits(logits: jax.Array, temperature=0.0, top_k=0, top_p=1.0) -> jax.A
     for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
         _check_scalar(name, value)
     if _is_python_number(temperature) and temperature < 0:
-        raise ValueError(f"temperature = {temperature} must be >= 0 (0 means greedy)")
+        raise InputError(f"temperature = {temperature} must be >= 0 (0 means greedy)")
     if _is_python_number(top_k) and (top_k < 0 or int(top_k) != top_k):
-        raise ValueError(f"top_k = {top_k} must be an int >= 0 (0 disables top-k)")
+        raise InputError(f"top_k = {top_k} must be an int >= 0 (0 disables top-k)")
     if _is_python_number(top_p) and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p = {top_p} must be in (0, 1] (1.0 disables top-p)")
+        raise InputError(f"top_p = {top_p} must be in (0, 1] (1.0 disables top-p)")
     logits = jnp.asarray(logits, jnp.float32)
     if _is_python_number(temperature) and temperature == 0:
         return jax.nn.one_hot(greedy(logits), logits.shape[-1], dtype=jnp.float32)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspec.errors import InputError
 from jaxspec.state import tree_ancestor_mask
 
 # Medusa's published 63-candidate tree for Vicuna-7B ("mc_sim_7b_63"). Each tuple is a path of top-k
@@ -46,7 +47,7 @@ PRESET_CHOICES: dict[str, tuple[tuple[int, ...], ...]] = {
 
 def _as_int(value, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{what} = {value!r} must be an int")
+        raise InputError(f"{what} = {value!r} must be an int")
     return int(value)
 
 
@@ -60,23 +61,23 @@ def validate_parents(parents: Sequence[int], *, single_root: bool = True) -> tup
     if hasattr(parents, "shape"):
         array = np.asarray(parents)
         if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(
+            raise InputError(
                 f"parents must be a 1-D integer array, got shape {array.shape} dtype {array.dtype}"
             )
         parents = array.tolist()
     values = tuple(_as_int(p, f"parents[{i}]") for i, p in enumerate(parents))
     if not values:
-        raise ValueError("parents is empty: a token tree needs at least its root node (parents = (-1,))")
+        raise InputError("parents is empty: a token tree needs at least its root node (parents = (-1,))")
     for i, p in enumerate(values):
         if p < -1:
-            raise ValueError(f"parents[{i}] = {p}: a parent index is -1 (root) or a node index >= 0")
+            raise InputError(f"parents[{i}] = {p}: a parent index is -1 (root) or a node index >= 0")
         if p >= i:
-            raise ValueError(
+            raise InputError(
                 f"parents[{i}] = {p}: a node's parent must come before it (parent index < {i}); "
                 "list the nodes in topological order"
             )
         if single_root and i > 0 and p == -1:
-            raise ValueError(
+            raise InputError(
                 f"parents[{i}] = -1: a decoding tree has exactly one root, node 0; "
                 f"node {i} needs a parent in [0, {i})"
             )
@@ -107,18 +108,18 @@ class TokenTree:
             return
         ranks = tuple(_as_int(r, f"node_rank[{i}]") for i, r in enumerate(self.node_rank))
         if len(ranks) != len(parents):
-            raise ValueError(
+            raise InputError(
                 f"node_rank has {len(ranks)} entries but the tree has {len(parents)} nodes; "
                 "give one rank per node"
             )
         if ranks[0] != 0:
-            raise ValueError(f"node_rank[0] = {ranks[0]}: the root's rank must be 0")
+            raise InputError(f"node_rank[0] = {ranks[0]}: the root's rank must be 0")
         seen = set()
         for i in range(1, len(ranks)):
             if ranks[i] < 0:
-                raise ValueError(f"node_rank[{i}] = {ranks[i]}: ranks are top-k indices, >= 0")
+                raise InputError(f"node_rank[{i}] = {ranks[i]}: ranks are top-k indices, >= 0")
             if (parents[i], ranks[i]) in seen:
-                raise ValueError(
+                raise InputError(
                     f"node_rank[{i}] = {ranks[i]} repeats a sibling's rank under parent {parents[i]}; "
                     "siblings must have distinct ranks"
                 )
@@ -172,7 +173,7 @@ class TokenTree:
         """The children of ``node`` in index order."""
         node = _as_int(node, "node")
         if not 0 <= node < self.num_nodes:
-            raise ValueError(f"node = {node} is out of range for a tree with {self.num_nodes} nodes")
+            raise InputError(f"node = {node} is out of range for a tree with {self.num_nodes} nodes")
         return self._children[node]
 
     @property
@@ -204,21 +205,21 @@ def from_choices(choices: Sequence[Sequence[int]]) -> TokenTree:
     paths = []
     for n, choice in enumerate(choices):
         if isinstance(choice, (str, bytes)) or not isinstance(choice, Sequence):
-            raise ValueError(f"choices[{n}] = {choice!r} must be a tuple of top-k ranks, e.g. (0, 1)")
+            raise InputError(f"choices[{n}] = {choice!r} must be a tuple of top-k ranks, e.g. (0, 1)")
         path = tuple(_as_int(r, f"choices[{n}] entry") for r in choice)
         if not path:
-            raise ValueError(f"choices[{n}] is empty; the root is implicit, a choice names a node below it")
+            raise InputError(f"choices[{n}] is empty; the root is implicit, a choice names a node below it")
         if any(r < 0 for r in path):
-            raise ValueError(f"choices[{n}] = {path} has a negative rank; ranks are top-k indices, >= 0")
+            raise InputError(f"choices[{n}] = {path} has a negative rank; ranks are top-k indices, >= 0")
         paths.append(path)
     if len(set(paths)) != len(paths):
         duplicates = sorted({p for p in paths if paths.count(p) > 1})
-        raise ValueError(f"choices contain duplicates: {duplicates}")
+        raise InputError(f"choices contain duplicates: {duplicates}")
     present = set(paths)
     for path in paths:
         for end in range(1, len(path)):
             if path[:end] not in present:
-                raise ValueError(f"choice {path} has no parent: its prefix {path[:end]} is not a choice")
+                raise InputError(f"choice {path} has no parent: its prefix {path[:end]} is not a choice")
     ordered = sorted(paths, key=lambda p: (len(p), p))
     index = {(): 0}
     for i, path in enumerate(ordered, start=1):
@@ -233,7 +234,7 @@ def from_branching(branching: Sequence[int]) -> TokenTree:
     widths = tuple(_as_int(b, f"branching[{d}]") for d, b in enumerate(branching))
     for d, b in enumerate(widths):
         if b < 1:
-            raise ValueError(f"branching[{d}] = {b}: every level needs at least one child per node")
+            raise InputError(f"branching[{d}] = {b}: every level needs at least one child per node")
     levels = range(1, len(widths) + 1)
     choices = [p for depth in levels for p in itertools.product(*map(range, widths[:depth]))]
     return from_choices(choices)
@@ -243,7 +244,7 @@ def chain(k: int) -> TokenTree:
     """A chain of k drafts (K = k + 1 nodes); ranks are all top-1."""
     k = _as_int(k, "k")
     if k < 0:
-        raise ValueError(f"k = {k}: a chain holds k >= 0 drafts")
+        raise InputError(f"k = {k}: a chain holds k >= 0 drafts")
     return from_branching((1,) * k)
 
 
@@ -254,7 +255,7 @@ def tree_from_spec(spec: str) -> TokenTree:
     """
     allowed = "'chain:<k>', 'branching:<b1>,<b2>,...' or one of " + ", ".join(map(repr, PRESET_CHOICES))
     if not isinstance(spec, str):
-        raise ValueError(f"tree spec {spec!r} must be a string: {allowed}")
+        raise InputError(f"tree spec {spec!r} must be a string: {allowed}")
     kind, _, arg = spec.partition(":")
     try:
         if kind == "chain" and arg:
@@ -262,10 +263,10 @@ def tree_from_spec(spec: str) -> TokenTree:
         if kind == "branching" and arg:
             return from_branching(tuple(int(b) for b in arg.split(",")))
     except ValueError as err:
-        raise ValueError(f"tree spec {spec!r}: {err}") from err
+        raise InputError(f"tree spec {spec!r}: {err}") from err
     if spec in PRESET_CHOICES:
         return from_choices(PRESET_CHOICES[spec])
-    raise ValueError(f"unknown tree spec {spec!r}; allowed: {allowed}")
+    raise InputError(f"unknown tree spec {spec!r}; allowed: {allowed}")
 
 
 def ancestor_mask_jnp(parents: jax.Array) -> jax.Array:
@@ -276,7 +277,7 @@ def ancestor_mask_jnp(parents: jax.Array) -> jax.Array:
     """
     parents = jnp.asarray(parents)
     if parents.ndim not in (1, 2):
-        raise ValueError(f"parents has shape {parents.shape}; expected [K] or [B, K]")
+        raise InputError(f"parents has shape {parents.shape}; expected [K] or [B, K]")
     batch = parents.shape[0] if parents.ndim == 2 else 1
     mask = tree_ancestor_mask(parents, batch)
     return mask if parents.ndim == 2 else mask[0]

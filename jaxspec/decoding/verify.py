@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from jaxspec.decoding.sampling import greedy, sample, warp_logits
 from jaxspec.decoding.trees import TokenTree
+from jaxspec.errors import InputError
 
 RULES = ("greedy", "rejection", "typical")
 
@@ -56,15 +57,15 @@ def _parents_per_row(tree, batch: int, num_nodes: int) -> jax.Array:
     """Parents as int32 [B, K] from a TokenTree or a traced parent array [K] / [B, K]."""
     if isinstance(tree, TokenTree):
         if tree.num_nodes != num_nodes:
-            raise ValueError(
+            raise InputError(
                 f"tree has {tree.num_nodes} nodes but target_logits/tree_tokens have K = {num_nodes} nodes"
             )
         return jnp.broadcast_to(jnp.asarray(tree.parents_array), (batch, num_nodes))
     parents = jnp.asarray(tree)
     if not jnp.issubdtype(parents.dtype, jnp.integer):
-        raise ValueError(f"tree must be a TokenTree or an int parent array, got dtype {parents.dtype}")
+        raise InputError(f"tree must be a TokenTree or an int parent array, got dtype {parents.dtype}")
     if parents.shape not in ((num_nodes,), (batch, num_nodes)):
-        raise ValueError(
+        raise InputError(
             f"parent array has shape {parents.shape}; expected ({num_nodes},) or ({batch}, {num_nodes})"
         )
     return jnp.broadcast_to(parents.astype(jnp.int32), (batch, num_nodes))
@@ -180,26 +181,26 @@ def _emitted_tokens(path: jax.Array, count: jax.Array, bonus: jax.Array, tree_to
 
 def _check_inputs(target_logits, tree_tokens, rule, key, draft_probs, node_valid, eps, alpha) -> None:
     if rule not in RULES:
-        raise ValueError(f"rule = {rule!r}; allowed: {', '.join(map(repr, RULES))}")
+        raise InputError(f"rule = {rule!r}; allowed: {', '.join(map(repr, RULES))}")
     if target_logits.ndim != 3:
-        raise ValueError(f"target_logits has shape {target_logits.shape}; expected [B, K, V]")
+        raise InputError(f"target_logits has shape {target_logits.shape}; expected [B, K, V]")
     batch, num_nodes, _ = target_logits.shape
     if tree_tokens.shape != (batch, num_nodes):
-        raise ValueError(f"tree_tokens has shape {tree_tokens.shape}; expected [B, K] = {(batch, num_nodes)}")
+        raise InputError(f"tree_tokens has shape {tree_tokens.shape}; expected [B, K] = {(batch, num_nodes)}")
     if not jnp.issubdtype(tree_tokens.dtype, jnp.integer):
-        raise ValueError(f"tree_tokens has dtype {tree_tokens.dtype}; expected an integer dtype")
+        raise InputError(f"tree_tokens has dtype {tree_tokens.dtype}; expected an integer dtype")
     if draft_probs is not None and draft_probs.shape != target_logits.shape:
-        raise ValueError(
+        raise InputError(
             f"draft_probs has shape {draft_probs.shape}; expected target_logits' shape {target_logits.shape}"
         )
     if node_valid is not None and node_valid.shape != (batch, num_nodes):
-        raise ValueError(f"node_valid has shape {node_valid.shape}; expected [B, K] = {(batch, num_nodes)}")
+        raise InputError(f"node_valid has shape {node_valid.shape}; expected [B, K] = {(batch, num_nodes)}")
     if rule != "greedy" and key is None:
-        raise ValueError(f"rule = {rule!r} samples tokens and needs a PRNG key (key=None given)")
+        raise InputError(f"rule = {rule!r} samples tokens and needs a PRNG key (key=None given)")
     if isinstance(eps, (int, float)) and eps <= 0:
-        raise ValueError(f"typical_threshold = {eps} must be > 0")
+        raise InputError(f"typical_threshold = {eps} must be > 0")
     if isinstance(alpha, (int, float)) and alpha < 0:
-        raise ValueError(f"typical_alpha = {alpha} must be >= 0")
+        raise InputError(f"typical_alpha = {alpha} must be >= 0")
 
 
 def verify_tree(

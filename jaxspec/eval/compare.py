@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from jaxspec.decoding import api, engine
 from jaxspec.decoding import methods as registry
 from jaxspec.decoding.method import Method
+from jaxspec.errors import InputError
 
 
 @dataclasses.dataclass
@@ -83,7 +84,7 @@ def compare_methods(model, params, prompts: list[list[int]], methods: dict[str, 
     given, one per (method, category). Wall time per batch is the best of `repeats` calls.
     """
     if categories is not None and len(categories) != len(prompts):
-        raise ValueError(f"categories has {len(categories)} entries for {len(prompts)} prompts")
+        raise InputError(f"categories has {len(categories)} entries for {len(prompts)} prompts")
     batch_size = batch_size or len(prompts)
     every = {"ar": registry.make("ar"), **methods}
     nodes = max(spec.num_nodes for spec in every.values())

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec import config as config_lib
+from jaxspec.errors import InputError
 
 # Weights of a SwiGLU FFN: each holds d_model values per hidden unit.
 _FFN_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
@@ -40,5 +41,5 @@ def submodel_loss(model, params, batches: Iterable[Mapping[str, np.ndarray]], *,
         loss_sum, count = _loss_sums(model, params, inputs, targets, granularity=per_layer, pad_id=pad_id)
         total, tokens = total + float(loss_sum), tokens + int(count)
     if tokens == 0:
-        raise ValueError("submodel_loss saw no target tokens (no batches, or every target is padding)")
+        raise InputError("submodel_loss saw no target tokens (no batches, or every target is padding)")
     return total / tokens

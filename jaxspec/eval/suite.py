@@ -12,6 +12,8 @@ import json
 from collections.abc import Iterable
 from importlib import resources
 
+from jaxspec.errors import InputError
+
 # Spec-Bench's order; "qa" is question answering over a given passage (Spec-Bench's RAG-style task).
 CATEGORIES = ("multi_turn", "translation", "summarization", "qa", "math_reasoning", "code")
 ROLES = ("user", "assistant")
@@ -38,23 +40,23 @@ class SuitePrompt:
 
 
 def _check_messages(messages, where: str) -> tuple[dict[str, str], ...]:
-    """The messages as a tuple of {"role", "content"} dicts, or a ValueError saying what is wrong and where."""
+    """The messages as a tuple of {"role", "content"} dicts, or an InputError saying what is wrong and where."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: 'messages' must be a non-empty list, got {messages!r}")
+        raise InputError(f"{where}: 'messages' must be a non-empty list, got {messages!r}")
     checked = []
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or set(message) != {"role", "content"}:
-            raise ValueError(f"{where}: message {index} must have exactly the keys 'role' and 'content', "
+            raise InputError(f"{where}: message {index} must have exactly the keys 'role' and 'content', "
                              f"got {message!r}")
         expected = ROLES[index % 2]
         if message["role"] != expected:
-            raise ValueError(f"{where}: message {index} has role {message['role']!r}; turns alternate "
+            raise InputError(f"{where}: message {index} has role {message['role']!r}; turns alternate "
                              f"{ROLES[0]!r}, {ROLES[1]!r}, ... so it must be {expected!r}")
         if not isinstance(message["content"], str) or not message["content"].strip():
-            raise ValueError(f"{where}: message {index} has empty or non-text content {message['content']!r}")
+            raise InputError(f"{where}: message {index} has empty or non-text content {message['content']!r}")
         checked.append({"role": message["role"], "content": message["content"]})
     if checked[-1]["role"] != "user":
-        raise ValueError(f"{where}: the last message must be from the user, got {checked[-1]['role']!r}")
+        raise InputError(f"{where}: the last message must be from the user, got {checked[-1]['role']!r}")
     return tuple(checked)
 
 
@@ -63,14 +65,14 @@ def parse_row(line: str, category: str, where: str) -> SuitePrompt:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{where}: not valid JSON ({error})") from None
+        raise InputError(f"{where}: not valid JSON ({error})") from None
     if not isinstance(row, dict) or set(row) != {"id", "category", "messages"}:
         keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-        raise ValueError(f"{where}: a row must have exactly the keys 'id', 'category', 'messages', got {keys}")
+        raise InputError(f"{where}: a row must have exactly the keys 'id', 'category', 'messages', got {keys}")
     if row["category"] != category:
-        raise ValueError(f"{where}: row category {row['category']!r} does not match the file's {category!r}")
+        raise InputError(f"{where}: row category {row['category']!r} does not match the file's {category!r}")
     if not isinstance(row["id"], str) or not row["id"].startswith(f"{category}-"):
-        raise ValueError(f"{where}: id {row['id']!r} must start with {category + '-'!r}")
+        raise InputError(f"{where}: id {row['id']!r} must start with {category + '-'!r}")
     return SuitePrompt(row["id"], category, _check_messages(row["messages"], where))
 
 
@@ -83,7 +85,7 @@ def category_prompts(category: str) -> list[SuitePrompt]:
     ids = [prompt.id for prompt in prompts]
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     if repeated:
-        raise ValueError(f"{DATA_DIR}/{name}: repeated ids {repeated}")
+        raise InputError(f"{DATA_DIR}/{name}: repeated ids {repeated}")
     return prompts
 
 
@@ -93,9 +95,9 @@ def _check_categories(categories: Iterable[str] | str | None) -> tuple[str, ...]
     wanted = (categories,) if isinstance(categories, str) else tuple(categories)
     unknown = [name for name in wanted if name not in CATEGORIES]
     if unknown:
-        raise ValueError(f"unknown suite categories {unknown}; the categories are {list(CATEGORIES)}")
+        raise InputError(f"unknown suite categories {unknown}; the categories are {list(CATEGORIES)}")
     if not wanted:
-        raise ValueError(f"categories is empty; pick some of {list(CATEGORIES)} or pass None for all")
+        raise InputError(f"categories is empty; pick some of {list(CATEGORIES)} or pass None for all")
     # Spec-Bench order whatever order they were asked in, so a run's prompt order never depends on the caller.
     return tuple(name for name in CATEGORIES if name in wanted)
 
@@ -108,7 +110,7 @@ def load_suite(categories: Iterable[str] | str | None = None, per_category: int 
     chosen = _check_categories(categories)
     if per_category is not None and (isinstance(per_category, bool) or not isinstance(per_category, int)
                                      or per_category <= 0):
-        raise ValueError(f"per_category must be a positive integer or None, got {per_category!r}")
+        raise InputError(f"per_category must be a positive integer or None, got {per_category!r}")
     prompts = []
     for category in chosen:
         prompts.extend(category_prompts(category)[:per_category])

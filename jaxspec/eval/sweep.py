@@ -47,6 +47,7 @@ from jaxspec import config as config_lib
 from jaxspec.config import ConfigError, is_int, require
 from jaxspec.decoding import loading, methods
 from jaxspec.decoding.method import Method
+from jaxspec.errors import InputError
 from jaxspec.eval import compare, plots
 from jaxspec.models.matformer import submodel_param_count
 from jaxspec.training import checkpoint, trainer
@@ -255,14 +256,14 @@ def collect_runs(sweep_fn: Callable, arg: str | None = None) -> list[Run]:
 
     sweep_fn(add, arg)
     if not runs:
-        raise ValueError(f"sweep(add, arg={arg!r}) declared no runs (call add(**overrides) once per run)")
+        raise InputError(f"sweep(add, arg={arg!r}) declared no runs (call add(**overrides) once per run)")
     seen = set()
     for run in runs:
         if not isinstance(run.name, str) or not _NAME_PATTERN.match(run.name) or run.name in (".", ".."):
-            raise ValueError(f"run name {run.name!r} is not a usable directory name: use letters, digits and "
+            raise InputError(f"run name {run.name!r} is not a usable directory name: use letters, digits and "
                              "._=,+- (not starting with '.' or '-')")
         if run.name in seen:
-            raise ValueError(f"two runs are named {run.name!r}; pass distinct name=... to add()")
+            raise InputError(f"two runs are named {run.name!r}; pass distinct name=... to add()")
         seen.add(run.name)
     return runs
 
@@ -332,7 +333,7 @@ def _check_same_training(prepared, workdir: str) -> None:
                     if k not in _RESUMABLE_KEYS and saved.get(k) != wanted.get(k))
     if differ:
         shown = "; ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} here" for k in differ[:4])
-        raise ValueError(f"workdir {workdir!r} was trained with another config ({shown}); remove it or give "
+        raise InputError(f"workdir {workdir!r} was trained with another config ({shown}); remove it or give "
                          "the run another name")
 
 

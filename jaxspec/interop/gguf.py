@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from jaxspec.errors import InputError
 from jaxspec.interop import hf
 
 ARCHITECTURES = ("gemma3", "llama")
@@ -56,14 +57,14 @@ class GGUFFile(NamedTuple):
 
 
 def open_gguf(path: str) -> GGUFFile:
-    """Parse a GGUF file's header and tensor table; a damaged file is a ValueError naming it."""
+    """Parse a GGUF file's header and tensor table; a damaged file is an InputError naming it."""
     gguf = _import_gguf()
     if not os.path.isfile(path):
-        raise ValueError(f"GGUF file {path!r} does not exist")
+        raise InputError(f"GGUF file {path!r} does not exist")
     try:
         reader = gguf.GGUFReader(path)
     except Exception as err:  # a truncated or corrupt file surfaces as ValueError, IndexError, KeyError, ...
-        raise ValueError(f"GGUF file {path!r} could not be read (truncated or corrupt): "
+        raise InputError(f"GGUF file {path!r} could not be read (truncated or corrupt): "
                          f"{type(err).__name__}: {err}") from err
     return GGUFFile(path, reader)
 
@@ -73,18 +74,18 @@ def metadata(file: GGUFFile, key: str, default=_MISSING):
     field = file.reader.fields.get(key)
     if field is None:
         if default is _MISSING:
-            raise ValueError(f"GGUF file {file.path!r} lacks the metadata key {key!r}")
+            raise InputError(f"GGUF file {file.path!r} lacks the metadata key {key!r}")
         return default
     try:
         return field.contents()
     except Exception as err:  # e.g. a string that is not UTF-8
-        raise ValueError(f"GGUF file {file.path!r}: metadata key {key!r} could not be read: {err}") from err
+        raise InputError(f"GGUF file {file.path!r}: metadata key {key!r} could not be read: {err}") from err
 
 
 def architecture(file: GGUFFile) -> str:
     arch = metadata(file, "general.architecture")
     if arch not in ARCHITECTURES:
-        raise ValueError(f"GGUF file {file.path!r}: architecture {arch!r} is not supported; supported: "
+        raise InputError(f"GGUF file {file.path!r}: architecture {arch!r} is not supported; supported: "
                          f"{list(ARCHITECTURES)}")
     return arch
 
@@ -97,7 +98,7 @@ def _scalar(file: GGUFFile, key: str, default=_MISSING):
     value = metadata(file, key, default)
     if isinstance(value, list):
         if len(set(value)) != 1:
-            raise ValueError(f"GGUF file {file.path!r}: {key}={value} differs across layers, which jaxspec "
+            raise InputError(f"GGUF file {file.path!r}: {key}={value} differs across layers, which jaxspec "
                              "does not support")
         value = value[0]
     return value
@@ -114,7 +115,7 @@ def _vocab_size(file: GGUFFile, arch: str) -> int:
     for tensor in file.reader.tensors:
         if tensor.name == "token_embd.weight":
             return int(tensor.shape[-1])
-    raise ValueError(f"GGUF file {file.path!r} states no vocabulary size: no {arch}.vocab_size, no "
+    raise InputError(f"GGUF file {file.path!r} states no vocabulary size: no {arch}.vocab_size, no "
                      "tokenizer.ggml.tokens and no token_embd.weight")
 
 
@@ -145,7 +146,7 @@ def _common_config(file: GGUFFile, arch: str) -> dict:
     heads = int(key("attention.head_count"))
     expert_count = key("expert_count", 0)
     if expert_count:
-        raise ValueError(f"GGUF file {file.path!r} is a mixture of experts ({arch}.expert_count={expert_count}), "
+        raise InputError(f"GGUF file {file.path!r} is a mixture of experts ({arch}.expert_count={expert_count}), "
                          "which jaxspec does not support")
     return {
         "vocab_size": _vocab_size(file, arch),
@@ -278,7 +279,7 @@ def unpermute_rope_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     """
     rows = weight.shape[0]
     if rows % (2 * heads):
-        raise ValueError(f"cannot undo the RoPE row order of a [{rows}, ...] projection over {heads} heads")
+        raise InputError(f"cannot undo the RoPE row order of a [{rows}, ...] projection over {heads} heads")
     half = rows // heads // 2
     return weight.reshape(heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
@@ -303,7 +304,7 @@ def check_tensor_types(file: GGUFFile) -> None:
     for tensor in file.reader.tensors:
         kind = tensor.tensor_type.name
         if kind not in SUPPORTED_TYPES:
-            raise ValueError(f"GGUF file {file.path!r}: tensor {tensor.name!r} is stored as {kind}, which jaxspec "
+            raise InputError(f"GGUF file {file.path!r}: tensor {tensor.name!r} is stored as {kind}, which jaxspec "
                              f"cannot dequantise; supported types: {list(SUPPORTED_TYPES)}")
 
 
@@ -315,7 +316,7 @@ def dequantize(file: GGUFFile, tensor) -> np.ndarray:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         return np.asarray(values, dtype=np.float32).reshape(shape)
     except Exception as err:  # a block table whose size does not match its shape
-        raise ValueError(f"GGUF file {file.path!r}: tensor {tensor.name!r} ({tensor.tensor_type.name}, shape "
+        raise InputError(f"GGUF file {file.path!r}: tensor {tensor.name!r} ({tensor.tensor_type.name}, shape "
                          f"{shape}) could not be dequantised: {err}") from err
 
 
@@ -326,7 +327,7 @@ def tensor_source(file: GGUFFile, hf_config: dict) -> hf.TensorSource:
     for tensor in file.reader.tensors:
         name = hf_tensor_name(tensor.name, arch)
         if name in tensors:
-            raise ValueError(f"GGUF file {file.path!r} holds two tensors for {name!r}")
+            raise InputError(f"GGUF file {file.path!r} holds two tensors for {name!r}")
         tensors[name] = tensor
 
     def values(names):

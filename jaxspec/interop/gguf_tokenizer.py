@@ -27,6 +27,7 @@ import json
 import os
 from typing import NamedTuple
 
+from jaxspec.errors import InputError
 from jaxspec.interop.gguf import ARCHITECTURES, GGUFFile, hf_config_from_gguf, metadata, open_gguf
 
 TOKENIZER_MODELS = ("gpt2", "llama")
@@ -99,11 +100,11 @@ def read_vocab(file: GGUFFile) -> GGUFVocab:
     """The tokenizer metadata of an opened GGUF file, checked for what the rebuild needs."""
     model = metadata(file, MODEL_KEY)
     if model not in TOKENIZER_MODELS:
-        raise ValueError(f"GGUF file {file.path!r}: tokenizer model {model!r} is not supported; supported: "
+        raise InputError(f"GGUF file {file.path!r}: tokenizer model {model!r} is not supported; supported: "
                          f"{list(TOKENIZER_MODELS)}")
     pre = metadata(file, "tokenizer.ggml.pre", None)
     if model == "gpt2" and pre in UNSUPPORTED_PRE_TOKENIZERS:
-        raise ValueError(f"GGUF file {file.path!r}: pre-tokenizer {pre!r} is not supported; byte-level "
+        raise InputError(f"GGUF file {file.path!r}: pre-tokenizer {pre!r} is not supported; byte-level "
                          f"vocabularies split as GPT-2 or as one of {sorted(PRE_TOKENIZER_SPLITS)}")
     tokens = metadata(file, "tokenizer.ggml.tokens")
     token_types = metadata(file, "tokenizer.ggml.token_type", [])
@@ -111,12 +112,12 @@ def read_vocab(file: GGUFFile) -> GGUFVocab:
     merges = metadata(file, "tokenizer.ggml.merges", None)
     for key, values in (("token_type", token_types or None), ("scores", scores)):
         if values is not None and len(values) != len(tokens):
-            raise ValueError(f"GGUF file {file.path!r}: tokenizer.ggml.{key} has {len(values)} entries for "
+            raise InputError(f"GGUF file {file.path!r}: tokenizer.ggml.{key} has {len(values)} entries for "
                              f"{len(tokens)} tokens")
     ids = {role: metadata(file, f"tokenizer.ggml.{key}", None) for role, key in _ROLES.items()}
     for role, index in ids.items():
         if index is not None and not 0 <= index < len(tokens):
-            raise ValueError(f"GGUF file {file.path!r}: tokenizer.ggml.{_ROLES[role]}={index} is outside the "
+            raise InputError(f"GGUF file {file.path!r}: tokenizer.ggml.{_ROLES[role]}={index} is outside the "
                              f"vocabulary [0, {len(tokens)})")
     return GGUFVocab(
         path=file.path,
@@ -155,7 +156,7 @@ def _pairs(vocab: GGUFVocab) -> list[tuple[str, str]]:
     pairs = [tuple(merge.split(" ")) for merge in vocab.merges]
     bad = next((merge for merge, pair in zip(vocab.merges, pairs) if len(pair) != 2), None)
     if bad is not None:
-        raise ValueError(f"GGUF file {vocab.path!r}: merge {bad!r} in tokenizer.ggml.merges is not two tokens "
+        raise InputError(f"GGUF file {vocab.path!r}: merge {bad!r} in tokenizer.ggml.merges is not two tokens "
                          "separated by one space")
     return pairs
 
@@ -175,7 +176,7 @@ def merges_from_scores(ids: dict[str, int], scores: dict[str, float]) -> list[tu
 def _byte_level_tokenizer(vocab: GGUFVocab):
     tokenizers = _import_tokenizers()
     if vocab.merges is None:
-        raise ValueError(f"GGUF file {vocab.path!r}: a byte-level (gpt2) vocabulary needs tokenizer.ggml.merges")
+        raise InputError(f"GGUF file {vocab.path!r}: a byte-level (gpt2) vocabulary needs tokenizer.ggml.merges")
     spelling = byte_alphabet()
     alphabet = set(spelling.values())
     ids = {}
@@ -209,7 +210,7 @@ def _sentencepiece_tokenizer(vocab: GGUFVocab):
     elif vocab.scores is not None:
         merges = merges_from_scores(ids, dict(zip(tokens, vocab.scores)))
     else:
-        raise ValueError(f"GGUF file {vocab.path!r}: a SentencePiece (llama) vocabulary needs "
+        raise InputError(f"GGUF file {vocab.path!r}: a SentencePiece (llama) vocabulary needs "
                          "tokenizer.ggml.merges or tokenizer.ggml.scores")
     decoders = [tokenizers.decoders.Replace(SPACE, " "), tokenizers.decoders.ByteFallback(),
                 tokenizers.decoders.Fuse()]

@@ -6,7 +6,7 @@
 
 A directory holds `config.json` and the weights as `model.safetensors` or shards listed in
 `model.safetensors.index.json`. Weights are read with `safetensors` into numpy (no torch). Every feature of
-the checkpoint's config is either mapped onto the jaxspec model config or rejected with a ValueError that
+the checkpoint's config is either mapped onto the jaxspec model config or rejected with an InputError that
 lists what is unsupported: an import never gives a silently different model.
 
 One table (`weight_entries`) says where each Hugging Face tensor lives in the jaxspec parameter tree and how
@@ -31,6 +31,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxspec import config as config_lib
+from jaxspec.errors import InputError
 from jaxspec.models.lm import build_model
 from jaxspec.models.matformer import extract_submodel
 
@@ -189,20 +190,20 @@ def param_shapes(model_cfg) -> dict[tuple[str, ...], tuple[int, ...]]:
 
 def read_json(path: str, what: str) -> dict:
     if not os.path.isfile(path):
-        raise ValueError(f"{what}: file {path!r} does not exist")
+        raise InputError(f"{what}: file {path!r} does not exist")
     try:
         with open(path) as fh:
             data = json.load(fh)
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{what}: file {path!r} could not be read as JSON: {err}") from err
+        raise InputError(f"{what}: file {path!r} could not be read as JSON: {err}") from err
     if not isinstance(data, dict):
-        raise ValueError(f"{what}: file {path!r} holds a {type(data).__name__}, expected a JSON object")
+        raise InputError(f"{what}: file {path!r} holds a {type(data).__name__}, expected a JSON object")
     return data
 
 
 def read_hf_config(hf_dir: str) -> dict:
     if not os.path.isdir(hf_dir):
-        raise ValueError(f"Hugging Face checkpoint directory {hf_dir!r} does not exist")
+        raise InputError(f"Hugging Face checkpoint directory {hf_dir!r} does not exist")
     return read_json(os.path.join(hf_dir, CONFIG_FILE), "Hugging Face checkpoint config")
 
 
@@ -213,7 +214,7 @@ def hf_family(hf_config: Mapping, where: str = CONFIG_FILE) -> str:
         return ARCHITECTURES[architectures[0]]
     if not architectures and hf_config.get("model_type") in MODEL_TYPES:
         return MODEL_TYPES[hf_config["model_type"]]
-    raise ValueError(f"{where}: architecture {architectures or None} (model_type="
+    raise InputError(f"{where}: architecture {architectures or None} (model_type="
                      f"{hf_config.get('model_type')!r}) is not supported; supported: {sorted(ARCHITECTURES)}")
 
 
@@ -352,7 +353,7 @@ def _common_unsupported(hf: Mapping) -> list[str]:
 
 def model_config_from_hf(hf_config: Mapping, dtype: str = "float32", max_len: int | None = None,
                          where: str = CONFIG_FILE) -> ml_collections.ConfigDict:
-    """A validated jaxspec model config equal to the Hugging Face model, or a ValueError listing why not."""
+    """A validated jaxspec model config equal to the Hugging Face model, or an InputError listing why not."""
     family = hf_family(hf_config, where)
     hf = dict(hf_config)
     problems = _common_unsupported(hf)
@@ -363,7 +364,7 @@ def model_config_from_hf(hf_config: Mapping, dtype: str = "float32", max_len: in
     else:
         problems += _transformer_unsupported(hf, family)
     if problems:
-        raise ValueError(f"{where}: this {family} checkpoint uses features jaxspec does not support: "
+        raise InputError(f"{where}: this {family} checkpoint uses features jaxspec does not support: "
                          + "; ".join(problems))
     cfg = config_lib.model_defaults()
     try:
@@ -382,7 +383,7 @@ def model_config_from_hf(hf_config: Mapping, dtype: str = "float32", max_len: in
                 _set_transformer_fields(cfg, hf, family)
             cfg.max_len = int(max_len or hf.get("max_position_embeddings") or cfg.max_len)
     except KeyError as err:
-        raise ValueError(f"{where}: required key {err.args[0]!r} is missing") from err
+        raise InputError(f"{where}: required key {err.args[0]!r} is missing") from err
     config_lib.validate_model_config(cfg)
     return cfg
 
@@ -445,16 +446,16 @@ def checkpoint_files(hf_dir: str) -> dict[str, Located]:
     if os.path.isfile(index_path):
         weight_map = read_json(index_path, "safetensors index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"safetensors index {index_path!r} has no 'weight_map' of tensor -> file")
+            raise InputError(f"safetensors index {index_path!r} has no 'weight_map' of tensor -> file")
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not os.path.isfile(os.path.join(hf_dir, s))]
         if missing:
-            raise ValueError(f"safetensors index {index_path!r} lists shard(s) that are missing from "
+            raise InputError(f"safetensors index {index_path!r} lists shard(s) that are missing from "
                              f"{hf_dir!r}: {missing}")
     elif os.path.isfile(os.path.join(hf_dir, SINGLE_FILE)):
         shards = [SINGLE_FILE]
     else:
-        raise ValueError(f"{hf_dir!r} has neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors weights "
+        raise InputError(f"{hf_dir!r} has neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors weights "
                          "are supported, not pytorch_model.bin)")
     located = {}
     for shard in shards:
@@ -463,7 +464,7 @@ def checkpoint_files(hf_dir: str) -> dict[str, Located]:
             with safe_open(path, framework="np") as fh:
                 names = list(fh.keys())
         except Exception as err:  # the Rust reader raises its own error types for damaged files
-            raise ValueError(f"safetensors file {path!r} could not be read: {err}") from err
+            raise InputError(f"safetensors file {path!r} could not be read: {err}") from err
         for name in names:
             located[_LEGACY_NAMES.get(name, name)] = Located(path, name)
     return located
@@ -485,12 +486,12 @@ def _check_tensor_names(entries: list[Entry], source: TensorSource, model_cfg, w
     expected = {e.hf_name for e in entries if e.hf_name is not None}
     missing = sorted(expected - set(source.names))
     if missing:
-        raise ValueError(f"checkpoint {where!r} lacks {len(missing)} tensor(s) that {CONFIG_FILE} implies, "
+        raise InputError(f"checkpoint {where!r} lacks {len(missing)} tensor(s) that {CONFIG_FILE} implies, "
                          f"first {missing[:4]}")
     allowed_extra = {"lm_head.weight"} if model_cfg.tie_embeddings else set()
     extra = sorted(n for n in set(source.names) - expected - allowed_extra if not n.endswith(_IGNORED_SUFFIXES))
     if extra:
-        raise ValueError(f"checkpoint {where!r} has {len(extra)} tensor(s) the jaxspec model has no place "
+        raise InputError(f"checkpoint {where!r} has {len(extra)} tensor(s) the jaxspec model has no place "
                          f"for (a feature {CONFIG_FILE} does not declare, or an unsupported variant), first "
                          f"{[(n, source.where(n)) for n in extra[:4]]}")
 
@@ -502,7 +503,7 @@ def _check_shapes(entries: list[Entry], source: TensorSource, shapes, where: str
         e = by_name[name]
         want = LAYOUTS[e.layout].hf_shape(shapes[e.path])
         if tuple(got) != want:
-            raise ValueError(f"tensor {name!r} in {source.where(name)!r} has shape {tuple(got)}, but "
+            raise InputError(f"tensor {name!r} in {source.where(name)!r} has shape {tuple(got)}, but "
                              f"{os.path.join(where, CONFIG_FILE)} implies {want}: weights and config "
                              "disagree")
 
@@ -513,7 +514,7 @@ def _check_tied_head(source: TensorSource, embedding: np.ndarray, where: str) ->
         return
     (_, head), = source.values(["lm_head.weight"])
     if head.shape != embedding.shape or not np.array_equal(head, embedding):
-        raise ValueError(f"checkpoint {where!r}: tie_word_embeddings is true but lm_head.weight in "
+        raise InputError(f"checkpoint {where!r}: tie_word_embeddings is true but lm_head.weight in "
                          f"{source.where('lm_head.weight')!r} differs from the input embedding")
 
 
@@ -526,7 +527,7 @@ def load_hf_checkpoint(hf_dir: str, dtype: str = "float32", max_len: int | None 
     _import_safetensors()  # a missing extra is reported before anything else
     hf_config = read_hf_config(hf_dir)
     if dtype not in config_lib.DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not allowed: one of {config_lib.DTYPES}")
+        raise InputError(f"dtype={dtype!r} is not allowed: one of {config_lib.DTYPES}")
     model_config_from_hf(hf_config, dtype, max_len, where=os.path.join(hf_dir, CONFIG_FILE))  # config errors first
     located = checkpoint_files(hf_dir)
     return params_from_hf_tensors(hf_config, TensorSource(
@@ -556,7 +557,7 @@ def params_from_hf_tensors(hf_config: Mapping, source: TensorSource, dtype: str 
     """(model_cfg, params) from a Hugging Face config dict and its tensors, every name and shape checked
     against the config before anything large is read."""
     if dtype not in config_lib.DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not allowed: one of {config_lib.DTYPES}")
+        raise InputError(f"dtype={dtype!r} is not allowed: one of {config_lib.DTYPES}")
     model_cfg = model_config_from_hf(hf_config, dtype, max_len, where=os.path.join(where, CONFIG_FILE))
     entries = weight_entries(model_cfg, hf_family(hf_config), conv_bias=hf_config.get("use_conv_bias", True))
     _check_tensor_names(entries, source, model_cfg, where)
@@ -581,7 +582,7 @@ def load_hf_tokenizer(hf_dir: str):
     from jaxspec.training.tokenizer import load_tokenizer
 
     if not os.path.isdir(hf_dir):
-        raise ValueError(f"{hf_dir!r} is not a Hugging Face checkpoint directory")
+        raise InputError(f"{hf_dir!r} is not a Hugging Face checkpoint directory")
     return load_tokenizer(hf_dir)
 
 
@@ -593,34 +594,34 @@ def extract_matformer(params, model_cfg, granularity):
     Face checkpoint has one intermediate_size); see `jaxspec.models.matformer.extract_submodel`."""
     sub_params, sub_cfg = extract_submodel(params, model_cfg, granularity)
     if tuple(sub_cfg.get("d_ff_per_layer", ())):
-        raise ValueError(f"granularity {granularity!r} mixes FFN widths across layers; a Hugging Face "
+        raise InputError(f"granularity {granularity!r} mixes FFN widths across layers; a Hugging Face "
                          "checkpoint has one intermediate_size, so export one granularity for all layers")
     return sub_params, sub_cfg
 
 
 def export_family(model_cfg) -> str:
     """The Hugging Face family that holds `model_cfg`: "gemma3" (every Gemma feature), "qwen2" (q/k/v
-    biases) or "llama"; a model no family holds exactly raises a ValueError naming the features."""
+    biases) or "llama"; a model no family holds exactly raises an InputError naming the features."""
     gemma = {key: model_cfg[key] == value for key, value in GEMMA3_FEATURES.items()}
     if any(gemma.values()) and not all(gemma.values()):
         have = {key: model_cfg[key] for key in GEMMA3_FEATURES}
-        raise ValueError(f"model features {have} are a partial Gemma 3: a Hugging Face Gemma3ForCausalLM has all "
+        raise InputError(f"model features {have} are a partial Gemma 3: a Hugging Face Gemma3ForCausalLM has all "
                          f"of {GEMMA3_FEATURES}, a Llama/Qwen2 none of them")
     windows = sorted({w for w in model_cfg.layer_windows if w})
     default_scale = config_lib.head_dim(model_cfg) ** -0.5
     if all(gemma.values()):
         if model_cfg.qkv_bias:
-            raise ValueError("model.qkv_bias=True: Gemma3ForCausalLM has no q/k/v biases")
+            raise InputError("model.qkv_bias=True: Gemma3ForCausalLM has no q/k/v biases")
         if len(windows) > 1:
-            raise ValueError(f"model.layer_windows={tuple(model_cfg.layer_windows)} has several window sizes "
+            raise InputError(f"model.layer_windows={tuple(model_cfg.layer_windows)} has several window sizes "
                              f"{windows}; Gemma3ForCausalLM has one sliding_window")
         _gemma3_query_pre_attn_scalar(model_cfg)
         return "gemma3"
     if windows:
-        raise ValueError(f"model.layer_windows={tuple(model_cfg.layer_windows)}: a Llama/Qwen2 export has no "
+        raise InputError(f"model.layer_windows={tuple(model_cfg.layer_windows)}: a Llama/Qwen2 export has no "
                          "sliding windows")
     if model_cfg.query_scale and model_cfg.query_scale != default_scale:
-        raise ValueError(f"model.query_scale={model_cfg.query_scale}: a Llama/Qwen2 export scales scores by "
+        raise InputError(f"model.query_scale={model_cfg.query_scale}: a Llama/Qwen2 export scales scores by "
                          f"1/sqrt(head_dim)={default_scale}")
     return "qwen2" if model_cfg.qkv_bias else "llama"
 
@@ -631,7 +632,7 @@ def _gemma3_query_pre_attn_scalar(model_cfg) -> int:
         return config_lib.head_dim(model_cfg)
     scalar = round(model_cfg.query_scale**-2)
     if scalar < 1 or scalar**-0.5 != model_cfg.query_scale:
-        raise ValueError(f"model.query_scale={model_cfg.query_scale} is not n ** -0.5 for an integer n; "
+        raise InputError(f"model.query_scale={model_cfg.query_scale} is not n ** -0.5 for an integer n; "
                          "Gemma3ForCausalLM scales scores by query_pre_attn_scalar ** -0.5 (an integer)")
     return scalar
 
@@ -659,10 +660,10 @@ def _check_exportable(model_cfg) -> None:
     kinds = config_lib.layer_kinds(model_cfg)
     others = sorted({config_lib.MIXERS[k] for k in kinds if k != "A"})
     if others:
-        raise ValueError(f"model.layer_pattern={model_cfg.layer_pattern!r} has {others} layers; only "
+        raise InputError(f"model.layer_pattern={model_cfg.layer_pattern!r} has {others} layers; only "
                          "attention-only models (layer_pattern 'A') export to a Hugging Face Llama/Qwen2/Gemma 3")
     if model_cfg.d_model % model_cfg.n_heads:
-        raise ValueError(f"model.d_model={model_cfg.d_model} is not a multiple of "
+        raise InputError(f"model.d_model={model_cfg.d_model} is not a multiple of "
                          f"n_heads={model_cfg.n_heads}, which transformers' Llama/Qwen2/Gemma 3 configs require")
     export_family(model_cfg)
 
@@ -672,7 +673,7 @@ def _check_param_shapes(params, model_cfg) -> None:
     got = {path: tuple(np.shape(x)) for path, x in traverse_util.flatten_dict(params).items()}
     for path in sorted(set(want) | set(got)):
         if want.get(path) != got.get(path):
-            raise ValueError(f"params do not match the model config at {'/'.join(path)}: shape "
+            raise InputError(f"params do not match the model config at {'/'.join(path)}: shape "
                              f"{got.get(path)} in params, {want.get(path)} for the config")
 
 
@@ -687,7 +688,7 @@ def hf_config_for(model_cfg, dtype: str, tokenizer=None) -> dict:
     for key, value in special.items():
         for one in value if isinstance(value, list) else [value]:
             if one is not None and not 0 <= one < model_cfg.vocab_size:
-                raise ValueError(f"tokenizer {tokenizer!r}: {key}={one} is outside the model's vocabulary "
+                raise InputError(f"tokenizer {tokenizer!r}: {key}={one} is outside the model's vocabulary "
                                  f"[0, {model_cfg.vocab_size})")
     config = {
         "architectures": [EXPORT_ARCHITECTURES[family]],
@@ -732,7 +733,7 @@ def export_hf_checkpoint(params, model_cfg, out_dir: str, *, granularity=None, d
     """
     _, save_file = _import_safetensors()
     if dtype not in config_lib.DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not allowed: one of {config_lib.DTYPES}")
+        raise InputError(f"dtype={dtype!r} is not allowed: one of {config_lib.DTYPES}")
     config_lib.validate_model_config(model_cfg)
     _check_exportable(model_cfg)
     _check_param_shapes(params, model_cfg)

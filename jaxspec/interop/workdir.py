@@ -29,6 +29,7 @@ import uuid
 import ml_collections
 
 from jaxspec import config as config_lib
+from jaxspec.errors import InputError
 from jaxspec.interop import gguf, gguf_tokenizer, hf
 from jaxspec.training import checkpoint as checkpoint_lib
 
@@ -53,19 +54,19 @@ def checkpoint_format(source: str) -> str:
     if os.path.isfile(source) and (source.lower().endswith(GGUF_SUFFIX) or _starts_with_gguf_magic(source)):
         return "gguf"
     if not os.path.exists(source):
-        raise ValueError(f"checkpoint {source!r} does not exist")
-    raise ValueError(f"checkpoint {source!r} is neither a Hugging Face checkpoint directory nor a "
+        raise InputError(f"checkpoint {source!r} does not exist")
+    raise InputError(f"checkpoint {source!r} is neither a Hugging Face checkpoint directory nor a "
                      f"{GGUF_SUFFIX} file")
 
 
 def _check_fresh(workdir: str) -> None:
     if os.path.isdir(os.path.join(workdir, checkpoint_lib.CHECKPOINT_DIR)):
-        raise ValueError(f"workdir {workdir!r} already holds checkpoints; import into a fresh workdir")
+        raise InputError(f"workdir {workdir!r} already holds checkpoints; import into a fresh workdir")
     if os.path.isdir(workdir) and os.listdir(workdir):
-        raise ValueError(f"workdir {workdir!r} is not empty ({sorted(os.listdir(workdir))[:4]}); import into a "
+        raise InputError(f"workdir {workdir!r} is not empty ({sorted(os.listdir(workdir))[:4]}); import into a "
                          "fresh workdir")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise ValueError(f"workdir {workdir!r} exists and is not a directory")
+        raise InputError(f"workdir {workdir!r} exists and is not a directory")
 
 
 def _staging_prefix(workdir: str) -> str:

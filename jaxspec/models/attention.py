@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec import config as config_lib
+from jaxspec.errors import InputError
 from jaxspec.models.layers import Linear, RMSNorm, apply_rope, dtype_of, weight_dtype_of
 from jaxspec.models.step import Step
 from jaxspec.parallel.context import SEQUENCE_AXIS, sequence_parallel_mesh
@@ -43,10 +44,10 @@ def causal_attention(q, k, v, *, model_cfg, mesh=None, window: int = 0):
     scale = model_cfg.query_scale or None  # None: 1/sqrt(head_dim)
     if mesh is not None:
         if at.prefill == "block_sparse":  # its block selection is approximate: no exact sharded equivalent
-            raise ValueError("model.attention.prefill='block_sparse' is not supported with config.mesh.sequence > 1; "
+            raise InputError("model.attention.prefill='block_sparse' is not supported with config.mesh.sequence > 1; "
                              "use prefill='dense'.")
         if window:
-            raise ValueError(f"model.layer_windows: a sliding window ({window}) is not supported with "
+            raise InputError(f"model.layer_windows: a sliding window ({window}) is not supported with "
                              "config.mesh.sequence > 1 (LASP-2H attends globally); use mesh.sequence=1.")
         if scale is not None:  # LASP-2H scores with 1/sqrt(head_dim): fold the configured scale into q
             q = (q * (scale * q.shape[-1] ** 0.5)).astype(q.dtype)

@@ -23,13 +23,14 @@ import jax.numpy as jnp
 from flax.core import unfreeze
 
 from jaxspec import config as config_lib
+from jaxspec.errors import InputError
 from jaxspec.models.layers import quantize_int8, weight_dtype_of
 from jaxspec.models.lm import DecoderLM, has_ffn
 
 
 def _layer(params, name: str, where: str) -> dict:
     if name not in params:
-        raise ValueError(f"{where}: params has no {name!r}; do they belong to this model config?")
+        raise InputError(f"{where}: params has no {name!r}; do they belong to this model config?")
     return params[name]
 
 
@@ -55,14 +56,14 @@ def _rows_entry(kernel_t, weight_dtype: str) -> dict:
 
 def _no_int8(entry: dict, where: str) -> None:
     if "scale" in entry:
-        raise ValueError(f"{where}: int8 weights cannot be turned back into the standard layout exactly; keep "
+        raise InputError(f"{where}: int8 weights cannot be turned back into the standard layout exactly; keep "
                          "the float parameters they were quantised from")
 
 
 def _check_standard(params, model_cfg, where: str) -> None:
     first_attn = next((i for i, k in enumerate(config_lib.layer_kinds(model_cfg)) if k == "A"), None)
     if first_attn is not None and "qkv" in _layer(params, f"layer_{first_attn}", where).get("attn", {}):
-        raise ValueError(f"{where}: params are already in the decode layout")
+        raise InputError(f"{where}: params are already in the decode layout")
 
 
 def to_decode_layout(params, model_cfg):
@@ -105,7 +106,7 @@ def to_standard_layout(params, model_cfg):
         if kind == "A":
             attn = layer["attn"]
             if "qkv" not in attn:
-                raise ValueError(f"{where}: layer_{i}/attn has no fused 'qkv'; are these params in the decode layout?")
+                raise InputError(f"{where}: layer_{i}/attn has no fused 'qkv'; are these params in the decode layout?")
             qkv = attn.pop("qkv")
             _no_int8(qkv, f"{where}: layer_{i}/attn/qkv")
             biases = jnp.split(qkv["bias"], splits) if "bias" in qkv else (None,) * 3

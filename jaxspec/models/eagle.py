@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxspec.errors import InputError
 from jaxspec.models.heads import lm_head_kernel
 from jaxspec.models.layers import RMSNorm
 from jaxspec.models.lm import Block, context_free_tree_step, make_step
@@ -32,7 +33,7 @@ from jaxspec.state import DecodeState
 def drafter_model_cfg(target_cfg, num_layers: int) -> ml_collections.FrozenConfigDict:
     """The drafter's layer config: the target's attention/FFN shape, `num_layers` global attention layers."""
     if num_layers < 1:
-        raise ValueError(f"an EAGLE drafter needs num_layers >= 1, got {num_layers}")
+        raise InputError(f"an EAGLE drafter needs num_layers >= 1, got {num_layers}")
     cfg = ml_collections.ConfigDict(ml_collections.ConfigDict(target_cfg).to_dict())
     cfg.n_layers, cfg.layer_pattern = num_layers, "A"
     cfg.layer_windows, cfg.d_ff_per_layer, cfg.matformer_fractions = (), (), (1.0,)
@@ -50,7 +51,7 @@ def unrolled_parents(length: int, steps: int) -> np.ndarray:
     Nodes (s, i < s) have no such round; they hang off the context (-1) and carry no loss.
     """
     if length < 1 or steps < 1:
-        raise ValueError(f"unrolled_parents needs length >= 1 and steps >= 1, got {length}, {steps}")
+        raise InputError(f"unrolled_parents needs length >= 1 and steps >= 1, got {length}, {steps}")
     i = np.arange(length)
     parents = [i - 1]
     for s in range(1, steps):
@@ -68,10 +69,10 @@ class EagleNet(nn.Module):
                  fresh: bool = False):
         cfg = self.model_cfg
         if features.shape != embeddings.shape or features.shape[-1] != cfg.d_model:
-            raise ValueError(f"EagleNet: features {features.shape} and embeddings {embeddings.shape} must both be "
+            raise InputError(f"EagleNet: features {features.shape} and embeddings {embeddings.shape} must both be "
                              f"[B, T, d_model={cfg.d_model}]")
         if state is not None and len(state.layers) != cfg.n_layers:
-            raise ValueError(f"EagleNet: decode state has {len(state.layers)} layers; the drafter has "
+            raise InputError(f"EagleNet: decode state has {len(state.layers)} layers; the drafter has "
                              f"{cfg.n_layers}")
         if state is None and parents is not None:  # training over unrolled draft depths: no context, no cache
             step = context_free_tree_step(parents, features.shape[0])

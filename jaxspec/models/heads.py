@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxspec.errors import InputError
+
 
 class MedusaHeads(nn.Module):
     num_heads: int
@@ -21,7 +23,7 @@ class MedusaHeads(nn.Module):
     def __call__(self, hidden, lm_head_kernel=None):
         """hidden [B, T, d_model] -> logits [B, T, num_heads, V]. lm_head_kernel [d_model, V] when shared."""
         if self.share_lm_head and lm_head_kernel is None:
-            raise ValueError("MedusaHeads(share_lm_head=True) needs the target's lm_head_kernel [d_model, vocab]")
+            raise InputError("MedusaHeads(share_lm_head=True) needs the target's lm_head_kernel [d_model, vocab]")
         outs = []
         for k in range(self.num_heads):
             h = hidden.astype(jnp.float32)

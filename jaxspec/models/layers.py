@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxspec.errors import InputError
+
 Dtype = jnp.dtype
 
 # Row counts (tokens x batch) up to which a CPU product over an [out, in] kernel multiplies and sums.
@@ -50,7 +52,7 @@ def matmul_t(x, kernel_t, scale=None, dtype=jnp.float32):
     `kernel_t` may be int8 with `scale` [out] (per output channel). See the module docstring for the forms.
     """
     if x.shape[-1] != kernel_t.shape[1]:
-        raise ValueError(f"matmul_t: input has {x.shape[-1]} features, kernel_t {kernel_t.shape} expects "
+        raise InputError(f"matmul_t: input has {x.shape[-1]} features, kernel_t {kernel_t.shape} expects "
                          f"{kernel_t.shape[1]}")
     rows = math.prod(x.shape[:-1])
     if rows == 1:  # a 2-D product: XLA fuses the transpose and the int8 conversion into one pass (not for 3-D)
@@ -78,7 +80,7 @@ def quantize_int8(kernel_t):
     """(int8 [out, in], scale [out] float32): symmetric per output row, scale = max |row| / 127 (1 for zero rows)."""
     w = jnp.asarray(kernel_t, jnp.float32)
     if w.ndim != 2:
-        raise ValueError(f"quantize_int8: expected a 2-D [out, in] kernel, got shape {w.shape}")
+        raise InputError(f"quantize_int8: expected a 2-D [out, in] kernel, got shape {w.shape}")
     peak = jnp.max(jnp.abs(w), axis=1)
     scale = jnp.where(peak > 0, peak / 127.0, 1.0)
     return jnp.clip(jnp.round(w / scale[:, None]), -127, 127).astype(jnp.int8), scale
@@ -111,7 +113,7 @@ class Linear(nn.Module):
                                 jnp.float32)
             y = x.astype(self.dtype) @ kernel[:in_n, lo:hi].astype(self.dtype)
         else:
-            raise ValueError(f"Linear: weight_dtype={self.weight_dtype!r} is not one of ('float32', 'int8')")
+            raise InputError(f"Linear: weight_dtype={self.weight_dtype!r} is not one of ('float32', 'int8')")
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.out_features,), jnp.float32)
             y = y + bias[lo:hi].astype(y.dtype)
@@ -204,7 +206,7 @@ def gate_activation(name: str):
         return nn.silu
     if name == "gelu_tanh":
         return lambda x: jax.nn.gelu(x, approximate=True)
-    raise ValueError(f"FFN activation {name!r} is not known; allowed: 'silu', 'gelu_tanh'")
+    raise InputError(f"FFN activation {name!r} is not known; allowed: 'silu', 'gelu_tanh'")
 
 
 class MatFormerFFN(nn.Module):

@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxspec import checks
 from jaxspec import config as config_lib
+from jaxspec.errors import InputError
 from jaxspec.models.attention import Attention
 from jaxspec.models.layers import Embed, MatFormerFFN, RMSNorm, VocabProjection, dtype_of, weight_dtype_of
 from jaxspec.models.linear_attention import LinearAttention
@@ -95,23 +96,23 @@ def make_step(tokens, state: DecodeState | None, parents, num_new, fresh: bool =
     b, t = tokens.shape
     if state is None:
         if parents is not None or num_new is not None or fresh:
-            raise ValueError("parents=, num_new= and fresh= need a decode state (state=...)")
+            raise InputError("parents=, num_new= and fresh= need a decode state (state=...)")
         return Step("full", jnp.broadcast_to(jnp.arange(t), (b, t)))
     if t > state.max_len:
-        raise ValueError(f"{t} new tokens do not fit a decode state of max_len={state.max_len}")
+        raise InputError(f"{t} new tokens do not fit a decode state of max_len={state.max_len}")
     if state.pending is not None:
-        raise ValueError("the decode state holds an uncommitted tree; commit(state, path, n) it first")
+        raise InputError("the decode state holds an uncommitted tree; commit(state, path, n) it first")
     if fresh and _is_concrete(state.lengths) and np.any(np.asarray(state.lengths) != 0):
-        raise ValueError(f"fresh=True promises an empty decode state; its lengths are {np.asarray(state.lengths)}")
+        raise InputError(f"fresh=True promises an empty decode state; its lengths are {np.asarray(state.lengths)}")
     if parents is not None:
         if fresh:
-            raise ValueError("fresh=True is for a prefill (extend), not a tree forward")
+            raise InputError("fresh=True is for a prefill (extend), not a tree forward")
         if num_new is not None:
-            raise ValueError("pass either parents= (tree forward) or num_new= (extend), not both")
+            raise InputError("pass either parents= (tree forward) or num_new= (extend), not both")
         if _is_concrete(parents):
             validate_parents(parents)
         if jnp.shape(parents)[-1] != t:
-            raise ValueError(f"parents has {jnp.shape(parents)[-1]} nodes but tokens has {t}")
+            raise InputError(f"parents has {jnp.shape(parents)[-1]} nodes but tokens has {t}")
         traced = jnp.asarray(parents)
         checks.expect((traced >= -1) & (traced < jnp.arange(t)), "parents {} is not a tree: every parent must be "
                       "-1 or an earlier node index", traced)
@@ -123,7 +124,7 @@ def make_step(tokens, state: DecodeState | None, parents, num_new, fresh: bool =
         return Step("tree", positions, state.lengths, mask=mask, parents=parents)
     count = jnp.full((b,), t, jnp.int32) if num_new is None else jnp.asarray(num_new, jnp.int32)
     if _is_concrete(count) and (np.any(np.asarray(count) < 0) or np.any(np.asarray(count) > t)):
-        raise ValueError(f"num_new={np.asarray(count).tolist()} must lie in [0, {t}] (tokens has {t} columns)")
+        raise InputError(f"num_new={np.asarray(count).tolist()} must lie in [0, {t}] (tokens has {t} columns)")
     checks.expect((count >= 0) & (count <= t), f"num_new={{}} must lie in [0, {t}] (tokens has {t} columns)", count)
     checks.expect(state.lengths + count <= state.max_len, "lengths {} + num_new {} exceed the decode state's "
                   f"max_len={state.max_len}", state.lengths, count)
@@ -148,7 +149,7 @@ class DecoderLM(nn.Module):
     def setup(self):
         cfg = self.model_cfg
         if self.layout not in LAYOUTS:
-            raise ValueError(f"DecoderLM: layout={self.layout!r} is not one of {LAYOUTS}")
+            raise InputError(f"DecoderLM: layout={self.layout!r} is not one of {LAYOUTS}")
         decode = self.layout == "decode"
         # A tied embedding is the LM head, so the decode layout stores it as the head's weights are stored.
         embed_dtype = weight_dtype_of(cfg) if decode and cfg.tie_embeddings else "float32"
@@ -179,7 +180,7 @@ class DecoderLM(nn.Module):
         per_layer = config_lib.validate_granularity(cfg, granularity)
         skip = config_lib.validate_skip_layers(cfg, skip_layers)
         if state is not None and len(state.layers) != cfg.n_layers:
-            raise ValueError(f"decode state has {len(state.layers)} layers; the model has {cfg.n_layers}")
+            raise InputError(f"decode state has {len(state.layers)} layers; the model has {cfg.n_layers}")
         step = make_step(tokens, state, parents, num_new, fresh)
         x = self.embed(tokens)
         if cfg.embed_scale:  # as transformers: sqrt(d_model) rounded to float32, then to the embedding dtype

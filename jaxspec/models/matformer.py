@@ -16,6 +16,7 @@ import ml_collections
 from flax.core import unfreeze
 
 from jaxspec import config as config_lib
+from jaxspec.errors import InputError
 from jaxspec.models.lm import build_model, count_params, has_ffn, init_params
 
 
@@ -63,10 +64,10 @@ def extract_submodel(params, model_cfg, granularity):
             continue
         layer = f"layer_{i}"
         if layer not in sub_params or "ffn" not in sub_params[layer]:
-            raise ValueError(f"extract_submodel: params has no {layer}/ffn; do they belong to this model config?")
+            raise InputError(f"extract_submodel: params has no {layer}/ffn; do they belong to this model config?")
         ffn, w = sub_params[layer]["ffn"], widths[i]
         if "gate_proj" not in ffn:
-            raise ValueError(f"extract_submodel: {layer}/ffn has no gate_proj; it takes standard-layout params "
+            raise InputError(f"extract_submodel: {layer}/ffn has no gate_proj; it takes standard-layout params "
                              "(decode_layout.to_standard_layout turns float decode-layout params back)")
         sub_params[layer]["ffn"] = dict(gate_proj=ffn["gate_proj"][:, :w], up_proj=ffn["up_proj"][:, :w],
                                         down_proj=ffn["down_proj"][:w])

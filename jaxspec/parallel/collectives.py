@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+from jaxspec.errors import InputError
+
 COLLECTIVE_OPS = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
 
 _INSTRUCTION = re.compile(
@@ -62,7 +64,7 @@ def _group_size(op: str, attributes: str) -> int:
     iota = _IOTA_GROUPS.search(attributes)
     if iota:
         return int(iota.group("size"))
-    raise ValueError(f"cannot read the replica groups of this {op}: {attributes[:200]!r}")
+    raise InputError(f"cannot read the replica groups of this {op}: {attributes[:200]!r}")
 
 
 def hlo_collectives(hlo_text: str) -> list[Collective]:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import jax
 from jax.sharding import AbstractMesh, AxisType
 
+from jaxspec.errors import InputError
+
 SEQUENCE_AXIS = "sequence"
 
 
@@ -27,7 +29,7 @@ def sequence_parallel_mesh(seq_len: int, *, layer: str, min_tokens_per_device: i
     """The ambient mesh if it splits `axis` over more than one device, else None.
 
     When it does, `seq_len` (the global length of the forward) must split into equal chunks of at least
-    `min_tokens_per_device` tokens; otherwise a ValueError names `layer`, the length and `config.mesh.<axis>`.
+    `min_tokens_per_device` tokens; otherwise an InputError names `layer`, the length and `config.mesh.<axis>`.
     Calling this inside a `jax.shard_map` that has already split `axis` is an error: the mixer would only see
     its local chunk.
     """
@@ -36,17 +38,17 @@ def sequence_parallel_mesh(seq_len: int, *, layer: str, min_tokens_per_device: i
         return None
     shards = mesh.shape[axis]
     if dict(zip(mesh.axis_names, mesh.axis_types))[axis] == AxisType.Manual:
-        raise ValueError(
+        raise InputError(
             f"{layer}: mesh axis {axis!r} is already split by an enclosing jax.shard_map; call the model on "
             f"global arrays under jax.set_mesh(mesh) and it splits the sequence itself."
         )
     if seq_len % shards:
-        raise ValueError(
+        raise InputError(
             f"{layer}: sequence length {seq_len} is not divisible by config.mesh.{axis}={shards}; use a "
             f"sequence length (data.seq_len) that is a multiple of it."
         )
     if seq_len // shards < min_tokens_per_device:
-        raise ValueError(
+        raise InputError(
             f"{layer}: sequence length {seq_len} over config.mesh.{axis}={shards} leaves {seq_len // shards} "
             f"tokens per device; this layer needs at least {min_tokens_per_device}."
         )

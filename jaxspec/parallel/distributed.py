@@ -11,6 +11,8 @@ from collections.abc import Mapping
 
 import jax
 
+from jaxspec.errors import InputError
+
 COORDINATOR_ENV = "JAXSPEC_COORDINATOR"
 NUM_PROCESSES_ENV = "JAXSPEC_NUM_PROCESSES"
 PROCESS_ID_ENV = "JAXSPEC_PROCESS_ID"
@@ -31,7 +33,7 @@ def _parse_switch(value, source: str) -> bool | None:
         return False
     if text in ("", "auto"):
         return None
-    raise ValueError(f"{source}={value!r}: allowed are true/false/1/0/yes/no/on/off/auto.")
+    raise InputError(f"{source}={value!r}: allowed are true/false/1/0/yes/no/on/off/auto.")
 
 
 def _parse_count(environ: Mapping[str, str], name: str) -> int | None:
@@ -40,7 +42,7 @@ def _parse_count(environ: Mapping[str, str], name: str) -> int | None:
     try:
         return int(environ[name])
     except ValueError:
-        raise ValueError(f"environment variable {name}={environ[name]!r} is not an integer.") from None
+        raise InputError(f"environment variable {name}={environ[name]!r} is not an integer.") from None
 
 
 def _cluster_detected(environ: Mapping[str, str]) -> bool:
@@ -79,11 +81,11 @@ def initialize_kwargs(flag_value=None, environ: Mapping[str, str] | None = None)
         return None
     num, pid = explicit.get("num_processes"), explicit.get("process_id")
     if num is not None and num < 1:
-        raise ValueError(f"{NUM_PROCESSES_ENV}={num}: must be at least 1.")
+        raise InputError(f"{NUM_PROCESSES_ENV}={num}: must be at least 1.")
     if pid is not None and pid < 0:
-        raise ValueError(f"{PROCESS_ID_ENV}={pid}: must be at least 0.")
+        raise InputError(f"{PROCESS_ID_ENV}={pid}: must be at least 0.")
     if pid is not None and num is not None and pid >= num:
-        raise ValueError(f"{PROCESS_ID_ENV}={pid}: must be below {NUM_PROCESSES_ENV}={num}.")
+        raise InputError(f"{PROCESS_ID_ENV}={pid}: must be below {NUM_PROCESSES_ENV}={num}.")
     return explicit
 
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from jaxspec.errors import InputError
 from jaxspec.models.linear_attention import chunked_linear_attention
 
 BATCH_MESH_AXES = ("data", "fsdp")
@@ -34,10 +35,10 @@ HEAD_MESH_AXIS = "tensor"
 
 def _check_sequence_split(mesh: jax.sharding.Mesh, axis: str, seq_len: int) -> None:
     if axis not in mesh.shape:
-        raise ValueError(f"mesh axis {axis!r} is not in the mesh; its axes are {tuple(mesh.axis_names)}.")
+        raise InputError(f"mesh axis {axis!r} is not in the mesh; its axes are {tuple(mesh.axis_names)}.")
     shards = mesh.shape[axis]
     if seq_len % shards:
-        raise ValueError(
+        raise InputError(
             f"sequence length {seq_len} is not divisible by the size {shards} of mesh axis {axis!r}; "
             "pad the sequence to a multiple of it."
         )
@@ -55,7 +56,7 @@ def outer_spec_entries(mesh, axis: str, batch: int, head_counts: tuple[int, ...]
 
 def _check_rank(name: str, x, rank: int, layout: str):
     if x.ndim != rank:
-        raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {layout}.")
+        raise InputError(f"{name} has shape {tuple(x.shape)}; expected {layout}.")
 
 
 # ----------------------------------------------------------------------------------------------- LASP-2
@@ -136,11 +137,11 @@ def lasp2_linear_attention(q, k, v, log_decay=None, *, mesh, axis="sequence", ca
     """
     _check_rank("q", q, 4, "[B, H, T, dk]")
     if k.shape != q.shape or v.shape[:3] != q.shape[:3] or v.ndim != 4:
-        raise ValueError(
+        raise InputError(
             f"k {tuple(k.shape)} must equal q {tuple(q.shape)}, and v {tuple(v.shape)} must be [B, H, T, dv]."
         )
     if log_decay is not None and log_decay.shape != q.shape[:3]:
-        raise ValueError(f"log_decay has shape {tuple(log_decay.shape)}; expected [B, H, T] = {q.shape[:3]}.")
+        raise InputError(f"log_decay has shape {tuple(log_decay.shape)}; expected [B, H, T] = {q.shape[:3]}.")
     _check_sequence_split(mesh, axis, q.shape[2])
     batch, heads = outer_spec_entries(mesh, axis, q.shape[0], (q.shape[1],))
     spec = PartitionSpec(batch, heads, axis, None)
@@ -180,7 +181,7 @@ def lasp2h_attention(q, k, v, *, mesh, axis="sequence", causal=True):
         _check_rank(name, x, 4, "[B, heads, T, D]")
     kv_matches_q = k.shape[0] == q.shape[0] and k.shape[2:] == q.shape[2:]
     if k.shape != v.shape or not kv_matches_q or q.shape[1] % k.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected q [B, H, T, D] and "
             "k, v [B, Hkv, T, D] with H a multiple of Hkv."
         )

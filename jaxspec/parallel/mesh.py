@@ -13,6 +13,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxspec.errors import InputError
+
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 
 # Logical axis -> mesh axis (None: replicated; tuple: sharded over several mesh axes, major first).
@@ -46,23 +48,23 @@ def resolve_axis_sizes(mesh_cfg, num_devices: int) -> tuple[int, ...]:
     for name in MESH_AXES:
         size = mesh_cfg.get(name, 1)
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (size < 1 and size != -1):
-            raise ValueError(f"config.mesh.{name}={size!r}: allowed are positive integers or -1 (the rest).")
+            raise InputError(f"config.mesh.{name}={size!r}: allowed are positive integers or -1 (the rest).")
         sizes.append(int(size))
     named = ", ".join(f"{n}={s}" for n, s in zip(MESH_AXES, sizes))
     free = [i for i, s in enumerate(sizes) if s == -1]
     if len(free) > 1:
-        raise ValueError(f"config.mesh has more than one axis set to -1 ({named}); at most one may be -1.")
+        raise InputError(f"config.mesh has more than one axis set to -1 ({named}); at most one may be -1.")
     if free:
         fixed = math.prod(s for s in sizes if s != -1)
         if num_devices % fixed:
-            raise ValueError(
+            raise InputError(
                 f"config.mesh sizes ({named}) cannot fill {num_devices} devices: {num_devices} is not a "
                 f"multiple of the fixed sizes' product {fixed}."
             )
         sizes[free[0]] = num_devices // fixed
     if math.prod(sizes) != num_devices:
         named = ", ".join(f"{n}={s}" for n, s in zip(MESH_AXES, sizes))
-        raise ValueError(
+        raise InputError(
             f"config.mesh sizes ({named}) multiply to {math.prod(sizes)}, "
             f"but there are {num_devices} devices."
         )
@@ -88,5 +90,5 @@ def axis_size(mesh: jax.sharding.Mesh, axes: str | tuple[str, ...] | None) -> in
     names = (axes,) if isinstance(axes, str) else tuple(axes)
     unknown = [a for a in names if a not in mesh.shape]
     if unknown:
-        raise ValueError(f"mesh axes {unknown} are not in the mesh; its axes are {tuple(mesh.axis_names)}.")
+        raise InputError(f"mesh axes {unknown} are not in the mesh; its axes are {tuple(mesh.axis_names)}.")
     return math.prod(mesh.shape[a] for a in names)

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxspec.errors import InputError
 from jaxspec.parallel.mesh import DEFAULT_RULES, axis_size
 
 LogicalAxes = tuple[str | None, ...]
@@ -57,7 +58,7 @@ def _rules_table(rules: Iterable[tuple[str, object]]) -> dict[str, tuple[str, ..
     table = {}
     for entry in rules:
         if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)):
-            raise ValueError(f"sharding rule {entry!r}: expected a (logical_axis, mesh_axes) pair.")
+            raise InputError(f"sharding rule {entry!r}: expected a (logical_axis, mesh_axes) pair.")
         logical, mesh_axes = entry
         if mesh_axes is None:
             table[logical] = ()
@@ -66,7 +67,7 @@ def _rules_table(rules: Iterable[tuple[str, object]]) -> dict[str, tuple[str, ..
         elif isinstance(mesh_axes, (tuple, list)) and all(isinstance(a, str) for a in mesh_axes):
             table[logical] = tuple(mesh_axes)
         else:
-            raise ValueError(
+            raise InputError(
                 f"sharding rule for {logical!r} maps to {mesh_axes!r}: allowed are a mesh axis name, "
                 "a tuple of names, or None."
             )
@@ -93,7 +94,7 @@ def _dim_mesh_axes(logical_axes: LogicalAxes, rules) -> list[tuple[str, ...]]:
             per_dim.append(())
             continue
         if logical not in table:
-            raise ValueError(f"logical axis {logical!r} has no sharding rule; known axes: {sorted(table)}.")
+            raise InputError(f"logical axis {logical!r} has no sharding rule; known axes: {sorted(table)}.")
         axes = tuple(a for a in table[logical] if a not in used)
         used.update(axes)
         per_dim.append(axes)
@@ -110,7 +111,7 @@ def logical_to_sharding(
 ) -> NamedSharding:
     """NamedSharding for an array of `shape`; a dimension its mesh axes do not divide is replicated."""
     if len(logical_axes) != len(shape):
-        raise ValueError(f"logical axes {logical_axes} do not match the rank of shape {tuple(shape)}.")
+        raise InputError(f"logical axes {logical_axes} do not match the rank of shape {tuple(shape)}.")
     entries = []
     for dim, axes in zip(shape, _dim_mesh_axes(logical_axes, rules)):
         entries.append(_spec_entry(axes) if dim % axis_size(mesh, axes) == 0 else None)

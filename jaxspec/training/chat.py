@@ -13,7 +13,7 @@ The environment mirrors transformers' (``transformers/utils/chat_template_utils.
 A template ships inside a checkpoint, so it is untrusted input: it runs in jinja2's immutable sandbox, an
 attribute the sandbox deems unsafe (``''.__class__``...) is an error at once (transformers renders the first
 such access as an empty string), and ``*`` / ``**`` cannot build values large enough to exhaust memory. Every
-failure of a template is a ValueError that says what went wrong.
+failure of a template is an InputError that says what went wrong.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from jaxspec.errors import InputError
 
 # Largest string or list a template may build with `*`, and largest integer exponent it may use with `**`.
 MAX_REPEAT_LENGTH = 1_000_000
@@ -133,11 +135,11 @@ def _environment() -> _Sandbox:
 def compile_template(source: str) -> jinja2.Template:
     """The sandboxed, compiled template (cached per source text)."""
     if not isinstance(source, str):
-        raise ValueError(f"a chat template must be a string, got {type(source).__name__}")
+        raise InputError(f"a chat template must be a string, got {type(source).__name__}")
     try:
         return _environment().from_string(source)
     except TemplateSyntaxError as err:
-        raise ValueError(f"chat template has a syntax error at line {err.lineno}: {err.message}") from err
+        raise InputError(f"chat template has a syntax error at line {err.lineno}: {err.message}") from err
 
 
 def _plain_data(value: Any, where: str) -> Any:
@@ -157,7 +159,7 @@ def _plain_data(value: Any, where: str) -> Any:
         return [_plain_data(v, where) for v in value]
     if isinstance(value, tuple):
         return tuple(_plain_data(v, where) for v in value)
-    raise ValueError(f"{where}: chat data must be built from strings, numbers, booleans, None, lists and dicts; "
+    raise InputError(f"{where}: chat data must be built from strings, numbers, booleans, None, lists and dicts; "
                      f"got a {type(value).__name__}")
 
 
@@ -172,14 +174,14 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
     """The conversation as transformers hands it to a template: plain dicts, keys holding None dropped, and
     a message's reasoning under both names templates read."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise ValueError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got "
+        raise InputError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got "
                          f"{type(messages).__name__}")
     if not messages:
-        raise ValueError("messages is empty: a chat needs at least one message")
+        raise InputError("messages is empty: a chat needs at least one message")
     out = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
-            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got "
+            raise InputError(f"messages[{i}] must be a dict with 'role' and 'content', got "
                              f"{type(message).__name__}")
         kept = {k: v for k, v in message.items() if v is not None}
         out.append(_with_reasoning_aliases(_plain_data(kept, f"messages[{i}]")))
@@ -197,12 +199,12 @@ def render_chat(template: str, messages: Sequence[Mapping[str, Any]], *, add_gen
         return compiled.render(messages=chat, tools=None, documents=None,
                                add_generation_prompt=bool(add_generation_prompt), **context)
     except SecurityError as err:
-        raise ValueError(f"chat template refused: {err} (templates run sandboxed, without access to Python "
+        raise InputError(f"chat template refused: {err} (templates run sandboxed, without access to Python "
                          "internals)") from err
     except TemplateError as err:
-        raise ValueError(f"chat template raised an error: {err}") from err
+        raise InputError(f"chat template raised an error: {err}") from err
     except Exception as err:  # anything else a template does wrong (a str + int, a missing key...)
-        raise ValueError(f"chat template failed: {type(err).__name__}: {err}") from err
+        raise InputError(f"chat template failed: {type(err).__name__}: {err}") from err
 
 
 __all__ = ["MAX_EXPONENT", "MAX_REPEAT_LENGTH", "compile_template", "normalize_messages", "render_chat"]

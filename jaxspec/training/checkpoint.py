@@ -11,7 +11,7 @@ The train state is any pytree with a top-level ``params`` entry (a dict key or a
 (``jax.random.key_data``); typed key arrays are not serialisable.
 
 Restoring never guesses: a missing checkpoint, a step directory that was not completely written, or a
-checkpoint whose tree or shapes differ from the target raises ValueError naming the directory and, for
+checkpoint whose tree or shapes differ from the target raises InputError naming the directory and, for
 shapes, the first mismatching path with both shapes. Saving a step older than the newest one in the
 workdir is refused too, so a run started by mistake in a used workdir cannot overwrite it.
 """
@@ -28,6 +28,8 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+
+from jaxspec.errors import InputError
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -63,7 +65,7 @@ Shapes = dict[str, tuple[int, ...]]  # dotted tree path -> array shape
 
 
 def check_tree_shapes(saved: Shapes, target: Shapes, where: str) -> None:
-    """Raise ValueError at the first path that is missing, extra or of another shape.
+    """Raise InputError at the first path that is missing, extra or of another shape.
 
     Paths under ``params`` are checked first (an optimizer-state mismatch follows from a params one, and the
     params path is the one that tells which layer differs), then the rest in tree order.
@@ -72,14 +74,14 @@ def check_tree_shapes(saved: Shapes, target: Shapes, where: str) -> None:
     for name in params_first:
         shape = target[name]
         if name not in saved:
-            raise ValueError(f"checkpoint {where} has no entry {name!r} (target shape {shape}); "
+            raise InputError(f"checkpoint {where} has no entry {name!r} (target shape {shape}); "
                              "it was made for another model or optimizer")
         if tuple(saved[name]) != tuple(shape):
-            raise ValueError(f"checkpoint {where} was made for another model shape: {name!r} has shape "
+            raise InputError(f"checkpoint {where} was made for another model shape: {name!r} has shape "
                              f"{tuple(saved[name])} in the checkpoint but {shape} in the target")
     extra = [name for name in saved if name not in target]
     if extra:
-        raise ValueError(f"checkpoint {where} has entries the target lacks, first {extra[0]!r} "
+        raise InputError(f"checkpoint {where} has entries the target lacks, first {extra[0]!r} "
                          f"(shape {tuple(saved[extra[0]])}); it was made for another model or optimizer")
 
 
@@ -110,12 +112,12 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     """The ConfigDict saved in ``workdir/config.json``."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.isfile(path):
-        raise ValueError(f"workdir {workdir!r} has no {CONFIG_FILE}; is it a training workdir?")
+        raise InputError(f"workdir {workdir!r} has no {CONFIG_FILE}; is it a training workdir?")
     try:
         with open(path) as fh:
             return ml_collections.ConfigDict(json.load(fh))
     except (json.JSONDecodeError, OSError) as err:
-        raise ValueError(f"config file {path!r} could not be read: {err}") from err
+        raise InputError(f"config file {path!r} could not be read: {err}") from err
 
 
 # ------------------------------------------------------------------------------------------ the manager
@@ -147,14 +149,14 @@ class CheckpointManager:
     def __init__(self, workdir: str, save_every: int = 1000, keep: int = 3, async_save: bool = False,
                  read_only: bool = False):
         if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
-            raise ValueError(f"save_every={save_every!r} is invalid; expected a positive integer")
+            raise InputError(f"save_every={save_every!r} is invalid; expected a positive integer")
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"keep={keep!r} is invalid; expected a positive integer")
+            raise InputError(f"keep={keep!r} is invalid; expected a positive integer")
         self.save_every = save_every
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
         if read_only and not os.path.isdir(self.directory):
-            raise ValueError(f"workdir {workdir!r} has no checkpoints (no {CHECKPOINT_DIR}/ directory)")
+            raise InputError(f"workdir {workdir!r} has no checkpoints (no {CHECKPOINT_DIR}/ directory)")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
@@ -205,14 +207,14 @@ class CheckpointManager:
         if step in steps:
             return False
         if steps and step < steps[-1]:
-            raise ValueError(
+            raise InputError(
                 f"workdir {self.workdir!r} already holds checkpoint step {steps[-1]}, newer than step "
                 f"{step}; resume from it (restore_train_state) or use a fresh workdir"
             )
         try:
             json.dumps(dict(data_state))
         except (TypeError, ValueError) as err:
-            raise ValueError(
+            raise InputError(
                 f"data_state must be a JSON-serialisable dict, got {data_state!r}: {err}"
             ) from err
         if step % self.save_every and not force:
@@ -232,18 +234,18 @@ class CheckpointManager:
         """The step to restore (default: latest) after checking that its directory is complete."""
         steps = self.all_steps()
         if not steps:
-            raise ValueError(f"no checkpoint found in {self.directory!r}")
+            raise InputError(f"no checkpoint found in {self.directory!r}")
         if step is None:
             step = steps[-1]
         elif step not in steps:
-            raise ValueError(f"no checkpoint for step {step} in {self.directory!r}; available steps: {steps}")
+            raise InputError(f"no checkpoint for step {step} in {self.directory!r}; available steps: {steps}")
         step_dir = self.step_dir(step)
         required = [COMMIT_MARKER]
         for item in items:
             required += [f"{item}/{COMMIT_MARKER}", f"{item}/{_ITEM_METADATA_FILE[item]}"]
         for rel in required:
             if not os.path.exists(os.path.join(step_dir, rel)):
-                raise ValueError(
+                raise InputError(
                     f"checkpoint {step_dir!r} is incomplete (missing {rel}): the save was interrupted or "
                     "files were removed; delete this step directory to fall back to an older step"
                 )
@@ -254,9 +256,9 @@ class CheckpointManager:
         try:
             metadata = self._manager.item_metadata(step)[TRAIN_STATE]
         except (OSError, ValueError, KeyError) as err:
-            raise ValueError(f"checkpoint {self.step_dir(step)!r} metadata could not be read: {err}") from err
+            raise InputError(f"checkpoint {self.step_dir(step)!r} metadata could not be read: {err}") from err
         if metadata is None:
-            raise ValueError(f"checkpoint {self.step_dir(step)!r} has no readable {TRAIN_STATE} metadata")
+            raise InputError(f"checkpoint {self.step_dir(step)!r} has no readable {TRAIN_STATE} metadata")
         return getattr(metadata, "tree", metadata)
 
     def saved_shapes(self, step: int) -> Shapes:
@@ -268,7 +270,7 @@ class CheckpointManager:
         try:
             return restore()
         except (OSError, ValueError, KeyError) as err:
-            raise ValueError(f"checkpoint {self.step_dir(step)!r}: {what} could not be restored "
+            raise InputError(f"checkpoint {self.step_dir(step)!r}: {what} could not be restored "
                              f"(corrupt or partial checkpoint): {err}") from err
 
     def restore_train_state(self, abstract_train_state: Any,
@@ -294,7 +296,7 @@ class CheckpointManager:
         tree = self._saved_tree(step)
         if not isinstance(tree, Mapping) or "params" not in tree:
             tops = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
-            raise ValueError(
+            raise InputError(
                 f"checkpoint {self.step_dir(step)!r} has no top-level 'params' entry; found {tops}")
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = {"params": jax.tree.map(
@@ -310,7 +312,7 @@ class CheckpointManager:
 def restore_params(workdir: str, step: int | None = None) -> tuple[Any, ml_collections.ConfigDict]:
     """(params, config) of a training workdir, for decoding: latest step unless ``step`` is given."""
     if not os.path.isdir(workdir):
-        raise ValueError(f"workdir {workdir!r} does not exist")
+        raise InputError(f"workdir {workdir!r} does not exist")
     config = load_config(workdir)
     _quiet_read_only_notes()
     with CheckpointManager(workdir, read_only=True) as manager:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from jaxspec.errors import InputError
 from jaxspec.training.tokenizer import Tokenizer, load_tokenizer
 
 STDLIB = "stdlib"
@@ -72,13 +73,13 @@ def _source_files(source: str) -> list[str]:
     else:
         files = [f for f in glob.glob(source, recursive=True) if os.path.isfile(f)]
     if not files:
-        raise ValueError(
+        raise InputError(
             f"data source {source!r} matches no files; use 'stdlib', a file, a directory or a glob of "
             f"{', '.join(SUFFIXES)} files"
         )
     for f in files:
         if not f.endswith(SUFFIXES):
-            raise ValueError(f"data file {f!r} has an unsupported suffix; allowed: {', '.join(SUFFIXES)}")
+            raise InputError(f"data file {f!r} has an unsupported suffix; allowed: {', '.join(SUFFIXES)}")
     return sorted(files)
 
 
@@ -87,11 +88,11 @@ def _read_text(path: str) -> str:
         with open(path, "rb") as fh:
             data = fh.read()
     except OSError as err:
-        raise ValueError(f"data file {path!r} could not be read: {err}") from err
+        raise InputError(f"data file {path!r} could not be read: {err}") from err
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"data file {path!r} is not valid UTF-8 text: {err}") from err
+        raise InputError(f"data file {path!r} is not valid UTF-8 text: {err}") from err
 
 
 def _file_documents(path: str, name: str) -> Iterator[Document]:
@@ -105,9 +106,9 @@ def _file_documents(path: str, name: str) -> Iterator[Document]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"data file {path!r} line {lineno} is not valid JSON: {err}") from err
+            raise InputError(f"data file {path!r} line {lineno} is not valid JSON: {err}") from err
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f"data file {path!r} line {lineno} has no string 'text' field")
+            raise InputError(f"data file {path!r} line {lineno} has no string 'text' field")
         yield Document(f"{name}:{lineno}", record["text"])
 
 
@@ -148,7 +149,7 @@ def load_documents(
         if doc.text:
             docs.append(doc)
     if not docs:
-        raise ValueError(f"data source {source!r} gives an empty corpus (no non-empty documents)")
+        raise InputError(f"data source {source!r} gives an empty corpus (no non-empty documents)")
     return docs
 
 
@@ -164,7 +165,7 @@ def _hash_fraction(name: str) -> float:
 def split_documents(names: list[str], val_fraction: float) -> tuple[list[int], list[int]]:
     """(train indices, validation indices), each split non-empty and in corpus order."""
     if len(names) < 2:
-        raise ValueError(
+        raise InputError(
             f"the corpus has {len(names)} document(s); a train/validation split needs at least 2 "
             "(raise max_documents / max_bytes, or add files)"
         )
@@ -208,9 +209,9 @@ class Batches:
         # A dict of arrays (one example per leading index, e.g. a self-distillation set) is batched as is.
         tokens = windows["tokens"] if isinstance(windows, dict) else windows
         if tokens.ndim != 2 or tokens.shape[1] < 2:
-            raise ValueError(f"windows must be [N, seq_len + 1] with seq_len >= 1, got shape {tokens.shape}")
+            raise InputError(f"windows must be [N, seq_len + 1] with seq_len >= 1, got shape {tokens.shape}")
         if len(tokens) < batch_size:
-            raise ValueError(
+            raise InputError(
                 f"{len(tokens)} windows of {tokens.shape[1]} tokens cannot fill one batch of {batch_size}; {remedy}"
             )
         self.windows = windows
@@ -267,16 +268,16 @@ class Batches:
         """Continue from a ``state()``; another seed or corpus size is refused (the stream would differ)."""
         missing = {"epoch", "step", "seed", "num_windows"} - set(state)
         if missing:
-            raise ValueError(f"data state {state} lacks keys {sorted(missing)}")
+            raise InputError(f"data state {state} lacks keys {sorted(missing)}")
         if int(state["seed"]) != self.seed:
-            raise ValueError(f"data state has seed {state['seed']} but this stream has seed {self.seed}")
+            raise InputError(f"data state has seed {state['seed']} but this stream has seed {self.seed}")
         if int(state["num_windows"]) != self.num_windows:
-            raise ValueError(
+            raise InputError(
                 f"data state was made for {state['num_windows']} windows but this stream has "
                 f"{self.num_windows}: the corpus, tokenizer, seq_len or caps changed"
             )
         if not 0 <= int(state["step"]) < self.steps_per_epoch or int(state["epoch"]) < 0:
-            raise ValueError(
+            raise InputError(
                 f"data state position {state} is out of range (step must be in [0, {self.steps_per_epoch}))"
             )
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
@@ -301,7 +302,7 @@ class DataSpec:
 
 def _require(data_cfg, key: str):
     if key not in data_cfg:
-        raise ValueError(f"data config is missing key {key!r}")
+        raise InputError(f"data config is missing key {key!r}")
     return data_cfg[key]
 
 
@@ -310,24 +311,24 @@ def _positive_int(key: str, value, allow_none: bool = False) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         allowed = "a positive integer or None" if allow_none else "a positive integer"
-        raise ValueError(f"data.{key}={value!r} is invalid; expected {allowed}")
+        raise InputError(f"data.{key}={value!r} is invalid; expected {allowed}")
     return int(value)
 
 
 def parse_data_config(data_cfg) -> DataSpec:
-    """Checks a ``config.data`` ConfigDict (or mapping) and returns its values; bad ones raise ValueError."""
+    """Checks a ``config.data`` ConfigDict (or mapping) and returns its values; bad ones raise InputError."""
     source = _require(data_cfg, "source")
     tokenizer = _require(data_cfg, "tokenizer")
     for key, value in (("source", source), ("tokenizer", tokenizer)):
         if not isinstance(value, str) or not value:
-            raise ValueError(f"data.{key}={value!r} is invalid; expected a non-empty string")
+            raise InputError(f"data.{key}={value!r} is invalid; expected a non-empty string")
     val_fraction = _require(data_cfg, "val_fraction")
     is_number = isinstance(val_fraction, int | float) and not isinstance(val_fraction, bool)
     if not is_number or not 0 < val_fraction < 1:
-        raise ValueError(f"data.val_fraction={val_fraction!r} is invalid; expected a number in (0, 1)")
+        raise InputError(f"data.val_fraction={val_fraction!r} is invalid; expected a number in (0, 1)")
     seed = _require(data_cfg, "seed")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"data.seed={seed!r} is invalid; expected a non-negative integer")
+        raise InputError(f"data.seed={seed!r} is invalid; expected a non-negative integer")
     return DataSpec(
         source=source,
         tokenizer=tokenizer,
@@ -379,7 +380,7 @@ def make_datasets(data_cfg) -> tuple[Batches, Batches, Tokenizer]:
         try:
             streams.append(Batches(windows, spec.batch_size, spec.seed, shuffle=shuffle, remedy=remedy))
         except ValueError as err:
-            raise ValueError(f"{split} split of data source {spec.source!r}: {err}") from err
+            raise InputError(f"{split} split of data source {spec.source!r}: {err}") from err
     return streams[0], streams[1], tokenizer
 
 
@@ -395,7 +396,7 @@ def _selfdistill_splits(spec: DataSpec) -> list[dict[str, np.ndarray]]:
     manifest, arrays = selfdistill.read(spec.source)
     width = spec.seq_len + 1
     if width > manifest["seq_len"]:
-        raise ValueError(f"data.seq_len={spec.seq_len} needs {width} positions per example; the self-distillation "
+        raise InputError(f"data.seq_len={spec.seq_len} needs {width} positions per example; the self-distillation "
                          f"set {spec.source!r} stores {manifest['seq_len']} (use data.seq_len <= "
                          f"{manifest['seq_len'] - 1})")
     examples = {"tokens": arrays["tokens"][:, :width], "features": arrays["features"][:, :width],
@@ -408,10 +409,10 @@ def heldout_prompts(data_cfg, n: int, prompt_len: int) -> list[str]:
     """``n`` prompts of ``prompt_len`` tokens cut from validation documents, for decoding evaluation.
 
     The first chunk of every long-enough validation document comes first (in corpus order), then second
-    chunks, and so on; fewer than ``n`` chunks in the validation split raises ValueError.
+    chunks, and so on; fewer than ``n`` chunks in the validation split raises InputError.
     """
     if n < 1 or prompt_len < 1:
-        raise ValueError(f"heldout_prompts needs n >= 1 and prompt_len >= 1, got n={n}, "
+        raise InputError(f"heldout_prompts needs n >= 1 and prompt_len >= 1, got n={n}, "
                          f"prompt_len={prompt_len}")
     spec = parse_data_config(data_cfg)
     tokenizer = load_tokenizer(spec.tokenizer)
@@ -427,7 +428,7 @@ def heldout_prompts(data_cfg, n: int, prompt_len: int) -> list[str]:
                 if len(prompts) == n:
                     break
         if not found:
-            raise ValueError(
+            raise InputError(
                 f"the validation split holds only {len(prompts)} prompts of {prompt_len} tokens, {n} asked; "
                 "lower n or prompt_len, or raise val_fraction / max_bytes"
             )

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspec.errors import InputError
 from jaxspec.models.eagle import EagleNet, unrolled_parents
 from jaxspec.models.heads import MedusaHeads, lm_head_kernel
 from jaxspec.models.lm import DecoderLM
@@ -202,7 +203,7 @@ def distill_objective(model: DecoderLM, target_model: DecoderLM | None, train_cf
     exits = tuple(train_cfg.early_exit_layers)
     alpha, temperature = train_cfg.distill_alpha, train_cfg.distill_temperature
     if alpha > 0 and target_model is None:
-        raise ValueError(f"train.distill_alpha={alpha} needs the target model (config.target_workdir)")
+        raise InputError(f"train.distill_alpha={alpha} needs the target model (config.target_workdir)")
 
     def stats(params, frozen, batch):
         mask = batch["targets"] != pad_id

@@ -67,6 +67,7 @@ from tqdm import tqdm
 
 from jaxspec.config import ConfigError, check_keys, is_int, require
 from jaxspec.decoding import api, engine
+from jaxspec.errors import InputError
 from jaxspec.eval.suite import SuitePrompt, load_suite
 from jaxspec.training import data
 
@@ -189,7 +190,7 @@ def iter_instructions(seed: int = 0, max_chars: int = DEFAULT_MAX_CHARS) -> Iter
     """The stream `instruction_prompts` takes its first n from: standard-library files in an order shuffled by
     `seed`, up to two pieces of each, each under a template drawn by `seed` from those the piece fits."""
     if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < _MIN_CHARS:
-        raise ValueError(f"max_chars={max_chars!r} must be an integer of at least {_MIN_CHARS}")
+        raise InputError(f"max_chars={max_chars!r} must be an integer of at least {_MIN_CHARS}")
     rng = random.Random(seed)
     root, files = data.stdlib_files(_SKIP_DIRS)
     rng.shuffle(files)
@@ -211,10 +212,10 @@ def instruction_prompts(n: int, seed: int = 0, max_chars: int = DEFAULT_MAX_CHAR
     """n instructions, each a one-message chat ([{"role": "user", "content": ...}]), deterministic given `seed`;
     the first m of n are the m of `instruction_prompts(m, seed)`. `max_chars` bounds the quoted text."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n={n!r} must be a non-negative integer")
+        raise InputError(f"n={n!r} must be a non-negative integer")
     prompts = list(itertools.islice(iter_instructions(seed, max_chars), n))
     if len(prompts) < n:
-        raise ValueError(f"the standard library gives only {len(prompts)} instructions with max_chars={max_chars}; "
+        raise InputError(f"the standard library gives only {len(prompts)} instructions with max_chars={max_chars}; "
                          f"asked for {n}")
     return prompts
 
@@ -247,7 +248,7 @@ def plan_prompts(tokenizer, num_prompts: int, seed: int, max_chars: int, max_pro
         skipped += 1
         if skipped > _MAX_SKIPPED_PER_PROMPT * num_prompts + 100:
             break
-    raise ValueError(f"only {len(kept)} of {num_prompts} instructions fit seq_len - max_new_tokens = "
+    raise InputError(f"only {len(kept)} of {num_prompts} instructions fit seq_len - max_new_tokens = "
                      f"{max_prompt_tokens} prompt tokens ({skipped} were longer); raise seq_len or lower "
                      f"max_prompt_chars={max_chars}")
 
@@ -306,13 +307,13 @@ def _ids_digest(prompts: list[list[int]]) -> str:
 
 
 def _stored_fingerprint(path: str) -> tuple[dict, int]:
-    """(the fingerprint of an existing shard, its reply tokens), or a ValueError naming the file."""
+    """(the fingerprint of an existing shard, its reply tokens), or an InputError naming the file."""
     try:
         with np.load(path, allow_pickle=False) as shard:
             stored = json.loads(str(shard[FINGERPRINT]))
             replies = int(np.sum(shard["lengths"] - shard["reply_start"]))
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{path} is not a readable self-distillation shard ({err}); delete it and run again"
+        raise InputError(f"{path} is not a readable self-distillation shard ({err}); delete it and run again"
                          ) from err
     return stored, replies
 
@@ -322,7 +323,7 @@ def _check_fingerprint(path: str, expected: dict) -> int:
     if stored != expected:
         differ = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
         detail = ", ".join(f"{k}: {stored.get(k)!r} there, {expected.get(k)!r} now" for k in differ)
-        raise ValueError(f"{path} was made with other arguments ({detail}); delete it or write to another "
+        raise InputError(f"{path} was made with other arguments ({detail}); delete it or write to another "
                          "directory")
     return replies
 
@@ -360,7 +361,7 @@ def feature_pass(model, params, tokens: np.ndarray, lengths: np.ndarray, feature
         out["layer_features"] = stored(layered, valid[:, :, None, None])
     for name, array in out.items():
         if not np.all(np.isfinite(array)):
-            raise ValueError(f"{name} overflow float16 (values beyond +-65504): the target's activations are too "
+            raise InputError(f"{name} overflow float16 (values beyond +-65504): the target's activations are too "
                              "large to store in this format")
     return out
 
@@ -370,17 +371,17 @@ def _check_arguments(model, num_prompts, max_new_tokens, seq_len, batch_size, fe
     for name, value in (("num_prompts", num_prompts), ("max_new_tokens", max_new_tokens), ("seq_len", seq_len),
                         ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name}={value!r} must be a positive integer")
+            raise InputError(f"{name}={value!r} must be a positive integer")
     if max_new_tokens >= seq_len:
-        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in seq_len={seq_len}")
+        raise InputError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in seq_len={seq_len}")
     # The decode state holds prompt width + new tokens + one node + 1 (engine.required_max_len).
     if seq_len + 2 > cfg.max_len:
-        raise ValueError(f"seq_len={seq_len} needs a decode state of {seq_len + 2} positions, longer than the "
+        raise InputError(f"seq_len={seq_len} needs a decode state of {seq_len + 2} positions, longer than the "
                          f"target's model.max_len={cfg.max_len}")
     layers = tuple(feature_layers)
     bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < cfg.n_layers]
     if bad or len(set(layers)) != len(layers):
-        raise ValueError(f"feature_layers={layers} must be distinct layer indices in 0..{cfg.n_layers - 1}")
+        raise InputError(f"feature_layers={layers} must be distinct layer indices in 0..{cfg.n_layers - 1}")
     return layers
 
 
@@ -444,20 +445,20 @@ def _check_existing_manifest(out_dir: str) -> None:
     path = os.path.join(out_dir, MANIFEST)
     if not os.path.exists(path):
         if os.path.isdir(out_dir) and os.listdir(out_dir):
-            raise ValueError(f"{out_dir} holds files but no {MANIFEST}: it is not a self-distillation set; write to "
+            raise InputError(f"{out_dir} holds files but no {MANIFEST}: it is not a self-distillation set; write to "
                              "a new or empty directory")
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-            raise ValueError(f"{out_dir} exists and is not a directory")
+            raise InputError(f"{out_dir} exists and is not a directory")
         return
     try:
         with open(path, encoding="utf-8") as fh:
             old = json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} exists but is not readable JSON ({err}); delete it or write to another "
+        raise InputError(f"{path} exists but is not readable JSON ({err}); delete it or write to another "
                          "directory") from err
     if not isinstance(old, dict) or old.get("format") != FORMAT:
         got = old.get("format") if isinstance(old, dict) else type(old).__name__
-        raise ValueError(f"{path} is not a {FORMAT} manifest (format {got!r}); write to another directory")
+        raise InputError(f"{path} is not a {FORMAT} manifest (format {got!r}); write to another directory")
 
 
 def _make_shard(model, params, tokenizer, batch, batch_size, max_new_tokens, seq_len, layers, summary
@@ -491,28 +492,28 @@ def _make_shard(model, params, tokenizer, batch, batch_size, max_new_tokens, seq
 def _read_manifest(out_dir: str) -> dict:
     path = os.path.join(out_dir, MANIFEST)
     if not os.path.isfile(path):
-        raise ValueError(f"{out_dir}: no {MANIFEST}; not a self-distillation set (or its run never started)")
+        raise InputError(f"{out_dir}: no {MANIFEST}; not a self-distillation set (or its run never started)")
     try:
         with open(path, encoding="utf-8") as fh:
             manifest = json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{out_dir}: {MANIFEST} is not readable JSON ({err})") from err
+        raise InputError(f"{out_dir}: {MANIFEST} is not readable JSON ({err})") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ValueError(f"{out_dir}: {MANIFEST} has format {got!r}, not {FORMAT!r}")
+        raise InputError(f"{out_dir}: {MANIFEST} has format {got!r}, not {FORMAT!r}")
     missing = [k for k in MANIFEST_KEYS if k not in manifest]
     if missing:
-        raise ValueError(f"{out_dir}: {MANIFEST} lacks the keys {missing}")
+        raise InputError(f"{out_dir}: {MANIFEST} lacks the keys {missing}")
     if manifest["complete"] is not True:
-        raise ValueError(f"{out_dir}: the set is incomplete ({MANIFEST} says complete={manifest['complete']!r}): "
+        raise InputError(f"{out_dir}: the set is incomplete ({MANIFEST} says complete={manifest['complete']!r}): "
                          "its run did not finish; run it again with the same arguments to complete it")
     for key in ("seq_len", "d_model", "vocab_size", "num_examples"):
         if isinstance(manifest[key], bool) or not isinstance(manifest[key], int) or manifest[key] < 0:
-            raise ValueError(f"{out_dir}: {MANIFEST} has {key}={manifest[key]!r}, not a non-negative integer")
+            raise InputError(f"{out_dir}: {MANIFEST} has {key}={manifest[key]!r}, not a non-negative integer")
     if not isinstance(manifest["shards"], list) or not all(isinstance(s, str) for s in manifest["shards"]):
-        raise ValueError(f"{out_dir}: {MANIFEST} has shards={manifest['shards']!r}, not a list of file names")
+        raise InputError(f"{out_dir}: {MANIFEST} has shards={manifest['shards']!r}, not a list of file names")
     if not isinstance(manifest["feature_layers"], list):
-        raise ValueError(f"{out_dir}: {MANIFEST} has feature_layers={manifest['feature_layers']!r}, not a list")
+        raise InputError(f"{out_dir}: {MANIFEST} has feature_layers={manifest['feature_layers']!r}, not a list")
     return manifest
 
 
@@ -528,24 +529,24 @@ def _expected_shapes(manifest: dict, n: int) -> dict[str, tuple[tuple[int, ...],
 def _read_shard(out_dir: str, name: str, manifest: dict) -> dict[str, np.ndarray]:
     path = os.path.join(out_dir, name)
     if not os.path.isfile(path):
-        raise ValueError(f"{out_dir}: shard {name} listed in {MANIFEST} is missing")
+        raise InputError(f"{out_dir}: shard {name} listed in {MANIFEST} is missing")
     try:
         with np.load(path, allow_pickle=False) as shard:
             arrays = {key: shard[key] for key in shard.files if key != FINGERPRINT}
     except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{out_dir}: shard {name} is not a readable .npz ({err})") from err
+        raise InputError(f"{out_dir}: shard {name} is not a readable .npz ({err})") from err
     n = len(arrays["tokens"]) if "tokens" in arrays else 0
     expected = _expected_shapes(manifest, n)
     if sorted(arrays) != sorted(expected):
-        raise ValueError(f"{out_dir}: shard {name} holds {sorted(arrays)}; the manifest's format needs "
+        raise InputError(f"{out_dir}: shard {name} holds {sorted(arrays)}; the manifest's format needs "
                          f"{sorted(expected)}")
     for key, (shape, dtype) in expected.items():
         if arrays[key].shape != shape or arrays[key].dtype != dtype:
-            raise ValueError(f"{out_dir}: shard {name} has {key} {arrays[key].dtype}{list(arrays[key].shape)}; the "
+            raise InputError(f"{out_dir}: shard {name} has {key} {arrays[key].dtype}{list(arrays[key].shape)}; the "
                              f"manifest says {np.dtype(dtype)}{list(shape)}")
     start, lengths = arrays["reply_start"], arrays["lengths"]
     if np.any(start < 1) or np.any(lengths < start) or np.any(lengths > manifest["seq_len"]):
-        raise ValueError(f"{out_dir}: shard {name} has lengths or reply_start outside 1 <= reply_start <= lengths "
+        raise InputError(f"{out_dir}: shard {name} has lengths or reply_start outside 1 <= reply_start <= lengths "
                          f"<= seq_len={manifest['seq_len']}")
     return arrays
 
@@ -558,7 +559,7 @@ def read(out_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
     shards = [_read_shard(out_dir, name, manifest) for name in manifest["shards"]]
     total = sum(len(s["tokens"]) for s in shards)
     if total != manifest["num_examples"]:
-        raise ValueError(f"{out_dir}: the shards hold {total} examples; {MANIFEST} says num_examples="
+        raise InputError(f"{out_dir}: the shards hold {total} examples; {MANIFEST} says num_examples="
                          f"{manifest['num_examples']}")
     expected = _expected_shapes(manifest, 0)
     arrays = {key: np.concatenate([s[key] for s in shards]) if shards else np.zeros(shape, dtype)
@@ -584,7 +585,7 @@ def token_frequencies(arrays: Mapping[str, np.ndarray], vocab_size: int) -> np.n
         positions < np.asarray(arrays["lengths"])[:, None])
     replies = tokens[in_reply]
     if replies.size and (replies.min() < 0 or replies.max() >= vocab_size):
-        raise ValueError(f"reply tokens span [{replies.min()}, {replies.max()}], outside vocab_size={vocab_size}")
+        raise InputError(f"reply tokens span [{replies.min()}, {replies.max()}], outside vocab_size={vocab_size}")
     return np.bincount(replies, minlength=vocab_size).astype(np.int64)
 
 

@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from jaxspec.errors import InputError
 from jaxspec.training import chat
 
 BYTES = "bytes"
@@ -83,19 +84,19 @@ def _as_id_list(ids: Sequence[int] | np.ndarray, vocab_size: int) -> list[int]:
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     bad = ids[(ids < 0) | (ids >= vocab_size)]
     if bad.size:
-        raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {vocab_size})")
+        raise InputError(f"token id {int(bad[0])} is outside the vocabulary [0, {vocab_size})")
     return ids.tolist()
 
 
 def _with_specials(ids: list[int], tokenizer, add_bos: bool, add_eos: bool) -> list[int]:
     for wanted, value, role in ((add_bos, tokenizer.bos_id, "BOS"), (add_eos, tokenizer.eos_id, "EOS")):
         if wanted and value is None:
-            raise ValueError(f"tokenizer {tokenizer!r} has no {role} token to add")
+            raise InputError(f"tokenizer {tokenizer!r} has no {role} token to add")
     return ([tokenizer.bos_id] if add_bos else []) + ids + ([tokenizer.eos_id] if add_eos else [])
 
 
-def _no_chat_template(tokenizer) -> ValueError:
-    return ValueError(f"tokenizer {tokenizer!r} has no chat template; render the prompt as plain text and use "
+def _no_chat_template(tokenizer) -> InputError:
+    return InputError(f"tokenizer {tokenizer!r} has no chat template; render the prompt as plain text and use "
                       "encode_prompt, or use a checkpoint whose tokenizer files carry one")
 
 
@@ -176,14 +177,14 @@ class TokenizerFiles:
 
 
 def read_json(path: str) -> dict:
-    """A JSON object from `path`, or a ValueError naming the file."""
+    """A JSON object from `path`, or an InputError naming the file."""
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot be read as JSON ({err})") from err
+        raise InputError(f"{path}: cannot be read as JSON ({err})") from err
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise InputError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -196,7 +197,7 @@ def _special_token(value: Any, where: str) -> SpecialToken | None:
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         flags = {f: bool(value[f]) for f in ("single_word", "lstrip", "rstrip", "normalized") if f in value}
         return SpecialToken(value["content"], **flags)
-    raise ValueError(f"{where}: expected a token string or an AddedToken object with a 'content' string, "
+    raise InputError(f"{where}: expected a token string or an AddedToken object with a 'content' string, "
                      f"got {value!r}")
 
 
@@ -217,7 +218,7 @@ def _declared_tokens(data: dict, path: str) -> tuple[dict[str, SpecialToken], li
         elif isinstance(value, list):
             extras += [t for i, v in enumerate(value) if (t := _special_token(v, f"{path}: {key}[{i}]"))]
         elif value is not None:
-            raise ValueError(f"{path}: {key} must be a list of tokens or a dict of named tokens, got {value!r}")
+            raise InputError(f"{path}: {key} must be a list of tokens or a dict of named tokens, got {value!r}")
     return {k: v for k, v in named.items() if v is not None}, extras
 
 
@@ -236,7 +237,7 @@ def _special_tokens(directory: str, config: dict) -> tuple[dict[str, SpecialToke
 def _id_tuple(value: Any, where: str) -> tuple[int, ...]:
     values = value if isinstance(value, list) else [value]
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
-        raise ValueError(f"{where} must be a non-negative token id or a list of them, got {value!r}")
+        raise InputError(f"{where} must be a non-negative token id or a list of them, got {value!r}")
     return tuple(values)
 
 
@@ -264,7 +265,7 @@ def _chat_template(directory: str, config: dict) -> str | None:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     if template is not None and not isinstance(template, str):
-        raise ValueError(f"{os.path.join(directory, TOKENIZER_CONFIG_FILE)}: chat_template must be a string or "
+        raise InputError(f"{os.path.join(directory, TOKENIZER_CONFIG_FILE)}: chat_template must be a string or "
                          f"a list of {{'name', 'template'}} entries, got {type(template).__name__}")
     return template
 
@@ -319,7 +320,7 @@ class HFTokenizer:
         try:
             self._tok = tokenizers.Tokenizer.from_file(path)
         except Exception as err:  # the Rust side raises a bare Exception for any parse failure
-            raise ValueError(f"tokenizer file {path!r} could not be parsed as a tokenizer.json: {err}") from err
+            raise InputError(f"tokenizer file {path!r} could not be parsed as a tokenizer.json: {err}") from err
         # Like transformers' tokenizer(text) without padding/truncation arguments: whole, unpadded sequences.
         self._tok.no_truncation()
         self._tok.no_padding()
@@ -343,7 +344,7 @@ class HFTokenizer:
         new = []
         for name, token in declared:
             if self._tok.token_to_id(token.content) is None:
-                raise ValueError(f"{name} {token.content!r}, declared by the tokenizer files in {files.directory!r}, "
+                raise InputError(f"{name} {token.content!r}, declared by the tokenizer files in {files.directory!r}, "
                                  f"is not in the vocabulary of {self.path!r}")
             if token.content not in added:
                 added.add(token.content)
@@ -356,7 +357,7 @@ class HFTokenizer:
         ids = files.token_ids.get(key, ())
         for value in ids:
             if value >= self.vocab_size:
-                raise ValueError(f"{files.token_ids_file}: {key}={value} is outside the vocabulary "
+                raise InputError(f"{files.token_ids_file}: {key}={value} is outside the vocabulary "
                                  f"[0, {self.vocab_size}) of tokenizer {self.path!r}")
         return ids
 
@@ -414,17 +415,17 @@ class HFTokenizer:
 def load_tokenizer(name_or_path: str) -> Tokenizer:
     """``"bytes"`` -> ByteTokenizer; a Hugging Face tokenizer directory, or a lone tokenizer.json -> HFTokenizer."""
     if not isinstance(name_or_path, str) or not name_or_path:
-        raise ValueError(f"tokenizer must be 'bytes', a Hugging Face tokenizer directory or a tokenizer.json "
+        raise InputError(f"tokenizer must be 'bytes', a Hugging Face tokenizer directory or a tokenizer.json "
                          f"file, got {name_or_path!r}")
     if name_or_path == BYTES:
         return ByteTokenizer()
     if os.path.isdir(name_or_path):
         path = os.path.join(name_or_path, TOKENIZER_FILE)
         if not os.path.isfile(path):
-            raise ValueError(f"tokenizer directory {name_or_path!r} has no {TOKENIZER_FILE} (only fast "
+            raise InputError(f"tokenizer directory {name_or_path!r} has no {TOKENIZER_FILE} (only fast "
                              "tokenizers in that format are supported)")
         return HFTokenizer(path, read_tokenizer_files(name_or_path))
     if not os.path.isfile(name_or_path):
-        raise ValueError(f"tokenizer {name_or_path!r} does not exist; use 'bytes', a Hugging Face tokenizer "
+        raise InputError(f"tokenizer {name_or_path!r} does not exist; use 'bytes', a Hugging Face tokenizer "
                          "directory or a tokenizer.json file")
     return HFTokenizer(name_or_path)

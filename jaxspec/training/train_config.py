@@ -152,7 +152,7 @@ def needs_target(config) -> bool:
 
 
 def validate_config(config) -> None:
-    """Every section a training run reads, checked before any compute; raises ConfigError / ValueError."""
+    """Every section a training run reads, checked before any compute; raises ConfigError / InputError."""
     for key in config:
         if key not in TOP_LEVEL_KEYS:
             raise ConfigError(f"unknown top-level config key {key!r}{config_lib.nearest_keys(key, TOP_LEVEL_KEYS)}; "

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from jaxspec import zoo
 from jaxspec.config import ConfigError
+from jaxspec.errors import InputError
 from jaxspec.models.eagle import EagleNet, drafter_model_cfg, target_side
 from jaxspec.models.heads import MedusaHeads
 from jaxspec.models.lm import build_model, count_params, init_params
@@ -189,7 +190,7 @@ class Trainer:
         for batch in batches:
             losses.accumulate(totals, jax.device_get(self.eval_step(params, self.frozen, self.put_batch(batch))))
         if not totals:
-            raise ValueError("evaluation saw no validation batches")
+            raise InputError("evaluation saw no validation batches")
         return losses.summarize(totals, self.objective, prefix="val_")
 
 
@@ -216,7 +217,7 @@ def _model_and_objective(config, tokenizer, target) -> tuple[Any, losses.Objecti
         return init, losses.eagle_objective(net, config.eagle)
     if loss == "medusa":
         if target is None:
-            raise ValueError("train.loss='medusa' needs the target (backbone) model and params")
+            raise InputError("train.loss='medusa' needs the target (backbone) model and params")
         backbone, _ = target
         m = config.medusa
         heads = MedusaHeads(m.num_heads, config.model.d_model, config.model.vocab_size, m.num_layers,
@@ -358,7 +359,7 @@ def _refuse_used_workdir(workdir: str) -> None:
     """A fresh start must not clobber an earlier run that never saved (or whose checkpoints were removed)."""
     found = [f for f in (checkpoint.CONFIG_FILE, METRICS_FILE) if os.path.isfile(os.path.join(workdir, f))]
     if found:
-        raise ValueError(
+        raise InputError(
             f"workdir {workdir!r} holds files of an earlier run ({', '.join(found)}) but no checkpoint to "
             "resume from; use a fresh workdir or remove them")
 

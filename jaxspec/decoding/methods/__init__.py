@@ -25,6 +25,7 @@ import pkgutil
 
 from jaxspec.config import ConfigError
 from jaxspec.decoding.method import GENERATE_ARGUMENTS, Method
+from jaxspec.errors import InputError
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -33,10 +34,10 @@ def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make a method spec known by its `name`."""
     shadowed = sorted(GENERATE_ARGUMENTS & ({f.name for f in dataclasses.fields(cls)} | set(cls.objects)))
     if shadowed:
-        raise ValueError(f"method {cls.name!r}: {shadowed[0]!r} is an argument of api.generate itself, which would "
+        raise InputError(f"method {cls.name!r}: {shadowed[0]!r} is an argument of api.generate itself, which would "
                          "never reach the method; rename it")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"two decoding methods are named {cls.name!r}: {_REGISTRY[cls.name]} and {cls}")
+        raise InputError(f"two decoding methods are named {cls.name!r}: {_REGISTRY[cls.name]} and {cls}")
     _REGISTRY[cls.name] = cls
     return cls
 

@@ -7,6 +7,7 @@ import dataclasses
 from jaxspec.decoding import methods
 from jaxspec.decoding.drafters import ModelDrafter
 from jaxspec.decoding.method import Speculative, Target
+from jaxspec.errors import InputError
 
 
 @methods.register
@@ -30,17 +31,17 @@ class DraftModel(Speculative):
     def build(self, target: Target, draft_model=None, draft_params=None):
         if draft_model is None and draft_params is None:
             if not self.draft_workdir:
-                raise ValueError("method 'draft' needs a draft model: draft_workdir (--draft_workdir=a trained "
+                raise InputError("method 'draft' needs a draft model: draft_workdir (--draft_workdir=a trained "
                                  "or imported draft model), or the draft_model and draft_params objects")
             from jaxspec.decoding.loading import load_lm
 
             draft = load_lm(self.draft_workdir)
             draft_model, draft_params = draft.model, draft.params
         if draft_model is None or draft_params is None:
-            raise ValueError("method 'draft' needs both draft_model and draft_params")
+            raise InputError("method 'draft' needs both draft_model and draft_params")
         vocab, draft_vocab = target.model.model_cfg.vocab_size, draft_model.model_cfg.vocab_size
         if draft_vocab != vocab:
-            raise ValueError(f"draft model vocab_size={draft_vocab} differs from the target's vocab_size={vocab}; "
+            raise InputError(f"draft model vocab_size={draft_vocab} differs from the target's vocab_size={vocab}; "
                              "speculative decoding needs one vocabulary")
         return ModelDrafter(draft_model, self.token_tree(),
                             confidence_threshold=self.confidence_threshold), draft_params

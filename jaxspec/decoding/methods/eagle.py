@@ -20,6 +20,7 @@ from jaxspec.decoding import methods
 from jaxspec.decoding.drafters import Context, Proposal, check_breadth_first, children_tokens, sibling_ranks
 from jaxspec.decoding.method import Speculative, Target, is_int
 from jaxspec.decoding.trees import TokenTree, chain
+from jaxspec.errors import InputError
 from jaxspec.models.eagle import EagleNet, drafter_model_cfg, target_side
 from jaxspec.models.layers import matmul_t
 from jaxspec.state import init_decode_state
@@ -36,7 +37,7 @@ class DynamicTree:
 
     def __post_init__(self):
         if self.expand < 1 or self.depth < 1 or not 1 <= self.nodes <= self.expand * self.depth:
-            raise ValueError(f"a dynamic tree needs expand >= 1, depth >= 1 and 1 <= nodes <= expand * depth; got "
+            raise InputError(f"a dynamic tree needs expand >= 1, depth >= 1 and 1 <= nodes <= expand * depth; got "
                              f"expand={self.expand}, depth={self.depth}, nodes={self.nodes}")
 
 
@@ -53,7 +54,7 @@ class EagleDrafter:
     def __post_init__(self):
         check_breadth_first(self.tree)
         if self.dynamic is not None and self.tree.num_nodes != self.dynamic.nodes + 1:
-            raise ValueError(f"a dynamic tree of {self.dynamic.nodes} drafts needs tree.num_nodes = "
+            raise InputError(f"a dynamic tree of {self.dynamic.nodes} drafts needs tree.num_nodes = "
                              f"{self.dynamic.nodes + 1}, got {self.tree.num_nodes}")
 
     def _forward(self, params, features, tokens, **kw):
@@ -170,15 +171,15 @@ def load_drafter(workdir: str, target: Target) -> tuple[EagleNet, dict, np.ndarr
 
     params, cfg = checkpoint.restore_params(workdir)
     if cfg.get("train", {}).get("loss") != "eagle" or "eagle" not in cfg:
-        raise ValueError(f"{workdir} is not an EAGLE drafter run (its config has train.loss="
+        raise InputError(f"{workdir} is not an EAGLE drafter run (its config has train.loss="
                          f"{cfg.get('train', {}).get('loss')!r})")
     trained_on = cfg.get("target_workdir", "")
     if trained_on and target.workdir and os.path.realpath(trained_on) != os.path.realpath(target.workdir):
-        raise ValueError(f"the EAGLE drafter in {workdir} was trained for the target {trained_on!r}, not "
+        raise InputError(f"the EAGLE drafter in {workdir} was trained for the target {trained_on!r}, not "
                          f"{target.workdir!r}")
     vocab_path = os.path.join(workdir, DRAFT_VOCAB_FILE)
     if not os.path.isfile(vocab_path):
-        raise ValueError(f"{workdir} has no {DRAFT_VOCAB_FILE} (the draft vocabulary its head was trained on)")
+        raise InputError(f"{workdir} has no {DRAFT_VOCAB_FILE} (the draft vocabulary its head was trained on)")
     return EagleNet(drafter_model_cfg(cfg.model, cfg.eagle.num_layers)), params, np.load(vocab_path)
 
 
@@ -222,17 +223,17 @@ class Eagle(Speculative):
     def build(self, target: Target, net: EagleNet | None = None, net_params=None, vocab_ids=None):
         if net is None and net_params is None:
             if not self.draft_workdir:
-                raise ValueError("method 'eagle' needs a trained drafter: draft_workdir (--draft_workdir, an EAGLE "
+                raise InputError("method 'eagle' needs a trained drafter: draft_workdir (--draft_workdir, an EAGLE "
                                  "training run), or net and net_params")
             net, net_params, vocab_ids = load_drafter(self.draft_workdir, target)
         if net is None or net_params is None:
-            raise ValueError("method 'eagle' needs both net and net_params")
+            raise InputError("method 'eagle' needs both net and net_params")
         cfg = target.model.model_cfg
         if net.model_cfg.d_model != cfg.d_model:
-            raise ValueError(f"the EAGLE drafter was built for d_model={net.model_cfg.d_model}; the target has "
+            raise InputError(f"the EAGLE drafter was built for d_model={net.model_cfg.d_model}; the target has "
                              f"d_model={cfg.d_model}: a drafter trained for another target")
         vocab_ids = np.arange(cfg.vocab_size) if vocab_ids is None else np.asarray(vocab_ids)
         if vocab_ids.ndim != 1 or vocab_ids.min() < 0 or vocab_ids.max() >= cfg.vocab_size:
-            raise ValueError(f"vocab_ids must be target ids in [0, {cfg.vocab_size}); got shape {vocab_ids.shape}")
+            raise InputError(f"vocab_ids must be target ids in [0, {cfg.vocab_size}); got shape {vocab_ids.shape}")
         dparams = {"net": net_params, **target_side(target.params, cfg, vocab_ids)}
         return EagleDrafter(net, self.token_tree(), self.dynamic), dparams

@@ -8,6 +8,7 @@ from jaxspec import config as config_lib
 from jaxspec.decoding import methods
 from jaxspec.decoding.drafters import ModelDrafter
 from jaxspec.decoding.method import Speculative, Target, is_int
+from jaxspec.errors import InputError
 
 
 def default_skip_layers(n_layers: int) -> tuple[int, ...]:
@@ -38,6 +39,6 @@ class LayerSkip(Speculative):
         cfg = target.model.model_cfg
         skip = config_lib.validate_skip_layers(cfg, self.skip_layers or default_skip_layers(cfg.n_layers))
         if not skip:
-            raise ValueError(f"method 'layerskip' needs layers to skip; the model has only n_layers={cfg.n_layers}")
+            raise InputError(f"method 'layerskip' needs layers to skip; the model has only n_layers={cfg.n_layers}")
         return ModelDrafter(target.model, self.token_tree(), skip_layers=skip,
                             confidence_threshold=self.confidence_threshold), target.params

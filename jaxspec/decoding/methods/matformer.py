@@ -8,6 +8,7 @@ from jaxspec import config as config_lib
 from jaxspec.decoding import methods
 from jaxspec.decoding.drafters import ModelDrafter
 from jaxspec.decoding.method import Speculative, Target, is_int
+from jaxspec.errors import InputError
 
 
 @methods.register
@@ -33,7 +34,7 @@ class MatFormer(Speculative):
         cfg = target.model.model_cfg
         config_lib.validate_granularity(cfg, self.granularity)
         if len(cfg.matformer_fractions) < 2:
-            raise ValueError("method 'matformer' needs a MatFormer target (model.matformer_fractions with >= 2 "
+            raise InputError("method 'matformer' needs a MatFormer target (model.matformer_fractions with >= 2 "
                              f"granularities); got {tuple(cfg.matformer_fractions)}")
         return ModelDrafter(target.model, self.token_tree(), granularity=self.granularity,
                             confidence_threshold=self.confidence_threshold), target.params

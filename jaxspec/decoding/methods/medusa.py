@@ -8,6 +8,7 @@ import os
 from jaxspec.decoding import methods
 from jaxspec.decoding.drafters import MedusaDrafter
 from jaxspec.decoding.method import Speculative, Target
+from jaxspec.errors import InputError
 from jaxspec.models.heads import MedusaHeads, lm_head_kernel
 
 
@@ -17,10 +18,10 @@ def load_heads(workdir: str, target: Target) -> tuple[MedusaHeads, dict]:
 
     params, cfg = checkpoint.restore_params(workdir)
     if "medusa" not in cfg:
-        raise ValueError(f"{workdir} is not a Medusa heads run (its config has no 'medusa' section)")
+        raise InputError(f"{workdir} is not a Medusa heads run (its config has no 'medusa' section)")
     trained_on = cfg.get("target_workdir", "")
     if trained_on and target.workdir and os.path.realpath(trained_on) != os.path.realpath(target.workdir):
-        raise ValueError(f"Medusa heads in {workdir} were trained for the target {trained_on!r}, not "
+        raise InputError(f"Medusa heads in {workdir} were trained for the target {trained_on!r}, not "
                          f"{target.workdir!r}: heads trained for another target")
     m = cfg.medusa
     return MedusaHeads(m.num_heads, cfg.model.d_model, cfg.model.vocab_size, m.num_layers, m.share_lm_head), params
@@ -40,14 +41,14 @@ class Medusa(Speculative):
     def build(self, target: Target, heads: MedusaHeads | None = None, heads_params=None):
         if heads is None and heads_params is None:
             if not self.draft_workdir:
-                raise ValueError("method 'medusa' needs trained heads: draft_workdir (--draft_workdir, a Medusa "
+                raise InputError("method 'medusa' needs trained heads: draft_workdir (--draft_workdir, a Medusa "
                                  "heads run), or heads and heads_params")
             heads, heads_params = load_heads(self.draft_workdir, target)
         if heads is None or heads_params is None:
-            raise ValueError("method 'medusa' needs both heads and heads_params")
+            raise InputError("method 'medusa' needs both heads and heads_params")
         cfg = target.model.model_cfg
         if heads.d_model != cfg.d_model or heads.vocab_size != cfg.vocab_size:
-            raise ValueError(f"Medusa heads were built for d_model={heads.d_model}, vocab_size={heads.vocab_size}; "
+            raise InputError(f"Medusa heads were built for d_model={heads.d_model}, vocab_size={heads.vocab_size}; "
                              f"the target has d_model={cfg.d_model}, vocab_size={cfg.vocab_size}: heads trained "
                              "for another target")
         dparams = {"heads": heads_params}

@@ -23,6 +23,7 @@ from jaxspec.decoding import methods
 from jaxspec.decoding.drafters import Context, Proposal, fill_tree, sibling_ranks
 from jaxspec.decoding.method import Speculative, Target, is_int
 from jaxspec.decoding.trees import TokenTree
+from jaxspec.errors import InputError
 
 EMPTY = -1  # a slot holding no successor; also the owner of a bucket no context has used yet
 _GOLDEN = np.uint32(0x9E3779B1)  # Fibonacci hashing: multiply, keep the top bits
@@ -124,12 +125,12 @@ class NgramDrafter:
 
     def __post_init__(self):
         if self.tree.num_drafts < 1:
-            raise ValueError("n-gram drafting needs a tree with at least one draft node; got the root alone")
+            raise InputError("n-gram drafting needs a tree with at least one draft node; got the root alone")
         if self.buckets < 2 or self.buckets & (self.buckets - 1):
-            raise ValueError(f"n-gram drafting needs a power-of-two number of buckets >= 2, got {self.buckets}")
+            raise InputError(f"n-gram drafting needs a power-of-two number of buckets >= 2, got {self.buckets}")
         widest = int(sibling_ranks(self.tree).max()) + 1
         if self.slots < widest:
-            raise ValueError(f"n-gram drafting keeps slots={self.slots} successors per context; the tree ranks "
+            raise InputError(f"n-gram drafting keeps slots={self.slots} successors per context; the tree ranks "
                              f"up to {widest} children per node")
 
     def init(self, params, prompts, prompt_lens, max_len, first_token):

@@ -18,6 +18,7 @@ from jaxspec.decoding import methods
 from jaxspec.decoding.drafters import Context, Proposal, fill_tree, sibling_ranks
 from jaxspec.decoding.method import Speculative, Target
 from jaxspec.decoding.trees import TokenTree
+from jaxspec.errors import InputError
 
 UNSET = -1  # a matrix entry no forward has written yet
 
@@ -31,9 +32,9 @@ class RecyclingDrafter:
 
     def __post_init__(self):
         if self.tree.num_drafts < 1:
-            raise ValueError("token recycling needs a tree with at least one draft node; got the root alone")
+            raise InputError("token recycling needs a tree with at least one draft node; got the root alone")
         if self.vocab_size < 1:
-            raise ValueError(f"token recycling needs vocab_size >= 1, got {self.vocab_size}")
+            raise InputError(f"token recycling needs vocab_size >= 1, got {self.vocab_size}")
 
     @property
     def feedback_top_k(self) -> int:
@@ -59,7 +60,7 @@ class RecyclingDrafter:
         [B, N, k]). A token met at several positions keeps the last one's successors: the latest in the text,
         or the last in the tree's breadth-first order."""
         if successors.shape[-1] != matrix.shape[-1]:
-            raise ValueError(f"token recycling keeps {matrix.shape[-1]} successors per token; got top-k "
+            raise InputError(f"token recycling keeps {matrix.shape[-1]} successors per token; got top-k "
                              f"successors of shape {successors.shape}")
         n = tokens.shape[1]
         later = jnp.arange(n)[None, :] > jnp.arange(n)[:, None]  # later[i, j]: j comes after i
