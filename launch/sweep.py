@@ -48,15 +48,13 @@ def declared_runs(config_spec: str) -> list[sweep.Run]:
     return sweep.collect_runs(module.sweep, arg or None)
 
 
+@cli.error_boundary("workdir")
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # checkpointing logs every file it writes at INFO
         logging.set_verbosity(logging.WARNING)
-    try:
-        runs = declared_runs(config_flags.get_config_filename(flags.FLAGS["config"]))
-    except ValueError as err:
-        sys.exit(f"sweep: {err}")
+    runs = declared_runs(config_flags.get_config_filename(flags.FLAGS["config"]))
     results = sweep.run_sweep(_CONFIG.value, runs, _WORKDIR.value, progress=_PROGRESS.value)
     with open(os.path.join(_WORKDIR.value, sweep.RESULTS_MD)) as fh:
         print(fh.read())

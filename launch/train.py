@@ -9,8 +9,6 @@ from its latest step.
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -24,16 +22,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, conf
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+@cli.error_boundary("workdir")
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # checkpointing logs every file it writes at INFO
         logging.set_verbosity(logging.WARNING)
     distributed.maybe_initialize()
-    try:
-        config = trainer.prepare_config(_CONFIG.value)
-    except ValueError as err:  # a config error: report it without a traceback
-        sys.exit(f"invalid config: {err}")
+    config = trainer.prepare_config(_CONFIG.value)  # a bad value ends here, before any compute
     final = trainer.train(config, _WORKDIR.value)
     print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in sorted(final.items())))

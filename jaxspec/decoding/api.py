@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from collections.abc import Callable
 
 import jax
 import numpy as np
 
-from jaxspec import checks
+from jaxspec import checks, zoo
 from jaxspec.decoding import engine, methods
 from jaxspec.decoding.method import Method, Target
 from jaxspec.errors import InputError
@@ -76,6 +77,36 @@ def stop_ids(eos_ids) -> tuple[int, ...]:
     return tuple(sorted({int(i) for i in ids}))
 
 
+def _is_sequence(value) -> bool:
+    """A list, tuple or array (numpy or jax): what a batch of prompts and each prompt may be."""
+    return (not isinstance(value, (str, bytes, dict)) and hasattr(value, "__len__")
+            and hasattr(value, "__getitem__"))
+
+
+def check_prompts(prompts, vocab_size: int) -> None:
+    """A batch of prompts is a non-empty list of non-empty token-id lists, every id in [0, vocab_size): a flat
+    list (one prompt not wrapped in a batch), a string or an id outside the vocabulary is an error naming it (an
+    id out of range would otherwise be clamped by the embedding lookup and decode silently)."""
+    if not _is_sequence(prompts) or len(prompts) == 0:
+        raise InputError(f"prompts must be a non-empty list of token-id lists (one per row), got "
+                         f"{type(prompts).__name__} {repr(prompts)[:60]}; encode text first (tokenizer.encode_prompt)")
+    for i, prompt in enumerate(prompts):
+        if not _is_sequence(prompt):
+            raise InputError(f"prompts[{i}] = {repr(prompt)[:60]} is not a list of token ids; pass a batch "
+                             "[[id, ...], ...] (a single prompt p is [p])")
+        ids = np.asarray(prompt)
+        if ids.ndim != 1 or ids.size == 0:
+            raise InputError(f"prompts[{i}] has shape {ids.shape}; every prompt needs at least one token, as a "
+                             "flat list of ids")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"prompts[{i}] holds {ids.dtype} values; token ids are integers")
+        bad = (ids < 0) | (ids >= vocab_size)
+        if bad.any():
+            j = int(np.argmax(bad))
+            raise InputError(f"prompts[{i}][{j}] = {int(ids[j])} lies outside the model's vocabulary [0, "
+                             f"{vocab_size})")
+
+
 def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str | Method = "ar",
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              rule: str | None = None, eos_ids=None, seed: int = 0, prompt_width: int | None = None,
@@ -93,8 +124,9 @@ def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str
     cache): a violation raises checks.InvariantError instead of decoding on clamped indices. `prefill_chunk`
     (a power of two, 0 = off) prefills each prompt in chunks of that many tokens (exact: the same output).
     """
-    if max_new_tokens <= 0:
-        raise InputError(f"max_new_tokens={max_new_tokens} must be positive")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
+        raise InputError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
+    check_prompts(prompts, target.model_cfg.vocab_size)
     if prefill_chunk < 0 or prefill_chunk & (prefill_chunk - 1):
         raise InputError(f"prefill_chunk={prefill_chunk} must be 0 (off) or a power of two (it divides the "
                          "power-of-two prompt widths)")
@@ -107,8 +139,6 @@ def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str
     drafter, dparams = spec.build(Target(target, params, target_workdir), **objects)
     lens = np.asarray([len(p) for p in prompts], np.int32)
     nodes = 1 if drafter is None else drafter.tree.num_nodes
-    if not prompts or lens.min() == 0:
-        raise InputError("every prompt needs at least one token")
     width, max_len = engine.plan_shapes(target.model_cfg, lens, max_new_tokens, nodes, prompt_width)
     tokens, lens = engine.pad_prompts(prompts, width=width)
     dynamic = dict(params=params, prompts=tokens, prompt_lens=lens, key=jax.random.key(seed))
@@ -143,4 +173,7 @@ def load(model: str):
     `loading.LoadedLM` (model, params, config, tokenizer, workdir)."""
     from jaxspec.decoding import loading
 
+    if model not in zoo.ZOO and not os.path.isdir(model):
+        raise InputError(f"{model!r} is neither a zoo model (one of {sorted(zoo.ZOO)}) nor a workdir (no such "
+                         "directory)")
     return loading.load_lm(model)

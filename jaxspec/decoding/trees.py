@@ -257,13 +257,20 @@ def tree_from_spec(spec: str) -> TokenTree:
     if not isinstance(spec, str):
         raise InputError(f"tree spec {spec!r} must be a string: {allowed}")
     kind, _, arg = spec.partition(":")
+
+    def integer(piece: str) -> int:
+        try:
+            return int(piece)
+        except ValueError:
+            raise InputError(f"{piece!r} is not an integer") from None
+
     try:
         if kind == "chain" and arg:
-            return chain(int(arg))
+            return chain(integer(arg))
         if kind == "branching" and arg:
-            return from_branching(tuple(int(b) for b in arg.split(",")))
-    except ValueError as err:
-        raise InputError(f"tree spec {spec!r}: {err}") from err
+            return from_branching(tuple(integer(b) for b in arg.split(",")))
+    except InputError as err:
+        raise InputError(f"tree spec {spec!r}: {err}; allowed: {allowed}") from err
     if spec in PRESET_CHOICES:
         return from_choices(PRESET_CHOICES[spec])
     raise InputError(f"unknown tree spec {spec!r}; allowed: {allowed}")

@@ -17,10 +17,12 @@ The packages come with the `[hf]` extra and are imported only when a function ne
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
+import uuid
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
@@ -356,6 +358,12 @@ def model_config_from_hf(hf_config: Mapping, dtype: str = "float32", max_len: in
     """A validated jaxspec model config equal to the Hugging Face model, or an InputError listing why not."""
     family = hf_family(hf_config, where)
     hf = dict(hf_config)
+    required = ("vocab_size", "hidden_size", "num_hidden_layers", *(() if family == "mamba" else
+                                                                    ("num_attention_heads",)))
+    missing = [key for key in required if key not in hf]
+    if missing:
+        raise InputError(f"{where}: required key(s) {missing} are missing; a {family} checkpoint's config "
+                         f"states {', '.join(required)}")
     problems = _common_unsupported(hf)
     if family == "mamba":
         problems += _mamba_unsupported(hf)
@@ -384,6 +392,8 @@ def model_config_from_hf(hf_config: Mapping, dtype: str = "float32", max_len: in
             cfg.max_len = int(max_len or hf.get("max_position_embeddings") or cfg.max_len)
     except KeyError as err:
         raise InputError(f"{where}: required key {err.args[0]!r} is missing") from err
+    except (TypeError, ValueError) as err:  # int() / float() of a value that is not a number
+        raise InputError(f"{where}: a value is not the number it should be: {err}") from err
     config_lib.validate_model_config(cfg)
     return cfg
 
@@ -730,6 +740,9 @@ def export_hf_checkpoint(params, model_cfg, out_dir: str, *, granularity=None, d
     when it has the Gemma features (GEMMA3_FEATURES, with any sliding windows of one size). A MatFormer
     model exports its full FFN, or one `granularity` (see `extract_matformer`). A `tokenizer` supplies the
     bos/eos/pad ids, and its tokenizer.json is copied when it has one. Returns the config.json path.
+
+    Every file is written under a temporary name and renamed into place, config.json last (after removing an
+    older one), so an export killed midway leaves no config.json: nothing loads a half-written directory.
     """
     _, save_file = _import_safetensors()
     if dtype not in config_lib.DTYPES:
@@ -745,15 +758,50 @@ def export_hf_checkpoint(params, model_cfg, out_dir: str, *, granularity=None, d
         # Layout first, then the dtype: an unfolded Gemma norm keeps its float32 precision until the cast.
         value = LAYOUTS[e.layout].to_hf(np.asarray(jax.device_get(flat[e.path])))
         tensors[e.hf_name] = np.ascontiguousarray(value.astype(dtype))
+    if os.path.isfile(os.path.join(out_dir, INDEX_FILE)):
+        raise InputError(f"{out_dir!r} holds a sharded checkpoint ({INDEX_FILE}), which would be read in place of "
+                         "the export; export into a fresh directory")
     os.makedirs(out_dir, exist_ok=True)
-    save_file(tensors, os.path.join(out_dir, SINGLE_FILE), metadata={"format": "pt"})
-    config_path = os.path.join(out_dir, CONFIG_FILE)
-    with open(config_path, "w") as fh:
-        json.dump(hf_config_for(model_cfg, dtype, tokenizer), fh, indent=2, sort_keys=True)
+    _remove_partial_files(out_dir)
+    suffix = f"{_PARTIAL}{uuid.uuid4().hex}"
+    staged = {name: os.path.join(out_dir, name + suffix) for name in (SINGLE_FILE, TOKENIZER_FILE, CONFIG_FILE)}
     tokenizer_path = getattr(tokenizer, "path", None)
-    if tokenizer_path and os.path.isfile(tokenizer_path):
-        shutil.copyfile(tokenizer_path, os.path.join(out_dir, TOKENIZER_FILE))
-    return config_path
+    if not (tokenizer_path and os.path.isfile(tokenizer_path)):
+        del staged[TOKENIZER_FILE]
+    try:
+        save_file(tensors, staged[SINGLE_FILE], metadata={"format": "pt"})
+        if TOKENIZER_FILE in staged:
+            shutil.copyfile(tokenizer_path, staged[TOKENIZER_FILE])
+        with open(staged[CONFIG_FILE], "w") as fh:
+            json.dump(hf_config_for(model_cfg, dtype, tokenizer), fh, indent=2, sort_keys=True)
+    except BaseException:
+        _remove_partial_files(out_dir)
+        raise
+    _publish(out_dir, staged)
+    return os.path.join(out_dir, CONFIG_FILE)
+
+
+# Infix of the temporary names an export writes its files under before renaming them into place.
+_PARTIAL = ".partial-"
+
+
+def _remove_partial_files(out_dir: str) -> None:
+    """Delete the temporary files an export into `out_dir` that was killed midway left behind (nothing reads
+    them)."""
+    for name in os.listdir(out_dir):
+        if _PARTIAL in name and name.split(_PARTIAL)[0] in (SINGLE_FILE, TOKENIZER_FILE, CONFIG_FILE):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out_dir, name))
+
+
+def _publish(out_dir: str, staged: Mapping[str, str]) -> None:
+    """Rename the staged files into place so that the directory is a checkpoint only when every file is the new
+    one: config.json (what makes a directory a checkpoint) is removed first and renamed in last, so an export
+    killed in between leaves a directory that every reader refuses for its missing config.json."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out_dir, CONFIG_FILE))
+    for name in sorted(staged, key=lambda n: n == CONFIG_FILE):
+        os.replace(staged[name], os.path.join(out_dir, name))
 
 
 __all__ = [

@@ -10,6 +10,10 @@ The train state is any pytree with a top-level ``params`` entry (a dict key or a
 ``restore_params`` reads only that subtree. RNG keys are stored as their uint32 data
 (``jax.random.key_data``); typed key arrays are not serialisable.
 
+A save is published last: orbax writes the step into ``<step>.orbax-checkpoint-tmp`` and renames it into place
+when complete, so a save killed midway leaves the previous step as the latest (and the next save of the step
+replaces the leftover).
+
 Restoring never guesses: a missing checkpoint, a step directory that was not completely written, or a
 checkpoint whose tree or shapes differ from the target raises InputError naming the directory and, for
 shapes, the first mismatching path with both shapes. Saving a step older than the newest one in the

@@ -379,7 +379,7 @@ def make_datasets(data_cfg) -> tuple[Batches, Batches, Tokenizer]:
     for split, windows, shuffle in zip(("train", "validation"), splits, (True, False), strict=True):
         try:
             streams.append(Batches(windows, spec.batch_size, spec.seed, shuffle=shuffle, remedy=remedy))
-        except ValueError as err:
+        except InputError as err:
             raise InputError(f"{split} split of data source {spec.source!r}: {err}") from err
     return streams[0], streams[1], tokenizer
 
