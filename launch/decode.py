@@ -17,20 +17,21 @@ of compilations (decode times exclude compilation; nothing is generated twice).
 from __future__ import annotations
 
 import json
-import sys
+import os
 
 from absl import app, flags
 
-from jaxspec import cli
+from jaxspec import cli, zoo
 from jaxspec.decoding import api, methods
+from jaxspec.decoding.verify import RULES
 from jaxspec.errors import InputError
 from jaxspec.parallel import distributed
 
 _MODEL = flags.DEFINE_string("model", None, "a zoo model name, e.g. smollm2-135m-instruct (or use --workdir)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "a jaxspec workdir: a training run or an imported checkpoint")
 _METHOD = flags.DEFINE_enum("method", "ar", list(methods.names()), "decoding method (jaxspec/decoding/methods/)")
-_VERIFY = flags.DEFINE_enum("verify", None, ["greedy", "rejection", "typical"],
-                            "verification rule (default: greedy at temperature 0, rejection otherwise)")
+_VERIFY = flags.DEFINE_enum("verify", None, list(RULES),
+                            "verification rule (default: greedy at temperature 0, rejection otherwise; kseq: SpecTr)")
 _PROMPT = flags.DEFINE_string("prompt", None, "one prompt")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None,
                                     'JSONL file, one {"prompt": "..."} or {"messages": [...]} per line')
@@ -54,6 +55,8 @@ _METHOD_FLAGS = {
     "adaptive": flags.DEFINE_integer("adaptive", None, "adaptive draft length starting here (0 = off)"),
     "confidence_threshold": flags.DEFINE_float("confidence_threshold", None, "stop a draft below this top "
                                                 "probability (draft, matformer, layerskip)"),
+    "without_replacement": flags.DEFINE_bool("without_replacement", None, "sampled siblings drawn without "
+                                             "replacement, as RSD (draft, layerskip, matformer)"),
     "min_ngram": flags.DEFINE_integer("min_ngram", None, "shortest n-gram prompt lookup matches (lookup)"),
     "max_ngram": flags.DEFINE_integer("max_ngram", None, "longest n-gram prompt lookup matches (lookup)"),
     "table_size": flags.DEFINE_integer("table_size", None, "buckets per n-gram table, a power of two (ngram)"),
@@ -156,6 +159,7 @@ def method_arguments() -> dict:
     return given
 
 
+@cli.error_boundary("workdir", "draft_workdir", "prompts_file", "output_json")
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -163,22 +167,24 @@ def main(argv) -> None:
         cli.quiet_libraries()
     cli.enable_compilation_cache(_CACHE_DIR.value)
     distributed.maybe_initialize()
-    try:
-        if (_MODEL.value is None) == (_WORKDIR.value is None):
-            raise InputError("give exactly one of --model (a zoo name) and --workdir")
-        requests = read_requests()
-        spec = methods.make(_METHOD.value, **method_arguments())
-        target = api.load(_MODEL.value or _WORKDIR.value)
-        tok = target.tokenizer
-        prompts = [encode_request(tok, r, _CHAT.value) for r in requests]
-        printer = StreamPrinter(tok, len(prompts)) if _STREAM.value else None
-        result = api.generate(target.model, target.params, prompts, max_new_tokens=_MAX_NEW.value,
-                              temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                              rule=_VERIFY.value, eos_ids=tok.eos_ids if _STOP_AT_EOS.value else None,
-                              seed=_SEED.value, on_tokens=printer, method=spec, target_workdir=target.workdir,
-                              check_invariants=_CHECK.value, prefill_chunk=_PREFILL_CHUNK.value)
-    except (ValueError, OSError) as err:
-        sys.exit(f"decode: {err}")
+    if (_MODEL.value is None) == (_WORKDIR.value is None):
+        raise InputError("give exactly one of --model (a zoo name) and --workdir")
+    if _MODEL.value is not None:
+        zoo.get_entry(_MODEL.value)  # an unknown name is an error naming the zoo's models, not a missing workdir
+    elif not os.path.isdir(_WORKDIR.value):
+        raise InputError(f"--workdir={_WORKDIR.value!r} is not a directory (a training run or an imported "
+                         "checkpoint; or use --model with a zoo name)")
+    requests = read_requests()
+    spec = methods.make(_METHOD.value, **method_arguments())
+    target = api.load(_MODEL.value or _WORKDIR.value)
+    tok = target.tokenizer
+    prompts = [encode_request(tok, r, _CHAT.value) for r in requests]
+    printer = StreamPrinter(tok, len(prompts)) if _STREAM.value else None
+    result = api.generate(target.model, target.params, prompts, max_new_tokens=_MAX_NEW.value,
+                          temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                          rule=_VERIFY.value, eos_ids=tok.eos_ids if _STOP_AT_EOS.value else None,
+                          seed=_SEED.value, on_tokens=printer, method=spec, target_workdir=target.workdir,
+                          check_invariants=_CHECK.value, prefill_chunk=_PREFILL_CHUNK.value)
     if printer is not None:
         print()
     rows = []

@@ -28,13 +28,11 @@ import numpy as np
 from jaxspec.decoding.drafters import Context
 from jaxspec.decoding.sampling import sample, warp_logits
 from jaxspec.decoding.trees import TokenTree
-from jaxspec.decoding.verify import verify_tree
+from jaxspec.decoding.verify import RULES, verify_tree
 from jaxspec.errors import InputError
 from jaxspec.models.decode_layout import for_decoding
 from jaxspec.models.lm import DecoderLM
 from jaxspec.state import commit, init_decode_state
-
-RULES = ("greedy", "rejection", "typical")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +51,8 @@ class Sampling:
             raise InputError(f"unknown verification rule {self.rule!r}; allowed: {RULES}")
         if self.temperature < 0:
             raise InputError(f"temperature={self.temperature} must be >= 0")
-        if self.rule == "rejection" and self.temperature == 0:
-            raise InputError("rule='rejection' samples; use temperature > 0 (or rule='greedy' at temperature 0)")
+        if self.rule in ("rejection", "kseq") and self.temperature == 0:
+            raise InputError(f"rule={self.rule!r} samples; use temperature > 0 (or rule='greedy' at temperature 0)")
 
     def pick(self, key, logits):
         if self.temperature == 0:
@@ -216,6 +214,9 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
     """Draft a tree, verify it with one target forward, commit the accepted path; repeat per row. `checked` and
     `prefill_chunk`: as in autoregressive_loop."""
     tree: TokenTree = drafter.tree
+    if sampling.rule == "kseq" and getattr(drafter, "without_replacement", False):
+        raise InputError("rule='kseq' (SpecTr) needs siblings drawn independently; this drafter draws them "
+                         "without replacement (method 'rsd'): use rule='rejection' with it")
     k = tree.num_nodes
     model, params = for_decoding(model, params)  # once per call, outside the while_loop (a no-op if done before)
     b = prompts.shape[0]

@@ -27,8 +27,9 @@ import dataclasses
 from typing import Any, ClassVar, Protocol
 
 from jaxspec.config import ConfigError, is_int
-from jaxspec.decoding.drafters import Context, Proposal
+from jaxspec.decoding.drafters import Context, ModelDrafter, Proposal
 from jaxspec.decoding.trees import TokenTree, tree_from_spec
+from jaxspec.errors import InputError
 
 # The keyword arguments of `api.generate` itself: a method field of one of these names would be taken by
 # generate and never reach the method (a test keeps this list equal to generate's signature).
@@ -101,9 +102,11 @@ class Speculative(Method):
     def __post_init__(self):
         self.check(isinstance(self.tree, str), "tree", "a tree spec string (chain:K, branching:..., medusa_small)")
         try:
-            self.token_tree()
-        except ValueError as err:
+            tree = self.token_tree()
+        except InputError as err:
             raise ConfigError(f"method {self.name!r}: {err}") from err
+        self.check(tree.num_drafts >= 1, "tree", "a tree with at least one draft node (a tree of the root "
+                   "alone drafts nothing; method 'ar' decodes one token per forward)")
         self.check(is_int(self.adaptive) and self.adaptive >= 0, "adaptive",
                    "a non-negative integer (0: the whole tree every round)")
 
@@ -118,3 +121,23 @@ class Speculative(Method):
     def num_nodes(self) -> int:
         return self.token_tree().num_nodes
 
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDrafting(Speculative):
+    """A method whose drafter is a language model drafting the tree depth by depth: a draft model, or the target
+    itself with layers skipped or a smaller MatFormer granularity. `confidence_threshold` stops a branch whose
+    draft's top probability falls below it; `without_replacement` samples siblings without replacement (RSD)."""
+
+    confidence_threshold: float = 0.0
+    without_replacement: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check(0 <= self.confidence_threshold < 1, "confidence_threshold", "a number in [0, 1)")
+        self.check(isinstance(self.without_replacement, bool), "without_replacement", "True or False")
+
+    def model_drafter(self, model, **how) -> ModelDrafter:
+        """The drafter for `model`; `how`: ModelDrafter's granularity / skip_layers."""
+        return ModelDrafter(model, self.token_tree(), confidence_threshold=self.confidence_threshold,
+                            without_replacement=self.without_replacement, **how)

@@ -16,6 +16,14 @@ Rules (p_u is the target distribution at node u, from ``sampling.warp_logits``; 
   bonus token is drawn from the final residual. Deterministic drafts (``draft_probs=None``) use one-hot
   q_j, so a rejection just removes x_j from r. The emitted tokens follow the target distribution exactly,
   provided every child was drawn independently from its q_j given its root path.
+- ``"kseq"``: SpecTr's k-sequential selection (Sun et al., 2023) for multiple i.i.d. drafts. At a node u whose
+  n valid children were drawn independently from one q_u, child j is accepted with probability
+  min(1, p_u(x_j) / (rho_u q_u(x_j))), trying the children in index order; if all fail, the bonus is drawn from
+  the residual normalise(p_u - c min(q_u, p_u / rho_u)), c = (1 - (1 - beta)^n) / beta, beta =
+  sum_x min(q_u, p_u / rho_u). The emitted token then follows p_u for any rho_u with c <= rho_u; rho_u in
+  [1, n] is the smallest such (bisection), which makes the acceptance largest. With one child it is plain
+  speculative sampling. Unlike "rejection" it needs the children i.i.d. (not RSD's without-replacement
+  siblings) and real draft distributions.
 - ``"typical"``: Medusa's typical acceptance: node j passes iff p_parent(x_j) > min(eps, alpha *
   exp(-H(p_parent))). As Medusa defines it, among all root paths whose every node passes the longest one is
   accepted, ties going to the larger summed log p (not the first passing child, which can accept fewer
@@ -34,7 +42,9 @@ from jaxspec.decoding.sampling import greedy, sample, warp_logits
 from jaxspec.decoding.trees import TokenTree
 from jaxspec.errors import InputError
 
-RULES = ("greedy", "rejection", "typical")
+RULES = ("greedy", "rejection", "kseq", "typical")
+# Bisection steps for SpecTr's rho: the bracket [1, n] shrinks 2^-24-fold; any bracket end is lossless.
+_RHO_STEPS = 24
 
 
 class VerifyResult(NamedTuple):
@@ -169,6 +179,52 @@ def _rejection_test(probs: jax.Array, tree_tokens: jax.Array, draft_probs, unifo
     return test
 
 
+def _children_draft(parents: jax.Array, valid: jax.Array, draft_probs: jax.Array):
+    """(n [B, K], q [B, K, V]): per node u, its valid children and the draft distribution they were drawn
+    from (their mean: under "kseq" every child of u was drawn from the same q_u)."""
+    num_nodes = parents.shape[1]
+    child_of = (parents[:, :, None] == jnp.arange(num_nodes)) & valid[:, :, None]  # [B, child, parent]
+    child_of = child_of.at[:, 0].set(False)
+    n = jnp.sum(child_of, axis=1).astype(jnp.float32)
+    q = jnp.einsum("bju,bjv->buv", child_of.astype(jnp.float32), draft_probs.astype(jnp.float32))
+    return n, q / jnp.maximum(n, 1.0)[..., None]
+
+
+def _kseq_scale(n: jax.Array, beta: jax.Array) -> jax.Array:
+    """c = (1 - (1 - beta)^n) / beta, the mass factor of tokens accepted among n i.i.d. tries (n as beta -> 0)."""
+    safe = jnp.where(beta > 1e-12, beta, 1.0)
+    return jnp.where(beta > 1e-12, (1.0 - (1.0 - safe) ** n) / safe, n)
+
+
+def _kseq_rho(probs: jax.Array, q: jax.Array, n: jax.Array) -> jax.Array:
+    """[B, K] the smallest rho in [1, max(n, 1)] (to bisection precision, from above) with c(rho) <= rho.
+
+    rho = max(n, 1) always qualifies (Bernoulli: 1 - (1 - beta)^n <= n beta); the bisection keeps `hi`
+    qualifying, so the rule stays lossless whatever the precision."""
+    def scale_minus_rho(rho):
+        beta = jnp.sum(jnp.minimum(q, probs / rho[..., None]), axis=-1)
+        return _kseq_scale(n, beta) - rho
+
+    def halve(_, bracket):
+        lo, hi = bracket
+        mid = 0.5 * (lo + hi)
+        ok = scale_minus_rho(mid) <= 0
+        return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+    hi = jnp.maximum(n, 1.0)
+    _, hi = jax.lax.fori_loop(0, _RHO_STEPS, halve, (jnp.ones_like(hi), hi))
+    return hi
+
+
+def _kseq_residual(probs: jax.Array, q: jax.Array, n: jax.Array, rho: jax.Array) -> jax.Array:
+    """normalise(p - c min(q, p / rho)) per node: the law of the bonus after all n children failed."""
+    accepted_mass = jnp.minimum(q, probs / rho[..., None])
+    scale = _kseq_scale(n, jnp.sum(accepted_mass, axis=-1))
+    leftover = jnp.maximum(probs - scale[..., None] * accepted_mass, 0.0)
+    mass = jnp.sum(leftover, axis=-1, keepdims=True)
+    return jnp.where(mass > 0, leftover / jnp.where(mass > 0, mass, 1.0), probs)
+
+
 def _emitted_tokens(path: jax.Array, count: jax.Array, bonus: jax.Array, tree_tokens: jax.Array) -> jax.Array:
     """Accepted draft tokens (path[1:count]) followed by the bonus; zeros after."""
     batch, num_nodes = path.shape
@@ -195,6 +251,9 @@ def _check_inputs(target_logits, tree_tokens, rule, key, draft_probs, node_valid
         )
     if node_valid is not None and node_valid.shape != (batch, num_nodes):
         raise InputError(f"node_valid has shape {node_valid.shape}; expected [B, K] = {(batch, num_nodes)}")
+    if rule == "kseq" and draft_probs is None:
+        raise InputError("rule = 'kseq' (SpecTr) needs draft_probs: the distribution each child was drawn from "
+                         "(a drafter that samples its drafts, at temperature > 0)")
     if rule != "greedy" and key is None:
         raise InputError(f"rule = {rule!r} samples tokens and needs a PRNG key (key=None given)")
     if isinstance(eps, (int, float)) and eps <= 0:
@@ -224,11 +283,11 @@ def verify_tree(
     tree_tokens: [B, K] int, node tokens (node 0 holds the root token).
     tree: a static TokenTree, or a parent array [K] / [B, K] (traced; topological with node 0 the only
         root, which is not checked).
-    rule: "greedy", "rejection" or "typical" (see the module docstring). "rejection" and "typical" need
-        ``key``. temperature/top_k/top_p define the target distribution (``sampling.warp_logits``); the
-        greedy rule ignores them.
-    draft_probs: [B, K, V], the distribution node i was drawn from (rejection only); None means
-        deterministic drafts (one-hot at each token).
+    rule: "greedy", "rejection", "kseq" or "typical" (see the module docstring). All but "greedy" need
+        ``key``; "kseq" needs ``draft_probs``. temperature/top_k/top_p define the target distribution
+        (``sampling.warp_logits``); the greedy rule ignores them.
+    draft_probs: [B, K, V], the distribution node i was drawn from (rejection, kseq); None means
+        deterministic drafts (one-hot at each token; rejection only).
     node_valid: [B, K] bool; invalid nodes are never accepted (node 0 is always kept).
     typical_threshold, typical_alpha: eps and alpha of the typical rule.
 
@@ -264,6 +323,16 @@ def verify_tree(
         log_probs = jnp.log(jnp.maximum(token_probs, jnp.finfo(jnp.float32).tiny))
         current, path, count = _longest_passing_path(parents, passes, log_probs)
         bonus = sample(bonus_key, probs[rows, current])
+    elif rule == "kseq":
+        n, q = _children_draft(parents, valid, draft_probs)
+        rho = _kseq_rho(probs, q, n)
+        node_q = q[rows[:, None], parent_nodes, tree_tokens]
+        node_p = probs[rows[:, None], parent_nodes, tree_tokens]
+        uniforms = jax.random.uniform(accept_key, (batch, num_nodes))
+        passes = uniforms * rho[rows[:, None], parent_nodes] * node_q < node_p
+        current, path, count, _ = _descend(parents, valid, _fixed_test(passes), ())
+        bonus = sample(bonus_key, _kseq_residual(probs[rows, current], q[rows, current], n[rows, current],
+                                                 rho[rows, current]))
     else:
         uniforms = jax.random.uniform(accept_key, (batch, num_nodes))
         test = _rejection_test(probs, tree_tokens, draft_probs, uniforms)

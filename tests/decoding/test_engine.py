@@ -156,11 +156,11 @@ def test_rejection_sampling_is_lossless_at_draft_depth_two():
     prompt, n, temperature = [1, 2, 3], 8000, 1.0
     exact = _exact_joint3(model, params, prompt, temperature, vocab)
 
-    for tree in ("chain:3", "branching:2,2"):
+    for tree, rule in (("chain:3", "rejection"), ("branching:2,2", "rejection"), ("branching:2,2", "kseq")):
         out = api.generate(model, params, [prompt] * n, method="draft", draft_model=draft, draft_params=dparams,
-                           max_new_tokens=3, temperature=temperature, seed=21, tree=tree)
+                           max_new_tokens=3, temperature=temperature, seed=21, tree=tree, rule=rule)
         assert np.mean(out.accepted > 2 * out.target_steps) > 0.05, tree  # depth 2 is reached and accepted
-        assert _chi_square_pvalue(_emitted_counts(out, 3, vocab), exact) > 1e-3, tree
+        assert _chi_square_pvalue(_emitted_counts(out, 3, vocab), exact) > 1e-3, (tree, rule)
     # An EAGLE feature drafter whose trimmed vocabulary leaves two tokens out (its draft distribution is 0 there),
     # sampled on a chain, and EAGLE-2's dynamic tree (deterministic top-k drafts, verified as point masses).
     net = EagleNet(drafter_model_cfg(model.model_cfg, 1))
@@ -202,6 +202,12 @@ def test_bad_requests_fail_before_compute():
         api.generate(model, params, PROMPTS, method="lookup", tree="chain:2", rule="nucleus")
     with pytest.raises(ValueError, match="max_len"):
         api.generate(model, params, [[1] * 90], method="ar", max_new_tokens=16)
+    with pytest.raises(ValueError, match="rule='kseq' samples"):
+        api.generate(model, params, PROMPTS, method="lookup", rule="kseq")
+    with pytest.raises(ValueError, match="'kseq' .* needs draft_probs"):  # lookup's drafts are deterministic
+        api.generate(model, params, PROMPTS, method="lookup", rule="kseq", temperature=1.0)
+    with pytest.raises(ValueError, match="without replacement"):
+        api.generate(model, params, PROMPTS, **{**methods["draft_tree"], "method": "rsd"}, rule="kseq", temperature=1.0)
     other = build_model(tiny_cfg("A", d_model=16, n_layers=1, vocab=VOCAB + 8, fractions=(1.0,)))
     with pytest.raises(ValueError, match="vocab_size"):
         api.generate(model, params, PROMPTS, method="draft", draft_model=other,

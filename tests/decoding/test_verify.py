@@ -306,11 +306,17 @@ LOSSLESS_CASES = {
     "tree_sampled_masked_nodes": Case(TREE, mask_nodes=True),
     "per_row_parents": Case(None),
     "tree_warped_target": Case(TREE, temperature=0.7, top_k=4, top_p=0.9),
+    "kseq_chain": Case(CHAIN, rule="kseq"),
+    "kseq_tree": Case(TREE, rule="kseq"),
+    "kseq_three_children": Case(trees.from_branching((3, 1)), rule="kseq"),
+    "kseq_masked_nodes": Case(TREE, rule="kseq", mask_nodes=True),
+    "kseq_per_row_parents": Case(None, rule="kseq"),
+    "kseq_warped_target": Case(TREE, rule="kseq", temperature=0.7, top_k=4, top_p=0.9),
 }
 
 
 @pytest.mark.parametrize("name", list(LOSSLESS_CASES))
-def test_rejection_sampling_is_lossless(name):
+def test_sampling_rules_are_lossless(name):
     assert _pair_p_value(LOSSLESS_CASES[name]) > 1e-3
 
 
@@ -326,6 +332,14 @@ def _reset_residual(residual, draft, fallback):
     return fallback
 
 
+def _rho_one(probs, q, n):
+    return jnp.ones(n.shape, jnp.float32)
+
+
+def _bonus_from_target(probs, q, n, rho):
+    return probs
+
+
 # Each wrong variant must be caught by the same statistic: this is what gives the test above its power.
 WRONG_VARIANTS = {
     "greedy_rule_under_sampling": (Case(TREE, rule="greedy"), None),
@@ -334,6 +348,11 @@ WRONG_VARIANTS = {
     "no_residual_update_chain": (Case(CHAIN), ("_residual_after_reject", _keep_residual)),
     "no_residual_update_tree": (Case(TREE), ("_residual_after_reject", _keep_residual)),
     "residual_reset_between_siblings": (Case(TREE), ("_residual_after_reject", _reset_residual)),
+    # SpecTr with several children: rho = 1 (each child tried as if alone) over-accepts; a bonus from p
+    # ignores what the failed children took.
+    "kseq_without_rho": (Case(trees.from_branching((3, 1)), rule="kseq"), ("_kseq_rho", _rho_one)),
+    "kseq_bonus_from_target": (Case(trees.from_branching((3, 1)), rule="kseq"), ("_kseq_residual",
+                                                                                  _bonus_from_target)),
 }
 
 
@@ -367,6 +386,8 @@ def test_bad_inputs_raise_clear_errors():
         verify_tree(logits, tokens, CHAIN, rule="rejection", key=key, draft_probs=jnp.zeros((2, 4, 6)))
     with pytest.raises(ValueError, match="node_valid has shape"):
         verify_tree(logits, tokens, CHAIN, rule="greedy", node_valid=jnp.ones((2, 3), bool))
+    with pytest.raises(ValueError, match="'kseq' .* needs draft_probs"):
+        verify_tree(logits, tokens, CHAIN, rule="kseq", key=key)
     with pytest.raises(ValueError, match="typical_threshold"):
         verify_tree(logits, tokens, CHAIN, rule="typical", key=key, typical_threshold=0.0)
 
@@ -396,3 +417,29 @@ def test_siblings_without_replacement_are_lossless_only_with_their_conditional_l
     assert scipy.stats.chisquare(first_emitted(conditional), p * rows).pvalue > 1e-3
     plain = jnp.broadcast_to(jnp.asarray(q, jnp.float32), conditional.shape)
     assert scipy.stats.chisquare(first_emitted(plain), p * rows).pvalue < 1e-3
+
+
+def test_kseq_rho_is_the_smallest_lossless_one_and_sets_the_acceptance():
+    """SpecTr at one node with n i.i.d. children: rho is the smallest in [1, n] with c(rho) <= rho (checked on a
+    fine grid in numpy), and the chance that some child is accepted is 1 - (1 - beta(rho))^n."""
+    p = np.array([0.05, 0.05, 0.1, 0.4, 0.4], np.float32)
+    q = np.array([0.3, 0.3, 0.2, 0.1, 0.1], np.float32)
+    for n in (1, 2, 3, 4):
+        rho = float(verify._kseq_rho(jnp.asarray(p)[None], jnp.asarray(q)[None], jnp.asarray([float(n)]))[0])
+        grid = np.linspace(1.0, n, 20001)
+        beta = np.minimum(q[None], p[None] / grid[:, None]).sum(axis=1)
+        scale = (1 - (1 - beta) ** n) / beta
+        smallest = grid[np.argmax(scale <= grid + 1e-7)]
+        assert rho == pytest.approx(smallest, abs=2e-4 * n), n
+        assert n == 1 or rho > 1.0  # several children need rho > 1 here: q and p differ
+        expected = 1 - (1 - np.minimum(q, p / rho).sum()) ** n
+
+        rows, tree = 40000, trees.from_branching((n,))
+        rng = np.random.default_rng(n)
+        children = rng.choice(5, size=(rows, n), p=q / q.sum())
+        tokens = jnp.asarray(np.concatenate([np.zeros((rows, 1), np.int64), children], axis=1), jnp.int32)
+        logits = jnp.broadcast_to(jnp.log(jnp.asarray(p)), (rows, n + 1, 5))
+        out = verify_jit(logits, tokens, tree, rule="kseq", key=jax.random.key(n), temperature=1.0,
+                         draft_probs=jnp.broadcast_to(jnp.asarray(q), (rows, n + 1, 5)))
+        accepted = np.mean(np.asarray(out.num_accepted) > 1)
+        assert accepted == pytest.approx(expected, abs=4 * np.sqrt(expected * (1 - expected) / rows)), n

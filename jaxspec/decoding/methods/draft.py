@@ -5,14 +5,13 @@ from __future__ import annotations
 import dataclasses
 
 from jaxspec.decoding import methods
-from jaxspec.decoding.drafters import ModelDrafter
-from jaxspec.decoding.method import Speculative, Target
+from jaxspec.decoding.method import ModelDrafting, Target
 from jaxspec.errors import InputError
 
 
 @methods.register
 @dataclasses.dataclass(frozen=True)
-class DraftModel(Speculative):
+class DraftModel(ModelDrafting):
     """`draft_workdir`: a trained or imported draft model with the target's vocabulary (or pass `draft_model`
     and `draft_params` to `build` / `api.generate`)."""
 
@@ -21,12 +20,10 @@ class DraftModel(Speculative):
     objects = ("draft_model", "draft_params")
     default_tree = "chain:4"
     draft_workdir: str = ""
-    confidence_threshold: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
         self.check(isinstance(self.draft_workdir, str), "draft_workdir", "a workdir path")
-        self.check(0 <= self.confidence_threshold < 1, "confidence_threshold", "a number in [0, 1)")
 
     def build(self, target: Target, draft_model=None, draft_params=None):
         if draft_model is None and draft_params is None:
@@ -43,5 +40,4 @@ class DraftModel(Speculative):
         if draft_vocab != vocab:
             raise InputError(f"draft model vocab_size={draft_vocab} differs from the target's vocab_size={vocab}; "
                              "speculative decoding needs one vocabulary")
-        return ModelDrafter(draft_model, self.token_tree(),
-                            confidence_threshold=self.confidence_threshold), draft_params
+        return self.model_drafter(draft_model), draft_params

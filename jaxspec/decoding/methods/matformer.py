@@ -6,20 +6,18 @@ import dataclasses
 
 from jaxspec import config as config_lib
 from jaxspec.decoding import methods
-from jaxspec.decoding.drafters import ModelDrafter
-from jaxspec.decoding.method import Speculative, Target, is_int
+from jaxspec.decoding.method import ModelDrafting, Target, is_int
 from jaxspec.errors import InputError
 
 
 @methods.register
 @dataclasses.dataclass(frozen=True)
-class MatFormer(Speculative):
+class MatFormer(ModelDrafting):
     """`granularity`: one index of model.matformer_fractions for every layer, or one per layer (Mix'n'Match)."""
 
     name = "matformer"
     default_tree = "chain:4"
     granularity: int | tuple = 0
-    confidence_threshold: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -28,7 +26,6 @@ class MatFormer(Speculative):
         g = self.granularity
         self.check((is_int(g) and g >= 0) or (isinstance(g, tuple) and g and all(is_int(x) and x >= 0 for x in g)),
                    "granularity", "a MatFormer granularity index, or one per layer (Mix'n'Match)")
-        self.check(0 <= self.confidence_threshold < 1, "confidence_threshold", "a number in [0, 1)")
 
     def build(self, target: Target, **objects):
         cfg = target.model.model_cfg
@@ -36,5 +33,4 @@ class MatFormer(Speculative):
         if len(cfg.matformer_fractions) < 2:
             raise InputError("method 'matformer' needs a MatFormer target (model.matformer_fractions with >= 2 "
                              f"granularities); got {tuple(cfg.matformer_fractions)}")
-        return ModelDrafter(target.model, self.token_tree(), granularity=self.granularity,
-                            confidence_threshold=self.confidence_threshold), target.params
+        return self.model_drafter(target.model, granularity=self.granularity), target.params

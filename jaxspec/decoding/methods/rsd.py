@@ -1,14 +1,14 @@
 """Recursive Speculative Decoding (Jeon et al., 2024): a draft model's token tree whose siblings are sampled
 without replacement (Gumbel-top-k), verified by recursive rejection over each sibling's conditional draft
 distribution -- lossless, and no two siblings spend the verifier's forward on the same token. At temperature 0
-the siblings are the draft's top tokens, as for `draft`."""
+the siblings are the draft's top tokens, as for `draft`. (Every model-drafting method takes
+`without_replacement=True`; this is the `draft` method with it on.)"""
 
 from __future__ import annotations
 
 import dataclasses
 
 from jaxspec.decoding import methods
-from jaxspec.decoding.method import Target
 from jaxspec.decoding.methods.draft import DraftModel
 
 
@@ -20,7 +20,8 @@ class RecursiveSpeculative(DraftModel):
 
     name = "rsd"
     default_tree = "branching:3,1,1"
+    without_replacement: bool = True
 
-    def build(self, target: Target, **objects):
-        drafter, draft_params = super().build(target, **objects)
-        return dataclasses.replace(drafter, without_replacement=True), draft_params
+    def __post_init__(self):
+        super().__post_init__()
+        self.check(self.without_replacement, "without_replacement", "True (False is the method 'draft')")
