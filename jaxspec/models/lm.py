@@ -174,9 +174,15 @@ class DecoderLM(nn.Module):
         return self.project(self.final_norm(layer_hidden))
 
     def __call__(self, tokens, *, state: DecodeState | None = None, parents=None, num_new=None,
-                 granularity=None, skip_layers=(), return_hidden: bool = False, fresh: bool = False):
-        """fresh=True (with num_new): a prefill into an empty state, using the configured prefill attention."""
+                 granularity=None, skip_layers=(), return_hidden: bool = False, fresh: bool = False,
+                 layer_gate=None):
+        """fresh=True (with num_new): a prefill into an empty state, using the configured prefill attention.
+        layer_gate: [n_layers] bool, traced (full forwards only): layer i's output is dropped where it is False,
+        as `skip_layers` drops it, but every layer runs - one compiled forward for many skip sets (a search)."""
         cfg = self.model_cfg
+        if layer_gate is not None and (state is not None or jnp.shape(layer_gate) != (cfg.n_layers,)):
+            raise InputError(f"layer_gate needs a full forward (no state) and shape ({cfg.n_layers},); got shape "
+                             f"{jnp.shape(layer_gate)}{' with a decode state' if state is not None else ''}")
         per_layer = config_lib.validate_granularity(cfg, granularity)
         skip = config_lib.validate_skip_layers(cfg, skip_layers)
         if state is not None and len(state.layers) != cfg.n_layers:
@@ -191,7 +197,8 @@ class DecoderLM(nn.Module):
             cache = None if state is None else state.layers[i]
             new = None
             if i not in skip:
-                x, new = block(x, step, cache, None if per_layer is None else per_layer[i])
+                y, new = block(x, step, cache, None if per_layer is None else per_layer[i])
+                x = y if layer_gate is None else jnp.where(layer_gate[i], y, x)
             new_layers.append(new)
             layer_hidden.append(x)
         hidden = self.final_norm(x)
