@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from jaxspec.errors import InputError
-from jaxspec.models.linear_attention import chunked_linear_attention
+from jaxspec.ops.linear_attention import chunked_linear_attention
 
 BATCH_MESH_AXES = ("data", "fsdp")
 HEAD_MESH_AXIS = "tensor"

@@ -8,14 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxspec.models.linear_attention import (
-    chunked_linear_attention,
-    feature_map,
-    head_log_decays,
-    recurrent_linear_attention,
-    tree_linear_attention,
-)
+from jaxspec.models.linear_attention import feature_map, head_log_decays
 from jaxspec.models.mamba import selective_scan, selective_scan_sequential, tree_ancestor_table, tree_selective_scan
+from jaxspec.ops.linear_attention import chunked_linear_attention, recurrent_linear_attention, tree_linear_attention
 from jaxspec.state import tree_ancestor_mask
 
 TOL = dict(atol=1e-5, rtol=1e-5)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxspec.models.linear_attention import chunked_linear_attention
+from jaxspec.ops.linear_attention import chunked_linear_attention
 from jaxspec.parallel.collectives import hlo_collectives
 from jaxspec.parallel.lasp2 import lasp2_linear_attention, lasp2h_attention
 from jaxspec.parallel.mesh import make_mesh
