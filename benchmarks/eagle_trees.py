@@ -22,7 +22,7 @@ from absl import app, flags
 
 from configs import quickstart
 from jaxspec import cli
-from jaxspec.eval import suite_eval, sweep
+from jaxspec.eval import suite_eval, tables
 
 FLAGS = flags.FLAGS
 
@@ -145,8 +145,8 @@ def main(argv) -> None:
                                        ).build(target) for name, fields in config.methods.items()}
         rows = round_split(lm.model, lm.params, drafters, prompt)
         print(f"\nOne round's parts at a {len(prompt)}-token context (median ms, jitted apart):\n")
-        print(sweep.markdown_table(rows, ["method", "draft_ms", "verify_ms", "commit_ms", "round_ms",
-                                          "round / AR step"]))
+        print(tables.markdown_table(rows, ["method", "draft_ms", "verify_ms", "commit_ms", "round_ms",
+                                           "round / AR step"]))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from absl import app, flags
 
 from configs import quickstart, toy_quickstart
 from jaxspec import cli, zoo
-from jaxspec.eval import plots, suite_eval, sweep
+from jaxspec.eval import plots, suite_eval, sweep, sweep_runs, tables
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "where the results go (default: a cache directory)")
 _ARG = flags.DEFINE_string("arg", "", "arg of configs/quickstart.py (e.g. 'per_category=2'), or 'toy[,...]'")
@@ -40,17 +40,17 @@ def default_workdir(arg: str = "") -> str:
 
 
 def toy_summary(results: list[dict], workdir: str, seconds: float) -> str:
-    rows = sweep.result_rows(results)
+    rows = tables.result_rows(results)
     trained = [r for r in rows if "num_params" in r]
     compared = [r for r in rows if r["run"] == "compare"]
     lines = ["", "Training (val_loss: each run's held-out objective; val_bpb: bits per byte, full model):",
-             sweep.markdown_table(trained, ["run", "num_params", "val_loss", "val_bpb", "train_seconds"]),
+             tables.markdown_table(trained, ["run", "num_params", "val_loss", "val_bpb", "train_seconds"]),
              "", "Decoding held-out prompts, temperature 0 (speedup: wall clock over autoregressive):",
-             sweep.method_table(compared), ""]
+             tables.method_table(compared), ""]
     reused = [r["name"] for r in results if r.get("skipped")]
     if reused:
         lines.append(f"reused from an earlier call: {', '.join(reused)}")
-    lines.append(f"results: {os.path.join(workdir, sweep.RESULTS_MD)}, plot: "
+    lines.append(f"results: {os.path.join(workdir, tables.RESULTS_MD)}, plot: "
                  f"{os.path.join(workdir, plots.SPEEDUP_VS_TAU)}")
     lines.append(f"wall time: {seconds / 60:.1f} min")
     return "\n".join(lines)
@@ -58,7 +58,7 @@ def toy_summary(results: list[dict], workdir: str, seconds: float) -> str:
 
 def run_toy(arg: str, workdir: str, start: float) -> None:
     config = toy_quickstart.get_config(arg)
-    runs = sweep.collect_runs(toy_quickstart.sweep, arg)
+    runs = sweep_runs.collect_runs(toy_quickstart.sweep, arg)
     print(f"quickstart (toy) in {workdir}")
     results = sweep.run_sweep(config, runs, workdir, progress=_PROGRESS.value)
     print(toy_summary(results, workdir, time.perf_counter() - start))
@@ -81,7 +81,7 @@ def run_suite(arg: str, workdir: str, start: float) -> None:
           f"max_new_tokens={config.decode.max_new_tokens}, batch size {config.decode.batch_size}")
     print("compile seconds: " + ", ".join(f"{m} {s:.1f}" for m, s in compile_s.items())
           + f"; model fetch/convert/load {report['load_seconds']:.1f} s")
-    print(f"results: {os.path.join(workdir, sweep.RESULTS_MD)}, plots: "
+    print(f"results: {os.path.join(workdir, tables.RESULTS_MD)}, plots: "
           f"{os.path.join(workdir, suite_eval.SPEEDUP_BY_CATEGORY)}, {os.path.join(workdir, plots.SPEEDUP_VS_TAU)}")
     print(f"wall time: {(time.perf_counter() - start) / 60:.1f} min")
 

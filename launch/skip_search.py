@@ -37,7 +37,7 @@ def main(argv) -> None:
     cli.enable_compilation_cache(None)
     from jaxspec.decoding import api
     from jaxspec.decoding.skip_search import search_skip_layers
-    from jaxspec.eval import sweep
+    from jaxspec.eval import tables
     from jaxspec.training import selfdistill
 
     start = time.perf_counter()
@@ -62,7 +62,7 @@ def main(argv) -> None:
     path = search_skip_layers(lm.model, lm.params, sequences, starts, _NUM_SKIP.value,
                               temperature=_TEMPERATURE.value, depth=_DEPTH.value, verify_cost=_VERIFY_COST.value,
                               on_step=show)
-    print("\n" + sweep.markdown_table(rows, ["skipped", "skip_layers", "acceptance", "predicted speedup"]) + "\n")
+    print("\n" + tables.markdown_table(rows, ["skipped", "skip_layers", "acceptance", "predicted speedup"]) + "\n")
     best = max(path, key=lambda s: s.predicted_speedup)
     print(f"best predicted: --method=layerskip --skip_layers={','.join(map(str, best.skip_layers))} "
           f"--tree=chain:{_DEPTH.value} ({best.predicted_speedup:.2f}x predicted)")

@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from jaxspec import cli
 from jaxspec.errors import InputError
-from jaxspec.eval import sweep
+from jaxspec.eval import sweep, sweep_runs, tables
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file with sweep(add, arg), e.g. "
                                           "configs/sweeps/draft_length.py:size=tiny", lock_config=True)
@@ -39,13 +39,13 @@ def load_module(path: str):
     return module
 
 
-def declared_runs(config_spec: str) -> list[sweep.Run]:
+def declared_runs(config_spec: str) -> list[sweep_runs.Run]:
     """The runs of "path/to/config.py[:arg]": its sweep(add, arg), or one run of the base config."""
     path, _, arg = config_spec.partition(":")
     module = load_module(path)
     if not hasattr(module, "sweep"):
-        return [sweep.Run("base", {})]
-    return sweep.collect_runs(module.sweep, arg or None)
+        return [sweep_runs.Run("base", {})]
+    return sweep_runs.collect_runs(module.sweep, arg or None)
 
 
 @cli.error_boundary("workdir")
@@ -56,7 +56,7 @@ def main(argv) -> None:
         logging.set_verbosity(logging.WARNING)
     runs = declared_runs(config_flags.get_config_filename(flags.FLAGS["config"]))
     results = sweep.run_sweep(_CONFIG.value, runs, _WORKDIR.value, progress=_PROGRESS.value)
-    with open(os.path.join(_WORKDIR.value, sweep.RESULTS_MD)) as fh:
+    with open(os.path.join(_WORKDIR.value, tables.RESULTS_MD)) as fh:
         print(fh.read())
     failed = [r["name"] for r in results if r["status"] != "ok"]
     print(f"{len(results) - len(failed)}/{len(results)} runs ok; results in {_WORKDIR.value}")

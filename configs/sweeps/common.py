@@ -16,7 +16,7 @@ import ml_collections
 
 from configs import draft, matformer, medusa
 from jaxspec import config as config_lib
-from jaxspec.eval.sweep import eval_defaults, stages_defaults
+from jaxspec.eval.run_config import eval_defaults, stages_defaults
 from jaxspec.training.train_config import medusa_defaults
 
 SIZES = {

@@ -5,7 +5,7 @@ Built in, written when the results hold what they show:
   matformer_loss_vs_params.png   held-out loss of each MatFormer granularity against its parameter count
 
 A sweep declares more in its base config, one line per value of `group` over result columns (see
-``sweep.result_rows``)::
+``tables.result_rows``)::
 
     config.plots = [dict(x="temperature", y="speedup", group="method"),
                     dict(x="num_heads", y="tau", group="method", title="Medusa heads", file="heads.png")]

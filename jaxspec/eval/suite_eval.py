@@ -20,7 +20,7 @@ import ml_collections
 
 from jaxspec.config import ConfigError, check_keys
 from jaxspec.decoding import api, methods
-from jaxspec.eval import compare, plots, sweep
+from jaxspec.eval import compare, plots, tables
 from jaxspec.eval.suite import CATEGORIES, load_suite
 
 RESULTS_JSON = "results.json"
@@ -102,8 +102,8 @@ def write_report(report: dict, workdir: str) -> None:
         json.dump(report, fh, indent=1, default=str)
     rows = report["rows"]
     columns = ["category", "method", "tree", "tau", "tokens_per_s", "speedup", "identical", "lossless", "compile_s"]
-    sweep.write_csv([{c: r.get(c) for c in columns} for r in rows], os.path.join(workdir, sweep.RESULTS_CSV))
-    with open(os.path.join(workdir, sweep.RESULTS_MD), "w") as fh:
+    tables.write_csv([{c: r.get(c) for c in columns} for r in rows], os.path.join(workdir, tables.RESULTS_CSV))
+    with open(os.path.join(workdir, tables.RESULTS_MD), "w") as fh:
         fh.write(table(rows) + "\n")
     plots.speedup_vs_tau([r for r in rows if r["category"] != "all"], os.path.join(workdir, plots.SPEEDUP_VS_TAU))
     spec = dict(plots.plot_defaults(), x="category", y="speedup", group="method",
@@ -115,5 +115,5 @@ def write_report(report: dict, workdir: str) -> None:
 def table(rows) -> str:
     """Markdown: one row per (category, method), the "all" rows last."""
     ordered = [r for r in rows if r["category"] != "all"] + [r for r in rows if r["category"] == "all"]
-    return sweep.markdown_table(ordered, ["category", "method", "tree", "tau", "tokens_per_s", "speedup",
-                                          "identical", "lossless"])
+    return tables.markdown_table(ordered, ["category", "method", "tree", "tau", "tokens_per_s", "speedup",
+                                           "identical", "lossless"])

@@ -13,7 +13,7 @@ import pytest
 from configs import lm
 from configs import toy_quickstart as quickstart
 from jaxspec.config import ConfigError
-from jaxspec.eval import plots, sweep
+from jaxspec.eval import plots, run_config, run_stages, sweep, sweep_runs, tables
 from jaxspec.training.train_config import validate_config
 from launch.sweep import declared_runs
 
@@ -46,8 +46,8 @@ def tiny_base(corpus: str) -> ml_collections.ConfigDict:
     t = config.train
     t.steps, t.warmup_steps, t.log_every, t.eval_every, t.eval_batches = 4, 1, 2, 0, 1
     t.save_every, t.progress_bar = 4, False
-    config.stages = sweep.stages_defaults()
-    config.eval = sweep.eval_defaults()
+    config.stages = run_config.stages_defaults()
+    config.eval = run_config.eval_defaults()
     e = config.eval
     e.num_prompts, e.prompt_len, e.max_new_tokens = 1, 8, 6
     e.methods = {"lookup": dict(method="lookup", tree="chain:2")}
@@ -77,7 +77,7 @@ def swept(tmp_path_factory):
     corpus = write_corpus(tmp_path_factory.mktemp("corpus"))
     workdir = str(tmp_path_factory.mktemp("sweep"))
     base = tiny_base(corpus)
-    runs = sweep.collect_runs(grid_sweep)
+    runs = sweep_runs.collect_runs(grid_sweep)
     results = sweep.run_sweep(base, runs, workdir, progress=False)
     return base, runs, workdir, results
 
@@ -97,7 +97,7 @@ def test_sweep_writes_rows_tables_and_plots(swept):
     assert [r.name for r in runs] == [grid_name(*g) for g in GRID] + ["broken"]
     assert [r["status"] for r in results] == ["ok"] * 4 + ["failed"]
 
-    rows = read_csv(os.path.join(workdir, sweep.RESULTS_CSV))
+    rows = read_csv(os.path.join(workdir, tables.RESULTS_CSV))
     assert len(rows) == 4 * 2 + 1  # (ar + lookup) per run, one row for the failed run
     for n_layers, tree in GRID:
         mine = [r for r in rows if r["run"] == grid_name(n_layers, tree)]
@@ -123,10 +123,10 @@ def test_sweep_writes_rows_tables_and_plots(swept):
 
     (broken,) = [r for r in rows if r["run"] == "broken"]
     assert broken["status"] == "failed" and "model.n_heads" in broken["error"] and broken["method"] == ""
-    assert "n_heads" in json.loads(read_text(os.path.join(workdir, "broken", sweep.RESULT_FILE)))["error"]
+    assert "n_heads" in json.loads(read_text(os.path.join(workdir, "broken", sweep_runs.RESULT_FILE)))["error"]
     assert "Traceback" in read_text(os.path.join(workdir, "broken", sweep.ERROR_FILE))
 
-    table = read_text(os.path.join(workdir, sweep.RESULTS_MD)).splitlines()
+    table = read_text(os.path.join(workdir, tables.RESULTS_MD)).splitlines()
     assert len(table) == 2 + len(rows)
     assert table[0].startswith("| run | status | model.n_layers | eval.methods.lookup.tree | stages.train |")
     assert sum("| failed |" in line for line in table) == 1
@@ -139,20 +139,20 @@ def test_sweep_writes_rows_tables_and_plots(swept):
 
 def count_executions(monkeypatch) -> list:
     calls = []
-    real = sweep.execute_run
+    real = run_stages.execute_run
 
     def counting(config, run_dir, progress=True):
         calls.append(os.path.basename(run_dir))
         return real(config, run_dir, progress)
 
-    monkeypatch.setattr(sweep, "execute_run", counting)
+    monkeypatch.setattr(run_stages, "execute_run", counting)
     return calls
 
 
 def test_rerun_skips_finished_runs_and_resumes_unfinished(swept, monkeypatch):
     base, runs, workdir, first = swept
     done = grid_name(*GRID[0])
-    result_file = lambda name: os.path.join(workdir, name, sweep.RESULT_FILE)
+    result_file = lambda name: os.path.join(workdir, name, sweep_runs.RESULT_FILE)
     mtimes = {r.name: os.path.getmtime(result_file(r.name)) for r in runs}
 
     calls = count_executions(monkeypatch)
@@ -191,8 +191,8 @@ def test_references_resolve_and_changed_training_is_refused(swept, tmp_path):
     shutil.copytree(os.path.join(workdir, trained), tmp_path / "source")
     shutil.copytree(os.path.join(workdir, trained), tmp_path / "changed")
     for name in ("source", "changed"):
-        os.remove(tmp_path / name / sweep.RESULT_FILE)
-    results = sweep.run_sweep(base, sweep.collect_runs(reuse), str(tmp_path), progress=False)
+        os.remove(tmp_path / name / sweep_runs.RESULT_FILE)
+    results = sweep.run_sweep(base, sweep_runs.collect_runs(reuse), str(tmp_path), progress=False)
     status = {r["name"]: r for r in results}
     assert status["evaluate"]["status"] == "failed" and "comes later" in status["evaluate"]["error"]
     assert status["source"]["status"] == "ok" and "eval" in status["source"]
@@ -208,34 +208,34 @@ def test_references_resolve_and_changed_training_is_refused(swept, tmp_path):
 
 def test_apply_overrides_sets_dotted_keys_and_refuses_unknown_ones():
     config = tiny_base("unused")
-    out = sweep.apply_overrides(config, {"model.n_layers": 1, "eval.methods.lookup.tree": "chain:5",
-                                         "train": ml_collections.ConfigDict(dict(steps=9))})
+    out = run_config.apply_overrides(config, {"model.n_layers": 1, "eval.methods.lookup.tree": "chain:5",
+                                              "train": ml_collections.ConfigDict(dict(steps=9))})
     assert out.model.n_layers == 1 and out.eval.methods.lookup.tree == "chain:5" and out.train.to_dict() == {
         "steps": 9}
     assert config.model.n_layers == 2 and config.train.loss == "lm"  # the base is not touched
     with pytest.raises(ConfigError, match=r"model has no key 'n_layer'.*'n_layers'"):
-        sweep.apply_overrides(config, {"model.n_layer": 1})
+        run_config.apply_overrides(config, {"model.n_layer": 1})
     with pytest.raises(ConfigError, match=r"model.d_model='big' does not fit"):
-        sweep.apply_overrides(config, {"model.d_model": "big"})
+        run_config.apply_overrides(config, {"model.d_model": "big"})
     with pytest.raises(ConfigError, match="has no key 'x'"):
-        sweep.apply_overrides(config, {"model.d_model.x": 1})
+        run_config.apply_overrides(config, {"model.d_model.x": 1})
 
 
 def test_run_names_and_declared_runs(tmp_path):
-    assert sweep.run_name({}) == "base"
-    assert sweep.run_name({"model.n_layers": 2, "eval.temperature": 0.5}) == "n_layers=2,temperature=0.5"
-    assert sweep.run_name({"model.d_model": 8, "medusa.d_model": 4}) == "model.d_model=8,medusa.d_model=4"
-    assert sweep.run_name({"eval.methods.x.tree": "branching:2,2"}) == "tree=branching_2,2"
-    assert sweep.run_name({"eval.methods.x.skip_layers": (1, 2)}) == "skip_layers=1-2"
-    long = sweep.run_name({f"k{i}": "v" * 20 for i in range(8)})
-    assert len(long) <= 100 and long == sweep.run_name({f"k{i}": "v" * 20 for i in range(8)})
+    assert sweep_runs.run_name({}) == "base"
+    assert sweep_runs.run_name({"model.n_layers": 2, "eval.temperature": 0.5}) == "n_layers=2,temperature=0.5"
+    assert sweep_runs.run_name({"model.d_model": 8, "medusa.d_model": 4}) == "model.d_model=8,medusa.d_model=4"
+    assert sweep_runs.run_name({"eval.methods.x.tree": "branching:2,2"}) == "tree=branching_2,2"
+    assert sweep_runs.run_name({"eval.methods.x.skip_layers": (1, 2)}) == "skip_layers=1-2"
+    long = sweep_runs.run_name({f"k{i}": "v" * 20 for i in range(8)})
+    assert len(long) <= 100 and long == sweep_runs.run_name({f"k{i}": "v" * 20 for i in range(8)})
 
     with pytest.raises(ValueError, match="two runs are named 'a'"):
-        sweep.collect_runs(lambda add, arg: [add(name="a"), add(name="a", **{"seed": 1})])
+        sweep_runs.collect_runs(lambda add, arg: [add(name="a"), add(name="a", **{"seed": 1})])
     with pytest.raises(ValueError, match="not a usable directory name"):
-        sweep.collect_runs(lambda add, arg: add(name="../up"))
+        sweep_runs.collect_runs(lambda add, arg: add(name="../up"))
     with pytest.raises(ValueError, match="declared no runs"):
-        sweep.collect_runs(lambda add, arg: None)
+        sweep_runs.collect_runs(lambda add, arg: None)
 
     path = tmp_path / "my_sweep.py"
     path.write_text("def get_config(arg=None):\n    return None\n\n"
@@ -243,12 +243,12 @@ def test_run_names_and_declared_runs(tmp_path):
                     "    for k in arg.split('+'):\n        add(**{'eval.seed': int(k)})\n")
     assert [r.name for r in declared_runs(f"{path}:1+2")] == ["seed=1", "seed=2"]
     (tmp_path / "single.py").write_text("def get_config(arg=None):\n    return None\n")
-    assert declared_runs(str(tmp_path / "single.py")) == [sweep.Run("base", {})]
+    assert declared_runs(str(tmp_path / "single.py")) == [sweep_runs.Run("base", {})]
 
 
 def test_validation_names_the_key():
     config = tiny_base("unused")
-    sweep.validate_run_config(config)
+    run_config.validate_run_config(config)
     cases = {
         "top-level config key 'evals'": lambda c: c.update(dict(evals=1)),
         "eval.methods.lookup: method 'lookup' takes no argument 'trees'":
@@ -259,10 +259,10 @@ def test_validation_names_the_key():
         "the run does nothing": lambda c: c.stages.update(dict(train=False, eval=False)),
     }
     for message, change in cases.items():
-        broken = sweep.apply_overrides(config, {})
+        broken = run_config.apply_overrides(config, {})
         change(broken)
         with pytest.raises(ConfigError, match=message):
-            sweep.validate_run_config(broken)
+            run_config.validate_run_config(broken)
     with pytest.raises(ConfigError, match=r"plots\[0\].colour"):
         plots.validate_plot_specs([dict(x="a", y="b", colour="red")])
     with pytest.raises(ConfigError, match=r"plots\[0\].y=''"):
@@ -272,28 +272,28 @@ def test_validation_names_the_key():
 def test_references_name_the_problem():
     config = ml_collections.ConfigDict(dict(eval=dict(target_workdir="run:b", methods={})))
     order = ["a", "b", "c"]
-    assert sweep.resolve_references(config, {"b": "/w/b"}, order, "c").eval.target_workdir == "/w/b"
+    assert sweep_runs.resolve_references(config, {"b": "/w/b"}, order, "c").eval.target_workdir == "/w/b"
     for current, message in (("c", "did not finish"), ("a", "comes later")):
         with pytest.raises(ConfigError, match=f"eval.target_workdir='run:b': run 'b' {message}"):
-            sweep.resolve_references(config, {}, order, current)
+            sweep_runs.resolve_references(config, {}, order, current)
     with pytest.raises(ConfigError, match="is not a run of this sweep"):
-        sweep.resolve_references(config, {}, ["a"], "a")
-    assert sweep.references(sweep.config_snapshot(config)) == ["b"]
+        sweep_runs.resolve_references(config, {}, ["a"], "a")
+    assert sweep_runs.references(run_config.config_snapshot(config)) == ["b"]
 
 
 @pytest.mark.parametrize("arg", ["", "tiny,methods=lookup+matformer"])
 def test_quickstart_runs_are_valid_configs(arg):
     base = quickstart.get_config(arg)
-    runs = sweep.collect_runs(quickstart.sweep, arg)
+    runs = sweep_runs.collect_runs(quickstart.sweep, arg)
     expected = ["target", "medusa", "draft", "compare"] if not arg else ["target", "compare"]
     assert [r.name for r in runs] == expected
     for run in runs:
-        config = sweep.active_config(sweep.apply_overrides(base, run.overrides))
-        sweep.validate_run_config(config)
-        if sweep.will_train(config):
-            trainer_sections = {k: config[k] for k in config if k not in sweep.SWEEP_KEYS}
+        config = run_config.active_config(run_config.apply_overrides(base, run.overrides))
+        run_config.validate_run_config(config)
+        if run_config.will_train(config):
+            trainer_sections = {k: config[k] for k in config if k not in run_config.SWEEP_KEYS}
             validate_config(ml_collections.ConfigDict(trainer_sections))
-    compare = sweep.active_config(sweep.apply_overrides(base, runs[-1].overrides))
+    compare = run_config.active_config(run_config.apply_overrides(base, runs[-1].overrides))
     assert "train" not in compare and compare.eval.target_workdir == "run:target"
     assert set(compare.eval.methods) == ({"draft", "medusa", "matformer", "layerskip", "lookup"} if not arg
                                          else {"lookup", "matformer"})
