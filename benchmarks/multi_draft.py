@@ -144,7 +144,7 @@ def main(argv) -> None:
     cli.quiet_libraries()
     cli.enable_compilation_cache(None)
     from jaxspec.decoding import api
-    from jaxspec.eval import suite_eval, sweep
+    from jaxspec.eval import suite_eval, tables
     from jaxspec.eval.suite import load_suite
 
     start = time.perf_counter()
@@ -156,14 +156,15 @@ def main(argv) -> None:
     target, draft = context_logits(lm.model, lm.params, [p + r for p, r in zip(prompts, replies)],
                                    [len(p) for p in prompts], skip)
     print(f"{len(target)} contexts from {len(prompts)} suite prompts; draft: {FLAGS.model} without layers "
-          f"{FLAGS.skip_layers}; exact single-draft acceptance {single_draft_acceptance(target, draft):.3f}\n")
+          f"{FLAGS.skip_layers}; exact single-draft acceptance {single_draft_acceptance(target, draft):.3f}\n",
+          flush=True)
     rows = acceptance_table(target, draft, [int(n) for n in FLAGS.children], FLAGS.draws)
     print("P(a child is accepted) at temperature 1, same contexts (rejection and kseq: the same children):\n")
-    print(sweep.markdown_table(rows, ["children", *RULES]) + "\n")
+    print(tables.markdown_table(rows, ["children", *RULES]) + "\n", flush=True)
     if FLAGS.decode:
         rows = decode_rows(lm, prompts, skip, FLAGS.tree, FLAGS.max_new_tokens)
         print(f"End to end, temperature 1, batch 1, {len(prompts)} prompts:\n")
-        print(sweep.markdown_table(rows, ["rule", "tree", "tau", "tok/s", "speedup"]) + "\n")
+        print(tables.markdown_table(rows, ["rule", "tree", "tau", "tok/s", "speedup"]) + "\n")
     print(f"wall time {(time.perf_counter() - start) / 60:.1f} min")
 
 
