@@ -37,6 +37,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxspec.decoding.sampling import greedy, sample, warp_logits
 from jaxspec.decoding.trees import TokenTree
@@ -179,11 +180,10 @@ def _rejection_test(probs: jax.Array, tree_tokens: jax.Array, draft_probs, unifo
     return test
 
 
-def _children_draft(parents: jax.Array, valid: jax.Array, draft_probs: jax.Array):
-    """(n [B, K], q [B, K, V]): per node u, its valid children and the draft distribution they were drawn
-    from (their mean: under "kseq" every child of u was drawn from the same q_u)."""
-    num_nodes = parents.shape[1]
-    child_of = (parents[:, :, None] == jnp.arange(num_nodes)) & valid[:, :, None]  # [B, child, parent]
+def _children_draft(parents: jax.Array, valid: jax.Array, draft_probs: jax.Array, internal: np.ndarray):
+    """(n [B, I], q [B, I, V]) for the nodes `internal` (those that may have children): their valid children and
+    the draft distribution those were drawn from (their mean: under "kseq" every child of u came from one q_u)."""
+    child_of = (parents[:, :, None] == jnp.asarray(internal)) & valid[:, :, None]  # [B, child, I]
     child_of = child_of.at[:, 0].set(False)
     n = jnp.sum(child_of, axis=1).astype(jnp.float32)
     q = jnp.einsum("bju,bjv->buv", child_of.astype(jnp.float32), draft_probs.astype(jnp.float32))
@@ -324,8 +324,15 @@ def verify_tree(
         current, path, count = _longest_passing_path(parents, passes, log_probs)
         bonus = sample(bonus_key, probs[rows, current])
     elif rule == "kseq":
-        n, q = _children_draft(parents, valid, draft_probs)
-        rho = _kseq_rho(probs, q, n)
+        # rho's bisection over the vocabulary runs only at nodes that can have children (a static tree's
+        # internal nodes); every other node has n = 0, rho = 1 and its residual is p.
+        internal = (np.unique(tree.parents_array[1:]) if isinstance(tree, TokenTree)
+                    else np.arange(num_nodes - 1))
+        n_in, q_in = _children_draft(parents, valid, draft_probs, internal)
+        rho_in = _kseq_rho(probs[:, internal], q_in, n_in)
+        n = jnp.zeros((batch, num_nodes)).at[:, internal].set(n_in)
+        rho = jnp.ones((batch, num_nodes)).at[:, internal].set(rho_in)
+        q = jnp.zeros_like(probs).at[:, internal].set(q_in)
         node_q = q[rows[:, None], parent_nodes, tree_tokens]
         node_p = probs[rows[:, None], parent_nodes, tree_tokens]
         uniforms = jax.random.uniform(accept_key, (batch, num_nodes))
