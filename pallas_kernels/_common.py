@@ -157,3 +157,27 @@ def init_softmax_carry(rows: int, dim: int):
 def safe_denominator(l: jax.Array) -> jax.Array:
     """Rows that saw no key (l == 0) divide by 1 so their all-zero accumulator gives a zero output."""
     return jnp.where(l == 0.0, 1.0, l)
+
+
+# Programs the default split count aims for: about one wave of a large GPU.
+TARGET_PROGRAMS = 128
+
+
+def default_num_splits(num_blocks: int, programs: int) -> int:
+    """Splits of a row's key blocks so that `programs` programs times the splits fill about one wave of a
+    large GPU (TARGET_PROGRAMS), at least one and at most one per block."""
+    return max(1, min(num_blocks, TARGET_PROGRAMS // max(programs, 1)))
+
+
+def cache_block(cache_len: int, block_k: int) -> int:
+    """block_k, halved (not below 16) until it divides cache_len, so the cache needs no padding copy."""
+    while cache_len % block_k and block_k > 16:
+        block_k //= 2
+    return block_k
+
+
+def choose_blocks_per_split(num_blocks: int, num_splits: int) -> int:
+    """Blocks per split for at most `num_splits` splits: the smallest divisor of num_blocks that is enough,
+    so the splits tile the blocks exactly."""
+    need = pl.cdiv(num_blocks, min(num_splits, num_blocks))
+    return next(n for n in range(need, num_blocks + 1) if num_blocks % n == 0)

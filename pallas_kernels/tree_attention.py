@@ -48,9 +48,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (
+    cache_block,
     check_block_size,
     check_block_size_keys,
+    choose_blocks_per_split,
     compiler_params,
+    default_num_splits,
     init_softmax_carry,
     interpret_mode,
     matmul,
@@ -67,8 +70,6 @@ from pallas_kernels._common import (
 BLOCK_SIZE_KEYS = ("block_k", "block_rows", "num_splits")
 # Query rows per KV head (G*K) up to which the "xla" implementation streams the cache (see the docstring).
 STREAMING_MAX_ROWS = 64
-# Programs the default split count aims for: about one wave of a large GPU.
-_TARGET_PROGRAMS = 128
 
 
 def node_depths(tree_mask):
@@ -237,24 +238,6 @@ def _tree_attention_kernel(*refs, scale, block_k, blocks_per_split, num_splits, 
     l_ref[...] = l
 
 
-def _default_num_splits(num_blocks: int, programs: int) -> int:
-    return max(1, min(num_blocks, _TARGET_PROGRAMS // max(programs, 1)))
-
-
-def _cache_block(cache_len: int, block_k: int) -> int:
-    """block_k, halved (not below 16) until it divides cache_len, so the cache needs no padding copy."""
-    while cache_len % block_k and block_k > 16:
-        block_k //= 2
-    return block_k
-
-
-def _blocks_per_split(num_blocks: int, num_splits: int) -> int:
-    """Blocks per split for at most `num_splits` splits: the smallest divisor of num_blocks that is enough,
-    so the splits tile the blocks exactly."""
-    need = pl.cdiv(num_blocks, min(num_splits, num_blocks))
-    return next(n for n in range(need, num_blocks + 1) if num_blocks % n == 0)
-
-
 def _window_tables(lengths, tree_mask, window: int, group: int, rows_padded: int, block_rows: int):
     """(absolute position of every query row [B, rows_padded], first cache column each (batch row, row tile)
     can see [B * row tiles]). Padding rows get a position past every key, so they see nothing."""
@@ -293,12 +276,12 @@ def _tree_attention_pallas(q, k_cache, v_cache, lengths, k_tree, v_tree, tree_ma
     k_tree = pad_axis(pad_axis(k_tree, 2, tree_len), 3, dim)
     v_tree = pad_axis(pad_axis(v_tree, 2, tree_len), 3, dim)
 
-    block_k = _cache_block(cache_len, min(block_k, max(16, next_power_of_2(cache_len))))
+    block_k = cache_block(cache_len, min(block_k, max(16, next_power_of_2(cache_len))))
     num_blocks = pl.cdiv(cache_len, block_k)
     row_tiles = rows_padded // block_rows
     if num_splits is None:
-        num_splits = _default_num_splits(num_blocks, b * hkv * row_tiles)
-    blocks_per_split = _blocks_per_split(num_blocks, num_splits)
+        num_splits = default_num_splits(num_blocks, b * hkv * row_tiles)
+    blocks_per_split = choose_blocks_per_split(num_blocks, num_splits)
     num_splits = pl.cdiv(num_blocks, blocks_per_split)  # no split left without blocks
     split_len = blocks_per_split * block_k
     k_cache = pad_axis(pad_axis(k_cache, 2, num_splits * split_len), 3, dim)

@@ -8,10 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels._common import cache_block, choose_blocks_per_split
 from pallas_kernels.tree_attention import (
     STREAMING_MAX_ROWS,
-    _blocks_per_split,
-    _cache_block,
     cached_chain_attention,
     tree_attention,
     tree_attention_reference,
@@ -141,7 +140,7 @@ def test_sliding_window_kernel_and_reference_match_attention_written_out(case):
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_cache_blocks_before_the_window_are_never_read():
+def testcache_blocks_before_the_window_are_never_read():
     """NaN in every whole block before the window of all of a row's nodes: the kernel skips them."""
     rng = np.random.default_rng(8)
     b, h, hkv, d, cache_len, block_k, window = 2, 4, 2, 8, 96, 16, 20
@@ -171,7 +170,7 @@ def test_chain_mask_is_lower_triangular_and_tree_masks_are_ancestor_closed():
         assert (mask[i] == expected).all()
 
 
-def test_cache_blocks_past_length_are_never_read():
+def testcache_blocks_past_length_are_never_read():
     """NaN in every whole block past a row's length: the kernel skips those blocks, so no NaN leaks."""
     rng = np.random.default_rng(7)
     b, h, hkv, k, d, cache_len, block_k = 2, 4, 2, 3, 8, 64, 16
@@ -251,8 +250,8 @@ def test_cached_chain_attention_equals_tree_attention_before_the_write(window):
 def test_cache_lengths_that_blocks_can_tile_are_not_padded():
     """block_k shrinks (down to 16) to divide the cache length and the splits tile its blocks exactly, so the
     kernel reads the cache in place; it still matches the reference."""
-    assert [_cache_block(n, 128) for n in (320, 256, 96, 48, 40)] == [64, 128, 32, 16, 16]
-    assert [_blocks_per_split(n, s) for n, s in ((5, 2), (4, 3), (6, 4), (8, 8), (3, 1))] == [5, 2, 2, 1, 3]
+    assert [cache_block(n, 128) for n in (320, 256, 96, 48, 40)] == [64, 128, 32, 16, 16]
+    assert [choose_blocks_per_split(n, s) for n, s in ((5, 2), (4, 3), (6, 4), (8, 8), (3, 1))] == [5, 2, 2, 1, 3]
     rng = np.random.default_rng(11)
     x = make_inputs(rng, 2, 4, 2, 3, 16, 96)  # head dim 16: a power of two >= 16 is not padded either
     lengths = jnp.asarray([96, 41], jnp.int32)
