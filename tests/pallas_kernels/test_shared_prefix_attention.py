@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_tree_attention import ancestor_mask, random_parents  # the numpy tree helpers of the tree kernel's tests
 
 from pallas_kernels._common import target_platform
 from pallas_kernels.shared_prefix_attention import (
@@ -22,20 +23,6 @@ from pallas_kernels.tree_attention import tree_attention_reference
 # What stands in the padding of the prefix (past prefix_len) and of each row cache (past its length): keys and
 # values large enough that any leak into the result would show.
 POISON = 50.0
-
-
-def ancestor_mask(parents):
-    """[K, K] bool: mask[i, j] = node j is node i or one of its ancestors (parents[i] < i, -1 = root)."""
-    k = len(parents)
-    mask = np.eye(k, dtype=bool)
-    for i, parent in enumerate(parents):
-        if parent >= 0:
-            mask[i] |= mask[parent]
-    return mask
-
-
-def random_parents(rng, k):
-    return np.array([-1] + [int(rng.integers(-1, i)) for i in range(1, k)])
 
 
 def tree_masks(rng, tree, b, k):
