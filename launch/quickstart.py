@@ -75,7 +75,7 @@ def run_suite(arg: str, workdir: str, start: float) -> None:
            ) if _PROGRESS.value else None
     report = suite_eval.evaluate_suite(config, workdir, on_method=say)
     rows = report["rows"]
-    compile_s = {r["method"]: r["compile_s"] for r in rows if r["category"] == "all"}
+    compile_s = {r["name"]: r["compile_s"] for r in rows if r["category"] == "all"}
     print("\n" + suite_eval.table(rows) + "\n")
     print(f"{report['prompts']} prompts ({report['prompt_tokens']} prompt tokens), greedy, "
           f"max_new_tokens={config.decode.max_new_tokens}, batch size {config.decode.batch_size}")

@@ -79,15 +79,16 @@ def _ok(rows: Sequence[Mapping]) -> list[Mapping]:
 
 
 def speedup_vs_tau(rows: Sequence[Mapping], path: str) -> str | None:
-    """Scatter of speedup against tau, one colour per method name; points labelled by run when several."""
+    """Scatter of speedup against tau, one colour per configured method name; points labelled by run when several."""
     points = [r for r in _ok(rows) if r.get("method") not in (None, "", "ar") and r.get("tau") is not None]
     if not points:
         return None
     fig, ax = _figure()
     several_runs = len({r["run"] for r in points}) > 1
-    for method in dict.fromkeys(r["method"] for r in points):
-        mine = [r for r in points if r["method"] == method]
-        ax.scatter([r["tau"] for r in mine], [r["speedup"] for r in mine], label=method, s=36)
+    label = lambda r: r.get("name") or r["method"]  # the configured name tells two runs of one method apart
+    for name in dict.fromkeys(map(label, points)):
+        mine = [r for r in points if label(r) == name]
+        ax.scatter([r["tau"] for r in mine], [r["speedup"] for r in mine], label=name, s=36)
         if several_runs:
             for r in mine:
                 ax.annotate(r["run"], (r["tau"], r["speedup"]), fontsize=6, alpha=0.7,

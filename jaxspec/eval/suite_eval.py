@@ -101,12 +101,13 @@ def write_report(report: dict, workdir: str) -> None:
     with open(os.path.join(workdir, RESULTS_JSON), "w") as fh:
         json.dump(report, fh, indent=1, default=str)
     rows = report["rows"]
-    columns = ["category", "method", "tree", "tau", "tokens_per_s", "speedup", "identical", "lossless", "compile_s"]
+    columns = ["category", "name", "method", "tree", "tau", "tokens_per_s", "speedup", "identical", "lossless",
+               "compile_s"]
     tables.write_csv([{c: r.get(c) for c in columns} for r in rows], os.path.join(workdir, tables.RESULTS_CSV))
     with open(os.path.join(workdir, tables.RESULTS_MD), "w") as fh:
         fh.write(table(rows) + "\n")
     plots.speedup_vs_tau([r for r in rows if r["category"] != "all"], os.path.join(workdir, plots.SPEEDUP_VS_TAU))
-    spec = dict(plots.plot_defaults(), x="category", y="speedup", group="method",
+    spec = dict(plots.plot_defaults(), x="category", y="speedup", group="name",
                 title=f"{report['model']}: speedup over autoregressive decoding by category")
     plots.declared_plot([r for r in rows if r["category"] != "all"], spec,
                         os.path.join(workdir, SPEEDUP_BY_CATEGORY))
@@ -115,5 +116,5 @@ def write_report(report: dict, workdir: str) -> None:
 def table(rows) -> str:
     """Markdown: one row per (category, method), the "all" rows last."""
     ordered = [r for r in rows if r["category"] != "all"] + [r for r in rows if r["category"] == "all"]
-    return tables.markdown_table(ordered, ["category", "method", "tree", "tau", "tokens_per_s", "speedup",
+    return tables.markdown_table(ordered, ["category", "name", "tree", "tau", "tokens_per_s", "speedup",
                                            "identical", "lossless"])
