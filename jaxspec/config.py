@@ -7,6 +7,7 @@ fails at start with the key, the value and what is allowed.
 from __future__ import annotations
 
 import difflib
+import enum
 import math
 from collections.abc import Mapping
 
@@ -14,7 +15,24 @@ import ml_collections
 
 from jaxspec.errors import InputError
 
-MIXERS = {"A": "attention", "L": "linear_attention", "M": "mamba"}
+
+class MixerKind(str, enum.Enum):
+    """The mixer of one layer: one letter of `model.layer_pattern` (the contract is `models/mixer.Mixer`).
+
+    A str enum, so a member equals and hashes like its letter; configs keep writing the pattern as letters.
+    """
+
+    ATTENTION = "A"
+    LINEAR_ATTENTION = "L"
+    MAMBA = "M"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Pattern letter -> mixer name, for messages: {"A": "attention", "L": "linear_attention", "M": "mamba"}.
+MIXERS = {kind.value: kind.name.lower() for kind in MixerKind}
+
 FEATURE_MAPS = ("elu1", "identity", "relu")
 DECAYS = ("none", "retnet")
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "pallas")
@@ -135,10 +153,10 @@ def _parse_value(value: str, like):
     return value
 
 
-def layer_kinds(model_cfg) -> tuple[str, ...]:
-    """The mixer letter of each layer: `layer_pattern` tiled over `n_layers`."""
+def layer_kinds(model_cfg) -> tuple[MixerKind, ...]:
+    """The mixer kind of each layer: the letters of `layer_pattern` tiled over `n_layers`."""
     pattern = model_cfg.layer_pattern
-    return tuple(pattern[i % len(pattern)] for i in range(model_cfg.n_layers))
+    return tuple(MixerKind(pattern[i % len(pattern)]) for i in range(model_cfg.n_layers))
 
 
 def head_dim(model_cfg) -> int:
@@ -291,7 +309,7 @@ def _validate_gemma_features(cfg, path: str) -> None:
     require(all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in windows),
              f"{path}.layer_windows", windows, "non-negative integers (0: global attention)")
     kinds = layer_kinds(cfg)
-    not_attention = [i for i, w in enumerate(windows) if w and kinds[i] != "A"]
+    not_attention = [i for i, w in enumerate(windows) if w and kinds[i] != MixerKind.ATTENTION]
     require(not not_attention, f"{path}.layer_windows", windows,
              f"0 on layers that are not attention (layers {not_attention} of layer_pattern={cfg.layer_pattern!r})")
 

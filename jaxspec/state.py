@@ -4,7 +4,7 @@ A forward over K new nodes (see `DecoderLM`) leaves, per layer, a *pending* entr
   attention        KVCache of the K nodes' own keys/values       -> commit compacts the path into the cache
   linear attention LinearState per node   (s [B, K, H, dk, dv])  -> commit takes the last accepted node's
   mamba            MambaState per node    (conv, ssm with a K axis)  state (its recurrent state is exact)
-so rollback is exact for every mixer, and per batch row.
+so rollback is exact for every mixer, and per batch row (the mixer contract: `jaxspec.models.mixer.Mixer`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from flax import struct
 
 from jaxspec import checks
 from jaxspec import config as config_lib
+from jaxspec.config import MixerKind
 from jaxspec.errors import InputError
 
 
@@ -60,10 +61,10 @@ def init_decode_state(model_cfg, batch: int, max_len: int | None = None, dtype=N
     d_inner, _ = config_lib.mamba_dims(model_cfg)
     layers = []
     for kind in config_lib.layer_kinds(model_cfg):
-        if kind == "A":
+        if kind == MixerKind.ATTENTION:
             shape = (batch, model_cfg.n_kv_heads, max_len, hd)
             layers.append(KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)))
-        elif kind == "L":
+        elif kind == MixerKind.LINEAR_ATTENTION:
             layers.append(LinearState(jnp.zeros((batch, model_cfg.n_heads, hd, hd), jnp.float32)))
         else:
             layers.append(MambaState(

@@ -3,7 +3,7 @@
 import pytest
 
 from jaxspec import config as config_lib
-from jaxspec.config import ConfigError
+from jaxspec.config import ConfigError, MixerKind
 from jaxspec.models.lm import build_model
 
 
@@ -85,7 +85,11 @@ def test_parse_arg():
 
 def test_derived_sizes(tiny_config):
     cfg = tiny_config("AL", n_layers=5, matformer_fractions=(0.25, 0.5, 1.0))
-    assert config_lib.layer_kinds(cfg) == ("A", "L", "A", "L", "A")
+    attn, linear = MixerKind.ATTENTION, MixerKind.LINEAR_ATTENTION
+    assert config_lib.layer_kinds(cfg) == (attn, linear, attn, linear, attn)
+    assert all(type(kind) is MixerKind for kind in config_lib.layer_kinds(cfg))
+    # Members stand for their pattern letters: equal, hashed alike (static jit arguments), printed alike.
+    assert MixerKind("M") is MixerKind.MAMBA and hash(MixerKind.MAMBA) == hash("M") and f"{MixerKind.MAMBA}" == "M"
     assert config_lib.head_dim(cfg) == 8
     assert config_lib.ffn_hidden_sizes(cfg) == (16, 32, 64)
     assert config_lib.mamba_dims(cfg) == (64, 2)  # expand * d_model, ceil(d_model / 16)

@@ -668,7 +668,7 @@ def _gemma3_hf_fields(model_cfg) -> dict:
 
 def _check_exportable(model_cfg) -> None:
     kinds = config_lib.layer_kinds(model_cfg)
-    others = sorted({config_lib.MIXERS[k] for k in kinds if k != "A"})
+    others = sorted({config_lib.MIXERS[k] for k in kinds if k != config_lib.MixerKind.ATTENTION})
     if others:
         raise InputError(f"model.layer_pattern={model_cfg.layer_pattern!r} has {others} layers; only "
                          "attention-only models (layer_pattern 'A') export to a Hugging Face Llama/Qwen2/Gemma 3")

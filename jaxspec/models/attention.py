@@ -13,6 +13,8 @@ block. A tree forward only reads the cache and returns its keys/values as pendin
 In the decode layout (see models/decode_layout.py) q, k and v come from one fused projection.
 Under a mesh with a "sequence" axis of size > 1 (see `jaxspec.parallel.context`) the full forward is
 sequence-parallel: LASP-2H all-gathers keys and values and each device attends with its own query chunk.
+The mixer contract (modes, the KVCache it keeps, what commit does with its pending keys/values) is
+`jaxspec.models.mixer.Mixer`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 from jaxspec import config as config_lib
 from jaxspec.errors import InputError
 from jaxspec.models.layers import Linear, RMSNorm, apply_rope, dtype_of, weight_dtype_of
-from jaxspec.models.step import Step
+from jaxspec.models.step import Mode, Step
 from jaxspec.parallel.context import SEQUENCE_AXIS, sequence_parallel_mesh
 from jaxspec.parallel.lasp2 import lasp2h_attention
 from jaxspec.state import KVCache, write_kv
@@ -119,14 +121,14 @@ class Attention(nn.Module):
             k = RMSNorm(cfg.rms_eps, name="k_norm")(k)
         q = apply_rope(q, step.positions, theta)
         k = apply_rope(k, step.positions, theta)
-        if step.mode == "full":
+        if step.mode == Mode.FULL:
             # init only shapes the parameters: its dummy sequence need not split over the mesh
             mesh = None if self.is_initializing() else sequence_parallel_mesh(t, layer="attention layer")
             out, new = causal_attention(q, k, v, model_cfg=cfg, mesh=mesh, window=self.window), None
         elif step.fresh:  # prefill into an empty cache: plain causal attention over the new tokens
             out = causal_attention(q, k, v, model_cfg=cfg, window=self.window)
             new = KVCache(write_kv(cache.k, k, step.lengths), write_kv(cache.v, v, step.lengths))
-        elif step.mode == "extend":  # write first: the attention below reads the updated cache (see above)
+        elif step.mode == Mode.EXTEND:  # write first: the attention below reads the updated cache (see above)
             new = KVCache(write_kv(cache.k, k, step.lengths), write_kv(cache.v, v, step.lengths))
             out = self._attend_extend(q, k, v, new, step)
         else:

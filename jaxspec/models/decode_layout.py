@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax.core import unfreeze
 
 from jaxspec import config as config_lib
+from jaxspec.config import MixerKind
 from jaxspec.errors import InputError
 from jaxspec.models.layers import quantize_int8, weight_dtype_of
 from jaxspec.models.lm import DecoderLM, has_ffn
@@ -61,7 +62,7 @@ def _no_int8(entry: dict, where: str) -> None:
 
 
 def _check_standard(params, model_cfg, where: str) -> None:
-    first_attn = next((i for i, k in enumerate(config_lib.layer_kinds(model_cfg)) if k == "A"), None)
+    first_attn = next((i for i, k in enumerate(config_lib.layer_kinds(model_cfg)) if k == MixerKind.ATTENTION), None)
     if first_attn is not None and "qkv" in _layer(params, f"layer_{first_attn}", where).get("attn", {}):
         raise InputError(f"{where}: params are already in the decode layout")
 
@@ -74,7 +75,7 @@ def to_decode_layout(params, model_cfg):
     out = unfreeze(params)  # fresh nested dicts; leaves are shared, never modified
     for i, kind in enumerate(config_lib.layer_kinds(model_cfg)):
         layer = _layer(out, f"layer_{i}", where)
-        if kind == "A":
+        if kind == MixerKind.ATTENTION:
             attn = layer["attn"]
             parts = [attn.pop(n) for n in ("q_proj", "k_proj", "v_proj")]
             kernel = jnp.concatenate([p["kernel"] for p in parts], axis=1)
@@ -103,7 +104,7 @@ def to_standard_layout(params, model_cfg):
     splits = [model_cfg.n_heads * hd, (model_cfg.n_heads + model_cfg.n_kv_heads) * hd]
     for i, kind in enumerate(config_lib.layer_kinds(model_cfg)):
         layer = _layer(out, f"layer_{i}", where)
-        if kind == "A":
+        if kind == MixerKind.ATTENTION:
             attn = layer["attn"]
             if "qkv" not in attn:
                 raise InputError(f"{where}: layer_{i}/attn has no fused 'qkv'; are these params in the decode layout?")

@@ -23,10 +23,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxspec.config import MixerKind
 from jaxspec.errors import InputError
 from jaxspec.models.heads import lm_head_kernel
 from jaxspec.models.layers import RMSNorm
 from jaxspec.models.lm import Block, context_free_tree_step, make_step
+from jaxspec.models.step import Mode
 from jaxspec.state import DecodeState
 
 
@@ -35,7 +37,7 @@ def drafter_model_cfg(target_cfg, num_layers: int) -> ml_collections.FrozenConfi
     if num_layers < 1:
         raise InputError(f"an EAGLE drafter needs num_layers >= 1, got {num_layers}")
     cfg = ml_collections.ConfigDict(ml_collections.ConfigDict(target_cfg).to_dict())
-    cfg.n_layers, cfg.layer_pattern = num_layers, "A"
+    cfg.n_layers, cfg.layer_pattern = num_layers, MixerKind.ATTENTION.value
     cfg.layer_windows, cfg.d_ff_per_layer, cfg.matformer_fractions = (), (), (1.0,)
     cfg.weight_dtype = "float32"
     return ml_collections.FrozenConfigDict(cfg)
@@ -83,12 +85,12 @@ class EagleNet(nn.Module):
         new_layers = []
         for i in range(cfg.n_layers):
             cache = None if state is None else state.layers[i]
-            x, new = Block(cfg, "A", i, name=f"layer_{i}")(x, step, cache, None)
+            x, new = Block(cfg, MixerKind.ATTENTION, i, name=f"layer_{i}")(x, step, cache, None)
             new_layers.append(new)
         out = RMSNorm(cfg.rms_eps, name="norm")(x)
         if state is None:
             return out
-        if step.mode == "tree":
+        if step.mode == Mode.TREE:
             return out, state.replace(pending=tuple(new_layers))
         return out, DecodeState(lengths=state.lengths + jnp.sum(step.valid, axis=1, dtype=jnp.int32),
                                 layers=tuple(new_layers))

@@ -6,6 +6,8 @@ Recurrence per head: S_t = exp(log_decay_t) S_{t-1} + k_t^T v_t,  o_t = q_t S_t 
 prefill); `recurrent_linear_attention` is the step-by-step reference; a tree forward computes every
 node's state from its ancestors (exact, see `tree_linear_attention`). Under a mesh with a "sequence" axis
 of size > 1 (see `jaxspec.parallel.context`) the full forward is sequence-parallel through LASP-2.
+The mixer contract (modes, the LinearState it keeps, what commit does with its per-node states) is
+`jaxspec.models.mixer.Mixer`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxspec import config as config_lib
 from jaxspec.models.layers import dtype_of
-from jaxspec.models.step import Step
+from jaxspec.models.step import Mode, Step
 from jaxspec.ops.linear_attention import chunked_linear_attention, tree_linear_attention
 from jaxspec.parallel.context import SEQUENCE_AXIS, sequence_parallel_mesh
 from jaxspec.parallel.lasp2 import lasp2_linear_attention
@@ -57,7 +59,7 @@ class LinearAttention(nn.Module):
         k = feature_map(proj("k_proj"), la.feature_map)
         v = proj("v_proj")
         log_g = head_log_decays(cfg)
-        if step.mode == "tree":
+        if step.mode == Mode.TREE:
             out, node_states = tree_linear_attention(q, k, v, log_g, cache.s, step.mask)
             new = LinearState(node_states)
         else:
@@ -66,7 +68,7 @@ class LinearAttention(nn.Module):
                 keep = step.valid[:, None, :]
                 a, k, v = jnp.where(keep, a, 0.0), k * keep[..., None], v * keep[..., None]
             mesh = None
-            if step.mode == "full" and not self.is_initializing():  # init only shapes the parameters
+            if step.mode == Mode.FULL and not self.is_initializing():  # init only shapes the parameters
                 mesh = sequence_parallel_mesh(t, layer="linear attention layer")
             if mesh is not None:
 
@@ -75,7 +77,7 @@ class LinearAttention(nn.Module):
             else:
                 init = None if cache is None else cache.s
                 out, final = chunked_linear_attention(q, k, v, a, init, chunk_size=la.chunk_size)
-                new = None if step.mode == "full" else LinearState(final)
+                new = None if step.mode == Mode.FULL else LinearState(final)
         # Per-head RMS normalisation of the output (RetNet's group norm): keeps scales sane without decay.
         out = out.transpose(0, 2, 1, 3)
         out = out * jax.lax.rsqrt(jnp.mean(out * out, axis=-1, keepdims=True) + cfg.rms_eps)

@@ -27,16 +27,18 @@ import numpy as np
 
 from jaxspec import checks
 from jaxspec import config as config_lib
+from jaxspec.config import MixerKind
 from jaxspec.errors import InputError
 from jaxspec.models.attention import Attention
 from jaxspec.models.layers import Embed, MatFormerFFN, RMSNorm, VocabProjection, dtype_of, weight_dtype_of
 from jaxspec.models.linear_attention import LinearAttention
 from jaxspec.models.mamba import Mamba
-from jaxspec.models.step import Step
+from jaxspec.models.mixer import Mixer
+from jaxspec.models.step import Mode, Step
 from jaxspec.state import DecodeState, node_depths, tree_ancestor_mask, validate_parents
 
-MIXER_MODULES = {"A": Attention, "L": LinearAttention, "M": Mamba}
-MIXER_NAMES = {"A": "attn", "L": "linear_attn", "M": "mamba"}
+MIXER_MODULES = {MixerKind.ATTENTION: Attention, MixerKind.LINEAR_ATTENTION: LinearAttention, MixerKind.MAMBA: Mamba}
+MIXER_NAMES = {MixerKind.ATTENTION: "attn", MixerKind.LINEAR_ATTENTION: "linear_attn", MixerKind.MAMBA: "mamba"}
 LAYOUTS = ("standard", "decode")
 
 
@@ -46,13 +48,14 @@ class LMOutput(NamedTuple):
     layer_hidden: tuple  # per layer, the residual stream after that layer (exit points for layer skipping)
 
 
-def has_ffn(model_cfg, kind: str) -> bool:
-    return kind != "M" or model_cfg.mamba.ffn
+def has_ffn(model_cfg, kind: MixerKind) -> bool:
+    return kind != MixerKind.MAMBA or model_cfg.mamba.ffn
 
 
-def make_mixer(model_cfg, kind: str, layer: int, layout: str = "standard") -> nn.Module:
-    """The mixer module of `layer`; attention takes the layer's sliding window, RoPE base and the layout."""
-    if kind == "A":
+def make_mixer(model_cfg, kind: MixerKind, layer: int, layout: str = "standard") -> Mixer:
+    """The mixer module of `layer` (see models/mixer.py); attention takes the layer's sliding window, RoPE base
+    and the layout."""
+    if kind == MixerKind.ATTENTION:
         return Attention(model_cfg, window=config_lib.layer_window(model_cfg, layer),
                          rope_theta=config_lib.layer_rope_theta(model_cfg, layer), layout=layout,
                          name=MIXER_NAMES[kind])
@@ -66,7 +69,7 @@ class Block(nn.Module):
     """
 
     model_cfg: Any
-    kind: str
+    kind: MixerKind
     layer: int  # index in the stack (FFN widths, windows and RoPE bases may differ per layer)
     layout: str = "standard"
 
@@ -97,7 +100,7 @@ def make_step(tokens, state: DecodeState | None, parents, num_new, fresh: bool =
     if state is None:
         if parents is not None or num_new is not None or fresh:
             raise InputError("parents=, num_new= and fresh= need a decode state (state=...)")
-        return Step("full", jnp.broadcast_to(jnp.arange(t), (b, t)))
+        return Step(Mode.FULL, jnp.broadcast_to(jnp.arange(t), (b, t)))
     if t > state.max_len:
         raise InputError(f"{t} new tokens do not fit a decode state of max_len={state.max_len}")
     if state.pending is not None:
@@ -121,7 +124,7 @@ def make_step(tokens, state: DecodeState | None, parents, num_new, fresh: bool =
         checks.expect(positions < state.max_len, "tree nodes at positions {} do not fit the decode state's "
                       f"max_len={state.max_len}", positions)
         parents = jnp.broadcast_to(jnp.asarray(parents, jnp.int32), (b, t))
-        return Step("tree", positions, state.lengths, mask=mask, parents=parents)
+        return Step(Mode.TREE, positions, state.lengths, mask=mask, parents=parents)
     count = jnp.full((b,), t, jnp.int32) if num_new is None else jnp.asarray(num_new, jnp.int32)
     if _is_concrete(count) and (np.any(np.asarray(count) < 0) or np.any(np.asarray(count) > t)):
         raise InputError(f"num_new={np.asarray(count).tolist()} must lie in [0, {t}] (tokens has {t} columns)")
@@ -130,7 +133,7 @@ def make_step(tokens, state: DecodeState | None, parents, num_new, fresh: bool =
                   f"max_len={state.max_len}", state.lengths, count)
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
     valid = jnp.arange(t)[None, :] < count[:, None]
-    return Step("extend", state.lengths[:, None] + jnp.arange(t), state.lengths, mask=mask, valid=valid,
+    return Step(Mode.EXTEND, state.lengths[:, None] + jnp.arange(t), state.lengths, mask=mask, valid=valid,
                 fresh=fresh)
 
 
@@ -139,7 +142,7 @@ def context_free_tree_step(parents, batch: int) -> Step:
     (training a drafter over unrolled draft depths, models/eagle.py). Attention layers only; nothing is cached."""
     mask = tree_ancestor_mask(parents, batch)
     parents = jnp.broadcast_to(jnp.asarray(parents, jnp.int32), mask.shape[:2])
-    return Step("tree", node_depths(mask), jnp.zeros((batch,), jnp.int32), mask=mask, parents=parents)
+    return Step(Mode.TREE, node_depths(mask), jnp.zeros((batch,), jnp.int32), mask=mask, parents=parents)
 
 
 class DecoderLM(nn.Module):
@@ -206,7 +209,7 @@ class DecoderLM(nn.Module):
         out = LMOutput(logits, hidden, tuple(layer_hidden)) if return_hidden else logits
         if state is None:
             return out
-        if step.mode == "tree":
+        if step.mode == Mode.TREE:
             return out, state.replace(pending=tuple(new_layers))
         kept = tuple(old if new is None else new for old, new in zip(state.layers, new_layers, strict=True))
         return out, DecodeState(lengths=state.lengths + jnp.sum(step.valid, axis=1, dtype=jnp.int32), layers=kept)

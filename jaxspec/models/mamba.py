@@ -3,6 +3,8 @@
 Parameter names and shapes follow Hugging Face `MambaMixer` (in_proj, conv1d, x_proj, dt_proj, A_log, D,
 out_proj) so its checkpoints map onto them. Full sequences use `jax.lax.associative_scan`; decoding keeps
 the causal conv window and the SSM state; a tree forward computes each node's state from its parent's.
+The mixer contract (modes, the MambaState it keeps, what commit does with its per-node states) is
+`jaxspec.models.mixer.Mixer`.
 
 Sequence parallelism (full forward under a mesh with a "sequence" axis of size > 1, see
 `jaxspec.parallel.context`), the LASP-2 way: the recurrence h_t = a_t h_{t-1} + b_t is associative, so each
@@ -25,7 +27,7 @@ from jax.sharding import PartitionSpec
 
 from jaxspec import config as config_lib
 from jaxspec.models.layers import dtype_of
-from jaxspec.models.step import Step
+from jaxspec.models.step import Mode, Step
 from jaxspec.parallel.context import SEQUENCE_AXIS, sequence_parallel_mesh
 from jaxspec.parallel.lasp2 import outer_spec_entries
 from jaxspec.state import MambaState
@@ -158,11 +160,11 @@ class Mamba(nn.Module):
                             (d_inner, mb.d_conv), jnp.float32)
         conv_b = self.param("conv1d_bias", nn.initializers.zeros, (d_inner,), jnp.float32)
         mesh = None
-        if step.mode == "full" and not self.is_initializing():  # init only shapes the parameters
+        if step.mode == Mode.FULL and not self.is_initializing():  # init only shapes the parameters
             mesh = sequence_parallel_mesh(t, layer="Mamba layer", min_tokens_per_device=n_conv)
         window = jnp.zeros((b, n_conv, d_inner), jnp.float32) if cache is None else cache.conv
         stream = jnp.concatenate([window, xs], axis=1)  # [B, n_conv + T, d_inner]
-        if step.mode == "tree":
+        if step.mode == Mode.TREE:
             # Conv taps of node i: its ancestors j steps up, then the committed window once the tree ends.
             parents = step.parents
             depth = jnp.sum(step.mask, -1) - 1  # [B, K]
@@ -191,7 +193,7 @@ class Mamba(nn.Module):
         decay = jnp.exp(dt[..., None] * -jnp.exp(a_log))  # [B, T, d_inner, d_state]
         inputs = (dt * u)[..., None] * bmat[:, :, None, :]
         h0 = jnp.zeros((b, d_inner, mb.d_state), jnp.float32) if cache is None else cache.ssm
-        if step.mode == "tree":
+        if step.mode == Mode.TREE:
             hs = tree_selective_scan(decay, inputs, h0, parents)
             new = MambaState(conv=node_windows, ssm=hs)
         elif mesh is not None:
@@ -199,7 +201,7 @@ class Mamba(nn.Module):
         else:
             hs = selective_scan(decay, inputs, h0)
             new = None
-            if step.mode == "extend":
+            if step.mode == Mode.EXTEND:
                 count = jnp.sum(step.valid, axis=1) if step.valid is not None else jnp.full((b,), t)
                 last = jnp.take_along_axis(hs, jnp.maximum(count - 1, 0)[:, None, None, None], axis=1)[:, 0]
                 ssm = jnp.where((count > 0)[:, None, None], last, h0)

@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 import jax
 
 
+class Mode(str, enum.Enum):
+    """How a forward treats its new tokens (see `Step`). A str enum: a member equals and hashes like its value."""
+
+    FULL = "full"
+    EXTEND = "extend"
+    TREE = "tree"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """mode "full": causal forward without state (training, scoring).
-    mode "extend": the T new tokens follow the committed context as a chain and are committed at once;
+    """Mode.FULL: causal forward without state (training, scoring).
+    Mode.EXTEND: the T new tokens follow the committed context as a chain and are committed at once;
         `valid[b, t]` is False on right padding (rows may add different counts).
-    mode "tree": the T new tokens are tree nodes; `mask[b, i, j]` = j is i or an ancestor of i; their
+    Mode.TREE: the T new tokens are tree nodes; `mask[b, i, j]` = j is i or an ancestor of i; their
         per-node state is returned as pending for `commit`.
     """
 
-    mode: str
+    mode: Mode
     positions: jax.Array  # [B, T] absolute positions (committed length + depth)
     lengths: jax.Array | None = None  # [B] committed length before this forward
     mask: jax.Array | None = None  # [B, T, T] bool
