@@ -258,6 +258,11 @@ def backward_ms(fn, q, k, v, mask, args):
     return median_ms(step, q, k, v, warmup=args.warmup, iters=args.iters)
 
 
+def normal_sampler(rng, dtype):
+    """`normal(*shape)`: standard-normal operands in `dtype`, drawn from `rng`."""
+    return lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)
+
+
 def random_tree_mask(rng, k):
     """[K, K] ancestor mask of a random tree (node i's parent drawn from -1 .. i-1)."""
     parents = [-1] + [int(rng.integers(-1, i)) for i in range(1, k)]
@@ -281,12 +286,10 @@ def tree_rows(args, timing, dtype):
     def error_of(*inputs):
         return max_abs_error(kernel(*inputs), reference(*inputs))
 
+    normal = normal_sampler(rng, dtype)
     rows = []
     for cache_len in args.cache_lens:
         for k in args.tree_sizes:
-            def normal(*shape):
-                return jnp.asarray(rng.standard_normal(shape), dtype)
-
             where = f"tree L={cache_len} K={k}"
             q, k_tree, v_tree = normal(b, h, k, d), normal(b, hkv, k, d), normal(b, hkv, k, d)
             k_cache, v_cache = normal(b, hkv, cache_len, d), normal(b, hkv, cache_len, d)
@@ -326,12 +329,10 @@ def shared_prefix_rows(args, timing, kernel_timing):
     def error_of(fn, inputs, want):
         return max_abs_error(fn(*inputs), want)
 
+    normal = normal_sampler(rng, dtype)
     rows = []
     for b in args.prefix_batches:
         for k in args.prefix_tree_sizes:
-            def normal(*shape):
-                return jnp.asarray(rng.standard_normal(shape), dtype)
-
             where = f"shared_prefix B={b} K={k}"
             q, k_tree, v_tree = normal(b, h, k, d), normal(b, hkv, k, d), normal(b, hkv, k, d)
             k_prefix, v_prefix = normal(hkv, size, d), normal(hkv, size, d)
