@@ -50,8 +50,11 @@ _METHOD_FLAGS = {
                                           "(medusa) or EAGLE drafter run (eagle)"),
     "granularity": flags.DEFINE_string("granularity", None, "MatFormer granularity that drafts (matformer): one "
                                         "index, or one per layer as 0,1,1,..."),
-    "skip_layers": flags.DEFINE_string("skip_layers", None, "layers the self-draft skips (layerskip), e.g. "
-                                        "20-29,31; default: every other layer of the upper two thirds"),
+    "skip_layers": flags.DEFINE_string("skip_layers", None, "layers skipped (layerskip: the self-draft's, default "
+                                        "every other layer of the upper two thirds; skiplayers: the decoding "
+                                        "model's, default from --target_speedup), e.g. 20-29,31"),
+    "target_speedup": flags.DEFINE_float("target_speedup", None, "skiplayers (lossy): run ceil(n_layers / this) "
+                                          "layers, spread evenly from the first to the last"),
     "adaptive": flags.DEFINE_integer("adaptive", None, "adaptive draft length starting here (0 = off)"),
     "confidence_threshold": flags.DEFINE_float("confidence_threshold", None, "stop a draft below this top "
                                                 "probability (draft, matformer, layerskip)"),
@@ -72,6 +75,8 @@ _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 0, "prefill each prompt i
                                      "power of two; 0 = one forward); the output is the same")
 _CHECK = flags.DEFINE_bool("check_invariants", False, "debug mode: check the in-jit preconditions (num_new "
                            "ranges, traced trees, lengths within the cache) and stop on the first violation")
+_REQUIRE_LOSSLESS = flags.DEFINE_bool("require_lossless", False, "refuse a lossy request (a lossy decoding mode such "
+                                      "as a compressed cache or early exit, or --verify=typical) before decoding")
 _OUTPUT = flags.DEFINE_string("output_json", None, "write results here")
 _CACHE_DIR = flags.DEFINE_string("compilation_cache_dir", None,
                                  "jax's persistent compilation cache (default: <cache>/xla; '' = off)")
@@ -176,6 +181,8 @@ def main(argv) -> None:
                          "checkpoint; or use --model with a zoo name)")
     requests = read_requests()
     spec = methods.make(_METHOD.value, **method_arguments())
+    if _REQUIRE_LOSSLESS.value:  # before the model loads
+        api.check_lossless(spec, _VERIFY.value or ("greedy" if _TEMPERATURE.value == 0 else "rejection"))
     target = api.load(_MODEL.value or _WORKDIR.value)
     tok = target.tokenizer
     prompts = [encode_request(tok, r, _CHAT.value) for r in requests]
@@ -184,7 +191,8 @@ def main(argv) -> None:
                           temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
                           rule=_VERIFY.value, eos_ids=tok.eos_ids if _STOP_AT_EOS.value else None,
                           seed=_SEED.value, on_tokens=printer, method=spec, target_workdir=target.workdir,
-                          check_invariants=_CHECK.value, prefill_chunk=_PREFILL_CHUNK.value)
+                          check_invariants=_CHECK.value, prefill_chunk=_PREFILL_CHUNK.value,
+                          require_lossless=_REQUIRE_LOSSLESS.value)
     if printer is not None:
         print()
     rows = []

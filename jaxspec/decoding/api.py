@@ -107,11 +107,23 @@ def check_prompts(prompts, vocab_size: int) -> None:
                              f"{vocab_size})")
 
 
+def check_lossless(spec: Method, rule: str) -> None:
+    """An InputError naming what makes a request lossy: the method (its spec says lossless = False) or the rule
+    (typical acceptance accepts tokens the target would not sample)."""
+    if not spec.lossless:
+        raise InputError(f"method {spec.name!r} is lossy (its output is not the target's) and lossless decoding "
+                         "was required (require_lossless / --require_lossless)")
+    if rule == "typical":
+        raise InputError("rule='typical' is lossy (typical acceptance changes the output distribution) and "
+                         "lossless decoding was required (require_lossless / --require_lossless)")
+
+
 def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str | Method = "ar",
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              rule: str | None = None, eos_ids=None, seed: int = 0, prompt_width: int | None = None,
              on_tokens: Callable[[list[list[int]]], None] | None = None, target_workdir: str | None = None,
-             check_invariants: bool = False, prefill_chunk: int = 0, **method_arguments) -> GenerateResult:
+             check_invariants: bool = False, prefill_chunk: int = 0, require_lossless: bool = False,
+             **method_arguments) -> GenerateResult:
     """Decode a batch of token-id prompts with `method`: a registered name (`methods.names()`) with its fields
     and objects as keyword arguments (e.g. `tree="chain:4"`, `draft_model=..., draft_params=...`), or a spec.
 
@@ -123,6 +135,8 @@ def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str
     with the in-jit preconditions of `jaxspec.checks` on (num_new ranges, traced trees, lengths within the
     cache): a violation raises checks.InvariantError instead of decoding on clamped indices. `prefill_chunk`
     (a power of two, 0 = off) prefills each prompt in chunks of that many tokens (exact: the same output).
+    `require_lossless` refuses a lossy request (a method with lossless = False, or the typical rule) before any
+    compute, so a comparison that must keep the target's output cannot include one by mistake.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
         raise InputError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
@@ -136,13 +150,16 @@ def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str
     if any(i >= target.model_cfg.vocab_size for i in eos):
         raise InputError(f"eos_ids={eos} lie outside the model's vocabulary [0, {target.model_cfg.vocab_size})")
     spec, objects = method_spec(method, method_arguments)
+    if require_lossless:
+        check_lossless(spec, rule)
     drafter, dparams = spec.build(Target(target, params, target_workdir), **objects)
+    decoder, decoder_params = spec.decoder(Target(target, params, target_workdir))
     lens = np.asarray([len(p) for p in prompts], np.int32)
     nodes = 1 if drafter is None else drafter.tree.num_nodes
     width, max_len = engine.plan_shapes(target.model_cfg, lens, max_new_tokens, nodes, prompt_width)
     tokens, lens = engine.pad_prompts(prompts, width=width)
-    dynamic = dict(params=params, prompts=tokens, prompt_lens=lens, key=jax.random.key(seed))
-    statics = dict(model=target, max_new=max_new_tokens, max_len=max_len, sampling=sampling, eos_ids=eos,
+    dynamic = dict(params=decoder_params, prompts=tokens, prompt_lens=lens, key=jax.random.key(seed))
+    statics = dict(model=decoder, max_new=max_new_tokens, max_len=max_len, sampling=sampling, eos_ids=eos,
                    stream=on_tokens is not None, prefill_chunk=int(prefill_chunk))
     if drafter is None:
         loop = engine.autoregressive_loop

@@ -35,7 +35,7 @@ from jaxspec.errors import InputError
 # generate and never reach the method (a test keeps this list equal to generate's signature).
 GENERATE_ARGUMENTS = frozenset({"method", "max_new_tokens", "temperature", "top_k", "top_p", "rule", "eos_ids",
                                 "seed", "prompt_width", "on_tokens", "target_workdir", "check_invariants",
-                                "prefill_chunk"})
+                                "prefill_chunk", "require_lossless"})
 
 
 class Drafter(Protocol):
@@ -71,6 +71,12 @@ class Method:
     def build(self, target: Target, **objects) -> tuple[Drafter | None, Any]:
         """(drafter, its params) — (None, None) for autoregressive decoding."""
         raise NotImplementedError(f"method {self.name!r} does not build a drafter")
+
+    def decoder(self, target: Target) -> tuple[Any, Any]:
+        """(model, params) the decode loop runs. Every lossless method decodes with the target itself; a lossy
+        decoding mode (lossless = False: layers exited early, a compressed cache) returns the changed model, e.g.
+        `lm.WithOptions(target.model, ...)`, whose output it then is."""
+        return target.model, target.params
 
     @property
     def tree_spec(self) -> str:

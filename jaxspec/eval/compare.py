@@ -26,6 +26,7 @@ class MethodResult:
     tokens_per_s: float
     speedup: float  # wall-clock of autoregressive decoding over this method's, on the same prompts
     identical: bool  # same tokens as the autoregressive baseline on every prompt
+    agreement: float  # mean share of the baseline's tokens matched before the first difference (1: identical)
     lossless: bool  # the method's claim (its spec): output distribution equals the target's
     new_tokens: int
     wall_time_s: float
@@ -60,6 +61,15 @@ def _run_batches(model, params, prompts, kwargs, batch_size, width, repeats, opt
     return runs, compile_s
 
 
+def agreement_with(tokens: list[int], reference: list[int]) -> float:
+    """The share of `reference` (the autoregressive output) that `tokens` reproduces before their first
+    difference: the quality figure of a lossy mode at temperature 0 (1.0 when identical)."""
+    if not reference:
+        return float(tokens == reference)
+    same = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
+    return same / len(reference)
+
+
 def _summarise(name, method, lossless, runs, baseline, compile_s, category) -> MethodResult:
     new = sum(len(r.tokens) for r in runs)
     wall = sum(r.wall_time_s for r in runs)
@@ -68,6 +78,8 @@ def _summarise(name, method, lossless, runs, baseline, compile_s, category) -> M
                         tau=sum(r.accepted for r in runs) / max(sum(r.target_steps for r in runs), 1),
                         tokens_per_s=new / max(wall, 1e-9), speedup=base_wall / max(wall, 1e-9),
                         identical=all(r.tokens == b.tokens for r, b in zip(runs, baseline, strict=True)),
+                        agreement=sum(agreement_with(r.tokens, b.tokens) for r, b in zip(runs, baseline))
+                        / max(len(runs), 1),
                         lossless=lossless,
                         new_tokens=new, wall_time_s=wall, compile_s=compile_s, category=category)
 
@@ -111,12 +123,16 @@ def compare_methods(model, params, prompts: list[list[int]], methods: dict[str, 
 
 
 def markdown_table(results: list[MethodResult]) -> str:
+    """One row per result; with a lossy method among them, also each one's agreement with AR."""
     by_category = len({r.category for r in results}) > 1
+    lossy = not all(r.lossless for r in results)
     head = "| category " if by_category else ""
-    lines = [head + "| method | tau | tokens/s | speedup | identical to AR | lossless |",
-             ("|---" if by_category else "") + "|---|---:|---:|---:|:---:|:---:|"]
+    lines = [head + "| method | tau | tokens/s | speedup | identical to AR | lossless |" + (" agreement |" if lossy
+                                                                                     else ""),
+             ("|---" if by_category else "") + "|---|---:|---:|---:|:---:|:---:|" + ("---:|" if lossy else "")]
     for r in results:
         cell = f"| {r.category} " if by_category else ""
         lines.append(f"{cell}| {r.name} | {r.tau:.2f} | {r.tokens_per_s:.1f} | {r.speedup:.2f}x | "
-                     f"{'yes' if r.identical else 'no'} | {'yes' if r.lossless else 'no'} |")
+                     f"{'yes' if r.identical else 'no'} | {'yes' if r.lossless else 'no'} |"
+                     + (f" {r.agreement:.3f} |" if lossy else ""))
     return "\n".join(lines)

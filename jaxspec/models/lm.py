@@ -17,6 +17,7 @@ give the same logits (int8: those of the quantised weights).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -213,6 +214,39 @@ class DecoderLM(nn.Module):
             return out, state.replace(pending=tuple(new_layers))
         kept = tuple(old if new is None else new for old, new in zip(state.layers, new_layers, strict=True))
         return out, DecodeState(lengths=state.lengths + jnp.sum(step.valid, axis=1, dtype=jnp.int32), layers=kept)
+
+
+@dataclasses.dataclass(frozen=True)
+class WithOptions:
+    """A DecoderLM applied with the same static options on every call (e.g. `skip_layers=(3, 5)`): the changed
+    model a lossy decoding mode decodes with. It stands in for the module wherever a loop only applies it
+    (`apply`, `model_cfg`, `layout`, `clone`), and hashes by value, so it can be a static argument of a
+    compiled loop."""
+
+    model: DecoderLM
+    options: tuple[tuple[str, Any], ...]  # ((apply keyword, value), ...), values hashable
+
+    @classmethod
+    def of(cls, model: DecoderLM, **options) -> WithOptions:
+        return cls(model, tuple(sorted(options.items())))
+
+    @property
+    def model_cfg(self):
+        return self.model.model_cfg
+
+    @property
+    def layout(self) -> str:
+        return self.model.layout
+
+    def clone(self, **fields) -> WithOptions:
+        """The same options over `model.clone(**fields)` (e.g. the decode layout the loops convert to)."""
+        return WithOptions(self.model.clone(**fields), self.options)
+
+    def apply(self, variables, tokens, **kwargs):
+        clash = sorted(set(kwargs) & {name for name, _ in self.options})
+        if clash:
+            raise InputError(f"{clash} are fixed by this model's options {dict(self.options)}; do not pass them")
+        return self.model.apply(variables, tokens, **dict(self.options), **kwargs)
 
 
 def build_model(model_cfg) -> DecoderLM:

@@ -65,6 +65,8 @@ def test_decode_writes_results_and_speculation_matches_autoregressive(target_dir
     (["--method=lookup", "--prompt=x", "--tree=chain:0x"], "tree spec"),
     (["--method=ar", "--prompt=x", "--verify=greedy", "--temperature=-1"], "temperature"),
     (["--method=beam", "--prompt=x"], "method"),
+    (["--method=skiplayers", "--prompt=x", "--require_lossless"], "method 'skiplayers' is lossy"),
+    (["--method=lookup", "--prompt=x", "--verify=typical", "--require_lossless"], "rule='typical' is lossy"),
 ])
 def test_bad_requests_exit_with_a_clear_message(target_dir, args, message):
     proc = decode(f"--workdir={target_dir}", *args)
@@ -87,3 +89,14 @@ def test_medusa_heads_of_another_target_are_refused(target_dir, tmp_path):
     save_run(str(tmp_path / "medusa"), config, params)
     proc = decode(f"--workdir={target_dir}", "--method=medusa", f"--draft_workdir={tmp_path / 'medusa'}", "--prompt=x")
     assert proc.returncode != 0 and "another target" in proc.stderr
+
+
+def test_every_method_field_has_a_flag():
+    """A method's fields reach the command line: each is a flag of launch.decode (one per name, shared by the
+    methods that take it), so adding a method with a new field means adding its flag."""
+    from jaxspec.decoding import methods
+    from launch import decode as decode_cli
+
+    for name in methods.names():
+        missing = set(methods.field_names(name)) - set(decode_cli._METHOD_FLAGS)
+        assert not missing, f"method {name!r}: fields {sorted(missing)} have no launch.decode flag"
