@@ -204,6 +204,9 @@ CASES = [
     Case("train_mesh_does_not_fit", "mesh that does not fit the devices", "launch.train --config.mesh.data=3",
          r"config\.mesh sizes \(data=3, fsdp=1, tensor=1, sequence=1\) multiply to 3, but there are 1 devices",
          cli=(*TRAIN, "--config.mesh.data=3")),
+    Case("train_seq_len_past_max_len", "training sequences longer than the model's context",
+         "launch.train --config.data.seq_len=4096", r"config\.data\.seq_len=4096 is not allowed: at most "
+         r"model\.max_len=\d+", cli=(*TRAIN, "--config.data.seq_len=4096")),
     Case("decode_missing_workdir", "workdir that does not exist", "launch.decode --workdir=MISSING",
          r"--workdir='.*/missing' is not a directory", cli=("launch.decode", "--workdir={tmp}/missing", "--prompt=x")),
     Case("decode_unknown_model", "model name the zoo does not have", "launch.decode --model=llama-7b",
@@ -218,6 +221,10 @@ CASES = [
     Case("decode_tree_without_drafts", "tree of the root alone", "launch.decode --method=lookup --tree=chain:0",
          r"method 'lookup': tree='chain:0' is not allowed: a tree with at least one draft node",
          cli=(*DECODE, "--method=lookup", "--tree=chain:0")),
+    Case("decode_lossy_when_lossless_required", "lossy mode when lossless decoding is required",
+         "launch.decode --method=skiplayers --require_lossless", r"method 'skiplayers' is lossy \(its output is not "
+         r"the target's\) and lossless decoding was required", cli=(*DECODE, "--method=skiplayers",
+                                                                    "--require_lossless")),
     Case("decode_prompts_file_missing", "prompts file that does not exist", "launch.decode --prompts_file=MISSING",
          r"--prompts_file='.*/prompts\.jsonl' could not be read: .*No such file",
          cli=("launch.decode", "--workdir={tmp}", "--prompts_file={tmp}/prompts.jsonl")),

@@ -17,6 +17,9 @@ COORDINATOR_ENV = "JAXSPEC_COORDINATOR"
 NUM_PROCESSES_ENV = "JAXSPEC_NUM_PROCESSES"
 PROCESS_ID_ENV = "JAXSPEC_PROCESS_ID"
 DISTRIBUTED_ENV = "JAXSPEC_DISTRIBUTED"
+# Seconds a silent peer counts as alive, and that a stopping process waits for the others (jax's defaults: 100
+# and 300); a run on preemptible machines may want a killed peer noticed sooner.
+HEARTBEAT_TIMEOUT_ENV = "JAXSPEC_HEARTBEAT_TIMEOUT_S"
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -64,6 +67,8 @@ def initialize_kwargs(flag_value=None, environ: Mapping[str, str] | None = None)
     JAXSPEC_COORDINATOR / JAXSPEC_NUM_PROCESSES / JAXSPEC_PROCESS_ID being set; else a multi-process
     cluster (SLURM, Open MPI, multi-host TPU) that jax detects by itself. Addresses and counts given in the
     JAXSPEC_* variables are passed on; what is missing is left to jax's auto-detection.
+    JAXSPEC_HEARTBEAT_TIMEOUT_S (seconds) sets both how long a silent peer counts as alive and how long a
+    stopping process waits for the others; it does not by itself ask for a multi-process run.
     """
     environ = os.environ if environ is None else environ
     wanted = _parse_switch(flag_value, "distributed flag")
@@ -86,6 +91,11 @@ def initialize_kwargs(flag_value=None, environ: Mapping[str, str] | None = None)
         raise InputError(f"{PROCESS_ID_ENV}={pid}: must be at least 0.")
     if pid is not None and num is not None and pid >= num:
         raise InputError(f"{PROCESS_ID_ENV}={pid}: must be below {NUM_PROCESSES_ENV}={num}.")
+    heartbeat = _parse_count(environ, HEARTBEAT_TIMEOUT_ENV)
+    if heartbeat is not None:
+        if heartbeat < 1:
+            raise InputError(f"{HEARTBEAT_TIMEOUT_ENV}={heartbeat}: must be at least 1 second.")
+        explicit.update(heartbeat_timeout_seconds=heartbeat, shutdown_timeout_seconds=heartbeat)
     return explicit
 
 

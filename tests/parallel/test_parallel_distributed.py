@@ -27,6 +27,10 @@ JAXSPEC_ENV = {"JAXSPEC_COORDINATOR": "10.0.0.1:1234", "JAXSPEC_NUM_PROCESSES": 
         (None, {"JAXSPEC_DISTRIBUTED": "off", "SLURM_NTASKS": "16"}, None),
         ("auto", {"JAXSPEC_DISTRIBUTED": "auto", "SLURM_NTASKS": "16"}, {}),
         (True, {"JAXSPEC_PROCESS_ID": "0"}, {"process_id": 0}),
+        (None, {"JAXSPEC_HEARTBEAT_TIMEOUT_S": "10"}, None),  # a timeout alone does not start a multi-process run
+        (None, {**JAXSPEC_ENV, "JAXSPEC_HEARTBEAT_TIMEOUT_S": "10"},
+         {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2,
+          "heartbeat_timeout_seconds": 10, "shutdown_timeout_seconds": 10}),
     ],
 )
 def test_initialize_decision(flag, environ, expected):
@@ -42,6 +46,8 @@ def test_initialize_decision(flag, environ, expected):
         (None, {"JAXSPEC_NUM_PROCESSES": "2", "JAXSPEC_PROCESS_ID": "2"}, r"must be below JAXSPEC_NUM_PROCESSES=2"),
         (None, {"JAXSPEC_NUM_PROCESSES": "0"}, r"JAXSPEC_NUM_PROCESSES=0: must be at least 1"),
         (None, {"JAXSPEC_PROCESS_ID": "-1"}, r"JAXSPEC_PROCESS_ID=-1: must be at least 0"),
+        (True, {"JAXSPEC_HEARTBEAT_TIMEOUT_S": "0"}, r"JAXSPEC_HEARTBEAT_TIMEOUT_S=0: must be at least 1 second"),
+        (True, {"JAXSPEC_HEARTBEAT_TIMEOUT_S": "ten"}, r"JAXSPEC_HEARTBEAT_TIMEOUT_S='ten' is not an integer"),
     ],
 )
 def test_bad_values_are_rejected(flag, environ, message):

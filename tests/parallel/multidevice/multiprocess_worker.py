@@ -77,10 +77,8 @@ def train(corpus: str):
 
 
 def idle(heartbeat_seconds: int):
-    kwargs = distributed.initialize_kwargs()
-    assert kwargs is not None
-    jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=heartbeat_seconds,
-                               shutdown_timeout_seconds=heartbeat_seconds)
+    os.environ[distributed.HEARTBEAT_TIMEOUT_ENV] = str(heartbeat_seconds)
+    assert distributed.maybe_initialize()
     assert jax.device_count() == 4
     print("READY", flush=True)
     time.sleep(600)
