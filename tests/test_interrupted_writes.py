@@ -361,3 +361,20 @@ def test_killed_export_over_an_older_export_never_loads_a_mix(scenario, tmp_path
 
 if __name__ == "__main__":
     child(sys.argv[1], sys.argv[2])
+
+
+def test_a_metrics_record_torn_by_a_kill_is_dropped_and_a_corrupt_one_is_named(tmp_path):
+    """metrics.jsonl is appended a line at a time: a run killed mid-append leaves a last line without its newline,
+    which reading leaves out (and a resumed run's truncation rewrites away); a bad line elsewhere is an error
+    naming the file and line."""
+    from jaxspec.errors import InputError
+    from jaxspec.training import trainer
+
+    path = tmp_path / trainer.METRICS_FILE
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert [r["step"] for r in trainer.read_metrics(str(tmp_path))] == [1, 2]
+    trainer._truncate_metrics(str(tmp_path), 2)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
+    with pytest.raises(InputError, match=r"metrics\.jsonl:2 is not a JSON record"):
+        trainer.read_metrics(str(tmp_path))

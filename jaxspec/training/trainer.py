@@ -333,12 +333,24 @@ def _metrics_path(workdir: str) -> str:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """The records of `workdir/metrics.jsonl` (empty when there is none)."""
+    """The records of `workdir/metrics.jsonl` (empty when there is none). A last line without its newline is a
+    record a killed run was appending: it is left out (a resumed run then rewrites the file without it)."""
     path = _metrics_path(workdir)
     if not os.path.isfile(path):
         return []
     with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        lines = fh.readlines()
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path}:{number} is not a JSON record ({err}); the metrics file was edited or "
+                                 "corrupted") from None
+    return records
 
 
 def _truncate_metrics(workdir: str, step: int) -> None:
