@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
 from collections.abc import Callable
 
 import jax
 import numpy as np
 
-from jaxspec import checks, zoo
+from jaxspec import checks
 from jaxspec.decoding import engine, methods
 from jaxspec.decoding.method import Method, Target
 from jaxspec.errors import InputError
@@ -190,7 +189,4 @@ def load(model: str):
     `loading.LoadedLM` (model, params, config, tokenizer, workdir)."""
     from jaxspec.decoding import loading
 
-    if model not in zoo.ZOO and not os.path.isdir(model):
-        raise InputError(f"{model!r} is neither a zoo model (one of {sorted(zoo.ZOO)}) nor a workdir (no such "
-                         "directory)")
     return loading.load_lm(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from jaxspec import zoo
 from jaxspec.errors import InputError
@@ -23,6 +24,9 @@ class LoadedLM:
 def load_lm(model: str) -> LoadedLM:
     """The model, params, config and tokenizer of a zoo model (fetched and converted once, then cached) or of
     the workdir a training run or an import left."""
+    if model not in zoo.ZOO and not os.path.isdir(model):
+        raise InputError(f"{model!r} is neither a zoo model (one of {sorted(zoo.ZOO)}) nor a workdir (no such "
+                         "directory)")
     workdir = zoo.model_workdir(model) if model in zoo.ZOO else model
     params, config = checkpoint.restore_params(workdir)
     if "medusa" in config and config.train.loss == "medusa":
