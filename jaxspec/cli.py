@@ -153,6 +153,21 @@ def parse_index_list(flag: str, value: str | list[str] | tuple, ranges: bool = T
     return tuple(sorted(set(out))) if ranges else tuple(out)
 
 
+LAYER_LIST_FIELDS = ("skip_layers", "skip_ffn")  # method fields that take a set of layers, written like 20-29,31
+
+
+def parse_method_flag(field: str, value):
+    """A decoding method's field as given on the command line -> the value its spec takes: a set of layers from
+    '20-29,31' (LAYER_LIST_FIELDS), a MatFormer granularity from one index or one per layer ('0,1,1'),
+    anything else as absl parsed it."""
+    if field in LAYER_LIST_FIELDS:
+        return parse_index_list(field, value)
+    if field == "granularity":
+        parsed = parse_index_list("granularity", value, ranges=False)
+        return parsed[0] if len(parsed) == 1 else parsed
+    return value
+
+
 def _config_file_value(argv: list[str], name: str) -> str | None:
     """The value of --NAME=FILE[:ARG] (or --NAME FILE[:ARG]) in argv, the last one given."""
     value = None

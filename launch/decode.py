@@ -53,6 +53,24 @@ _METHOD_FLAGS = {
     "skip_layers": flags.DEFINE_string("skip_layers", None, "layers skipped (layerskip: the self-draft's, default "
                                         "every other layer of the upper two thirds; skiplayers: the decoding "
                                         "model's, default from --target_speedup), e.g. 20-29,31"),
+    "acceptance_head": flags.DEFINE_string("acceptance_head", None, "SpecDec++ stop (draft, layerskip, matformer, "
+                                            "...): a head trained for this drafter by launch.train_acceptance"),
+    "stop_threshold": flags.DEFINE_float("stop_threshold", None, "with --acceptance_head: a branch stops once its "
+                                         "predicted P(at least one rejection) would pass this"),
+    "budget": flags.DEFINE_integer("budget", None, "h2o, h2o_draft: keys each attention layer keeps per row and KV "
+                                   "head (a budgeted heavy-hitter cache)"),
+    "recent": flags.DEFINE_integer("recent", None, "h2o, h2o_draft: of the budget, the latest positions always kept"),
+    "skip_ffn": flags.DEFINE_string("skip_ffn", None, "layers whose FFN the self-draft leaves out (ffnskip), e.g. "
+                                     "12-17; default: the num_skip_ffn most input-preserving"),
+    "num_skip_ffn": flags.DEFINE_integer("num_skip_ffn", None, "ffnskip: how many FFNs to leave out when --skip_ffn "
+                                         "is not given (0: a fifth of the layers)"),
+    "max_exit": flags.DEFINE_integer("max_exit", None, "skipdecode (lossy): layers run at positions up to "
+                                     "--decay_start (0: all)"),
+    "min_exit": flags.DEFINE_integer("min_exit", None, "skipdecode: layers run from --decay_end on (0: half)"),
+    "decay_start": flags.DEFINE_integer("decay_start", None, "skipdecode: the position where the exit starts to "
+                                        "fall"),
+    "decay_end": flags.DEFINE_integer("decay_end", None, "skipdecode: the position where the exit reaches "
+                                      "--min_exit (0: the model's max_len)"),
     "target_speedup": flags.DEFINE_float("target_speedup", None, "skiplayers (lossy): run ceil(n_layers / this) "
                                           "layers, spread evenly from the first to the last"),
     "adaptive": flags.DEFINE_integer("adaptive", None, "adaptive draft length starting here (0 = off)"),
@@ -154,13 +172,7 @@ def method_arguments() -> dict:
         if field not in takes:
             raise InputError(f"--{field} does not apply to --method={_METHOD.value}; its options: "
                              f"{', '.join('--' + t for t in takes) or 'none'}")
-        if field == "skip_layers":
-            given[field] = cli.parse_index_list("skip_layers", holder.value)
-        elif field == "granularity":
-            parsed = cli.parse_index_list("granularity", holder.value, ranges=False)
-            given[field] = parsed[0] if len(parsed) == 1 else parsed
-        else:
-            given[field] = holder.value
+        given[field] = cli.parse_method_flag(field, holder.value)
     return given
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from jaxspec.decoding.sampling import sample, warp_logits
 from jaxspec.decoding.trees import TokenTree
 from jaxspec.errors import InputError
+from jaxspec.models.acceptance import AcceptanceHead, acceptance_features
 from jaxspec.models.heads import MedusaHeads
 from jaxspec.models.lm import DecoderLM
 from jaxspec.state import init_decode_state
@@ -127,32 +128,58 @@ class ModelDrafter:
     skip_layers: tuple = ()
     confidence_threshold: float = 0.0  # stop a branch when the drafter's top probability falls below this
     without_replacement: bool = False  # sampled siblings drawn without replacement (RSD; see children_tokens)
+    # SpecDec++: a branch keeps a node while P(at least one rejection along it, the node included), predicted by
+    # the head, stays <= stop_threshold. With a head, params are {"draft": ..., "acceptance": ...}.
+    acceptance_head: AcceptanceHead | None = None
+    stop_threshold: float = 0.5
 
     def __post_init__(self):
         check_breadth_first(self.tree)
+
+    @property
+    def stops(self) -> bool:
+        """Whether branches may stop early (then proposals carry node_valid)."""
+        return self.confidence_threshold > 0 or self.acceptance_head is not None
+
+    def _split(self, params):
+        """(the draft model's params, the acceptance head's or None)."""
+        return (params["draft"], params["acceptance"]) if self.acceptance_head is not None else (params, None)
 
     def _apply(self, params, tokens, **kw):
         return self.model.apply({"params": params}, tokens, granularity=self.granularity,
                                 skip_layers=self.skip_layers, **kw)
 
+    def forward_features(self, params, tokens):
+        """(hidden [B, T, d], logits [B, T, V]) of a full forward of the drafter: what the acceptance head reads
+        at every position (training data, `jaxspec.training.acceptance`)."""
+        out = self._apply(self._split(params)[0], tokens, return_hidden=True)
+        return out.hidden, out.logits
+
     def init(self, params, prompts, prompt_lens, max_len, first_token):
         b = prompts.shape[0]
         state = init_decode_state(self.model.model_cfg, b, max_len)
-        _, state = self._apply(params, prompts, state=state, num_new=prompt_lens, fresh=True)
+        _, state = self._apply(self._split(params)[0], prompts, state=state, num_new=prompt_lens, fresh=True)
         lag = jnp.zeros((b, self.tree.num_nodes), jnp.int32).at[:, 0].set(first_token)
         return state, lag, jnp.ones((b,), jnp.int32)
 
+    def _accept_probs(self, head_params, hidden, logits):
+        return jax.nn.sigmoid(self.acceptance_head.apply({"params": head_params},
+                                                         acceptance_features(hidden, logits)))
+
     def propose(self, params, dstate, ctx: Context) -> Proposal:
+        params, head_params = self._split(params)
         state, lag, lag_n = dstate
         tree = self.tree
         b, k = lag.shape[0], tree.num_nodes
         rows = jnp.arange(b)
-        logits, state = self._apply(params, lag, state=state, num_new=lag_n)
-        node_logits = jnp.zeros((b, k, logits.shape[-1]), jnp.float32)
-        node_logits = node_logits.at[:, 0].set(logits[rows, jnp.maximum(lag_n - 1, 0)])
+        out, state = self._apply(params, lag, state=state, num_new=lag_n, return_hidden=True)
+        last = jnp.maximum(lag_n - 1, 0)
+        node_logits = jnp.zeros((b, k, out.logits.shape[-1]), jnp.float32).at[:, 0].set(out.logits[rows, last])
+        node_hidden = jnp.zeros((b, k, out.hidden.shape[-1]), out.hidden.dtype).at[:, 0].set(out.hidden[rows, last])
         tokens = jnp.zeros((b, k), jnp.int32).at[:, 0].set(ctx.root)
         draft_probs = None if ctx.temperature == 0 else jnp.zeros_like(node_logits)
-        confident = jnp.ones((b, k), bool)
+        keep = jnp.ones((b, k), bool)
+        survival = jnp.ones((b, k), jnp.float32)  # predicted P(every node of the path to here accepted)
         depths, parents, ranks = tree.depths, np.asarray(tree.parents), sibling_ranks(tree)
         widest = int(ranks.max()) + 1
         keys = jax.random.split(ctx.key, tree.max_depth + 1)
@@ -164,19 +191,33 @@ class ModelDrafter:
             tokens = tokens.at[:, nodes].set(new)
             if probs is not None:
                 draft_probs = draft_probs.at[:, nodes].set(probs)
+            ok = keep[:, parents[nodes]]
             if self.confidence_threshold > 0:
-                top = jnp.max(jax.nn.softmax(parent_logits, axis=-1), axis=-1)
-                ok = (top >= self.confidence_threshold) & confident[:, parents[nodes]]
-                confident = confident.at[:, nodes].set(ok)
+                ok &= jnp.max(jax.nn.softmax(parent_logits, axis=-1), axis=-1) >= self.confidence_threshold
+            if self.acceptance_head is not None:
+                # The head was trained on the drafter's top token; every sibling gets its parent's estimate.
+                reach = survival[:, parents[nodes]] * self._accept_probs(head_params, node_hidden[:, parents[nodes]],
+                                                                         parent_logits)
+                survival = survival.at[:, nodes].set(reach)
+                ok &= 1.0 - reach <= self.stop_threshold
+            keep = keep.at[:, nodes].set(ok)
             if d < tree.max_depth:
                 # Nodes up to depth d form a prefix (breadth-first); their logits score depth d+1. The
                 # forward's pending state is dropped: only committed tokens ever enter the drafter's state.
                 m = int(np.sum(depths <= d))
                 sub_parents = parents[1:m] - 1  # the root is already in the drafter's state
-                sub_logits, _ = self._apply(params, tokens[:, 1:m], state=state, parents=sub_parents)
-                node_logits = node_logits.at[:, 1:m].set(sub_logits)
-        node_valid = confident if self.confidence_threshold > 0 else None
-        return Proposal(tokens, draft_probs, node_valid, (state, lag, lag_n))
+
+                def deeper(node_logits, node_hidden, m=m, sub_parents=sub_parents, tokens=tokens):
+                    sub, _ = self._apply(params, tokens[:, 1:m], state=state, parents=sub_parents,
+                                         return_hidden=True)
+                    return node_logits.at[:, 1:m].set(sub.logits), node_hidden.at[:, 1:m].set(sub.hidden)
+
+                if self.stops:  # a depth no row still drafts at costs nothing
+                    node_logits, node_hidden = jax.lax.cond(jnp.any(ok), deeper, lambda *x: x, node_logits,
+                                                            node_hidden)
+                else:
+                    node_logits, node_hidden = deeper(node_logits, node_hidden)
+        return Proposal(tokens, draft_probs, keep if self.stops else None, (state, lag, lag_n))
 
     def update(self, dstate, emitted, num_emitted):
         state, _, _ = dstate

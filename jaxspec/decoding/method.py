@@ -133,17 +133,40 @@ class Speculative(Method):
 class ModelDrafting(Speculative):
     """A method whose drafter is a language model drafting the tree depth by depth: a draft model, or the target
     itself with layers skipped or a smaller MatFormer granularity. `confidence_threshold` stops a branch whose
-    draft's top probability falls below it; `without_replacement` samples siblings without replacement (RSD)."""
+    draft's top probability falls below it; `without_replacement` samples siblings without replacement (RSD);
+    `acceptance_head` (a workdir of `launch.train_acceptance`, trained for this very drafter) stops a branch once
+    its predicted P(at least one rejection) passes `stop_threshold` (SpecDec++)."""
 
     confidence_threshold: float = 0.0
     without_replacement: bool = False
+    acceptance_head: str = ""
+    stop_threshold: float = 0.5
 
     def __post_init__(self):
         super().__post_init__()
         self.check(0 <= self.confidence_threshold < 1, "confidence_threshold", "a number in [0, 1)")
         self.check(isinstance(self.without_replacement, bool), "without_replacement", "True or False")
+        self.check(isinstance(self.acceptance_head, str), "acceptance_head", "a workdir path ('': none)")
+        self.check(isinstance(self.stop_threshold, (int, float)) and 0 <= self.stop_threshold < 1, "stop_threshold",
+                   "a number in [0, 1): the largest predicted P(at least one rejection) a branch may reach")
 
-    def model_drafter(self, model, **how) -> ModelDrafter:
-        """The drafter for `model`; `how`: ModelDrafter's granularity / skip_layers."""
-        return ModelDrafter(model, self.token_tree(), confidence_threshold=self.confidence_threshold,
-                            without_replacement=self.without_replacement, **how)
+    def drafted_by(self) -> dict:
+        """The fields that make this drafter what it is (not how its proposals are cut or verified): an
+        acceptance head is trained for, and only used with, one such drafter."""
+        how = ("tree", "adaptive", "confidence_threshold", "without_replacement", "acceptance_head", "stop_threshold")
+        return {"method": self.name, **{k: v for k, v in self.fields().items() if k not in how}}
+
+    def model_drafter(self, model, params, **how) -> tuple[ModelDrafter, Any]:
+        """(the drafter for `model`, its params); `how`: ModelDrafter's granularity / skip_layers. With an
+        acceptance head, the params become {"draft": params, "acceptance": the head's}."""
+        head = None
+        if self.acceptance_head:
+            from jaxspec.training.acceptance import check_head_fits, load_head
+
+            head, head_params = load_head(self.acceptance_head, self.drafted_by())
+            check_head_fits(head_params, model.model_cfg.d_model, self.acceptance_head)
+            params = {"draft": params, "acceptance": head_params}
+        drafter = ModelDrafter(model, self.token_tree(), confidence_threshold=self.confidence_threshold,
+                               without_replacement=self.without_replacement, acceptance_head=head,
+                               stop_threshold=float(self.stop_threshold), **how)
+        return drafter, params

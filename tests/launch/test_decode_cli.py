@@ -93,10 +93,12 @@ def test_medusa_heads_of_another_target_are_refused(target_dir, tmp_path):
 
 def test_every_method_field_has_a_flag():
     """A method's fields reach the command line: each is a flag of launch.decode (one per name, shared by the
-    methods that take it), so adding a method with a new field means adding its flag."""
-    from jaxspec.decoding import methods
-    from launch import decode as decode_cli
-
-    for name in methods.names():
-        missing = set(methods.field_names(name)) - set(decode_cli._METHOD_FLAGS)
-        assert not missing, f"method {name!r}: fields {sorted(missing)} have no launch.decode flag"
+    methods that take it), so adding a method with a new field means adding its flag. In a fresh process: the
+    script's absl flags would clash with other modules' flags of this test process."""
+    check = ("from jaxspec.decoding import methods\n"
+             "from launch import decode\n"
+             "for name in methods.names():\n"
+             "    missing = sorted(set(methods.field_names(name)) - set(decode._METHOD_FLAGS))\n"
+             "    assert not missing, f'method {name!r}: fields {missing} have no launch.decode flag'\n")
+    proc = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -118,6 +118,7 @@ SCRIPTS = {
                            ["--config=configs/selfdistill.py:small", "--out={tmp}/set", "--compilation_cache_dir="]),
     "launch.convert": ("jaxspec.interop.workdir", "import_checkpoint", ["--hf_dir={tmp}", "--workdir={tmp}/out"]),
     "launch.skip_search": ("jaxspec.decoding.api", "load", ["--model={tmp}"]),
+    "launch.train_acceptance": ("jaxspec.decoding.api", "load", ["--model={tmp}", "--data={tmp}", "--out={tmp}/h"]),
 }
 LAUNCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "launch")
 

@@ -40,4 +40,4 @@ class DraftModel(ModelDrafting):
         if draft_vocab != vocab:
             raise InputError(f"draft model vocab_size={draft_vocab} differs from the target's vocab_size={vocab}; "
                              "speculative decoding needs one vocabulary")
-        return self.model_drafter(draft_model), draft_params
+        return self.model_drafter(draft_model, draft_params)

@@ -36,4 +36,4 @@ class LayerSkip(ModelDrafting):
         skip = config_lib.validate_skip_layers(cfg, self.skip_layers or default_skip_layers(cfg.n_layers))
         if not skip:
             raise InputError(f"method 'layerskip' needs layers to skip; the model has only n_layers={cfg.n_layers}")
-        return self.model_drafter(target.model, skip_layers=skip), target.params
+        return self.model_drafter(target.model, target.params, skip_layers=skip)

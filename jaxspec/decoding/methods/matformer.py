@@ -33,4 +33,4 @@ class MatFormer(ModelDrafting):
         if len(cfg.matformer_fractions) < 2:
             raise InputError("method 'matformer' needs a MatFormer target (model.matformer_fractions with >= 2 "
                              f"granularities); got {tuple(cfg.matformer_fractions)}")
-        return self.model_drafter(target.model, granularity=self.granularity), target.params
+        return self.model_drafter(target.model, target.params, granularity=self.granularity)
