@@ -36,7 +36,9 @@ MIXERS = {kind.value: kind.name.lower() for kind in MixerKind}
 FEATURE_MAPS = ("elu1", "identity", "relu")
 DECAYS = ("none", "retnet")
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "pallas")
-PREFILL_MODES = ("dense", "block_sparse")
+# Full-sequence (prefill) attention: dense, or block-sparse with the tiles chosen by XAttention or FlexPrefill
+# ("block_sparse" is the earlier name of "xattention").
+PREFILL_MODES = ("dense", "xattention", "flexprefill", "block_sparse")
 DTYPES = ("float32", "bfloat16")
 # Storage of the projection weights in the decode layout (jaxspec/models/decode_layout.py).
 WEIGHT_DTYPES = ("float32", "int8")
@@ -88,6 +90,8 @@ def model_defaults() -> ml_collections.ConfigDict:
                 block_size=64,
                 xattention_stride=8,
                 xattention_threshold=0.9,
+                flexprefill_gamma=0.9,  # attention share the chosen lines or tiles hold
+                flexprefill_tau=0.1,  # pooled-estimate divergence under which a head is query-aware
             ),
         )
     )
@@ -283,9 +287,25 @@ def validate_model_config(cfg, path: str = "model") -> None:
              "a positive integer")
     require(is_number(at.xattention_threshold) and 0 < at.xattention_threshold <= 1,
              f"{path}.attention.xattention_threshold", at.xattention_threshold, "a number in (0, 1]")
-    require(at.prefill != "block_sparse" or not any(cfg.layer_windows), f"{path}.attention.prefill", at.prefill,
+    gamma, tau = at.flexprefill_gamma, at.flexprefill_tau
+    require(is_number(gamma) and 0 < gamma <= 1, f"{path}.attention.flexprefill_gamma", gamma, "a number in (0, 1]")
+    require(is_number(tau) and 0 <= tau <= 1, f"{path}.attention.flexprefill_tau", tau, "a number in [0, 1]")
+    require(at.prefill == "dense" or not any(cfg.layer_windows), f"{path}.attention.prefill", at.prefill,
              f"'dense' when layer_windows sets sliding windows ({tuple(cfg.layer_windows)}): block-sparse "
              "prefill has no window")
+
+
+def with_defaults(cfg, defaults) -> ml_collections.ConfigDict:
+    """A copy of `cfg` with every key of `defaults` it lacks (recursively) set to the default: a config saved
+    before a key existed (a converted checkpoint's config.json) reads as it did, since a new key's default keeps
+    the earlier behaviour."""
+    out = ml_collections.ConfigDict(cfg.to_dict())
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, ml_collections.ConfigDict) and isinstance(out[key], ml_collections.ConfigDict):
+            out[key] = with_defaults(out[key], value)
+    return out
 
 
 def is_number(value) -> bool:
@@ -337,4 +357,16 @@ def validate_skip_layers(model_cfg, skip_layers) -> tuple[int, ...]:
             raise ConfigError(f"skip_layers entry {i!r} is not a layer index in 0..{model_cfg.n_layers - 1}")
     if len(skip) >= model_cfg.n_layers:
         raise ConfigError(f"skip_layers={skip} skips every layer of the model")
+    return skip
+
+
+def validate_skip_ffn(model_cfg, skip_ffn) -> tuple[int, ...]:
+    """Sorted layer indices whose FFN sub-block is skipped; each must be a layer that has an FFN."""
+    skip = tuple(sorted(set(skip_ffn or ())))
+    kinds = layer_kinds(model_cfg)
+    for i in skip:
+        if not is_int(i) or not 0 <= i < model_cfg.n_layers:
+            raise ConfigError(f"skip_ffn entry {i!r} is not a layer index in 0..{model_cfg.n_layers - 1}")
+        if kinds[i] == MixerKind.MAMBA and not model_cfg.mamba.ffn:
+            raise ConfigError(f"skip_ffn entry {i}: layer {i} is a Mamba block without an FFN (mamba.ffn=False)")
     return skip

@@ -2,6 +2,7 @@
 
 A forward over K new nodes (see `DecoderLM`) leaves, per layer, a *pending* entry:
   attention        KVCache of the K nodes' own keys/values       -> commit compacts the path into the cache
+                   (a budgeted HeavyHitterCache is extended only: commit refuses it)
   linear attention LinearState per node   (s [B, K, H, dk, dv])  -> commit takes the last accepted node's
   mamba            MambaState per node    (conv, ssm with a K axis)  state (its recurrent state is exact)
 so rollback is exact for every mixer, and per batch row (the mixer contract: `jaxspec.models.mixer.Mixer`).
@@ -27,6 +28,26 @@ class KVCache:
 
 
 @struct.dataclass
+class HeavyHitterCache:
+    """A budgeted KV cache (H2O): `budget` slots holding the keys/values the eviction rule kept, in no order.
+
+    Keys are cached after RoPE, so a slot needs its position only to tell the recent window and ties apart;
+    `score` is the attention each kept key has received so far (summed over the query heads of its group and
+    over every query since it was cached). The rule and the attention over it: `jaxspec.ops.heavy_hitter`.
+    """
+
+    k: jax.Array  # [B, Hkv, budget, D]
+    v: jax.Array
+    score: jax.Array  # [B, Hkv, budget] float32
+    position: jax.Array  # [B, Hkv, budget] int32, -1 for an empty slot
+    recent: int = struct.field(pytree_node=False, default=0)  # the latest positions always kept
+
+    @property
+    def budget(self) -> int:
+        return self.k.shape[2]
+
+
+@struct.dataclass
 class LinearState:
     s: jax.Array  # [B, H, dk, dv] (pending: [B, K, H, dk, dv])
 
@@ -40,7 +61,7 @@ class MambaState:
 @struct.dataclass
 class DecodeState:
     lengths: jax.Array  # [B] int32: committed tokens per row
-    layers: tuple  # per layer: KVCache | LinearState | MambaState
+    layers: tuple  # per layer: KVCache | HeavyHitterCache | LinearState | MambaState
     pending: tuple | None = None  # per layer after a tree forward (None for skipped layers)
 
     @property
@@ -48,7 +69,7 @@ class DecodeState:
         for layer in self.layers:
             if isinstance(layer, KVCache):
                 return layer.k.shape[2]
-        return np.iinfo(np.int32).max  # recurrent-only models have no length limit
+        return np.iinfo(np.int32).max  # recurrent layers and budgeted caches have no length limit
 
 
 def init_decode_state(model_cfg, batch: int, max_len: int | None = None, dtype=None) -> DecodeState:
@@ -139,6 +160,9 @@ def commit(state: DecodeState, path, num_accepted) -> DecodeState:
     for cache, pending in zip(state.layers, state.pending, strict=True):
         if pending is None:  # layer skipped in the forward: nothing to commit
             layers.append(cache)
+        elif isinstance(cache, HeavyHitterCache):  # its scores come from real context, never from a tree
+            raise InputError("commit: a budgeted (heavy-hitter) KV cache takes new context by extend only; its "
+                             "tree forwards are read-only (drafting)")
         elif isinstance(cache, KVCache):
             gather = lambda x: jnp.take_along_axis(x, path[:, None, :, None], axis=2)
             # Entries past num_accepted land beyond the new length, where the length mask hides them.

@@ -16,6 +16,7 @@ from jaxspec.decoding import api, engine
 from jaxspec.decoding import methods as registry
 from jaxspec.decoding.method import Method
 from jaxspec.errors import InputError
+from jaxspec.eval.quality import agreement_with
 
 
 @dataclasses.dataclass
@@ -59,15 +60,6 @@ def _run_batches(model, params, prompts, kwargs, batch_size, width, repeats, opt
             runs.append(_PromptRun(toks, int(best.target_steps[i]), int(best.accepted[i]),
                                    best.wall_time_s * len(toks) / total))
     return runs, compile_s
-
-
-def agreement_with(tokens: list[int], reference: list[int]) -> float:
-    """The share of `reference` (the autoregressive output) that `tokens` reproduces before their first
-    difference: the quality figure of a lossy mode at temperature 0 (1.0 when identical)."""
-    if not reference:
-        return float(tokens == reference)
-    same = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), min(len(tokens), len(reference)))
-    return same / len(reference)
 
 
 def _summarise(name, method, lossless, runs, baseline, compile_s, category) -> MethodResult:

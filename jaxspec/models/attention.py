@@ -13,6 +13,8 @@ block. A tree forward only reads the cache and returns its keys/values as pendin
 In the decode layout (see models/decode_layout.py) q, k and v come from one fused projection.
 Under a mesh with a "sequence" axis of size > 1 (see `jaxspec.parallel.context`) the full forward is
 sequence-parallel: LASP-2H all-gathers keys and values and each device attends with its own query chunk.
+With a budgeted cache in the state (`state.HeavyHitterCache`, DecoderLM's `kv_budget` option) extend and tree
+attend to the kept keys only (`jaxspec.ops.heavy_hitter`: H2O eviction).
 The mixer contract (modes, the KVCache it keeps, what commit does with its pending keys/values) is
 `jaxspec.models.mixer.Mixer`.
 """
@@ -29,24 +31,27 @@ from jaxspec import config as config_lib
 from jaxspec.errors import InputError
 from jaxspec.models.layers import Linear, RMSNorm, apply_rope, dtype_of, weight_dtype_of
 from jaxspec.models.step import Mode, Step
+from jaxspec.ops import heavy_hitter
 from jaxspec.parallel.context import SEQUENCE_AXIS, sequence_parallel_mesh
 from jaxspec.parallel.lasp2 import lasp2h_attention
-from jaxspec.state import KVCache, write_kv
+from jaxspec.state import HeavyHitterCache, KVCache, write_kv
 from pallas_kernels._common import resolve_implementation
 from pallas_kernels.tree_attention import STREAMING_MAX_ROWS, cached_chain_attention, tree_attention
 
 
-def causal_attention(q, k, v, *, model_cfg, mesh=None, window: int = 0):
+def causal_attention(q, k, v, *, model_cfg, mesh=None, window: int = 0, lengths=None):
     """Full causal attention over [B, H, T, D] (GQA: k/v [B, Hkv, T, D]) for training and plain forwards.
 
     `mesh`: a mesh whose "sequence" axis splits T (sequence parallelism through LASP-2H), or None.
     `window` > 0: each query sees only the `window` latest positions up to its own.
+    `lengths` [B]: each row's real positions when rows are right-padded (None: all T); FlexPrefill estimates
+    from each row's last real queries (causal masking already keeps padding out of every real output).
     """
     at = model_cfg.attention
     scale = model_cfg.query_scale or None  # None: 1/sqrt(head_dim)
     if mesh is not None:
-        if at.prefill == "block_sparse":  # its block selection is approximate: no exact sharded equivalent
-            raise InputError("model.attention.prefill='block_sparse' is not supported with config.mesh.sequence > 1; "
+        if at.prefill != "dense":  # block selection is approximate: no exact sharded equivalent
+            raise InputError(f"model.attention.prefill={at.prefill!r} is not supported with config.mesh.sequence > 1; "
                              "use prefill='dense'.")
         if window:
             raise InputError(f"model.layer_windows: a sliding window ({window}) is not supported with "
@@ -54,12 +59,17 @@ def causal_attention(q, k, v, *, model_cfg, mesh=None, window: int = 0):
         if scale is not None:  # LASP-2H scores with 1/sqrt(head_dim): fold the configured scale into q
             q = (q * (scale * q.shape[-1] ** 0.5)).astype(q.dtype)
         return lasp2h_attention(q, k, v, mesh=mesh, axis=SEQUENCE_AXIS, causal=True)
-    if at.prefill == "block_sparse":  # validate_model_config refuses it together with windows
+    if at.prefill != "dense":  # block-sparse; validate_model_config refuses it together with windows
         from pallas_kernels.block_sparse_attention import block_sparse_attention, three_state_block_mask
+        from pallas_kernels.flexprefill import flexprefill_block_mask
         from pallas_kernels.xattention import xattention_block_mask
 
-        keep = xattention_block_mask(q, k, block_size=at.block_size, stride=at.xattention_stride,
-                                     threshold=at.xattention_threshold, causal=True)
+        if at.prefill == "flexprefill":
+            keep = flexprefill_block_mask(q, k, block_size=at.block_size, gamma=at.flexprefill_gamma,
+                                          tau=at.flexprefill_tau, scale=scale, lengths=lengths)
+        else:  # "xattention" (or its earlier name "block_sparse")
+            keep = xattention_block_mask(q, k, block_size=at.block_size, stride=at.xattention_stride,
+                                         threshold=at.xattention_threshold, causal=True)
         mask = three_state_block_mask(keep, causal=True, block_q=at.block_size, block_k=at.block_size,
                                       q_len=q.shape[2], k_len=k.shape[2])
         return block_sparse_attention(q, k, v, mask, causal=True, block_q=at.block_size,
@@ -125,8 +135,18 @@ class Attention(nn.Module):
             # init only shapes the parameters: its dummy sequence need not split over the mesh
             mesh = None if self.is_initializing() else sequence_parallel_mesh(t, layer="attention layer")
             out, new = causal_attention(q, k, v, model_cfg=cfg, mesh=mesh, window=self.window), None
+        elif isinstance(cache, HeavyHitterCache):  # a budgeted cache (DecoderLM's kv_budget option)
+            if self.window:
+                raise InputError(f"kv_budget: a layer with a sliding window ({self.window}) already keeps a bounded "
+                                 "cache; a budgeted cache is for global attention layers only")
+            scale = cfg.query_scale or hd**-0.5
+            if step.mode == Mode.EXTEND:
+                out, new = heavy_hitter.extend(q, k, v, cache, step.positions, step.lengths, step.valid, scale=scale)
+            else:
+                out, new = heavy_hitter.tree(q, k, v, cache, step.mask, scale=scale)
         elif step.fresh:  # prefill into an empty cache: plain causal attention over the new tokens
-            out = causal_attention(q, k, v, model_cfg=cfg, window=self.window)
+            out = causal_attention(q, k, v, model_cfg=cfg, window=self.window,
+                                   lengths=jnp.sum(step.valid, axis=-1, dtype=jnp.int32))
             new = KVCache(write_kv(cache.k, k, step.lengths), write_kv(cache.v, v, step.lengths))
         elif step.mode == Mode.EXTEND:  # write first: the attention below reads the updated cache (see above)
             new = KVCache(write_kv(cache.k, k, step.lengths), write_kv(cache.v, v, step.lengths))

@@ -7,8 +7,9 @@
     logits, state = model.apply(v, tokens, state=state, parents=parents)              # tree verify (pending)
     state = commit(state, path, num_accepted)
 
-`granularity` (MatFormer, global or per layer) and `skip_layers` (layer-skip drafting) are static apply-time
-options. `return_hidden=True` returns `LMOutput(logits, hidden, layer_hidden)` in place of the logits.
+`granularity` (MatFormer, global or per layer), `skip_layers` (layer-skip drafting) and `skip_ffn` (FFN-skip
+drafting) are static apply-time options; `layer_gate` (traced) drops layers per token (exits, skip-set search).
+`return_hidden=True` returns `LMOutput(logits, hidden, layer_hidden)` in place of the logits.
 
 `layout` says how the parameters are stored: "standard" (training, checkpoints, HF/GGUF import) or "decode"
 (fused projections, optionally int8; built once from standard ones by `decode_layout.for_decoding`). Both
@@ -36,6 +37,7 @@ from jaxspec.models.linear_attention import LinearAttention
 from jaxspec.models.mamba import Mamba
 from jaxspec.models.mixer import Mixer
 from jaxspec.models.step import Mode, Step
+from jaxspec.ops import heavy_hitter
 from jaxspec.state import DecodeState, node_depths, tree_ancestor_mask, validate_parents
 
 MIXER_MODULES = {MixerKind.ATTENTION: Attention, MixerKind.LINEAR_ATTENTION: LinearAttention, MixerKind.MAMBA: Mamba}
@@ -75,14 +77,17 @@ class Block(nn.Module):
     layout: str = "standard"
 
     @nn.compact
-    def __call__(self, x, step: Step, cache, granularity):
+    def __call__(self, x, step: Step, cache, granularity, skip_ffn: bool = False):
+        """`skip_ffn`: the FFN sub-block is left out (the mixer still runs, so the cache stays complete). The
+        FFN's input residual stream is sown as intermediates "ffn_input" (calibration reads it; free otherwise)."""
         cfg = self.model_cfg
         mixer = make_mixer(cfg, self.kind, self.layer, self.layout)
         h, new = mixer(RMSNorm(cfg.rms_eps, name="mixer_norm")(x), step, cache)
         if cfg.sandwich_norms:
             h = RMSNorm(cfg.rms_eps, name="post_mixer_norm")(h)
         x = x + h
-        if has_ffn(cfg, self.kind):
+        if has_ffn(cfg, self.kind) and not skip_ffn:
+            self.sow("intermediates", "ffn_input", x)
             ffn = MatFormerFFN(cfg.d_model, config_lib.ffn_hidden_sizes(cfg, self.layer), dtype_of(cfg),
                                cfg.ffn_activation, layout=self.layout, weight_dtype=weight_dtype_of(cfg), name="ffn")
             h = ffn(RMSNorm(cfg.rms_eps, name="ffn_norm")(x), granularity)
@@ -138,6 +143,29 @@ def make_step(tokens, state: DecodeState | None, parents, num_new, fresh: bool =
                 fresh=fresh)
 
 
+def token_gate(layer_gate, shape: tuple[int, int], n_layers: int, mode: Mode) -> jax.Array:
+    """DecoderLM's `layer_gate` as [B, T, n_layers] bool for tokens of `shape` (B, T)."""
+    b, t = shape
+    gate_shape = jnp.shape(layer_gate)
+    if mode == Mode.TREE or gate_shape not in ((n_layers,), (b, n_layers), (b, t, n_layers)):
+        raise InputError(f"layer_gate needs a full forward or an extend and shape ({n_layers},), ({b}, {n_layers}) "
+                         f"or ({b}, {t}, {n_layers}); got shape {gate_shape} in a {mode} forward")
+    gate = jnp.asarray(layer_gate, bool)
+    gate = gate[None, None] if gate.ndim == 1 else gate[:, None] if gate.ndim == 2 else gate
+    return jnp.broadcast_to(gate, (b, t, n_layers))
+
+
+def gated_block(block: Block, gate, x, cache, step: Step, granularity, skip_ffn: bool):
+    """`block` applied where gate [B, T] is True, x kept elsewhere; a block gated off for every token is not
+    run (lax.cond: its cache passes through unchanged)."""
+
+    def run(mdl, x, cache):
+        y, new = mdl(x, step, cache, granularity, skip_ffn)
+        return jnp.where(gate[..., None], y, x), new
+
+    return nn.cond(jnp.any(gate), run, lambda mdl, x, cache: (x, cache), block, x, cache)
+
+
 def context_free_tree_step(parents, batch: int) -> Step:
     """A tree forward with no committed context: each node sees its ancestors only, at position = its depth
     (training a drafter over unrolled draft depths, models/eagle.py). Attention layers only; nothing is cached."""
@@ -179,19 +207,28 @@ class DecoderLM(nn.Module):
 
     def __call__(self, tokens, *, state: DecodeState | None = None, parents=None, num_new=None,
                  granularity=None, skip_layers=(), return_hidden: bool = False, fresh: bool = False,
-                 layer_gate=None):
+                 layer_gate=None, skip_ffn=(), kv_budget=None):
         """fresh=True (with num_new): a prefill into an empty state, using the configured prefill attention.
-        layer_gate: [n_layers] bool, traced (full forwards only): layer i's output is dropped where it is False,
-        as `skip_layers` drops it, but every layer runs - one compiled forward for many skip sets (a search)."""
+        skip_ffn (static): layers whose FFN sub-block is left out; their mixers still run (FFN-skip drafting).
+        layer_gate: bool, traced, [n_layers] (every token), [B, n_layers] (per row) or [B, T, n_layers] (per
+        token): a token's layer-i output is dropped where its gate is False, as `skip_layers` drops it. A layer
+        gated off for every token does not run at all (a lax.cond), so one compiled forward serves many gates (a
+        skip-set search, an exit schedule) and still saves the skipped layers' compute. Full forwards and extends
+        (not trees). In an extend, a gated-off token's cache entries of that layer are left undefined: gates must
+        be monotone over a row's tokens (once off for a token, a layer stays off for every later token, as with
+        exits that only decrease), so that no later token reads them.
+        kv_budget (static): (budget, recent): attention layers keep a budgeted heavy-hitter cache (H2O,
+        jaxspec.ops.heavy_hitter), started by the fresh prefill; needs a decode state."""
         cfg = self.model_cfg
-        if layer_gate is not None and (state is not None or jnp.shape(layer_gate) != (cfg.n_layers,)):
-            raise InputError(f"layer_gate needs a full forward (no state) and shape ({cfg.n_layers},); got shape "
-                             f"{jnp.shape(layer_gate)}{' with a decode state' if state is not None else ''}")
         per_layer = config_lib.validate_granularity(cfg, granularity)
         skip = config_lib.validate_skip_layers(cfg, skip_layers)
+        no_ffn = config_lib.validate_skip_ffn(cfg, skip_ffn)
         if state is not None and len(state.layers) != cfg.n_layers:
             raise InputError(f"decode state has {len(state.layers)} layers; the model has {cfg.n_layers}")
+        if kv_budget is not None:
+            state = heavy_hitter.budgeted_state(state, kv_budget, fresh)
         step = make_step(tokens, state, parents, num_new, fresh)
+        gate = None if layer_gate is None else token_gate(layer_gate, tokens.shape, cfg.n_layers, step.mode)
         x = self.embed(tokens)
         if cfg.embed_scale:  # as transformers: sqrt(d_model) rounded to float32, then to the embedding dtype
             x = x * jnp.asarray(np.float32(cfg.d_model**0.5), x.dtype)
@@ -201,8 +238,11 @@ class DecoderLM(nn.Module):
             cache = None if state is None else state.layers[i]
             new = None
             if i not in skip:
-                y, new = block(x, step, cache, None if per_layer is None else per_layer[i])
-                x = y if layer_gate is None else jnp.where(layer_gate[i], y, x)
+                layer_granularity = None if per_layer is None else per_layer[i]
+                if gate is None:
+                    x, new = block(x, step, cache, layer_granularity, i in no_ffn)
+                else:
+                    x, new = gated_block(block, gate[..., i], x, cache, step, layer_granularity, i in no_ffn)
             new_layers.append(new)
             layer_hidden.append(x)
         hidden = self.final_norm(x)

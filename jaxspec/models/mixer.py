@@ -8,6 +8,9 @@ One mixer module per `config.MixerKind` (a letter of `model.layer_pattern`):
   MixerKind.MAMBA              mamba.Mamba                        MambaState(conv, ssm)
                                                                   [B, d_conv - 1, d_inner], [B, d_inner, d_state]
 
+Attention may instead keep a budgeted HeavyHitterCache(k, v, score, position) [B, Hkv, budget, ...] (DecoderLM's
+`kv_budget` option, jaxspec.ops.heavy_hitter): extend evicts to the budget, tree reads it, commit refuses it.
+
 Each takes every `step.Mode`:
   Mode.FULL    no cache in, none out (training, scoring); under a mesh with a "sequence" axis of size > 1 the
                forward is sequence-parallel (LASP-2H for attention, LASP-2 for linear attention and Mamba).

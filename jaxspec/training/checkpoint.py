@@ -318,6 +318,10 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[Any, ml_colle
     if not os.path.isdir(workdir):
         raise InputError(f"workdir {workdir!r} does not exist")
     config = load_config(workdir)
+    if "model" in config:  # model keys added since the run was saved take their defaults
+        from jaxspec import config as config_lib
+
+        config.model = config_lib.with_defaults(config.model, config_lib.model_defaults())
     _quiet_read_only_notes()
     with CheckpointManager(workdir, read_only=True) as manager:
         params = manager.restore_params(step)

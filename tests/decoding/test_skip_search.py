@@ -44,9 +44,9 @@ def test_layer_gate_is_static_skipping(model_and_params):
                                    model.apply({"params": params}, tokens, skip_layers=skip), atol=1e-5)
     with pytest.raises(ValueError, match=r"layer_gate needs a full forward .* shape \(4,\)"):
         model.apply({"params": params}, tokens, layer_gate=jnp.ones(3, bool))
-    with pytest.raises(ValueError, match="with a decode state"):
+    with pytest.raises(ValueError, match="layer_gate needs a full forward or an extend"):
         model.apply({"params": params}, tokens, layer_gate=jnp.ones(4, bool),
-                    state=init_decode_state(model.model_cfg, 1, 32))
+                    state=init_decode_state(model.model_cfg, 1, 32), parents=np.arange(-1, tokens.shape[1] - 1))
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
