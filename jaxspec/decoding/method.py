@@ -97,6 +97,21 @@ class Method:
 
 
 @dataclasses.dataclass(frozen=True)
+class LossyMode(Method):
+    """A decoding mode whose output is that of a changed model (`decoder`: the target with layers exited early,
+    a compressed cache, ...), decoded autoregressively: not the target's output, so lossless = False and refused
+    under `require_lossless`."""
+
+    lossless: ClassVar[bool] = False
+
+    def build(self, target: Target, **objects):
+        return None, None  # no drafter: the autoregressive loop runs `decoder`'s model
+
+    def decoder(self, target: Target) -> tuple[Any, Any]:
+        raise NotImplementedError(f"lossy mode {self.name!r} must say what model it decodes with")
+
+
+@dataclasses.dataclass(frozen=True)
 class Speculative(Method):
     """A method that drafts a token tree for the target to verify. `tree` "" is the method's default tree;
     `adaptive` > 0 starts an adaptive draft length there (chains: +2 after a full accept, -1 otherwise)."""

@@ -257,18 +257,12 @@ class DecoderLM(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class WithOptions:
-    """A DecoderLM applied with the same static options on every call (e.g. `skip_layers=(3, 5)`): the changed
-    model a lossy decoding mode decodes with. It stands in for the module wherever a loop only applies it
-    (`apply`, `model_cfg`, `layout`, `clone`), and hashes by value, so it can be a static argument of a
-    compiled loop."""
+class ChangedModel:
+    """Base of a stand-in for a DecoderLM whose every apply is changed the same way: the model a lossy decoding
+    mode decodes with. It serves wherever a loop only applies the module (`apply`, `model_cfg`, `layout`,
+    `clone`), and hashes by value, so it can be a static argument of a compiled loop."""
 
     model: DecoderLM
-    options: tuple[tuple[str, Any], ...]  # ((apply keyword, value), ...), values hashable
-
-    @classmethod
-    def of(cls, model: DecoderLM, **options) -> WithOptions:
-        return cls(model, tuple(sorted(options.items())))
 
     @property
     def model_cfg(self):
@@ -278,9 +272,23 @@ class WithOptions:
     def layout(self) -> str:
         return self.model.layout
 
-    def clone(self, **fields) -> WithOptions:
-        """The same options over `model.clone(**fields)` (e.g. the decode layout the loops convert to)."""
-        return WithOptions(self.model.clone(**fields), self.options)
+    def clone(self, **fields):
+        """The same change over `model.clone(**fields)` (e.g. the decode layout the loops convert to)."""
+        return dataclasses.replace(self, model=self.model.clone(**fields))
+
+    def apply(self, variables, tokens, **kwargs):
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class WithOptions(ChangedModel):
+    """A DecoderLM applied with the same static options on every call (e.g. `skip_layers=(3, 5)`)."""
+
+    options: tuple[tuple[str, Any], ...] = ()  # ((apply keyword, value), ...), values hashable
+
+    @classmethod
+    def of(cls, model: DecoderLM, **options) -> WithOptions:
+        return cls(model, tuple(sorted(options.items())))
 
     def apply(self, variables, tokens, **kwargs):
         clash = sorted(set(kwargs) & {name for name, _ in self.options})

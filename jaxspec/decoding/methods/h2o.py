@@ -12,7 +12,7 @@ import dataclasses
 from jaxspec import config as config_lib
 from jaxspec.config import MixerKind
 from jaxspec.decoding import methods
-from jaxspec.decoding.method import Method, Target, is_int
+from jaxspec.decoding.method import LossyMode, Target, is_int
 from jaxspec.errors import InputError
 from jaxspec.models.lm import WithOptions
 
@@ -39,19 +39,15 @@ def budgeted(spec, model) -> WithOptions:
 
 @methods.register
 @dataclasses.dataclass(frozen=True)
-class HeavyHitter(Method):
+class HeavyHitter(LossyMode):
     """`budget` keys per attention layer, row and KV head, of which the `recent` latest always stay."""
 
     name = "h2o"
-    lossless = False
     budget: int = 256
     recent: int = 128
 
     def __post_init__(self):
         check_budget_fields(self)
-
-    def build(self, target: Target, **objects):
-        return None, None  # no drafter: the autoregressive loop runs `decoder`'s model
 
     def decoder(self, target: Target):
         return budgeted(self, target.model), target.params

@@ -24,13 +24,13 @@ falls. `lossless = False`: refused under `require_lossless`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax.numpy as jnp
 
 from jaxspec.decoding import methods
-from jaxspec.decoding.method import Method, Target, is_int
+from jaxspec.decoding.method import LossyMode, Target, is_int
 from jaxspec.errors import InputError
+from jaxspec.models.lm import ChangedModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,23 +62,10 @@ class ExitSchedule:
 
 
 @dataclasses.dataclass(frozen=True)
-class ScheduledExit:
-    """The target with each new token's layers gated by `schedule` at its position. It stands in for the module
-    in the decode loops (`apply`, `model_cfg`, `layout`, `clone`) and hashes by value (a static argument)."""
+class ScheduledExit(ChangedModel):
+    """The target with each new token's layers gated by `schedule` at its position."""
 
-    model: Any  # DecoderLM
-    schedule: ExitSchedule
-
-    @property
-    def model_cfg(self):
-        return self.model.model_cfg
-
-    @property
-    def layout(self) -> str:
-        return self.model.layout
-
-    def clone(self, **fields) -> ScheduledExit:
-        return dataclasses.replace(self, model=self.model.clone(**fields))
+    schedule: ExitSchedule | None = None
 
     def apply(self, variables, tokens, *, state=None, **kwargs):
         if "layer_gate" in kwargs:
@@ -92,12 +79,11 @@ class ScheduledExit:
 
 @methods.register
 @dataclasses.dataclass(frozen=True)
-class SkipDecode(Method):
+class SkipDecode(LossyMode):
     """`max_exit` (0: every layer) at positions up to `decay_start`, falling linearly to `min_exit` (0: half the
     layers) at `decay_end` (0: the model's max_len) and beyond."""
 
     name = "skipdecode"
-    lossless = False
     max_exit: int = 0
     min_exit: int = 0
     decay_start: int = 0
@@ -116,9 +102,6 @@ class SkipDecode(Method):
         decay_end = self.decay_end or model_cfg.max_len
         self.check(decay_end > self.decay_start, "decay_end", f"a position after decay_start={self.decay_start}")
         return ExitSchedule(max_exit, min_exit, self.decay_start, decay_end)
-
-    def build(self, target: Target, **objects):
-        return None, None  # no drafter: the autoregressive loop runs `decoder`'s model
 
     def decoder(self, target: Target):
         return ScheduledExit(target.model, self.schedule(target.model.model_cfg)), target.params

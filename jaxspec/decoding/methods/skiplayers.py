@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxspec import config as config_lib
 from jaxspec.decoding import methods
-from jaxspec.decoding.method import Method, Target, is_int
+from jaxspec.decoding.method import LossyMode, Target, is_int
 from jaxspec.models.lm import WithOptions
 
 
@@ -29,11 +29,10 @@ def evenly_skipped_layers(n_layers: int, target_speedup: float) -> tuple[int, ..
 
 @methods.register
 @dataclasses.dataclass(frozen=True)
-class SkipLayers(Method):
+class SkipLayers(LossyMode):
     """`skip_layers` () takes `evenly_skipped_layers(n_layers, target_speedup)`."""
 
     name = "skiplayers"
-    lossless = False
     target_speedup: float = 1.5
     skip_layers: tuple = ()
 
@@ -46,9 +45,6 @@ class SkipLayers(Method):
 
     def skipped(self, n_layers: int) -> tuple[int, ...]:
         return self.skip_layers or evenly_skipped_layers(n_layers, self.target_speedup)
-
-    def build(self, target: Target, **objects):
-        return None, None  # no drafter: the autoregressive loop runs `decoder`'s model
 
     def decoder(self, target: Target):
         cfg = target.model.model_cfg
