@@ -4,6 +4,7 @@
   (lossless). The layers are ranked by the cosine similarity of each FFN's input and output residual streams on
   calibration text: the target's chat template around instructions built from the standard library (disjoint
   from the suite), and, for the method's default rule, the fixed random token ids `build` uses.
+- skiplayers: unified layer skipping, ceil(n_layers / target speedup) layers spread evenly (lossy).
 - skipdecode: each token runs the first exit(p) layers, exit(p) falling linearly with its position p from
   max_exit to min_exit over [--decay_start, --decay_end] (lossy). A constant schedule (max = min) shows what
   the per-layer gate costs (max = n_layers: nothing skipped) and what it saves (max = min < n_layers).
@@ -48,9 +49,11 @@ def calibration_text(tokenizer, n: int, max_chars: int) -> tuple[np.ndarray, np.
     return tokens, mask
 
 
-def method_specs(model, params, similarity, counts, schedules, decay_start: int, decay_end: int) -> dict:
+def method_specs(model, params, similarity, counts, schedules, decay_start: int, decay_end: int,
+                 target_speedups=()) -> dict:
     """name -> spec: ffnskip with the `counts` most similar FFNs (by `similarity`) and with its default rule,
-    and skipdecode with each (max_exit, min_exit) of `schedules`."""
+    skipdecode with each (max_exit, min_exit) of `schedules`, and skiplayers (unified layer skipping) at each
+    of `target_speedups`."""
     from jaxspec.decoding import methods
     from jaxspec.decoding.methods import ffnskip
 
@@ -63,6 +66,8 @@ def method_specs(model, params, similarity, counts, schedules, decay_start: int,
     for max_exit, min_exit in schedules:
         specs[f"skipdecode {max_exit}->{min_exit}"] = methods.make(
             "skipdecode", max_exit=max_exit, min_exit=min_exit, decay_start=decay_start, decay_end=decay_end)
+    for speedup in target_speedups:
+        specs[f"skiplayers {speedup:g}x"] = methods.make("skiplayers", target_speedup=float(speedup))
     return specs
 
 
@@ -119,6 +124,7 @@ def define_flags() -> None:
     flags.DEFINE_string("model", "smollm2-135m-instruct", "the target (a zoo name or a workdir)")
     flags.DEFINE_list("num_skip_ffn", ["4", "6", "10"], "FFN-skip drafts: FFNs left out, by real-text calibration")
     flags.DEFINE_string("schedules", "30:30,30:26,30:22,15:15", "skipdecode max_exit:min_exit pairs")
+    flags.DEFINE_list("target_speedups", ["1.25", "1.5"], "skiplayers (unified layer skipping) target speedups")
     flags.DEFINE_integer("decay_start", 0, "skipdecode: position where the exit starts to fall")
     flags.DEFINE_integer("decay_end", 256, "skipdecode: position where the exit reaches min_exit")
     flags.DEFINE_integer("calibration_prompts", 8, "standard-library instructions for the FFN calibration")
@@ -144,7 +150,8 @@ def main(argv) -> None:
     print("FFN input/output cosine similarity per layer (calibration text):\n"
           + " ".join(f"{i}:{s:.3f}" for i, s in enumerate(similarity)) + "\n", flush=True)
     specs = method_specs(lm.model, lm.params, similarity, [int(c) for c in FLAGS.num_skip_ffn],
-                         parse_schedules(FLAGS.schedules), FLAGS.decay_start, FLAGS.decay_end)
+                         parse_schedules(FLAGS.schedules), FLAGS.decay_start, FLAGS.decay_end,
+                         [float(x) for x in FLAGS.target_speedups])
     prompts = suite_eval.encode_suite(lm.tokenizer, load_suite(per_category=FLAGS.per_category))
     print(f"{len(prompts)} suite prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens), "
           f"max_new_tokens={FLAGS.max_new_tokens}, greedy, batch 1", flush=True)

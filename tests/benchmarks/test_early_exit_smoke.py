@@ -17,7 +17,9 @@ def test_measured_rows(benchmark_script, make_model):
     bench = benchmark_script("early_exit")
     model, params = make_model("A", seed=1, max_len=96)
     similarity = np.asarray([0.5, 0.9])
-    specs = bench.method_specs(model, params, similarity, [1], [(2, 1)], decay_start=0, decay_end=8)
+    specs = bench.method_specs(model, params, similarity, [1], [(2, 1)], decay_start=0, decay_end=8,
+                               target_speedups=[2.0])
+    assert specs["skiplayers 2x"].target_speedup == 2.0 and not specs["skiplayers 2x"].lossless
     assert specs["ffnskip 1 (text)"].skip_ffn == (1,) and specs["skipdecode 2->1"].lossless is False
     del specs["ffnskip 1 (default)"]  # the same kind of row: one compiled loop fewer
     lm = types.SimpleNamespace(model=model, params=params, tokenizer=types.SimpleNamespace(eos_ids=None))
