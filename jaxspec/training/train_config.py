@@ -188,9 +188,10 @@ def validate_config(config) -> None:
                  "a self-distillation set (a directory made by `python -m launch.selfdistill`) for "
                  "train.loss='eagle', which reads the target's stored features")
     data_lib.parse_data_config(config.data)
-    require(config.data.seq_len <= config.model.max_len, "data.seq_len", config.data.seq_len,
-            f"at most model.max_len={config.model.max_len} (positions past it are never decoded; raise "
-            "model.max_len to train longer sequences)")
+    if config.train.loss not in ("medusa", "eagle"):  # those train heads over the target, whose context it is
+        require(config.data.seq_len <= config.model.max_len, "data.seq_len", config.data.seq_len,
+                f"at most model.max_len={config.model.max_len} (positions past it are never decoded; raise "
+                "model.max_len to train longer sequences)")
     sizes = dict(zip(mesh_lib.MESH_AXES, mesh_lib.resolve_axis_sizes(config.mesh, jax.device_count())))
     batch_shards = sizes["data"] * sizes["fsdp"]
     require(config.data.batch_size % batch_shards == 0, "data.batch_size", config.data.batch_size,
