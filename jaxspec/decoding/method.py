@@ -23,6 +23,7 @@ with the target's final hidden states at every prompt position and at the accept
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, ClassVar, Protocol
 
@@ -97,7 +98,7 @@ class Method:
 
 
 @dataclasses.dataclass(frozen=True)
-class LossyMode(Method):
+class LossyMode(Method, abc.ABC):
     """A decoding mode whose output is that of a changed model (`decoder`: the target with layers exited early,
     a compressed cache, ...), decoded autoregressively: not the target's output, so lossless = False and refused
     under `require_lossless`."""
@@ -107,8 +108,9 @@ class LossyMode(Method):
     def build(self, target: Target, **objects):
         return None, None  # no drafter: the autoregressive loop runs `decoder`'s model
 
+    @abc.abstractmethod
     def decoder(self, target: Target) -> tuple[Any, Any]:
-        raise NotImplementedError(f"lossy mode {self.name!r} must say what model it decodes with")
+        """Every lossy mode says what model it decodes with (a subclass without this cannot be built)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -259,8 +259,8 @@ class DecoderLM(nn.Module):
 @dataclasses.dataclass(frozen=True)
 class ChangedModel:
     """Base of a stand-in for a DecoderLM whose every apply is changed the same way: the model a lossy decoding
-    mode decodes with. It serves wherever a loop only applies the module (`apply`, `model_cfg`, `layout`,
-    `clone`), and hashes by value, so it can be a static argument of a compiled loop."""
+    mode decodes with. It serves wherever a loop only applies the module (`model_cfg`, `layout`, `clone` here;
+    each subclass defines `apply`), and hashes by value, so it can be a static argument of a compiled loop."""
 
     model: DecoderLM
 
@@ -275,9 +275,6 @@ class ChangedModel:
     def clone(self, **fields):
         """The same change over `model.clone(**fields)` (e.g. the decode layout the loops convert to)."""
         return dataclasses.replace(self, model=self.model.clone(**fields))
-
-    def apply(self, variables, tokens, **kwargs):
-        raise NotImplementedError
 
 
 @dataclasses.dataclass(frozen=True)
