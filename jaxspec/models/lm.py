@@ -147,9 +147,9 @@ def token_gate(layer_gate, shape: tuple[int, int], n_layers: int, mode: Mode) ->
     """DecoderLM's `layer_gate` as [B, T, n_layers] bool for tokens of `shape` (B, T)."""
     b, t = shape
     gate_shape = jnp.shape(layer_gate)
-    if mode == Mode.TREE or gate_shape not in ((n_layers,), (b, n_layers), (b, t, n_layers)):
-        raise InputError(f"layer_gate needs a full forward or an extend and shape ({n_layers},), ({b}, {n_layers}) "
-                         f"or ({b}, {t}, {n_layers}); got shape {gate_shape} in a {mode} forward")
+    if gate_shape not in ((n_layers,), (b, n_layers), (b, t, n_layers)):
+        raise InputError(f"layer_gate needs shape ({n_layers},), ({b}, {n_layers}) or ({b}, {t}, {n_layers}); got "
+                         f"shape {gate_shape} in a {mode} forward")
     gate = jnp.asarray(layer_gate, bool)
     gate = gate[None, None] if gate.ndim == 1 else gate[:, None] if gate.ndim == 2 else gate
     return jnp.broadcast_to(gate, (b, t, n_layers))
@@ -157,13 +157,21 @@ def token_gate(layer_gate, shape: tuple[int, int], n_layers: int, mode: Mode) ->
 
 def gated_block(block: Block, gate, x, cache, step: Step, granularity, skip_ffn: bool):
     """`block` applied where gate [B, T] is True, x kept elsewhere; a block gated off for every token is not
-    run (lax.cond: its cache passes through unchanged)."""
+    run (lax.cond). Its cache then passes through unchanged; in a tree forward, which returns the nodes' pending
+    entries rather than the cache, it gives zeros of their shapes (entries of gated-off nodes are undefined)."""
 
     def run(mdl, x, cache):
         y, new = mdl(x, step, cache, granularity, skip_ffn)
         return jnp.where(gate[..., None], y, x), new
 
-    return nn.cond(jnp.any(gate), run, lambda mdl, x, cache: (x, cache), block, x, cache)
+    if step.mode == Mode.TREE:
+        # The pending entries' shapes, from a trace of a pure apply of the same block (nothing runs).
+        pure = lambda variables: block.clone(parent=None).apply(variables, x, step, cache, granularity, skip_ffn)
+        pending = jax.eval_shape(pure, block.variables)[1]
+        skipped = lambda mdl, x, cache: (x, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), pending))
+    else:
+        skipped = lambda mdl, x, cache: (x, cache)
+    return nn.cond(jnp.any(gate), run, skipped, block, x, cache)
 
 
 def context_free_tree_step(parents, batch: int) -> Step:
@@ -213,10 +221,12 @@ class DecoderLM(nn.Module):
         layer_gate: bool, traced, [n_layers] (every token), [B, n_layers] (per row) or [B, T, n_layers] (per
         token): a token's layer-i output is dropped where its gate is False, as `skip_layers` drops it. A layer
         gated off for every token does not run at all (a lax.cond), so one compiled forward serves many gates (a
-        skip-set search, an exit schedule) and still saves the skipped layers' compute. Full forwards and extends
-        (not trees). In an extend, a gated-off token's cache entries of that layer are left undefined: gates must
-        be monotone over a row's tokens (once off for a token, a layer stays off for every later token, as with
-        exits that only decrease), so that no later token reads them.
+        skip-set search, an exit schedule) and still saves the skipped layers' compute. Every mode: in an extend,
+        a gated-off token's cache entries of that layer are left undefined, so gates must be monotone over a
+        row's tokens (once off for a token, a layer stays off for every later token, as with exits that only
+        decrease), so that no later token reads them; in a tree forward, a gated-off node's pending entries are
+        undefined alike, so a node's descendants must have the layer off too (a gate per layer or per row, as
+        self-drafting over the target's cache uses, always is).
         kv_budget (static): (budget, recent): attention layers keep a budgeted heavy-hitter cache (H2O,
         jaxspec.ops.heavy_hitter), started by the fresh prefill; needs a decode state."""
         cfg = self.model_cfg
