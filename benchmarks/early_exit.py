@@ -5,6 +5,7 @@
   calibration text: the target's chat template around instructions built from the standard library (disjoint
   from the suite), and, for the method's default rule, the fixed random token ids `build` uses.
 - skiplayers: unified layer skipping, ceil(n_layers / target speedup) layers spread evenly (lossy).
+- kangaroo (with --kangaroo=WORKDIR): the target's first layers plus a trained adapter draft for it (lossless).
 - skipdecode: each token runs the first exit(p) layers, exit(p) falling linearly with its position p from
   max_exit to min_exit over [--decay_start, --decay_end] (lossy). A constant schedule (max = min) shows what
   the per-layer gate costs (max = n_layers: nothing skipped) and what it saves (max = min < n_layers).
@@ -125,6 +126,8 @@ def define_flags() -> None:
     flags.DEFINE_list("num_skip_ffn", ["4", "6", "10"], "FFN-skip drafts: FFNs left out, by real-text calibration")
     flags.DEFINE_string("schedules", "30:30,30:26,30:22,15:15", "skipdecode max_exit:min_exit pairs")
     flags.DEFINE_list("target_speedups", ["1.25", "1.5"], "skiplayers (unified layer skipping) target speedups")
+    flags.DEFINE_string("kangaroo", "", "a Kangaroo adapter run (launch.train_kangaroo) for the target: adds a "
+                        "kangaroo row ('': none)")
     flags.DEFINE_integer("decay_start", 0, "skipdecode: position where the exit starts to fall")
     flags.DEFINE_integer("decay_end", 256, "skipdecode: position where the exit reaches min_exit")
     flags.DEFINE_integer("calibration_prompts", 8, "standard-library instructions for the FFN calibration")
@@ -138,7 +141,7 @@ def main(argv) -> None:
     del argv
     cli.quiet_libraries()
     cli.enable_compilation_cache(None)
-    from jaxspec.decoding import api
+    from jaxspec.decoding import api, methods
     from jaxspec.decoding.methods import ffnskip
     from jaxspec.eval import suite_eval, tables
     from jaxspec.eval.suite import load_suite
@@ -152,6 +155,8 @@ def main(argv) -> None:
     specs = method_specs(lm.model, lm.params, similarity, [int(c) for c in FLAGS.num_skip_ffn],
                          parse_schedules(FLAGS.schedules), FLAGS.decay_start, FLAGS.decay_end,
                          [float(x) for x in FLAGS.target_speedups])
+    if FLAGS.kangaroo:  # lossless self-drafting: the target's first layers plus a trained adapter
+        specs["kangaroo"] = methods.make("kangaroo", draft_workdir=FLAGS.kangaroo)
     prompts = suite_eval.encode_suite(lm.tokenizer, load_suite(per_category=FLAGS.per_category))
     print(f"{len(prompts)} suite prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens), "
           f"max_new_tokens={FLAGS.max_new_tokens}, greedy, batch 1", flush=True)

@@ -25,17 +25,18 @@ def config_modules() -> list[str]:
 
 def test_every_config_file_has_a_valid_model_section():
     """Every configs/*.py (found, not listed, so new files are covered) validates at its default arg: a model
-    section that builds, or (a job over an existing model) a valid suite-evaluation or self-distillation config."""
+    section that builds, or (a job over an existing model) its job's valid config: a self-distillation set, a
+    Kangaroo adapter run, else a suite evaluation."""
     from jaxspec.eval import suite_eval
-    from jaxspec.training import selfdistill
+    from jaxspec.training import kangaroo, selfdistill
 
+    jobs = {"selfdistill": selfdistill.validate_config, "kangaroo": kangaroo.validate_config}
     names = config_modules()
     assert {"lm", "matformer", "hybrid", "quickstart", "selfdistill"} <= set(names)
     for name in names:
         config = load_config(name, None)
         if "model" not in config:
-            validate = selfdistill.validate_config if "num_prompts" in config else suite_eval.validate
-            validate(config)
+            jobs.get(name, suite_eval.validate)(config)
             continue
         model = build_model(config.model)
         shapes = jax.eval_shape(lambda key, model=model: init_params(model, key), jax.random.key(0))
