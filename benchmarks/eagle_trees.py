@@ -1,9 +1,11 @@
 """A trained EAGLE drafter on the offline prompt suite: static chains and EAGLE-2 dynamic trees of several sizes
-against autoregressive decoding, side by side in one run (SmolLM2-135M-Instruct by default).
+against autoregressive decoding, side by side in one run (SmolLM2-135M-Instruct by default); optionally beside
+Medusa and Hydra heads trained for the same target (`--medusa`, `--hydra`).
 
   python -m launch.quickstart --arg=drafters                     # or the README's self-distill + train commands
   python -m benchmarks.eagle_trees --drafter=~/.cache/jaxspec/drafters/smollm2-135m-instruct/eagle
   python -m benchmarks.eagle_trees --drafter=/tmp/eagle --chains=2,3,4 --dynamic=4:4:6,4:5:8 --per_category=3
+  python -m benchmarks.eagle_trees --drafter=/tmp/eagle --medusa=/tmp/medusa_sd --hydra=/tmp/hydra_sd   # + heads
 
 Each row: tau (tokens per target forward), tokens/s, speedup over autoregressive decoding and whether the output
 is identical to it, per category and over all prompts (jaxspec.eval.suite_eval, as the quickstart).
@@ -109,6 +111,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("per_category", 3, "suite prompts per category")
     flags.DEFINE_integer("max_new_tokens", 64, "tokens per prompt")
     flags.DEFINE_bool("lookup", True, "also prompt lookup on a 4-draft chain (the best training-free row)")
+    flags.DEFINE_string("medusa", None, "also a Medusa heads run for the same target, on each of --head_trees")
+    flags.DEFINE_string("hydra", None, "also a Hydra heads run for the same target, on each of --head_trees")
+    flags.DEFINE_list("head_trees", ["medusa_small", "chain:3"], "static trees of the --medusa / --hydra rows")
     flags.DEFINE_string("workdir", "/tmp/eagle_trees", "where the tables and plots go")
     flags.DEFINE_bool("suite", True, "decode the suite (off: only the round split)")
     flags.DEFINE_bool("round_split", True, "also time draft / verify / commit of one round per variant")
@@ -126,6 +131,11 @@ def main(argv) -> None:
                                    FLAGS.dynamic)
     if FLAGS.lookup:
         config.methods.lookup = lookup
+    for name in ("medusa", "hydra"):  # draft heads on the same target, beside the EAGLE rows
+        if FLAGS[name].value:
+            workdir = os.path.abspath(os.path.expanduser(FLAGS[name].value))
+            for tree in FLAGS.head_trees:
+                config.methods[f"{name}_{tree.replace(':', '')}"] = dict(method=name, draft_workdir=workdir, tree=tree)
     start = time.perf_counter()
     if FLAGS.suite:
         report = suite_eval.evaluate_suite(config, FLAGS.workdir, on_method=lambda name: print(

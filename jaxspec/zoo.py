@@ -297,6 +297,22 @@ def model_workdir(name: str, cache_dir: str | None = None) -> str:
     return workdir
 
 
+def target_identity(workdir: str) -> str:
+    """What names a target for the drafters, heads and sets made for it: the workdir's real path, or for a zoo
+    model's converted workdir its model directory, so that a conversion made again by changed importer code
+    (a new `workdir-<version>`) is still the same target of the same pinned GGUF."""
+    path = os.path.realpath(workdir)
+    parent = os.path.dirname(path)
+    if os.path.basename(path).startswith("workdir-") and os.path.basename(os.path.dirname(parent)) == "models":
+        return parent
+    return path
+
+
+def same_target(a: str, b: str) -> bool:
+    """Whether workdirs `a` and `b` hold the same target (`target_identity`)."""
+    return target_identity(a) == target_identity(b)
+
+
 def resolve_workdir(model: str | None, workdir: str | None) -> str:
     """For CLIs: the workdir named by exactly one of --model (a zoo name) and --workdir (a path)."""
     if bool(model) == bool(workdir):

@@ -47,12 +47,13 @@ _METHOD_FLAGS = {
     "tree": flags.DEFINE_string("tree", None, "token tree: chain:K, branching:b1,b2,..., medusa_63, medusa_small "
                                  "(default: the method's own)"),
     "draft_workdir": flags.DEFINE_string("draft_workdir", None, "draft model run (draft), Medusa heads run "
-                                          "(medusa) or EAGLE drafter run (eagle)"),
+                                          "(medusa), EAGLE drafter run (eagle) or Kangaroo adapter run (kangaroo)"),
     "granularity": flags.DEFINE_string("granularity", None, "MatFormer granularity that drafts (matformer): one "
                                         "index, or one per layer as 0,1,1,..."),
     "skip_layers": flags.DEFINE_string("skip_layers", None, "layers skipped (layerskip: the self-draft's, default "
                                         "every other layer of the upper two thirds; skiplayers: the decoding "
-                                        "model's, default from --target_speedup), e.g. 20-29,31"),
+                                        "model's, default from --target_speedup; swift: the first set of its "
+                                        "search), e.g. 20-29,31"),
     "acceptance_head": flags.DEFINE_string("acceptance_head", None, "SpecDec++ stop (draft, layerskip, matformer, "
                                             "...): a head trained for this drafter by launch.train_acceptance"),
     "stop_threshold": flags.DEFINE_float("stop_threshold", None, "with --acceptance_head: a branch stops once its "
@@ -75,7 +76,7 @@ _METHOD_FLAGS = {
                                           "layers, spread evenly from the first to the last"),
     "adaptive": flags.DEFINE_integer("adaptive", None, "adaptive draft length starting here (0 = off)"),
     "confidence_threshold": flags.DEFINE_float("confidence_threshold", None, "stop a draft below this top "
-                                                "probability (draft, matformer, layerskip)"),
+                                                "probability (draft, matformer, layerskip; kangaroo: default 0.6)"),
     "without_replacement": flags.DEFINE_bool("without_replacement", None, "sampled siblings drawn without "
                                              "replacement, as RSD (draft, layerskip, matformer)"),
     "min_ngram": flags.DEFINE_integer("min_ngram", None, "shortest n-gram prompt lookup matches (lookup)"),
@@ -86,6 +87,16 @@ _METHOD_FLAGS = {
                                    "expanded by its best children (0: the static --tree)"),
     "depth": flags.DEFINE_integer("depth", None, "depth of the dynamic tree (eagle, with --expand)"),
     "nodes": flags.DEFINE_integer("nodes", None, "drafts kept in the dynamic tree (eagle, with --expand)"),
+    "exit_layers": flags.DEFINE_list("exit_layers", None, "del: candidate exits E (the draft runs the first E "
+                                     "layers over the target's cache), e.g. 15,19,22,26"),
+    "decay": flags.DEFINE_float("decay", None, "del: share of the acceptance statistics a round keeps, in (0, 1)"),
+    "verify_costs": flags.DEFINE_list("verify_costs", None, "del: cost of verifying 1, 2, 4, ... nodes in "
+                                      "autoregressive steps (default: measured on SmolLM2)"),
+    "skip_ratio": flags.DEFINE_float("skip_ratio", None, "swift: share of the layers the searched skip set skips"),
+    "search_rounds": flags.DEFINE_integer("search_rounds", None, "swift: rounds of the skip-set search (0: none, "
+                                          "draft with --skip_layers throughout)"),
+    "trial_rounds": flags.DEFINE_integer("trial_rounds", None, "swift: rounds each candidate skip set drafts"),
+    "search_seed": flags.DEFINE_integer("search_seed", None, "swift: seed of the skip-set search"),
 }
 _STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", True, "stop a row at the checkpoint's end-of-sequence ids")
 _STREAM = flags.DEFINE_bool("stream", False, "print each reply as rounds commit")

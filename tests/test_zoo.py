@@ -167,6 +167,21 @@ def test_converter_version_follows_the_importer_source():
     assert len(zoo.converter_version()) == 12 and zoo.converter_version() == zoo.converter_version()
 
 
+def test_a_zoo_models_conversions_are_one_target(tmp_path):
+    """Drafters and sets name their target by workdir: a zoo model converted again (new importer code, a new
+    `workdir-<version>`) stays the same target; other models and plain workdirs do not."""
+    models = tmp_path / "cache" / "models"
+    old, new, other = models / "m" / "workdir-aaa", models / "m" / "workdir-bbb", models / "n" / "workdir-aaa"
+    plain_a, plain_b = tmp_path / "runs" / "workdir-aaa", tmp_path / "runs" / "workdir-bbb"
+    for path in (old, new, other, plain_a, plain_b):
+        path.mkdir(parents=True)
+    os.symlink(plain_a, tmp_path / "link")
+    assert zoo.same_target(str(old), str(new))
+    assert not zoo.same_target(str(old), str(other))
+    assert not zoo.same_target(str(plain_a), str(plain_b))  # not under a zoo cache: the path itself
+    assert zoo.same_target(str(tmp_path / "link"), str(plain_a))
+
+
 def test_names_and_cli_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match=r"unknown model 'nope'.*gemma3-270m.*smollm2-135m-instruct"):
         zoo.fetch_gguf("nope")

@@ -225,9 +225,17 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
     state, root, hidden, em, prompt_out = _prefill(model, params, prompts, prompt_lens, max_len, sampling, k0,
                                                    eos_ids, max_new, k, stream, prefill_chunk)
     # Optional hook: a drafter with `reads_features` (a feature drafter, EAGLE) gets the target's final hidden
-    # states: at every prompt position (init) and at the accepted path's nodes (update), keyword `features`.
+    # states, or with `feature_layers` (EAGLE-3) those layers' residual streams concatenated: at every prompt
+    # position (init) and at the accepted path's nodes (update), keyword `features`.
     reads_features = getattr(drafter, "reads_features", False)
-    features = {"features": prompt_out.hidden} if reads_features else {}
+    feature_layers = tuple(getattr(drafter, "feature_layers", ()))
+
+    def drafter_features(out):
+        if not feature_layers:
+            return out.hidden
+        return jnp.concatenate([out.layer_hidden[i] for i in feature_layers], axis=-1).astype(jnp.float32)
+
+    features = {"features": drafter_features(prompt_out)} if reads_features else {}
     dstate = drafter.init(draft_params, prompts, prompt_lens, max_len, root, **features)
     # Optional hook: a drafter with `feedback_top_k` > 0 sees the target's top-k next tokens at every prompt
     # token and, each round, at every tree node (`observe(dstate, tokens, top_k_next, valid)`).
@@ -235,6 +243,10 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
     if feedback_k:
         in_prompt = jnp.arange(prompts.shape[1])[None, :] < prompt_lens[:, None]
         dstate = drafter.observe(dstate, prompts, jax.lax.top_k(prompt_out.logits, feedback_k)[1], in_prompt)
+    # Optional hook: a drafter with `reads_target_state` drafts over the target's own cache (self-drafting that
+    # keeps no cache of its own) and gets, each round, keywords `target_state` (the committed tokens up to the
+    # root's parent: the root is not in it) and `target_params` (the decode-layout params this loop runs).
+    reads_target_state = getattr(drafter, "reads_target_state", False)
     depths = jnp.asarray(tree.depths)
     draft_len = jnp.full((b,), adaptive.initial or tree.max_depth, jnp.int32)
     zeros = jnp.zeros((b,), jnp.int32)
@@ -243,7 +255,8 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
         state, dstate, root, hidden, em, steps, accepted, draft_len, key = carry
         key, kd, kv = jax.random.split(key, 3)
         ctx = Context(root, em.seq, em.seq_len, hidden, kd, sampling.temperature)
-        prop = drafter.propose(draft_params, dstate, ctx)
+        target = {"target_state": state, "target_params": params} if reads_target_state else {}
+        prop = drafter.propose(draft_params, dstate, ctx, **target)
         valid = prop.node_valid
         if adaptive.initial:
             in_budget = depths[None, :] <= draft_len[:, None]
@@ -263,7 +276,8 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
             out, pending = model.apply({"params": params}, prop.tokens, state=state, parents=parents,
                                        return_hidden=True)
             res = verify(out.logits, valid)
-            return commit(pending, res.path, jnp.where(running, res.num_accepted, 0)), res, out.hidden, out.logits
+            return (commit(pending, res.path, jnp.where(running, res.num_accepted, 0)), res, out.hidden, out.logits,
+                    drafter_features(out))
 
         def root_only(state):
             # No row has a draft: the round is an autoregressive step (a one-token extend of the root), and
@@ -272,18 +286,20 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
                                      num_new=running.astype(jnp.int32), return_hidden=True)
             logits = jnp.broadcast_to(out.logits, (b, k, out.logits.shape[-1]))
             res = verify(logits, jnp.zeros((b, k), bool))
-            return state, res, jnp.broadcast_to(out.hidden, (b, k, out.hidden.shape[-1])), logits
+            spread = lambda x: jnp.broadcast_to(x, (b, k, x.shape[-1]))
+            return state, res, spread(out.hidden), logits, spread(drafter_features(out))
 
         if valid is None:  # every node is a draft
-            state, res, node_hidden, node_logits = whole_tree(state)
+            state, res, node_hidden, node_logits, node_features = whole_tree(state)
         else:
             any_draft = jnp.any(valid[:, 1:] & running[:, None])
-            state, res, node_hidden, node_logits = jax.lax.cond(any_draft, whole_tree, root_only, state)
+            state, res, node_hidden, node_logits, node_features = jax.lax.cond(any_draft, whole_tree, root_only,
+                                                                               state)
         n = jnp.where(running, res.num_accepted, 0)
         last = jnp.take_along_axis(res.path, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
         hidden = jnp.where(running[:, None], node_hidden[rows, last], hidden)
         em, _ = emit_tokens(em, res.accepted_tokens, n, eos_ids=eos_ids, max_new=max_new, stream=stream)
-        features = {"features": node_hidden[rows[:, None], res.path]} if reads_features else {}
+        features = {"features": node_features[rows[:, None], res.path]} if reads_features else {}
         dstate = drafter.update(prop.state, res.accepted_tokens, n, **features)
         if feedback_k:
             scored = running[:, None] if prop.node_valid is None else prop.node_valid & running[:, None]

@@ -18,7 +18,14 @@ and, only for a drafter whose `feedback_top_k` is > 0 (the loop pays for nothing
 with the target's top-k next tokens at every prompt token (after the prefill) and at every tree node (after
 each verification); and, only for a drafter whose `reads_features` is True (a feature drafter, EAGLE):
     init(..., first_token, features [B, P, d]) and update(..., num_emitted, features [B, K, d])
-with the target's final hidden states at every prompt position and at the accepted path's nodes (root first).
+with the target's final hidden states at every prompt position and at the accepted path's nodes (root first);
+a drafter that also names `feature_layers` (EAGLE-3) gets those layers' residual streams instead, concatenated
+(width d * len(feature_layers)). Only for a drafter whose `reads_target_state` is True (self-drafting over the
+target's own cache, `jaxspec.decoding.gated_draft`):
+    propose(params, dstate, ctx, target_state=DecodeState, target_params=...)
+with the target's decode state at the start of the round (every committed token up to the root's parent; the
+root itself is not in it) and the decode-layout params the loop runs the target with. The drafter leaves that
+state as it is: its tree forwards' pending entries are dropped, never committed.
 """
 
 from __future__ import annotations

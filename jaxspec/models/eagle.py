@@ -7,8 +7,15 @@ into a distribution over x_{t+2}. Drafting feeds the guessed features back in, d
 
     net = EagleNet(drafter_model_cfg(target_cfg, num_layers=1))
     feats, state = net.apply({"params": p}, features, embeddings, state=state, num_new=n)     # extend
-    feats, state = net.apply({"params": p}, features, embeddings, state=state, parents=par)   # tree (pending)
-    feats = net.apply({"params": p}, features, embeddings, parents=par)   # a tree with no context (training)
+    feats, state = net.apply({"params": p}, None, embeddings, guessed=g, state=state, parents=par)  # tree (pending)
+    feats = net.apply({"params": p}, features, embeddings, guessed=g, parents=par)   # no context (training)
+
+EAGLE-3 (Li et al., 2025) reads several of the target's residual streams instead of its final feature:
+`EagleNet(cfg, fused_streams=3)` takes `features` [B, T, 3 * d] (say layers 2, n/2 and n-3, concatenated),
+normalises each stream and projects them to d ("reduce") before the fusion with the token embedding. Guessed
+features (`guessed`, [B, T', d], the drafter's own outputs) skip that projection: they follow the target's
+positions in the same forward, so a round's drafted nodes, and the unrolled draft depths of training, read
+the drafter's guesses while the committed pairs read the target's streams.
 
 The layers are `lm.Block`s over the same `Step`s as the target, so drafting a tree, committing accepted
 pairs and training over unrolled draft steps (`unrolled_parents`) all use the target's attention code.
@@ -62,25 +69,45 @@ def unrolled_parents(length: int, steps: int) -> np.ndarray:
 
 
 class EagleNet(nn.Module):
-    """(features [B, T, d], token embeddings [B, T, d]) -> guessed next features [B, T, d]."""
+    """(target features [B, T, d * max(1, fused_streams)], token embeddings [B, T + T', d], guessed features
+    [B, T', d] or None) -> guessed next features [B, T + T', d]."""
 
     model_cfg: Any  # from drafter_model_cfg
+    fused_streams: int = 0  # 0: `features` is the target's final feature; n >= 1: n residual streams (EAGLE-3)
 
     @nn.compact
-    def __call__(self, features, embeddings, *, state: DecodeState | None = None, parents=None, num_new=None,
-                 fresh: bool = False):
+    def __call__(self, features, embeddings, *, guessed=None, state: DecodeState | None = None, parents=None,
+                 num_new=None, fresh: bool = False):
         cfg = self.model_cfg
-        if features.shape != embeddings.shape or features.shape[-1] != cfg.d_model:
-            raise InputError(f"EagleNet: features {features.shape} and embeddings {embeddings.shape} must both be "
-                             f"[B, T, d_model={cfg.d_model}]")
+        d, b = cfg.d_model, embeddings.shape[0]
+        width = d * max(1, self.fused_streams)
+        if features is None:
+            features = jnp.zeros((b, 0, width), jnp.float32)
+        if guessed is None:
+            guessed = jnp.zeros((b, 0, d), jnp.float32)
+        t = features.shape[1] + guessed.shape[1]
+        shapes_ok = (features.ndim == guessed.ndim == 3 and (features.shape[0], features.shape[-1]) == (b, width)
+                     and (guessed.shape[0], guessed.shape[-1]) == (b, d) and embeddings.shape == (b, t, d))
+        if not shapes_ok:
+            raise InputError(f"EagleNet: features {features.shape} must be [B, T, {width}], guessed "
+                             f"{guessed.shape} [B, T', {d}] and embeddings {embeddings.shape} [B, T + T', {d}]")
         if state is not None and len(state.layers) != cfg.n_layers:
             raise InputError(f"EagleNet: decode state has {len(state.layers)} layers; the drafter has "
                              f"{cfg.n_layers}")
         if state is None and parents is not None:  # training over unrolled draft depths: no context, no cache
-            step = context_free_tree_step(parents, features.shape[0])
+            step = context_free_tree_step(parents, b)
         else:
-            step = make_step(features[..., 0], state, parents, num_new, fresh)
-        fused = jnp.concatenate([features.astype(jnp.float32), embeddings.astype(jnp.float32)], axis=-1)
+            step = make_step(embeddings[..., 0], state, parents, num_new, fresh)
+        features = features.astype(jnp.float32)
+        if self.fused_streams:
+            # Residual streams of different depths differ in scale by orders of magnitude: each is normalised
+            # before the projection, so that no single layer dominates it.
+            streams = features.reshape(*features.shape[:2], self.fused_streams, d)
+            streams = jnp.concatenate([RMSNorm(cfg.rms_eps, name=f"stream_norm_{j}")(streams[:, :, j])
+                                       for j in range(self.fused_streams)], axis=-1)
+            features = nn.Dense(d, use_bias=False, name="reduce")(streams)
+        inputs = jnp.concatenate([features, guessed.astype(jnp.float32)], axis=1)
+        fused = jnp.concatenate([inputs, embeddings.astype(jnp.float32)], axis=-1)
         x = nn.Dense(cfg.d_model, use_bias=True, name="fuse")(fused)
         new_layers = []
         for i in range(cfg.n_layers):
@@ -94,6 +121,15 @@ class EagleNet(nn.Module):
             return out, state.replace(pending=tuple(new_layers))
         return out, DecodeState(lengths=state.lengths + jnp.sum(step.valid, axis=1, dtype=jnp.int32),
                                 layers=tuple(new_layers))
+
+
+def eagle3_layers(n_layers: int) -> tuple[int, ...]:
+    """EAGLE-3's low, middle and high residual streams of an `n_layers` target: after layers 2, n/2 and n-3
+    (as its reference implementation picks them); fewer in a model too small for three distinct ones."""
+    if n_layers < 1:
+        raise InputError(f"eagle3_layers needs n_layers >= 1, got {n_layers}")
+    picks = (min(2, n_layers - 1), n_layers // 2, max(n_layers - 3, 0))
+    return tuple(sorted(set(picks)))
 
 
 def target_side(target_params, model_cfg, vocab_ids) -> dict:

@@ -363,8 +363,9 @@ def make_datasets(data_cfg) -> tuple[Batches, Batches, Tokenizer]:
     """(train stream shuffled per epoch, validation stream in fixed order, tokenizer) from ``config.data``.
 
     A ``source`` that is a self-distillation set (a directory with a manifest, see training/selfdistill.py)
-    yields its examples cut to ``seq_len + 1`` positions as ``{"tokens", "features", "mask"}`` batches, split
-    into train and validation by a hash of each example's index."""
+    yields its examples cut to ``seq_len + 1`` positions as ``{"tokens", "features", "mask"}`` batches (and
+    ``layer_features`` when the set stores some), split into train and validation by a hash of each example's
+    index."""
     spec = parse_data_config(data_cfg)
     tokenizer = load_tokenizer(spec.tokenizer)
     remedy = "lower batch_size or seq_len, or raise max_bytes"
@@ -401,6 +402,8 @@ def _selfdistill_splits(spec: DataSpec) -> list[dict[str, np.ndarray]]:
                          f"{manifest['seq_len'] - 1})")
     examples = {"tokens": arrays["tokens"][:, :width], "features": arrays["features"][:, :width],
                 "mask": selfdistill.loss_mask(arrays)[:, :width]}
+    if "layer_features" in arrays:  # a set made with feature_layers (EAGLE-3's fused streams)
+        examples["layer_features"] = arrays["layer_features"][:, :width]
     indices = split_documents([str(i) for i in range(len(examples["tokens"]))], spec.val_fraction)
     return [{name: array[np.asarray(rows, np.int64)] for name, array in examples.items()} for rows in indices]
 

@@ -23,6 +23,12 @@ Streams by `train.loss`:
             (vocabulary-trimmed) LM head on the guessed feature against the target's next token, weight
             `eagle.token_weight`; its accuracy is the greedy acceptance rate of depth s+1. "feat{s}" is the
             smooth-L1 distance of the guessed feature to the target's, weight `eagle.feature_weight`.
+  medusa on a self-distillation set (`data.source` made by launch.selfdistill): "head0".."head{K-1}" on the
+            stored final features, without running the target: head k at position t is scored on the reply
+            token t+k+2 (masked as the EAGLE objective), weight `train.medusa_decay ** k`.
+  hydra     "head0".."head{K-1}": Hydra heads over a self-distillation set, teacher-forced on the stored reply
+            tokens (the target's own greedy tokens): head k reads f_t and E(x_{t+1}) .. E(x_{t+k+1}) and is
+            scored, through the frozen (vocabulary-trimmed) LM head, on x_{t+k+2}, weight `hydra.decay ** k`.
 Any loss but medusa adds "exit{i}" for each of `train.early_exit_layers`: the LM head applied (through the
 final norm) to the residual stream after layer i, weight `train.early_exit_weight` each, so that the
 first layers alone make a usable self-drafter.
@@ -46,6 +52,7 @@ import numpy as np
 from jaxspec.errors import InputError
 from jaxspec.models.eagle import EagleNet, unrolled_parents
 from jaxspec.models.heads import MedusaHeads, lm_head_kernel
+from jaxspec.models.hydra import HydraHeads
 from jaxspec.models.lm import DecoderLM
 from jaxspec.training.tokenizer import ByteTokenizer
 
@@ -240,22 +247,91 @@ def medusa_objective(backbone: DecoderLM, heads: MedusaHeads, train_cfg, pad_id:
     return Objective(stats, weights, main=None)
 
 
+def _ahead(x, shift: int, length: int):
+    """x [B, T, ...] moved `shift` positions left and cut to `length` (zero-padded past the end): at position t,
+    x[t + shift]."""
+    pad = ((0, 0), (0, max(0, shift + length - x.shape[1]))) + ((0, 0),) * (x.ndim - 2)
+    return jnp.pad(x, pad)[:, shift:shift + length]
+
+
+def _heads_on_stored_features(logits_of_head, tokens, mask, num_heads: int) -> Stats:
+    """The streams head0..head{K-1} of heads reading the stored feature at position t < T = tokens.shape[1] - 1
+    of a self-distillation batch: head k is scored on x_{t+k+2} where it is a reply token (mask[t + k + 1], as
+    the EAGLE objective masks). `logits_of_head(k, labels [B, T])` -> (logits [B, T, N], the labels' rows among
+    the N scored ids (-1: not among them, no loss), or None when the rows are the token ids themselves)."""
+    t = tokens.shape[1] - 1
+    streams = {}
+    for k in range(num_heads):
+        labels, valid = _ahead(tokens, k + 2, t), _ahead(mask, k + 1, t)
+        logits, rows = logits_of_head(k, labels)
+        if rows is not None:
+            labels, valid = jnp.maximum(rows, 0), valid & (rows >= 0)
+        streams[f"head{k}"] = cross_entropy_stream(logits, labels, valid)
+    return streams
+
+
+def medusa_selfdistill_objective(heads: MedusaHeads, train_cfg) -> Objective:
+    """Medusa heads on a self-distillation set's stored final features (batch keys tokens, features, mask); the
+    frozen argument is `{"lm_head": [d, V]}` with `share_lm_head`, else `{}`: the target itself never runs."""
+
+    def stats(params, frozen, batch):
+        t = batch["tokens"].shape[1] - 1
+        head_logits = heads.apply({"params": params}, batch["features"][:, :t].astype(jnp.float32),
+                                  frozen.get("lm_head"))  # [B, T, K, V]
+        return _heads_on_stored_features(lambda k, labels: (head_logits[:, :, k], None), batch["tokens"],
+                                         batch["mask"], heads.num_heads)
+
+    weights = {f"head{k}": train_cfg.medusa_decay**k for k in range(heads.num_heads)}
+    return Objective(stats, weights, main=None)
+
+
+def hydra_objective(heads: HydraHeads, hydra_cfg) -> Objective:
+    """Trainable params are the heads'; the frozen argument is `models.eagle.target_side`'s dict: the target's
+    token embedding, its LM head restricted to the draft vocabulary, and each target id's row there."""
+
+    def stats(params, frozen, batch):
+        tokens = batch["tokens"]
+        t = tokens.shape[1] - 1
+        embeddings = jnp.take(frozen["embedding"], tokens, axis=0).astype(jnp.float32)
+        path = jnp.stack([_ahead(embeddings, j + 1, t) for j in range(heads.num_heads)], axis=2)  # [B, T, K, d]
+        feats = heads.apply({"params": params}, batch["features"][:, :t].astype(jnp.float32), path)
+
+        def logits_of_head(k, labels):
+            return (jnp.einsum("btd,nd->btn", feats[:, :, k], frozen["head_t"]),
+                    jnp.take(frozen["vocab_index"], labels))
+
+        return _heads_on_stored_features(logits_of_head, tokens, batch["mask"], heads.num_heads)
+
+    weights = {f"head{k}": hydra_cfg.decay**k for k in range(heads.num_heads)}
+    return Objective(stats, weights, main=None)
+
+
 def _smooth_l1(x, y):
     """Smooth-L1 distance, averaged over the feature axis (EAGLE's regression loss)."""
     diff = jnp.abs(x - y)
     return jnp.mean(jnp.where(diff < 1.0, 0.5 * diff * diff, diff - 0.5), axis=-1)
 
 
-def eagle_objective(net: EagleNet, eagle_cfg) -> Objective:
+def eagle_objective(net: EagleNet, eagle_cfg, stream_index: tuple[int, ...] = ()) -> Objective:
     """Trainable params are the drafter's; the frozen argument is `{"embedding" [V, d], "head_t" [N, d],
     "vocab_index" [V]}`: the target's token embedding, its LM head restricted to the draft vocabulary, and each
-    target id's row in it (-1 outside; such labels carry no token loss)."""
+    target id's row in it (-1 outside; such labels carry no token loss). EAGLE-3 (`net.fused_streams` > 0): the
+    drafter reads the batch's `layer_features` [B, L, k, d] at `stream_index` (the positions of
+    `eagle.feature_layers` among the layers the set stores), concatenated; the regression target stays the
+    final feature."""
     steps, noise = eagle_cfg.unroll, eagle_cfg.feature_noise
+    if len(stream_index) != net.fused_streams:
+        raise InputError(f"the EAGLE net fuses {net.fused_streams} target streams; stream_index {stream_index} "
+                         f"names {len(stream_index)}")
 
     def stats(params, frozen, batch):
         tokens, features, mask = batch["tokens"], batch["features"].astype(jnp.float32), batch["mask"]
         b, t = tokens.shape[0], tokens.shape[1] - 1  # t pairs (f_i, x_{i+1}), i < t
-        feats = features[:, :t]
+        if stream_index:
+            streams = batch["layer_features"][:, :t, np.asarray(stream_index)].astype(jnp.float32)
+            feats = streams.reshape(b, t, -1)
+        else:
+            feats = features[:, :t]
         if noise > 0:  # EAGLE's input noise: robustness to the drafter's own feature errors
             key = jax.random.fold_in(jax.random.key(0), jnp.sum(tokens))
             feats = feats + jax.random.uniform(key, feats.shape, minval=-noise, maxval=noise)
@@ -265,11 +341,11 @@ def eagle_objective(net: EagleNet, eagle_cfg) -> Objective:
         valid = jnp.pad(mask[:, 2:], ((0, 0), (0, 1)))  # x_{i+2} is a reply token
         guesses = None
         for depth in range(1, steps + 1):
-            inputs = [feats]
+            guessed = None
             if guesses is not None:  # step s reads the guess made one position earlier at step s-1
                 shifted = jnp.pad(guesses[:, :, :-1], ((0, 0), (0, 0), (1, 0), (0, 0)))
-                inputs += list(jnp.moveaxis(jax.lax.stop_gradient(shifted), 1, 0))
-            out = net.apply({"params": params}, jnp.concatenate(inputs, axis=1), jnp.tile(embeddings, (1, depth, 1)),
+                guessed = jax.lax.stop_gradient(shifted).reshape(b, (depth - 1) * t, -1)
+            out = net.apply({"params": params}, feats, jnp.tile(embeddings, (1, depth, 1)), guessed=guessed,
                             parents=unrolled_parents(t, depth))  # a tree with no context: it is all they see
             guesses = out.reshape(b, depth, t, -1)
         head_rows = jnp.take(frozen["vocab_index"], labels)

@@ -65,6 +65,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from jaxspec import zoo
 from jaxspec.config import ConfigError, check_keys, is_int, require
 from jaxspec.decoding import api, engine
 from jaxspec.errors import InputError
@@ -441,6 +442,61 @@ def generate(model, params, tokenizer, out_dir: str, *, num_prompts: int, max_ne
     return summary
 
 
+def restream(model, params, source: str, out_dir: str, feature_layers: Sequence[int], target_workdir: str = "",
+             progress: bool = True) -> Summary:
+    """Write into `out_dir` the set that `generate` with `feature_layers` would have made of `source`'s prompts:
+    the same replies and final features, with the residual streams of those layers added (EAGLE-3's fused
+    streams for a set made without them). No decoding: one feature forward per shard over its stored tokens,
+    in the shard's batch shape (the last shard filled with copies of its last row, as `generate` fills it), so
+    the streams are those `generate` computes. `model` must be the set's target: the model config it was made
+    with, or the same `target_workdir` (a config that gained keys since). Resumable as `generate`."""
+    manifest = _read_manifest(source)
+    layers = _check_arguments(model, manifest["num_examples"], manifest["max_new_tokens"], manifest["seq_len"], 1,
+                              feature_layers)
+    digest = _config_digest(model.model_cfg)
+    new_manifest = dict(manifest, feature_layers=list(layers), complete=False)
+    summary = Summary(new_manifest, 0, 0, 0.0, 0.0, 0.0, 0, 0, 0, 0)
+    plans = []  # (output path, its fingerprint, the source shard's path) for every shard, checked up front
+    for name in manifest["shards"]:
+        path = os.path.join(source, name)
+        stored, replies = _stored_fingerprint(path)
+        summary.reply_tokens += replies
+        same_workdir = bool(target_workdir) and bool(manifest["target_workdir"]) and zoo.same_target(
+            target_workdir, manifest["target_workdir"])
+        if stored.get("model") != digest and not same_workdir:
+            raise InputError(f"{path} was made by another model (config digest {stored.get('model')}, this model "
+                             f"{digest}; target {manifest['target_workdir']!r}, this one {target_workdir!r}): "
+                             "restream a set with the target that made it")
+        plans.append((os.path.join(out_dir, name), dict(stored, feature_layers=list(layers), model=digest), path))
+    _check_existing_manifest(out_dir)
+    done = set()
+    for out, fingerprint, _ in plans:
+        if os.path.exists(out):
+            _check_fingerprint(out, fingerprint)  # a shard made otherwise is refused before anything is written
+            done.add(out)
+    os.makedirs(out_dir, exist_ok=True)
+    _write_manifest(out_dir, new_manifest)
+    for out, fingerprint, path in tqdm(plans, desc="restream", unit="shard", disable=not progress):
+        if out in done:
+            summary.shards_skipped += 1
+            continue
+        arrays = _read_shard(source, os.path.basename(path), manifest)
+        n, batch = len(arrays["tokens"]), fingerprint["batch_size"]
+        fill = np.minimum(np.arange(batch), n - 1)  # rows past the shard's end repeat its last row
+        start = time.perf_counter()
+        streams = feature_pass(model, params, arrays["tokens"][fill], arrays["lengths"][fill], layers)
+        summary.feature_s += time.perf_counter() - start
+        arrays["layer_features"] = streams["layer_features"][:n]
+        arrays[FINGERPRINT] = np.asarray(json.dumps(fingerprint, sort_keys=True))
+        _write_atomically(out, lambda fh, arrays=arrays: np.savez(fh, **arrays))
+        summary.shards_written += 1
+    new_manifest["complete"] = True
+    _write_manifest(out_dir, new_manifest)
+    files = [MANIFEST, *new_manifest["shards"]]
+    summary.bytes_on_disk = sum(os.path.getsize(os.path.join(out_dir, name)) for name in files)
+    return summary
+
+
 def _check_existing_manifest(out_dir: str) -> None:
     path = os.path.join(out_dir, MANIFEST)
     if not os.path.exists(path):
@@ -642,5 +698,5 @@ def run(config, out_dir: str) -> Summary:
 
 
 __all__ = ["FORMAT", "MANIFEST", "Summary", "config_defaults", "encode_messages", "feature_pass", "generate",
-           "instruction_prompts", "iter_instructions", "loss_mask", "overlaps_suite", "plan_prompts", "read", "run",
-           "token_frequencies", "validate_config"]
+           "instruction_prompts", "iter_instructions", "loss_mask", "overlaps_suite", "plan_prompts", "read",
+           "restream", "run", "token_frequencies", "validate_config"]

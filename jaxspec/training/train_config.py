@@ -1,8 +1,9 @@
 """The `config.train` section (defaults) and the checks a training config passes before any compute.
 
 Top-level keys a training config may carry besides `seed`, `model`, `data`, `mesh` and `train`:
-`target_workdir` (the checkpoint that Medusa heads or an EAGLE drafter sit on, or that a draft model distils
-from), `medusa` (the heads' shape) and `eagle` (the feature drafter's shape and objective).
+`target_workdir` (the checkpoint that Medusa or Hydra heads or an EAGLE drafter sit on, or that a draft model
+distils from), `medusa` (the heads' shape), `eagle` (the feature drafter's shape and objective) and `hydra` (Hydra
+heads' shape and objective).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from jaxspec.config import ConfigError, is_int, is_number, require
 from jaxspec.parallel import mesh as mesh_lib
 from jaxspec.training import data as data_lib
 
-LOSSES = ("lm", "matformer", "medusa", "distill", "eagle")
-TOP_LEVEL_KEYS = frozenset({"seed", "model", "data", "mesh", "train", "target_workdir", "medusa", "eagle"})
-ON_TARGET = ("medusa", "eagle")  # losses of drafters that sit on the frozen target (its model section)
+LOSSES = ("lm", "matformer", "medusa", "distill", "eagle", "hydra")
+TOP_LEVEL_KEYS = frozenset({"seed", "model", "data", "mesh", "train", "target_workdir", "medusa", "eagle", "hydra"})
+ON_TARGET = ("medusa", "eagle", "hydra")  # losses of drafters that sit on the frozen target (its model section)
+SELFDISTILL_ONLY = ("eagle", "hydra")  # losses that train on a self-distillation set's stored features only
 
 
 def train_defaults() -> ml_collections.ConfigDict:
@@ -71,6 +73,18 @@ def eagle_defaults() -> ml_collections.ConfigDict:
         token_weight=1.0,  # cross-entropy of the guessed feature's next token
         feature_weight=1.0,  # smooth-L1 of the guessed feature to the target's (mean over the feature axis)
         feature_noise=0.0,  # uniform noise on the input features (EAGLE-1's augmentation)
+        # EAGLE-3: the target layers whose residual streams the drafter fuses (the set must store them, see
+        # configs/selfdistill.py); (): the target's final feature (EAGLE)
+        feature_layers=(),
+    ))
+
+
+def hydra_defaults() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        num_heads=4,  # head k guesses the token k + 2 ahead, reading the k + 1 tokens drafted before it
+        num_layers=1,  # residual SiLU blocks per head, after its input projection
+        draft_vocab=0,  # the LM head scores the N most frequent reply tokens of the data (as eagle.draft_vocab); 0: all
+        decay=0.8,  # head k's loss weight is decay ** k
     ))
 
 
@@ -141,6 +155,29 @@ def validate_eagle_config(eagle_cfg) -> None:
     for key in ("token_weight", "feature_weight", "feature_noise"):
         require(is_number(eagle_cfg[key]) and eagle_cfg[key] >= 0, f"eagle.{key}", eagle_cfg[key],
                  "a non-negative number")
+    layers = eagle_cfg.feature_layers
+    require(isinstance(layers, (tuple, list)) and all(is_int(i) and i >= 0 for i in layers)
+            and len(set(layers)) == len(layers), "eagle.feature_layers", layers,
+            "distinct layer indices (empty: the target's final feature)")
+
+
+def validate_hydra_config(hydra_cfg) -> None:
+    config_lib.check_keys(hydra_cfg, hydra_defaults(), "hydra")
+    for key in ("num_heads", "num_layers"):
+        require(is_int(hydra_cfg[key]) and hydra_cfg[key] > 0, f"hydra.{key}", hydra_cfg[key], "a positive integer")
+    require(is_int(hydra_cfg.draft_vocab) and hydra_cfg.draft_vocab >= 0, "hydra.draft_vocab", hydra_cfg.draft_vocab,
+            "a non-negative integer (0: the whole vocabulary)")
+    require(is_number(hydra_cfg.decay) and 0 < hydra_cfg.decay <= 1, "hydra.decay", hydra_cfg.decay,
+            "a number in (0, 1]")
+
+
+def reads_selfdistill(config) -> bool:
+    """Whether the run trains on a self-distillation set's stored features (EAGLE and Hydra always, Medusa heads
+    when `data.source` is such a set) rather than running a model over corpus text."""
+    loss = (config.get("train") or {}).get("loss")
+    source = config.data.get("source")
+    return loss in SELFDISTILL_ONLY or (loss == "medusa" and isinstance(source, str)
+                                        and data_lib.is_selfdistill_set(source))
 
 
 def needs_target(config) -> bool:
@@ -178,17 +215,26 @@ def validate_config(config) -> None:
         validate_medusa_config(config.medusa)
         require(config.data.seq_len > config.medusa.num_heads, "data.seq_len", config.data.seq_len,
                  f"more than medusa.num_heads={config.medusa.num_heads} (head k is scored k+1 tokens ahead)")
+    if config.train.loss == "hydra":
+        if "hydra" not in config:
+            raise ConfigError("train.loss='hydra' needs a `hydra` section (see configs/hydra.py)")
+        validate_hydra_config(config.hydra)
+        require(config.data.seq_len > config.hydra.num_heads, "data.seq_len", config.data.seq_len,
+                f"more than hydra.num_heads={config.hydra.num_heads} (head k is scored k+1 tokens ahead)")
+    if config.train.loss in SELFDISTILL_ONLY:
+        require(data_lib.is_selfdistill_set(config.data.source), "data.source", config.data.source,
+                "a self-distillation set (a directory made by `python -m launch.selfdistill`) for "
+                f"train.loss={config.train.loss!r}, which reads the target's stored features")
     if config.train.loss == "eagle":
         if "eagle" not in config:
             raise ConfigError("train.loss='eagle' needs an `eagle` section (see configs/eagle.py)")
         validate_eagle_config(config.eagle)
         require(config.data.seq_len > config.eagle.unroll + 1, "data.seq_len", config.data.seq_len,
                  f"more than eagle.unroll + 1 = {config.eagle.unroll + 1} (depth s guesses s + 1 tokens ahead)")
-        require(data_lib.is_selfdistill_set(config.data.source), "data.source", config.data.source,
-                 "a self-distillation set (a directory made by `python -m launch.selfdistill`) for "
-                 "train.loss='eagle', which reads the target's stored features")
+        require(all(i < config.model.n_layers for i in config.eagle.feature_layers), "eagle.feature_layers",
+                config.eagle.feature_layers, f"layer indices of the target, below n_layers={config.model.n_layers}")
     data_lib.parse_data_config(config.data)
-    if config.train.loss not in ("medusa", "eagle"):  # those train heads over the target, whose context it is
+    if config.train.loss not in ON_TARGET:  # those train heads over the target, whose context it is
         require(config.data.seq_len <= config.model.max_len, "data.seq_len", config.data.seq_len,
                 f"at most model.max_len={config.model.max_len} (positions past it are never decoded; raise "
                 "model.max_len to train longer sequences)")

@@ -137,6 +137,29 @@ def test_an_interrupted_run_leaves_no_partial_file_and_a_rerun_completes(target,
     assert_same_arrays(selfdistill.read(str(out))[1], dataset[3])
 
 
+def test_restream_adds_the_streams_generate_would_have_stored(target, make_model, dataset, tmp_path):
+    """A set made without streams, restreamed with layers (1, 0), is the set made with them: the same arrays
+    (bitwise), manifest and shard fingerprints; a rerun skips every shard; another model is refused by file."""
+    model, params, _ = target
+    plain = tmp_path / "plain"
+    make_set(target, plain, feature_layers=())
+    out = tmp_path / "restreamed"
+    summary = selfdistill.restream(model, params, str(plain), str(out), (1, 0), progress=False)
+    assert (summary.shards_written, summary.reply_tokens) == (2, dataset[1].reply_tokens)
+    manifest, arrays = selfdistill.read(str(out))
+    assert manifest == dataset[2]
+    assert_same_arrays(arrays, dataset[3])
+    for name in manifest["shards"]:
+        with np.load(out / name) as got, np.load(dataset[0] / name) as want:
+            assert str(got["fingerprint"]) == str(want["fingerprint"])
+    again = selfdistill.restream(model, params, str(plain), str(out), (1, 0), progress=False)
+    assert (again.shards_written, again.shards_skipped) == (0, 2)
+    other, other_params = make_model("A", seed=9, vocab_size=264, max_len=512, n_layers=3)
+    with pytest.raises(ValueError, match=r"shard_00000.npz was made by another model"):
+        selfdistill.restream(other, other_params, str(plain), str(tmp_path / "other"), (1,), progress=False)
+    assert not (tmp_path / "other").exists()
+
+
 def test_a_shard_made_with_other_arguments_is_refused(target, dataset, tmp_path):
     out = copy_set(dataset, tmp_path)
     manifest_before = (out / "manifest.json").read_text()

@@ -174,18 +174,26 @@ def test_medusa_heads_learn_on_a_frozen_backbone(lm_run, corpus, tmp_path):
     assert final["val_lm_loss"] == pytest.approx(target_final["val_lm_loss"], rel=1e-5)
 
 
-def test_eagle_drafter_learns_its_targets_features_and_drafts_for_it(lm_run, corpus, chat_tokenizer, tmp_path):
-    """A self-distillation set of the trained tiny LM, an EAGLE drafter trained on it, and decoding with it."""
+@pytest.fixture(scope="module")
+def selfdistill_set(lm_run, chat_tokenizer, tmp_path_factory):
+    """(model, params, tokenizer, set directory, target workdir): the trained tiny LM's self-distillation set,
+    with the residual streams of both its layers stored (EAGLE-3)."""
     _, target_dir, _ = lm_run
     params, target_config = checkpoint.restore_params(target_dir)
     target_config.model.max_len = 256  # room for the chat-rendered prompts; the parameters do not depend on it
     model = build_model(target_config.model)
     tokenizer = copy.copy(chat_tokenizer)
     tokenizer.eos_ids = (chat_tokenizer.eos_id,)  # the word-salad target says letters a-m often: no early stops
-    sd = str(tmp_path / "sd")
+    sd = str(tmp_path_factory.mktemp("sd"))
     selfdistill.generate(model, params, tokenizer, sd, num_prompts=24, max_new_tokens=48, seq_len=160,
-                         batch_size=8, max_prompt_chars=60, target_workdir=target_dir,
+                         batch_size=8, max_prompt_chars=60, target_workdir=target_dir, feature_layers=(0, 1),
                          tokenizer_name=target_config.data.tokenizer, progress=False)
+    return model, params, tokenizer, sd, target_dir
+
+
+def test_eagle_drafter_learns_its_targets_features_and_drafts_for_it(selfdistill_set, corpus, tmp_path):
+    """A self-distillation set of the trained tiny LM, an EAGLE drafter trained on it, and decoding with it."""
+    model, params, tokenizer, sd, target_dir = selfdistill_set
     config = tiny_config(corpus, steps=120, loss="eagle", eval_every=120, learning_rate=3e-3)
     config.data.source, config.data.seq_len, config.data.batch_size = sd, 159, 4
     config.target_workdir = target_dir
@@ -204,7 +212,7 @@ def test_eagle_drafter_learns_its_targets_features_and_drafts_for_it(lm_run, cor
     majority = np.bincount(labels).max() / labels.size
     assert final["val_tok0_acc"] > majority + 0.2, (final["val_tok0_acc"], majority)
     assert final["val_tok1_acc"] > majority, (final["val_tok1_acc"], majority)
-    assert checkpoint.finished(workdir) and not checkpoint.finished(sd) and not checkpoint.finished(str(tmp_path))
+    assert checkpoint.finished(workdir) and not checkpoint.finished(sd)
     too_big = prepare_config(config).data
     too_big.batch_size = 16
     with pytest.raises(ValueError, match="validation split .* make the set with more prompts"):
@@ -228,6 +236,44 @@ def test_eagle_drafter_learns_its_targets_features_and_drafts_for_it(lm_run, cor
         api.generate(model, params, prompts, method="eagle", draft_workdir=workdir, target_workdir=str(tmp_path))
     with pytest.raises(ValueError, match="not an EAGLE drafter run"):
         api.generate(model, params, prompts, method="eagle", draft_workdir=target_dir)
+
+
+def test_eagle3_drafter_fuses_the_stored_streams_and_drafts_for_it(selfdistill_set, corpus, tmp_path):
+    """EAGLE-3 on the same set: the drafter reads the residual streams of layers 0 and 1, trains on tokens
+    alone, and decodes exactly; a layer the set does not store is refused by name before any compute."""
+    model, params, tokenizer, sd, target_dir = selfdistill_set
+    config = tiny_config(corpus, steps=60, loss="eagle", eval_every=60, learning_rate=3e-3)
+    config.data.source, config.data.seq_len, config.data.batch_size = sd, 159, 4
+    config.target_workdir = target_dir
+    config.eagle = eagle_defaults()
+    config.eagle.update(draft_vocab=32, unroll=3, feature_layers=(1, 0), feature_weight=0.0)
+    workdir = str(tmp_path / "eagle3")
+    final = train(config, workdir)
+    records = read_metrics(workdir)
+    assert records[-1]["tok0_loss"] < records[0]["tok0_loss"] - 0.5
+    assert final["val_tok2_acc"] > 0.0
+    prompts = [selfdistill.encode_messages(tokenizer, m)
+               for m in selfdistill.instruction_prompts(3, seed=5, max_chars=60)]
+    ar = api.generate(model, params, prompts, max_new_tokens=32)
+    for options in (dict(tree="chain:3"), dict(expand=2, depth=3, nodes=4)):
+        out = api.generate(model, params, prompts, method="eagle", draft_workdir=workdir, target_workdir=target_dir,
+                           max_new_tokens=32, **options)
+        assert out.tokens == ar.tokens, options
+        assert np.sum(out.accepted) > 1.3 * np.sum(out.target_steps), (options, out.accepted, out.target_steps)
+    config.eagle.feature_layers = (0, 5)
+    with pytest.raises(ValueError, match=r"eagle.feature_layers=\(0, 5\).* below n_layers=2"):
+        train(config, str(tmp_path / "refused"))
+    plain = str(tmp_path / "sd_plain")  # a set without stored streams
+    shutil.copytree(sd, plain)
+    with open(os.path.join(plain, selfdistill.MANIFEST)) as fh:
+        manifest = json.load(fh)
+    manifest["feature_layers"] = [0]
+    with open(os.path.join(plain, selfdistill.MANIFEST), "w") as fh:
+        json.dump(manifest, fh)
+    config.eagle.feature_layers, config.data.source = (1,), plain
+    with pytest.raises(ValueError, match=r"stores the residual streams of layers \[0\], not \[1\]"):
+        prepare_config(config)
+    assert not os.path.exists(str(tmp_path / "refused"))
 
 
 @pytest.mark.slow

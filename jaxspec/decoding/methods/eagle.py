@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspec import zoo
 from jaxspec.decoding import methods
 from jaxspec.decoding.drafters import Context, Proposal, check_breadth_first, children_tokens, sibling_ranks
 from jaxspec.decoding.method import Speculative, Target, is_int
@@ -50,19 +51,24 @@ class EagleDrafter:
     tree: TokenTree  # the static tree; with `dynamic`, only its node count (dynamic.nodes + 1) matters
     dynamic: DynamicTree | None = None
     reads_features: bool = True  # the engine hands over the target's hidden states (init and update)
+    feature_layers: tuple = ()  # EAGLE-3: the target layers whose residual streams are handed over, fused
 
     def __post_init__(self):
         check_breadth_first(self.tree)
+        if len(self.feature_layers) != self.net.fused_streams:
+            raise InputError(f"the drafter net fuses {self.net.fused_streams} target streams; feature_layers "
+                             f"{self.feature_layers} name {len(self.feature_layers)}")
         if self.dynamic is not None and self.tree.num_nodes != self.dynamic.nodes + 1:
             raise InputError(f"a dynamic tree of {self.dynamic.nodes} drafts needs tree.num_nodes = "
                              f"{self.dynamic.nodes + 1}, got {self.tree.num_nodes}")
 
     def _forward(self, params, features, tokens, **kw):
+        """`features`: the target's (committed pairs); `guessed=` the drafter's own (drafted nodes)."""
         embeddings = jnp.take(params["embedding"], tokens, axis=0)
         return self.net.apply({"params": params["net"]}, features, embeddings, **kw)
 
     def init(self, params, prompts, prompt_lens, max_len, first_token, features):
-        b, d = prompts.shape[0], features.shape[-1]
+        b, width = prompts.shape[0], features.shape[-1]
         rows = jnp.arange(b)
         last = jnp.maximum(prompt_lens - 1, 0)
         # Pair i is (f_i, x_{i+1}); the pair at the prompt's last position reads the first emitted token and
@@ -71,7 +77,7 @@ class EagleDrafter:
         state = init_decode_state(self.net.model_cfg, b, max_len)
         _, state = self._forward(params, features, following, state=state, num_new=last, fresh=True)
         k = self.tree.num_nodes
-        lag_features = jnp.zeros((b, k, d), jnp.float32).at[:, 0].set(features[rows, last])
+        lag_features = jnp.zeros((b, k, width), jnp.float32).at[:, 0].set(features[rows, last])
         lag_tokens = jnp.zeros((b, k), jnp.int32).at[:, 0].set(first_token)
         return state, lag_features, lag_tokens, jnp.ones((b,), jnp.int32)
 
@@ -111,8 +117,8 @@ class EagleDrafter:
                 # its own token; the forward's pending state is dropped (only committed pairs enter the state).
                 m = int(np.sum(depths <= d))
                 sub_parents = parents[1:m] - 1  # the root's pair is already in the drafter's state
-                sub, _ = self._forward(params, node_features[:, parents[1:m]], tokens[:, 1:m], state=state,
-                                       parents=sub_parents)
+                sub, _ = self._forward(params, None, tokens[:, 1:m], guessed=node_features[:, parents[1:m]],
+                                       state=state, parents=sub_parents)
                 node_features = node_features.at[:, 1:m].set(sub)
         return Proposal(tokens, draft_probs, None, dstate)
 
@@ -133,7 +139,7 @@ class EagleDrafter:
             pool_parents = jnp.concatenate(parents, 1)
             known = jnp.concatenate([root_feature[:, None]] + ([] if layer_features is None else [layer_features]), 1)
             # Each drafted node reads its parent's guessed feature; the root's pair is already in the state.
-            out, _ = self._forward(params, known[rows, pool_parents], pool_tokens, state=state,
+            out, _ = self._forward(params, None, pool_tokens, guessed=known[rows, pool_parents], state=state,
                                    parents=pool_parents - 1)
             layer_features = out
             last = out[:, -expand:]  # the newest level's guessed features
@@ -165,7 +171,8 @@ class EagleDrafter:
 
 
 def load_drafter(workdir: str, target: Target) -> tuple[EagleNet, dict, np.ndarray]:
-    """(net, its params, draft vocabulary) of an EAGLE training run, refused when trained for another target."""
+    """(net, its params, draft vocabulary, the target layers it fuses (EAGLE-3; () for EAGLE)) of an EAGLE
+    training run, refused when trained for another target."""
     from jaxspec.training import checkpoint
     from jaxspec.training.trainer import DRAFT_VOCAB_FILE
 
@@ -174,24 +181,27 @@ def load_drafter(workdir: str, target: Target) -> tuple[EagleNet, dict, np.ndarr
         raise InputError(f"{workdir} is not an EAGLE drafter run (its config has train.loss="
                          f"{cfg.get('train', {}).get('loss')!r})")
     trained_on = cfg.get("target_workdir", "")
-    if trained_on and target.workdir and os.path.realpath(trained_on) != os.path.realpath(target.workdir):
+    if trained_on and target.workdir and not zoo.same_target(trained_on, target.workdir):
         raise InputError(f"the EAGLE drafter in {workdir} was trained for the target {trained_on!r}, not "
                          f"{target.workdir!r}")
     vocab_path = os.path.join(workdir, DRAFT_VOCAB_FILE)
     if not os.path.isfile(vocab_path):
         raise InputError(f"{workdir} has no {DRAFT_VOCAB_FILE} (the draft vocabulary its head was trained on)")
-    return EagleNet(drafter_model_cfg(cfg.model, cfg.eagle.num_layers)), params, np.load(vocab_path)
+    layers = tuple(cfg.eagle.get("feature_layers", ()))
+    net = EagleNet(drafter_model_cfg(cfg.model, cfg.eagle.num_layers), fused_streams=len(layers))
+    return net, params, np.load(vocab_path), layers
 
 
 @methods.register
 @dataclasses.dataclass(frozen=True)
 class Eagle(Speculative):
-    """`draft_workdir`: an EAGLE training run for this target (or pass `net`, `net_params` and `vocab_ids`).
+    """`draft_workdir`: an EAGLE (or EAGLE-3) training run for this target (or pass `net`, `net_params`,
+    `vocab_ids` and, for a net that fuses target streams, `feature_layers`).
     `expand` > 0 drafts EAGLE-2's dynamic tree (`DynamicTree(expand, depth, nodes)`) in place of the static `tree`."""
 
     name = "eagle"
     needs = "a trained EAGLE drafter"
-    objects = ("net", "net_params", "vocab_ids")
+    objects = ("net", "net_params", "vocab_ids", "feature_layers")
     draft_workdir: str = ""
     expand: int = 0
     depth: int = 5
@@ -220,12 +230,13 @@ class Eagle(Speculative):
     def dynamic(self) -> DynamicTree | None:
         return DynamicTree(self.expand, self.depth, self.nodes) if self.expand else None
 
-    def build(self, target: Target, net: EagleNet | None = None, net_params=None, vocab_ids=None):
+    def build(self, target: Target, net: EagleNet | None = None, net_params=None, vocab_ids=None,
+              feature_layers=()):
         if net is None and net_params is None:
             if not self.draft_workdir:
                 raise InputError("method 'eagle' needs a trained drafter: draft_workdir (--draft_workdir, an EAGLE "
                                  "training run), or net and net_params")
-            net, net_params, vocab_ids = load_drafter(self.draft_workdir, target)
+            net, net_params, vocab_ids, feature_layers = load_drafter(self.draft_workdir, target)
         if net is None or net_params is None:
             raise InputError("method 'eagle' needs both net and net_params")
         cfg = target.model.model_cfg
@@ -236,4 +247,4 @@ class Eagle(Speculative):
         if vocab_ids.ndim != 1 or vocab_ids.min() < 0 or vocab_ids.max() >= cfg.vocab_size:
             raise InputError(f"vocab_ids must be target ids in [0, {cfg.vocab_size}); got shape {vocab_ids.shape}")
         dparams = {"net": net_params, **target_side(target.params, cfg, vocab_ids)}
-        return EagleDrafter(net, self.token_tree(), self.dynamic), dparams
+        return EagleDrafter(net, self.token_tree(), self.dynamic, feature_layers=tuple(feature_layers)), dparams

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
+from jaxspec import zoo
 from jaxspec.decoding import methods
 from jaxspec.decoding.drafters import MedusaDrafter
 from jaxspec.decoding.method import Speculative, Target
@@ -20,7 +20,7 @@ def load_heads(workdir: str, target: Target) -> tuple[MedusaHeads, dict]:
     if "medusa" not in cfg:
         raise InputError(f"{workdir} is not a Medusa heads run (its config has no 'medusa' section)")
     trained_on = cfg.get("target_workdir", "")
-    if trained_on and target.workdir and os.path.realpath(trained_on) != os.path.realpath(target.workdir):
+    if trained_on and target.workdir and not zoo.same_target(trained_on, target.workdir):
         raise InputError(f"Medusa heads in {workdir} were trained for the target {trained_on!r}, not "
                          f"{target.workdir!r}: heads trained for another target")
     m = cfg.medusa

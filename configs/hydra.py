@@ -1,0 +1,37 @@
+"""Hydra heads (sequentially dependent draft heads) for a frozen target, trained on the target's own replies (a
+self-distillation set with its final hidden states; see training/selfdistill.py). Teacher forcing: head k reads the
+stored feature f_t and the embeddings of the reply tokens x_{t+1} .. x_{t+k+1}, which are the target's own greedy
+tokens, i.e. exactly what the drafter holds on the path it drafts.
+
+  python -m launch.selfdistill --config=configs/selfdistill.py:small --out=/tmp/sd
+  python -m launch.train --config=configs/hydra.py --workdir=/tmp/hydra --config.data.source=/tmp/sd \
+      --config.target_workdir=smollm2-135m-instruct
+  python -m launch.decode --model=smollm2-135m-instruct --method=hydra --draft_workdir=/tmp/hydra
+
+The run's `model` section and tokenizer are the target's (from target_workdir, a workdir or a zoo name); its
+checkpoints hold the heads' parameters only, and `draft_vocab.npy` the draft vocabulary of the LM head.
+arg: heads (num_heads), layers (residual blocks per head), vocab (draft vocabulary size, 0: all), steps.
+"""
+
+from configs import lm
+from jaxspec import config as config_lib
+from jaxspec.training.train_config import drafter_schedule, hydra_defaults
+
+
+def get_config(arg=None):
+    args = config_lib.parse_arg(arg, heads=4, layers=1, vocab=8192, steps=600)
+    config = lm.get_config("tiny")
+    config.target_workdir = "smollm2-135m-instruct"
+    config.data.source = ""  # required: --config.data.source=DIR, a self-distillation set
+    config.data.seq_len = 255
+    config.data.batch_size = 4
+    config.data.val_fraction = 0.05
+    config.hydra = hydra_defaults()
+    config.hydra.num_heads = args.heads
+    config.hydra.num_layers = args.layers
+    config.hydra.draft_vocab = args.vocab
+    drafter_schedule(config.train, "hydra", args.steps, warmup_cap=50)
+    t = config.train
+    t.weight_decay = 0.0
+    t.log_every, t.eval_every, t.eval_batches = 20, 200, 4
+    return config

@@ -1,0 +1,134 @@
+"""Hydra heads (Ankner et al., 2024): Medusa heads made sequentially dependent. A node at depth d of the tree is
+drafted by head d-1 from the target's last hidden state and the embeddings of its path's tokens (the root, then
+its ancestors' drafts); its siblings take the next-best tokens of the same head. Trained by `python -m
+launch.train --config=configs/hydra.py` on a self-distillation set; the LM head is the target's own, restricted
+to the draft vocabulary the run saved (`models.eagle.target_side`, as the EAGLE drafter reads it).
+
+Only static trees: EAGLE-2's dynamic tree (`methods.eagle.DynamicTree`) is built inside the EAGLE drafter from
+its own feature forward, not as a function of a node-scoring callback, so Hydra cannot reuse it as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec import zoo
+from jaxspec.decoding import methods
+from jaxspec.decoding.drafters import Context, Proposal, check_breadth_first, children_tokens, sibling_ranks
+from jaxspec.decoding.method import Speculative, Target
+from jaxspec.decoding.trees import TokenTree
+from jaxspec.errors import InputError
+from jaxspec.models.eagle import target_side
+from jaxspec.models.hydra import HydraHeads, check_params
+from jaxspec.models.layers import matmul_t
+
+
+def path_to(tree: TokenTree, node: int) -> np.ndarray:
+    """The nodes from the root down to `node` (inclusive), root first: ancestors come before their descendants
+    in a topological order, so the ancestor mask's row lists them in path order."""
+    return np.flatnonzero(tree.ancestor_mask[node])
+
+
+@dataclasses.dataclass(frozen=True)
+class HydraDrafter:
+    """Drafts a static tree depth by depth. Params: {"heads", "embedding", "head_t", "vocab_ids", ...}
+    (`models.eagle.target_side` plus the trained heads)."""
+
+    heads: HydraHeads
+    tree: TokenTree
+
+    def __post_init__(self):
+        check_breadth_first(self.tree)
+        if self.tree.max_depth > self.heads.num_heads:
+            raise InputError(f"tree depth {self.tree.max_depth} needs at least that many Hydra heads; the heads "
+                             f"have num_heads={self.heads.num_heads}")
+
+    def init(self, params, prompts, prompt_lens, max_len, first_token):
+        return ()
+
+    def propose(self, params, dstate, ctx: Context) -> Proposal:
+        tree = self.tree
+        b, k = ctx.root.shape[0], tree.num_nodes
+        hidden = ctx.target_hidden.astype(jnp.float32)
+        tokens = jnp.zeros((b, k), jnp.int32).at[:, 0].set(ctx.root.astype(jnp.int32))
+        vocab = params["embedding"].shape[0]
+        draft_probs = None if ctx.temperature == 0 else jnp.zeros((b, k, vocab), jnp.float32)
+        depths, parents, ranks = tree.depths, tree.parents_array, sibling_ranks(tree)
+        widest = int(ranks.max()) + 1
+        keys = jax.random.split(ctx.key, tree.max_depth + 1)
+        for d in range(1, tree.max_depth + 1):
+            nodes = np.flatnonzero(depths == d)
+            # Siblings share their parent's head output: run the head once per parent of this depth.
+            heads_at, parent_of_node = np.unique(parents[nodes], return_inverse=True)
+            paths = np.stack([path_to(tree, p) for p in heads_at])  # [P, d]: root .. parent
+            path_embeddings = jnp.take(params["embedding"], tokens[:, paths], axis=0)  # [B, P, d, dm]
+            feats = self.heads.apply({"params": params["heads"]}, jnp.broadcast_to(
+                hidden[:, None], (b, len(heads_at), hidden.shape[-1])), path_embeddings, method=HydraHeads.head)
+            logits = matmul_t(feats, params["head_t"])[:, parent_of_node]  # [B, n, N]: the draft vocabulary
+            picked, probs = children_tokens(keys[d], logits, ranks[nodes], ctx.temperature, widest)
+            tokens = tokens.at[:, nodes].set(jnp.take(params["vocab_ids"], picked))
+            if probs is not None:  # the distribution over the whole vocabulary (0 outside the draft vocab)
+                full = jnp.zeros((b, len(nodes), vocab), jnp.float32)
+                draft_probs = draft_probs.at[:, nodes].set(full.at[:, :, params["vocab_ids"]].set(probs))
+        return Proposal(tokens, draft_probs, None, dstate)
+
+    def update(self, dstate, emitted, num_emitted):
+        return dstate
+
+
+def load_heads(workdir: str, target: Target) -> tuple[HydraHeads, dict, np.ndarray]:
+    """(heads, their params, draft vocabulary) of a Hydra training run, refused when trained for another
+    target."""
+    from jaxspec.training import checkpoint
+    from jaxspec.training.trainer import DRAFT_VOCAB_FILE
+
+    params, cfg = checkpoint.restore_params(workdir)
+    if cfg.get("train", {}).get("loss") != "hydra" or "hydra" not in cfg:
+        raise InputError(f"{workdir} is not a Hydra heads run (its config has train.loss="
+                         f"{cfg.get('train', {}).get('loss')!r})")
+    trained_on = cfg.get("target_workdir", "")
+    if trained_on and target.workdir and not zoo.same_target(trained_on, target.workdir):
+        raise InputError(f"Hydra heads in {workdir} were trained for the target {trained_on!r}, not "
+                         f"{target.workdir!r}: heads trained for another target")
+    vocab_path = os.path.join(workdir, DRAFT_VOCAB_FILE)
+    if not os.path.isfile(vocab_path):
+        raise InputError(f"{workdir} has no {DRAFT_VOCAB_FILE} (the draft vocabulary its heads were trained on)")
+    h = cfg.hydra
+    return HydraHeads(h.num_heads, cfg.model.d_model, h.num_layers), params, np.load(vocab_path)
+
+
+@methods.register
+@dataclasses.dataclass(frozen=True)
+class Hydra(Speculative):
+    """`draft_workdir`: a Hydra heads training run for this target (or pass `heads`, `heads_params` and, for
+    heads trained on a draft vocabulary, `vocab_ids`)."""
+
+    name = "hydra"
+    needs = "trained Hydra heads"
+    objects = ("heads", "heads_params", "vocab_ids")
+    default_tree = "medusa_small"
+    draft_workdir: str = ""
+
+    def build(self, target: Target, heads: HydraHeads | None = None, heads_params=None, vocab_ids=None):
+        if heads is None and heads_params is None:
+            if not self.draft_workdir:
+                raise InputError("method 'hydra' needs trained heads: draft_workdir (--draft_workdir, a Hydra heads "
+                                 "run), or heads and heads_params")
+            heads, heads_params, vocab_ids = load_heads(self.draft_workdir, target)
+        if heads is None or heads_params is None:
+            raise InputError("method 'hydra' needs both heads and heads_params")
+        cfg = target.model.model_cfg
+        if heads.d_model != cfg.d_model:
+            raise InputError(f"Hydra heads were built for d_model={heads.d_model}; the target has d_model="
+                             f"{cfg.d_model}: heads trained for another target")
+        check_params(heads, heads_params)
+        vocab_ids = np.arange(cfg.vocab_size) if vocab_ids is None else np.asarray(vocab_ids)
+        if vocab_ids.ndim != 1 or vocab_ids.size == 0 or vocab_ids.min() < 0 or vocab_ids.max() >= cfg.vocab_size:
+            raise InputError(f"vocab_ids must be target ids in [0, {cfg.vocab_size}); got shape {vocab_ids.shape}")
+        dparams = {"heads": heads_params, **target_side(target.params, cfg, vocab_ids)}
+        return HydraDrafter(heads, self.token_tree()), dparams

@@ -1,0 +1,137 @@
+"""Heads trained on a self-distillation set without running the target: Hydra heads (teacher-forced on the
+stored replies) and Medusa heads on the stored features. The objective scores the right tokens (a hand-computed
+case), both runs lower their loss on a tiny target's set and leave heads the decoding methods load, and bad
+configs are refused by key."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import hydra as hydra_config
+from configs import lm
+from configs import medusa as medusa_config
+from jaxspec.config import ConfigError
+from jaxspec.decoding import methods
+from jaxspec.decoding.method import Target
+from jaxspec.errors import InputError
+from jaxspec.models.eagle import target_side
+from jaxspec.models.hydra import HydraHeads
+from jaxspec.training import checkpoint, losses, selfdistill
+from jaxspec.training.train_config import hydra_defaults
+from jaxspec.training.trainer import prepare_config, read_metrics, train
+
+
+@pytest.fixture(scope="module")
+def target_run(make_model, tiny_config, chat_tokenizer, tmp_path_factory):
+    """A tiny random target saved as a workdir (byte tokenizer) and its self-distillation set."""
+    model, params = make_model("A", seed=2, vocab_size=260, max_len=192)
+    root = tmp_path_factory.mktemp("hydra_training")
+    target_dir, sd = str(root / "target"), str(root / "sd")
+    config = lm.get_config("tiny")
+    config.model = tiny_config("A", vocab_size=260, max_len=192)
+    with checkpoint.CheckpointManager(target_dir) as manager:
+        manager.save(1, {"params": params}, {}, config, force=True)
+    tokenizer = copy.copy(chat_tokenizer)
+    tokenizer.eos_ids = (chat_tokenizer.eos_id,)  # replies run to max_new_tokens: every example has its replies
+    selfdistill.generate(model, params, tokenizer, sd, num_prompts=8, max_new_tokens=24, seq_len=160, batch_size=8,
+                         max_prompt_chars=60, target_workdir=target_dir, tokenizer_name="bytes", progress=False)
+    return model, params, target_dir, sd
+
+
+def on_the_set(config, target_dir, sd, steps=30):
+    config.target_workdir, config.data.source = target_dir, sd
+    config.data.seq_len, config.data.batch_size, config.data.val_fraction = 127, 2, 0.25
+    t = config.train
+    t.steps, t.warmup_steps, t.learning_rate, t.log_every, t.eval_every, t.eval_batches = steps, 2, 1e-2, 5, 0, 1
+    t.save_every, t.progress_bar = steps, False
+    return config
+
+
+def test_hydra_objective_scores_head_k_on_the_token_k_plus_2_ahead():
+    """Hand-computed: head k at position t reads f_t, E(x_{t+1}) .. E(x_{t+k+1}) and is scored on x_{t+k+2} where
+    it is a reply token and in the draft vocabulary."""
+    d, vocab, k_heads = 4, 6, 2
+    rng = np.random.default_rng(0)
+    heads = HydraHeads(k_heads, d)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape), jnp.float32), jax.eval_shape(
+        lambda: heads.init(jax.random.key(0), jnp.zeros((1, 1, d)), jnp.zeros((1, 1, k_heads, d)))["params"]))
+    embedding = jnp.asarray(rng.standard_normal((vocab, d)), jnp.float32)
+    side = target_side({"embed": {"embedding": embedding}}, ml_collections.ConfigDict(
+        dict(vocab_size=vocab, tie_embeddings=True)), [5, 1, 2, 3])  # ids 0 and 4 are outside it
+    tokens = np.asarray([[1, 2, 3, 4, 5, 1, 2]])
+    features = rng.standard_normal((1, 7, d)).astype(np.float32)
+    mask = np.asarray([[False, True, True, True, True, True, False]])  # mask[t]: x_{t+1} is a reply token
+    objective = losses.hydra_objective(heads, hydra_defaults())
+    stats = jax.jit(objective.stats)(params, side, {"tokens": tokens, "features": features, "mask": mask})
+    rows = {int(v): i for i, v in enumerate(side["vocab_ids"])}
+    head_logp = jax.jit(lambda f, path: jax.nn.log_softmax(
+        side["head_t"] @ heads.apply({"params": params}, f, path, method=HydraHeads.head)))
+    for k in range(k_heads):
+        nll, count = 0.0, 0
+        for t in range(6):
+            label = t + k + 2
+            if label > 6 or not mask[0, label - 1] or int(tokens[0, label]) not in rows:
+                continue
+            logp = head_logp(features[0, t], embedding[tokens[0, t + 1:t + k + 2]])
+            nll -= float(logp[rows[int(tokens[0, label])]])
+            count += 1
+        assert float(stats[f"head{k}"]["tokens"]) == count > 0
+        assert float(stats[f"head{k}"]["sum"]) == pytest.approx(nll, rel=1e-5)
+
+
+def test_hydra_heads_learn_from_the_set_and_load_for_decoding(target_run, tmp_path):
+    model, params, target_dir, sd = target_run
+    config = on_the_set(hydra_config.get_config("heads=2,vocab=48"), target_dir, sd)
+    workdir = str(tmp_path / "hydra")
+    final = train(config, workdir)
+    records = read_metrics(workdir)
+    assert records[-1]["head0_loss"] < records[0]["head0_loss"] - 0.5, (records[0], records[-1])
+    assert records[-1]["head1_loss"] < records[0]["head1_loss"], (records[0], records[-1])
+    assert {"val_head0_acc", "val_head1_acc"} <= set(final)
+    assert np.load(os.path.join(workdir, "draft_vocab.npy")).shape == (48,)
+    drafter, dparams = methods.make("hydra", draft_workdir=workdir, tree="chain:2").build(
+        Target(model, params, target_dir))
+    assert drafter.heads.num_heads == 2 and dparams["head_t"].shape == (48, model.model_cfg.d_model)
+    with pytest.raises(InputError, match="trained for the target"):
+        methods.make("hydra", draft_workdir=workdir).build(Target(model, params, str(tmp_path)))
+    with pytest.raises(InputError, match="not a Hydra heads run"):
+        methods.make("hydra", draft_workdir=target_dir).build(Target(model, params, target_dir))
+
+
+def test_medusa_heads_learn_from_stored_features(target_run, tmp_path):
+    model, params, target_dir, sd = target_run
+    config = on_the_set(medusa_config.get_config("heads=2,share=True"), target_dir, sd)
+    workdir = str(tmp_path / "medusa")
+    train(config, workdir)
+    records = read_metrics(workdir)
+    assert records[-1]["head0_loss"] < records[0]["head0_loss"] - 0.5, (records[0], records[-1])
+    assert records[-1]["head1_loss"] < records[0]["head1_loss"], (records[0], records[-1])
+    heads, saved = checkpoint.restore_params(workdir)
+    assert sorted(heads) == ["head_0_block_0", "head_1_block_0"]  # the LM head is the target's, not saved
+    assert saved.data.tokenizer == "bytes" and saved.target_workdir == target_dir
+    drafter, _ = methods.make("medusa", draft_workdir=workdir, tree="chain:2").build(Target(model, params, target_dir))
+    assert drafter.heads.share_lm_head
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("hydra.num_heads", 0, "hydra.num_heads"),
+    ("hydra.decay", 1.5, "hydra.decay"),
+    ("hydra.draft_vocab", -1, "hydra.draft_vocab"),
+    ("hydra.heads", 2, "unknown config key hydra.heads"),
+    ("data.source", "stdlib", "data.source"),
+])
+def test_bad_hydra_configs_are_refused_by_key(target_run, key, value, message):
+    _, _, target_dir, sd = target_run
+    config = on_the_set(hydra_config.get_config(), target_dir, sd)
+    section, name = key.split(".")
+    with config.unlocked():
+        config[section][name] = value
+    with pytest.raises(ConfigError, match=message):
+        prepare_config(config)
