@@ -1,6 +1,6 @@
 """A trained EAGLE drafter on the offline prompt suite: static chains and EAGLE-2 dynamic trees of several sizes
 against autoregressive decoding, side by side in one run (SmolLM2-135M-Instruct by default); optionally beside
-Medusa and Hydra heads trained for the same target (`--medusa`, `--hydra`).
+an EAGLE-3 drafter, Medusa and Hydra heads trained for the same target (`--eagle3`, `--medusa`, `--hydra`).
 
   python -m launch.quickstart --arg=drafters                     # or the README's self-distill + train commands
   python -m benchmarks.eagle_trees --drafter=~/.cache/jaxspec/drafters/smollm2-135m-instruct/eagle
@@ -29,12 +29,13 @@ from jaxspec.eval import suite_eval, tables
 FLAGS = flags.FLAGS
 
 
-def eagle_methods(drafter: str, chains, dynamic) -> dict:
-    grid = {f"eagle_chain{k}": dict(method="eagle", draft_workdir=drafter, tree=f"chain:{k}") for k in chains}
+def eagle_methods(drafter: str, chains, dynamic, prefix: str = "eagle") -> dict:
+    """Rows of one EAGLE drafter run (EAGLE or EAGLE-3): a chain of each length and each dynamic tree."""
+    grid = {f"{prefix}_chain{k}": dict(method="eagle", draft_workdir=drafter, tree=f"chain:{k}") for k in chains}
     for spec in dynamic:
         expand, depth, nodes = (int(x) for x in spec.split(":"))
-        grid[f"eagle2_{expand}x{depth}n{nodes}"] = dict(method="eagle", draft_workdir=drafter, expand=expand,
-                                                       depth=depth, nodes=nodes)
+        grid[f"{prefix}_dyn{expand}x{depth}n{nodes}"] = dict(method="eagle", draft_workdir=drafter, expand=expand,
+                                                            depth=depth, nodes=nodes)
     return grid
 
 
@@ -44,12 +45,13 @@ def round_parts(model, params, drafter, dparams, prefilled, iters: int) -> dict:
     import jax.numpy as jnp
 
     from jaxspec.decoding.drafters import Context
+    from jaxspec.decoding.engine import drafter_features
     from jaxspec.decoding.verify import verify_tree
     from jaxspec.eval.timing import median_ms
     from jaxspec.state import commit
 
     tokens, lens, max_len, out, state, first = prefilled
-    features = {"features": out.hidden} if getattr(drafter, "reads_features", False) else {}
+    features = {"features": drafter_features(drafter, out)} if getattr(drafter, "reads_features", False) else {}
     dstate = jax.jit(lambda dp, f: drafter.init(dp, tokens, lens, max_len, first, **f))(dparams, features)
     seq = jnp.zeros((1, max_len), jnp.int32).at[:, :tokens.shape[1]].set(tokens).at[:, tokens.shape[1]].set(first)
     ctx = Context(first, seq, lens + 1, out.hidden[:, -1], jax.random.key(0), 0.0)
@@ -64,7 +66,7 @@ def round_parts(model, params, drafter, dparams, prefilled, iters: int) -> dict:
     parents = prop.parents if dynamic else drafter.tree.parents_array
     verify_j = jax.jit(verify)
     res, pending, o = verify_j(params, state, prop.tokens, parents)
-    path_features = {"features": o.hidden[jnp.arange(1)[:, None], res.path]} if features else {}
+    path_features = {"features": drafter_features(drafter, o)[jnp.arange(1)[:, None], res.path]} if features else {}
     commit_j = jax.jit(lambda pend, ps, r, f: (commit(pend, r.path, r.num_accepted),
                                                drafter.update(ps, r.accepted_tokens, r.num_accepted, **f)))
     return {"draft_ms": median_ms(propose, dparams, dstate, warmup=2, iters=iters),
@@ -111,6 +113,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("per_category", 3, "suite prompts per category")
     flags.DEFINE_integer("max_new_tokens", 64, "tokens per prompt")
     flags.DEFINE_bool("lookup", True, "also prompt lookup on a 4-draft chain (the best training-free row)")
+    flags.DEFINE_string("eagle3", None, "also an EAGLE-3 drafter run (configs/eagle.py:eagle3=1) on the same trees")
     flags.DEFINE_string("medusa", None, "also a Medusa heads run for the same target, on each of --head_trees")
     flags.DEFINE_string("hydra", None, "also a Hydra heads run for the same target, on each of --head_trees")
     flags.DEFINE_list("head_trees", ["medusa_small", "chain:3"], "static trees of the --medusa / --hydra rows")
@@ -129,6 +132,9 @@ def main(argv) -> None:
     lookup = config.methods.lookup
     config.methods = eagle_methods(os.path.abspath(os.path.expanduser(FLAGS.drafter)), FLAGS.chains,
                                    FLAGS.dynamic)
+    if FLAGS.eagle3:
+        config.methods.update(eagle_methods(os.path.abspath(os.path.expanduser(FLAGS.eagle3)), FLAGS.chains,
+                                            FLAGS.dynamic, prefix="eagle3"))
     if FLAGS.lookup:
         config.methods.lookup = lookup
     for name in ("medusa", "hydra"):  # draft heads on the same target, beside the EAGLE rows

@@ -197,6 +197,15 @@ def autoregressive_loop(model: DecoderLM, params, prompts, prompt_lens, key, *, 
     return Output(_outputs(em, prompt_lens, max_new), em.num_out, steps, steps)
 
 
+def drafter_features(drafter, out):
+    """What a feature drafter reads of a target forward's LMOutput: the final hidden states [B, T, d], or with
+    `feature_layers` (EAGLE-3) the residual streams after those layers, concatenated [B, T, d * layers]."""
+    layers = tuple(getattr(drafter, "feature_layers", ()))
+    if not layers:
+        return out.hidden
+    return jnp.concatenate([out.layer_hidden[i] for i in layers], axis=-1).astype(jnp.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class Adaptive:
     """Draft-length schedule for chains: +grow when every draft was accepted, -shrink otherwise."""
@@ -228,14 +237,7 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
     # states, or with `feature_layers` (EAGLE-3) those layers' residual streams concatenated: at every prompt
     # position (init) and at the accepted path's nodes (update), keyword `features`.
     reads_features = getattr(drafter, "reads_features", False)
-    feature_layers = tuple(getattr(drafter, "feature_layers", ()))
-
-    def drafter_features(out):
-        if not feature_layers:
-            return out.hidden
-        return jnp.concatenate([out.layer_hidden[i] for i in feature_layers], axis=-1).astype(jnp.float32)
-
-    features = {"features": drafter_features(prompt_out)} if reads_features else {}
+    features = {"features": drafter_features(drafter, prompt_out)} if reads_features else {}
     dstate = drafter.init(draft_params, prompts, prompt_lens, max_len, root, **features)
     # Optional hook: a drafter with `feedback_top_k` > 0 sees the target's top-k next tokens at every prompt
     # token and, each round, at every tree node (`observe(dstate, tokens, top_k_next, valid)`).
@@ -277,7 +279,7 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
                                        return_hidden=True)
             res = verify(out.logits, valid)
             return (commit(pending, res.path, jnp.where(running, res.num_accepted, 0)), res, out.hidden, out.logits,
-                    drafter_features(out))
+                    drafter_features(drafter, out))
 
         def root_only(state):
             # No row has a draft: the round is an autoregressive step (a one-token extend of the root), and
@@ -287,7 +289,7 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
             logits = jnp.broadcast_to(out.logits, (b, k, out.logits.shape[-1]))
             res = verify(logits, jnp.zeros((b, k), bool))
             spread = lambda x: jnp.broadcast_to(x, (b, k, x.shape[-1]))
-            return state, res, spread(out.hidden), logits, spread(drafter_features(out))
+            return state, res, spread(out.hidden), logits, spread(drafter_features(drafter, out))
 
         if valid is None:  # every node is a draft
             state, res, node_hidden, node_logits, node_features = whole_tree(state)
