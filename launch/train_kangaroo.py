@@ -37,11 +37,11 @@ def main(argv) -> None:
 
     config = _CONFIG.value
     kangaroo.validate_config(config)  # a bad value ends here, before the target loads
+    if _MAX_MINUTES.value < 0:
+        raise InputError(f"--max_minutes={_MAX_MINUTES.value} must be >= 0 (0: no limit)")
     start = time.perf_counter()
     target = api.load(config.target)
     arrays = kangaroo.read_set(config, target.model.model_cfg, target.workdir)
-    if _MAX_MINUTES.value < 0:
-        raise InputError(f"--max_minutes={_MAX_MINUTES.value} must be >= 0 (0: no limit)")
     out = kangaroo.train(config, target.model.model_cfg, target.params, arrays, _WORKDIR.value,
                          max_seconds=60 * _MAX_MINUTES.value or None, log=lambda line: print(line, flush=True))
     for name in ("unadapted", "adapted"):

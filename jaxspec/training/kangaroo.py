@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from jaxspec import zoo
 from jaxspec.config import ConfigError, check_keys, is_int, is_number, require
 from jaxspec.errors import InputError
 from jaxspec.models import kangaroo
@@ -119,8 +120,7 @@ def read_set(config, model_cfg, target_workdir: str) -> dict:
             raise InputError(f"{config.data}: the self-distillation set was made by a target with {key}="
                              f"{manifest[key]}; this target has {key}={model_cfg[key]}")
     made_by = manifest.get("target_workdir", "")
-    # A workdir that no longer exists (a cache converted again since) says nothing; an existing other one does.
-    if made_by and target_workdir and os.path.isdir(made_by) and not os.path.samefile(made_by, target_workdir):
+    if made_by and target_workdir and not zoo.same_target(made_by, target_workdir):
         raise InputError(f"{config.data}: the self-distillation set holds the replies of the target {made_by!r}, "
                          f"not {target_workdir!r}")
     return arrays

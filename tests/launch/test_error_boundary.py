@@ -119,6 +119,8 @@ SCRIPTS = {
     "launch.convert": ("jaxspec.interop.workdir", "import_checkpoint", ["--hf_dir={tmp}", "--workdir={tmp}/out"]),
     "launch.skip_search": ("jaxspec.decoding.api", "load", ["--model={tmp}"]),
     "launch.train_acceptance": ("jaxspec.decoding.api", "load", ["--model={tmp}", "--data={tmp}", "--out={tmp}/h"]),
+    "launch.train_kangaroo": ("jaxspec.decoding.api", "load",
+                              ["--config=configs/kangaroo.py", "--config.data={tmp}", "--workdir={tmp}/k"]),
 }
 LAUNCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "launch")
 
