@@ -56,14 +56,17 @@ def test_tree_forward_layer_gate_equals_full_forwards(make_model, final_logits):
         assert int(lengths[0]) == len(prompt)  # a tree forward commits nothing
 
 
-# Two compiled decode loops (each costs seconds to compile): DEL over 4 rows of an attention target (rows choose
-# their own exits and draft lengths) and SWIFT's search over one row of the hybrid target with a branching tree.
+# Each method over 1 and 4 rows, on an attention and on the hybrid target (rows choose their own exits and draft
+# lengths, or search their own skip sets), a chain and a branching tree: four compiled decode loops.
 @pytest.mark.parametrize("pattern, method, batch, fields", [
     ("attention", "del", 4, dict(tree="chain:2", exit_layers=(1, 2))),
+    ("hybrid", "del", 1, dict(tree="branching:2,1", exit_layers=(1, 2))),
     ("hybrid", "swift", 1, dict(tree="branching:2,1", skip_ratio=0.34, search_rounds=6, trial_rounds=1)),
+    ("attention", "swift", 4, dict(tree="chain:2", skip_ratio=0.5, search_rounds=4, trial_rounds=1)),
 ])
 def test_greedy_output_is_the_autoregressive_output(make_model, final_logits, pattern, method, batch, fields):
-    model, params = make_model(*HYBRID[:1], **HYBRID[1]) if pattern == "hybrid" else make_model("AA")
+    # Four attention layers: SWIFT may skip only inner layers (the first and the last always run).
+    model, params = make_model(*HYBRID[:1], **HYBRID[1]) if pattern == "hybrid" else make_model("AAAA")
     prompts = PROMPTS[:batch]
     out = api.generate(model, params, prompts, method=method, max_new_tokens=MAX_NEW, **fields)
     assert out.tokens == greedy_reference(final_logits, model, params, prompts, MAX_NEW)
