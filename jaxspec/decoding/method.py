@@ -67,6 +67,34 @@ class Target:
     workdir: str | None = None
 
 
+def restore_drafter_run(workdir: str, target: Target, loss: str, what: str, with_vocab: bool = False):
+    """(params, config, draft vocabulary or None) of the `train.loss=loss` run in `workdir` (`what`, e.g. "an
+    EAGLE drafter", names it in errors): refused when it is another kind of run, was trained for another target,
+    or (`with_vocab`) lacks the draft vocabulary its head was trained on."""
+    import os
+
+    import numpy as np
+
+    from jaxspec import zoo
+    from jaxspec.training import checkpoint
+    from jaxspec.training.trainer import DRAFT_VOCAB_FILE
+
+    params, cfg = checkpoint.restore_params(workdir)
+    if cfg.get("train", {}).get("loss") != loss or loss not in cfg:
+        raise InputError(f"{workdir} is not {what} run (its config has train.loss="
+                         f"{cfg.get('train', {}).get('loss')!r})")
+    trained_on = cfg.get("target_workdir", "")
+    if trained_on and target.workdir and not zoo.same_target(trained_on, target.workdir):
+        raise InputError(f"{workdir} holds {what} trained for the target {trained_on!r}, not {target.workdir!r}: "
+                         "a drafter trained for another target")
+    if not with_vocab:
+        return params, cfg, None
+    vocab_path = os.path.join(workdir, DRAFT_VOCAB_FILE)
+    if not os.path.isfile(vocab_path):
+        raise InputError(f"{workdir} has no {DRAFT_VOCAB_FILE} (the draft vocabulary its head was trained on)")
+    return params, cfg, np.load(vocab_path)
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
     """Base of every method spec. Subclasses set the class variables and add fields with defaults."""

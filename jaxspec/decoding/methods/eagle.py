@@ -10,16 +10,14 @@ depth by depth from its own guessed features: a node reads its parent's guessed 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec import zoo
 from jaxspec.decoding import methods
 from jaxspec.decoding.drafters import Context, Proposal, check_breadth_first, children_tokens, sibling_ranks
-from jaxspec.decoding.method import Speculative, Target, is_int
+from jaxspec.decoding.method import Speculative, Target, is_int, restore_drafter_run
 from jaxspec.decoding.trees import TokenTree, chain
 from jaxspec.errors import InputError
 from jaxspec.models.eagle import EagleNet, drafter_model_cfg, target_side
@@ -173,23 +171,10 @@ class EagleDrafter:
 def load_drafter(workdir: str, target: Target) -> tuple[EagleNet, dict, np.ndarray]:
     """(net, its params, draft vocabulary, the target layers it fuses (EAGLE-3; () for EAGLE)) of an EAGLE
     training run, refused when trained for another target."""
-    from jaxspec.training import checkpoint
-    from jaxspec.training.trainer import DRAFT_VOCAB_FILE
-
-    params, cfg = checkpoint.restore_params(workdir)
-    if cfg.get("train", {}).get("loss") != "eagle" or "eagle" not in cfg:
-        raise InputError(f"{workdir} is not an EAGLE drafter run (its config has train.loss="
-                         f"{cfg.get('train', {}).get('loss')!r})")
-    trained_on = cfg.get("target_workdir", "")
-    if trained_on and target.workdir and not zoo.same_target(trained_on, target.workdir):
-        raise InputError(f"the EAGLE drafter in {workdir} was trained for the target {trained_on!r}, not "
-                         f"{target.workdir!r}")
-    vocab_path = os.path.join(workdir, DRAFT_VOCAB_FILE)
-    if not os.path.isfile(vocab_path):
-        raise InputError(f"{workdir} has no {DRAFT_VOCAB_FILE} (the draft vocabulary its head was trained on)")
+    params, cfg, vocab = restore_drafter_run(workdir, target, "eagle", "an EAGLE drafter", with_vocab=True)
     layers = tuple(cfg.eagle.get("feature_layers", ()))
     net = EagleNet(drafter_model_cfg(cfg.model, cfg.eagle.num_layers), fused_streams=len(layers))
-    return net, params, np.load(vocab_path), layers
+    return net, params, vocab, layers
 
 
 @methods.register

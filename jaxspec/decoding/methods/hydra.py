@@ -11,16 +11,14 @@ its own feature forward, not as a function of a node-scoring callback, so Hydra 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec import zoo
 from jaxspec.decoding import methods
 from jaxspec.decoding.drafters import Context, Proposal, check_breadth_first, children_tokens, sibling_ranks
-from jaxspec.decoding.method import Speculative, Target
+from jaxspec.decoding.method import Speculative, Target, restore_drafter_run
 from jaxspec.decoding.trees import TokenTree
 from jaxspec.errors import InputError
 from jaxspec.models.eagle import target_side
@@ -84,22 +82,9 @@ class HydraDrafter:
 def load_heads(workdir: str, target: Target) -> tuple[HydraHeads, dict, np.ndarray]:
     """(heads, their params, draft vocabulary) of a Hydra training run, refused when trained for another
     target."""
-    from jaxspec.training import checkpoint
-    from jaxspec.training.trainer import DRAFT_VOCAB_FILE
-
-    params, cfg = checkpoint.restore_params(workdir)
-    if cfg.get("train", {}).get("loss") != "hydra" or "hydra" not in cfg:
-        raise InputError(f"{workdir} is not a Hydra heads run (its config has train.loss="
-                         f"{cfg.get('train', {}).get('loss')!r})")
-    trained_on = cfg.get("target_workdir", "")
-    if trained_on and target.workdir and not zoo.same_target(trained_on, target.workdir):
-        raise InputError(f"Hydra heads in {workdir} were trained for the target {trained_on!r}, not "
-                         f"{target.workdir!r}: heads trained for another target")
-    vocab_path = os.path.join(workdir, DRAFT_VOCAB_FILE)
-    if not os.path.isfile(vocab_path):
-        raise InputError(f"{workdir} has no {DRAFT_VOCAB_FILE} (the draft vocabulary its heads were trained on)")
+    params, cfg, vocab = restore_drafter_run(workdir, target, "hydra", "a Hydra heads", with_vocab=True)
     h = cfg.hydra
-    return HydraHeads(h.num_heads, cfg.model.d_model, h.num_layers), params, np.load(vocab_path)
+    return HydraHeads(h.num_heads, cfg.model.d_model, h.num_layers), params, vocab
 
 
 @methods.register

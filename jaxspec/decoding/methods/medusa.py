@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxspec import zoo
 from jaxspec.decoding import methods
 from jaxspec.decoding.drafters import MedusaDrafter
-from jaxspec.decoding.method import Speculative, Target
+from jaxspec.decoding.method import Speculative, Target, restore_drafter_run
 from jaxspec.errors import InputError
 from jaxspec.models.heads import MedusaHeads, lm_head_kernel
 
 
 def load_heads(workdir: str, target: Target) -> tuple[MedusaHeads, dict]:
     """The heads a Medusa training run left in `workdir`, refused when trained for another target."""
-    from jaxspec.training import checkpoint
-
-    params, cfg = checkpoint.restore_params(workdir)
-    if "medusa" not in cfg:
-        raise InputError(f"{workdir} is not a Medusa heads run (its config has no 'medusa' section)")
-    trained_on = cfg.get("target_workdir", "")
-    if trained_on and target.workdir and not zoo.same_target(trained_on, target.workdir):
-        raise InputError(f"Medusa heads in {workdir} were trained for the target {trained_on!r}, not "
-                         f"{target.workdir!r}: heads trained for another target")
+    params, cfg, _ = restore_drafter_run(workdir, target, "medusa", "a Medusa heads")
     m = cfg.medusa
     return MedusaHeads(m.num_heads, cfg.model.d_model, cfg.model.vocab_size, m.num_layers, m.share_lm_head), params
 
