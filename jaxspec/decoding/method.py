@@ -36,7 +36,8 @@ from typing import Any, ClassVar, Protocol
 
 from jaxspec.config import ConfigError, is_int
 from jaxspec.decoding.drafters import Context, ModelDrafter, Proposal
-from jaxspec.decoding.trees import TokenTree, tree_from_spec
+from jaxspec.decoding.dynamic_tree import DynamicTree
+from jaxspec.decoding.trees import TokenTree, chain, tree_from_spec
 from jaxspec.errors import InputError
 
 # The keyword arguments of `api.generate` itself: a method field of one of these names would be taken by
@@ -179,6 +180,39 @@ class Speculative(Method):
     def num_nodes(self) -> int:
         return self.token_tree().num_nodes
 
+
+@dataclasses.dataclass(frozen=True)
+class DynamicTreeDrafting(Speculative):
+    """A method that can draft EAGLE-2's dynamic tree (`jaxspec.decoding.dynamic_tree`): `expand` > 0 grows each
+    row's tree per round from the draft scores (`expand` best nodes per depth, each with its `expand` best
+    children, to `depth`; the `nodes` best drafts) in place of the static `tree`."""
+
+    expand: int = 0
+    depth: int = 5
+    nodes: int = 10
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check(is_int(self.expand) and self.expand >= 0, "expand", "0 (the static tree) or a positive integer")
+        for field in ("depth", "nodes"):
+            self.check(is_int(getattr(self, field)) and getattr(self, field) >= 1, field, "a positive integer")
+        if self.expand:
+            self.check(not self.tree, "tree", "left empty with a dynamic tree (expand > 0)")
+            self.check(self.nodes <= self.expand * self.depth, "nodes", f"at most expand * depth = "
+                       f"{self.expand * self.depth} (the drafts a dynamic tree expands)")
+            self.check(not self.adaptive, "adaptive", "0 with a dynamic tree (expand > 0)")
+
+    @property
+    def tree_spec(self) -> str:
+        return f"dynamic:{self.expand}x{self.depth},{self.nodes}" if self.expand else super().tree_spec
+
+    def token_tree(self) -> TokenTree:
+        # A dynamic tree changes per row and round; its static stand-in only fixes the node count.
+        return chain(self.nodes) if self.expand else super().token_tree()
+
+    @property
+    def dynamic(self) -> DynamicTree | None:
+        return DynamicTree(self.expand, self.depth, self.nodes) if self.expand else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,8 +5,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.decoding import methods, trees
+from jaxspec.decoding.dynamic_tree import DynamicTree
 from jaxspec.decoding.method import Target
-from jaxspec.decoding.methods.eagle import DynamicTree, EagleDrafter
+from jaxspec.decoding.methods.eagle import EagleDrafter
 from jaxspec.models.eagle import EagleNet, drafter_model_cfg, target_side
 
 

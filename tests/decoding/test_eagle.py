@@ -11,7 +11,8 @@ import pytest
 
 from jaxspec.decoding import api, trees
 from jaxspec.decoding.drafters import Context
-from jaxspec.decoding.methods.eagle import DynamicTree, EagleDrafter
+from jaxspec.decoding.dynamic_tree import DynamicTree
+from jaxspec.decoding.methods.eagle import EagleDrafter
 from jaxspec.models.eagle import EagleNet, drafter_model_cfg, target_side, unrolled_parents
 
 

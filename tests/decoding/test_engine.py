@@ -11,6 +11,7 @@ from configs import lm
 from jaxspec.decoding import api, engine
 from jaxspec.models.eagle import EagleNet, drafter_model_cfg
 from jaxspec.models.heads import MedusaHeads
+from jaxspec.models.hydra import HydraHeads
 from jaxspec.models.lm import build_model, init_params
 
 VOCAB = 48
@@ -166,11 +167,18 @@ def test_rejection_sampling_is_lossless_at_draft_depth_two():
     net = EagleNet(drafter_model_cfg(model.model_cfg, 1))
     net_params = net.init(jax.random.key(4), jnp.zeros((1, 1, 32)), jnp.zeros((1, 1, 32)))["params"]
     eagle = dict(method="eagle", net=net, net_params=net_params, vocab_ids=[0, 2, 3, 5])
-    for options in (dict(tree="chain:3"), dict(expand=2, depth=2, nodes=4)):
+    # Hydra heads the same way: sampled siblings over a trimmed vocabulary on a static tree, and the dynamic tree.
+    heads = HydraHeads(2, 32)
+    heads_params = heads.init(jax.random.key(5), jnp.zeros((1, 32)), jnp.zeros((1, 2, 32)))["params"]
+    heads_params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(6), x.shape), heads_params)
+    hydra = dict(method="hydra", heads=heads, heads_params=heads_params, vocab_ids=[0, 1, 3, 4])
+    for drafter, options in ((eagle, dict(tree="chain:3")), (eagle, dict(expand=2, depth=2, nodes=4)),
+                             (hydra, dict(tree="branching:2,1")), (hydra, dict(expand=2, depth=2, nodes=3))):
         out = api.generate(model, params, [prompt] * n, max_new_tokens=3, temperature=temperature, seed=23,
-                           **eagle, **options)
-        assert np.mean(out.accepted > 2 * out.target_steps) > 0.05, options
-        assert _chi_square_pvalue(_emitted_counts(out, 3, vocab), exact) > 1e-3, options
+                           **drafter, **options)
+        what = (drafter["method"], options)
+        assert np.mean(out.accepted > 2 * out.target_steps) > 0.05, what
+        assert _chi_square_pvalue(_emitted_counts(out, 3, vocab), exact) > 1e-3, what
     # Negative control: the same test rejects typical acceptance (lossy) on this target.
     lossy = api.generate(model, params, [prompt] * n, method="draft", draft_model=draft, draft_params=dparams,
                          max_new_tokens=3, temperature=temperature, rule="typical", seed=21, tree="chain:3")

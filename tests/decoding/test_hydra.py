@@ -12,6 +12,7 @@ import pytest
 from jaxspec.config import ConfigError
 from jaxspec.decoding import api, trees
 from jaxspec.decoding.drafters import Context
+from jaxspec.decoding.dynamic_tree import DynamicTree
 from jaxspec.decoding.methods.hydra import HydraDrafter
 from jaxspec.errors import InputError
 from jaxspec.models.eagle import target_side
@@ -79,6 +80,49 @@ def test_proposal_is_each_nodes_head_over_its_path(target):
         assert np.asarray(prop.tokens[row]).tolist() == reference_tree(params, side, hidden[row], roots[row], tree)
 
 
+def dynamic_reference(params, side, hidden, root, dynamic: DynamicTree) -> set[tuple[int, ...]]:
+    """EAGLE-2's tree over Hydra heads, node by node: a node's children are scored by head (its depth) over its
+    path; per level the `expand` best by summed log-probability, then the `nodes` best of all (token paths)."""
+    vocab, embedding, head_t = (np.asarray(side[k]) for k in ("vocab_ids", "embedding", "head_t"))
+    level, pool = [((int(root),), 0.0)], []
+    for _ in range(dynamic.depth):
+        candidates = []
+        for path, score in level:
+            logits = head_t @ head_reference(params, np.asarray(hidden), embedding[list(path)])
+            logp = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+            candidates += [(path + (int(vocab[i]),), score + logp[i])
+                           for i in np.argsort(-logp, kind="stable")[:dynamic.expand]]
+        level = sorted(candidates, key=lambda c: -c[1])[:dynamic.expand]
+        pool += level
+    return {path[1:] for path, _ in sorted(pool, key=lambda c: -c[1])[:dynamic.nodes]}
+
+
+@pytest.mark.parametrize("expand,depth,nodes", [(2, 3, 5), (3, 2, 6)])
+def test_dynamic_proposal_is_eagle2s_tree_over_the_heads(target, expand, depth, nodes):
+    model, tparams = target
+    d = model.model_cfg.d_model
+    heads, params = random_heads(d, seed=1)
+    side = target_side(tparams, model.model_cfg, np.arange(1, 64, 2))
+    dynamic = DynamicTree(expand, depth, nodes)
+    drafter = HydraDrafter(heads, trees.chain(nodes), dynamic)
+    hidden = jax.random.normal(jax.random.key(8), (2, d))
+    roots = jnp.asarray([4, 11])
+    prop = jax.jit(lambda p, h, r: drafter.propose(p, (), Context(r, None, None, h, jax.random.key(0), 0.0)))(
+        {"heads": params, **side}, hidden, roots)
+    assert prop.tokens.shape == prop.parents.shape == (2, nodes + 1) and prop.draft_probs is None
+    for row in range(2):
+        tokens, parents = np.asarray(prop.tokens[row]), np.asarray(prop.parents[row])
+        assert tokens[0] == roots[row] and parents[0] == -1 and all(0 <= parents[i] < i for i in range(1, nodes + 1))
+        paths = set()
+        for i in range(1, nodes + 1):
+            path, node = [], i
+            while node > 0:
+                path.insert(0, int(tokens[node]))
+                node = int(parents[node])
+            paths.add(tuple(path))
+        assert paths == dynamic_reference(params, side, hidden[row], roots[row], dynamic)
+
+
 # One batch of four for the exactness and the planted test: the loop compiles once for both.
 PROMPTS = [[3, 1, 4, 1, 5], [9, 2], [4, 4, 4, 4, 4, 4], [30, 2, 7]]
 NEW_TOKENS = 17  # the longest prompt plus these fit the full-forward references' 24 positions
@@ -94,11 +138,12 @@ def greedy_continuations(full_logits, model, params, prompts, n: int) -> list[li
 
 
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS])
-def test_decoding_with_hydra_equals_autoregressive(target, full_logits, prompts):
+@pytest.mark.parametrize("tree", [dict(), dict(expand=2, depth=3, nodes=5)])
+def test_decoding_with_hydra_equals_autoregressive(target, full_logits, prompts, tree):
     model, tparams = target
     heads, params = random_heads(model.model_cfg.d_model)
     out = api.generate(model, tparams, prompts, method="hydra", heads=heads, heads_params=params,
-                       max_new_tokens=NEW_TOKENS)
+                       vocab_ids=np.arange(40), max_new_tokens=NEW_TOKENS, **tree)
     assert out.tokens == greedy_continuations(full_logits, model, tparams, prompts, NEW_TOKENS)
 
 
@@ -111,6 +156,9 @@ def test_planted_exact_heads_reach_tau_depth_plus_one(make_model, full_logits):
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: jnp.zeros_like(x) if any(getattr(k, "key", "") in ("o_proj", "down_proj") for k in path)
         else x, params)
+    # Peaked (the tied head sharpens; the heads' argmax is unchanged): the dynamic tree's best-scoring nodes are
+    # then the top-1 path's.
+    params["embed"]["embedding"] = params["embed"]["embedding"] * 8.0
     d = model.model_cfg.d_model
     heads, planted = random_heads(d)
     scale = jnp.diag(params["final_norm"]["scale"])
@@ -118,11 +166,14 @@ def test_planted_exact_heads_reach_tau_depth_plus_one(make_model, full_logits):
         kernel = jnp.zeros(((k + 2) * d, d)).at[(k + 1) * d:].set(scale)  # the last path embedding's block
         planted[f"projections_{k}"] = {"kernel": kernel, "bias": jnp.zeros((d,))}
         planted[f"blocks_{k}_0"] = jax.tree.map(jnp.zeros_like, planted[f"blocks_{k}_0"])
-    out = api.generate(model, params, PROMPTS, method="hydra", heads=heads, heads_params=planted,
-                       max_new_tokens=NEW_TOKENS)
-    assert out.tokens == greedy_continuations(full_logits, model, params, PROMPTS, NEW_TOKENS)
-    # The default tree, medusa_small, has depth 3: 4 tokens a round, the 16 after the prefill's in 4 rounds.
-    assert out.target_steps.tolist() == [4] * 4 and out.accepted.tolist() == [16] * 4
+    want = greedy_continuations(full_logits, model, params, PROMPTS, NEW_TOKENS)
+    # The default tree, medusa_small, and the dynamic one both have depth 3: 4 tokens a round, the 16 after the
+    # prefill's in 4 rounds (the dynamic tree keeps the top-1 path: a child never scores above its parent).
+    for tree in (dict(), dict(expand=2, depth=3, nodes=4)):
+        out = api.generate(model, params, PROMPTS, method="hydra", heads=heads, heads_params=planted,
+                           max_new_tokens=NEW_TOKENS, **tree)
+        assert out.tokens == want
+        assert out.target_steps.tolist() == [4] * 4 and out.accepted.tolist() == [16] * 4, tree
 
 
 def test_wrong_heads_and_requests_are_refused(target):
@@ -138,7 +189,13 @@ def test_wrong_heads_and_requests_are_refused(target):
         api.generate(model, tparams, [[1, 2]], method="hydra", heads=heads, heads_params=other_params)
     with pytest.raises(InputError, match=r"vocab_ids must be target ids in \[0, 64\)"):
         api.generate(model, tparams, [[1, 2]], method="hydra", heads=heads, heads_params=params, vocab_ids=[3, 64])
+    with pytest.raises(InputError, match="tree depth 4 needs at least that many Hydra heads; the heads have "
+                       "num_heads=3"):
+        api.generate(model, tparams, [[1, 2]], method="hydra", heads=heads, heads_params=params, expand=2, depth=4,
+                     nodes=4)
+    with pytest.raises(ConfigError, match="method 'hydra': tree='chain:2' is not allowed: left empty with a "
+                       "dynamic tree"):
+        api.generate(model, tparams, [[1, 2]], method="hydra", heads=heads, heads_params=params, expand=2,
+                     tree="chain:2")
     with pytest.raises(InputError, match="tree depth 4 needs at least that many Hydra heads"):
         api.generate(model, tparams, [[1, 2]], method="hydra", heads=heads, heads_params=params, tree="chain:4")
-    with pytest.raises(ConfigError, match="'hydra' takes no argument 'expand'"):
-        api.generate(model, tparams, [[1, 2]], method="hydra", heads=heads, heads_params=params, expand=2)

@@ -15,29 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec.decoding import methods
+from jaxspec.decoding import dynamic_tree, methods
 from jaxspec.decoding.drafters import Context, Proposal, check_breadth_first, children_tokens, sibling_ranks
-from jaxspec.decoding.method import Speculative, Target, is_int, restore_drafter_run
-from jaxspec.decoding.trees import TokenTree, chain
+from jaxspec.decoding.method import DynamicTreeDrafting, Target, restore_drafter_run
+from jaxspec.decoding.trees import TokenTree
 from jaxspec.errors import InputError
 from jaxspec.models.eagle import EagleNet, drafter_model_cfg, target_side
 from jaxspec.models.layers import matmul_t
 from jaxspec.state import init_decode_state
-
-
-@dataclasses.dataclass(frozen=True)
-class DynamicTree:
-    """EAGLE-2's dynamic tree: the `expand` best nodes of each depth, each expanded by its `expand` best children,
-    down to `depth`; then the `nodes` best drafts by summed draft log-probability."""
-
-    expand: int
-    depth: int
-    nodes: int
-
-    def __post_init__(self):
-        if self.expand < 1 or self.depth < 1 or not 1 <= self.nodes <= self.expand * self.depth:
-            raise InputError(f"a dynamic tree needs expand >= 1, depth >= 1 and 1 <= nodes <= expand * depth; got "
-                             f"expand={self.expand}, depth={self.depth}, nodes={self.nodes}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +32,7 @@ class EagleDrafter:
 
     net: EagleNet
     tree: TokenTree  # the static tree; with `dynamic`, only its node count (dynamic.nodes + 1) matters
-    dynamic: DynamicTree | None = None
+    dynamic: dynamic_tree.DynamicTree | None = None
     reads_features: bool = True  # the engine hands over the target's hidden states (init and update)
     feature_layers: tuple = ()  # EAGLE-3: the target layers whose residual streams are handed over, fused
 
@@ -87,8 +72,6 @@ class EagleDrafter:
         dstate = (state, lag_features, lag_tokens, lag_n)
         if self.dynamic is not None:
             tokens, parents = self._dynamic_tree(params, state, root_feature, ctx.root)
-            # Deterministic drafts (draft_probs None): at T > 0 the verifier treats each as a point mass, and
-            # recursive rejection over point masses is lossless (a rejected sibling's token leaves the residual).
             return Proposal(tokens, None, None, dstate, parents)
         return self._static_tree(params, state, root_feature, ctx, dstate)
 
@@ -121,46 +104,21 @@ class EagleDrafter:
         return Proposal(tokens, draft_probs, None, dstate)
 
     def _dynamic_tree(self, params, state, root_feature, root):
-        """EAGLE-2's tree: a beam of the `expand` best nodes per depth (by summed draft log-probability), each
-        expanded by its `expand` best children, to `depth`; then the `nodes` best of all, per row. Returns
-        (tokens [B, nodes + 1], parents [B, nodes + 1]) in topological order."""
-        expand, depth, nodes = self.dynamic.expand, self.dynamic.depth, self.dynamic.nodes
-        b, d = root_feature.shape
-        rows = jnp.arange(b)[:, None]
+        """EAGLE-2's tree (`dynamic_tree.grow`): the children of the pool's newest nodes are scored from their
+        guessed features, one drafter forward over the whole pool per level (each node reads its parent's guessed
+        feature and its own token; the root's pair is already in the state)."""
+        rows = jnp.arange(root.shape[0])[:, None]
         log_probs = lambda feats: jax.nn.log_softmax(matmul_t(feats, params["head_t"]), axis=-1)
-        # The pool: node 0 the root, then `expand` nodes per depth; parents index the pool.
-        score, pick = jax.lax.top_k(log_probs(root_feature), expand)  # [B, expand]
-        tokens, parents, scores = [pick], [jnp.zeros((b, expand), jnp.int32)], [score]
-        layer_features = None
-        for level in range(1, depth):
-            pool_tokens = jnp.take(params["vocab_ids"], jnp.concatenate(tokens, 1))  # [B, level * expand]
-            pool_parents = jnp.concatenate(parents, 1)
-            known = jnp.concatenate([root_feature[:, None]] + ([] if layer_features is None else [layer_features]), 1)
-            # Each drafted node reads its parent's guessed feature; the root's pair is already in the state.
-            out, _ = self._forward(params, None, pool_tokens, guessed=known[rows, pool_parents], state=state,
-                                   parents=pool_parents - 1)
-            layer_features = out
-            last = out[:, -expand:]  # the newest level's guessed features
-            child = log_probs(last)  # [B, expand, N]
-            child_score, child_pick = jax.lax.top_k(child, expand)
-            total = (scores[-1][:, :, None] + child_score).reshape(b, expand * expand)
-            score, flat = jax.lax.top_k(total, expand)
-            first_of_level = 1 + (level - 1) * expand
-            parents.append((first_of_level + flat // expand).astype(jnp.int32))
-            tokens.append(jnp.take_along_axis(child_pick.reshape(b, -1), flat, axis=1))
-            scores.append(score)
-        pool_tokens = jnp.take(params["vocab_ids"], jnp.concatenate(tokens, 1))
-        pool_parents, pool_scores = jnp.concatenate(parents, 1), jnp.concatenate(scores, 1)
-        # The best `nodes` (ties to the earlier node): a child never scores above its parent, so the set holds
-        # every chosen node's ancestors; kept in pool order, which is topological.
-        _, best = jax.lax.top_k(pool_scores, nodes)
-        chosen = jnp.sort(best, axis=1)  # [B, nodes] pool positions (pool index - 1)
-        new_index = jnp.zeros((b, pool_scores.shape[1] + 1), jnp.int32).at[rows, chosen + 1].set(
-            jnp.arange(1, nodes + 1, dtype=jnp.int32)[None])
-        tree_parents = new_index[rows, pool_parents[rows, chosen]]
-        tree_tokens = pool_tokens[rows, chosen]
-        return (jnp.concatenate([root[:, None].astype(jnp.int32), tree_tokens.astype(jnp.int32)], 1),
-                jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), tree_parents], 1))
+
+        def score_children(known, pool_tokens, pool_parents):
+            # known [B, n', d]: the guessed features of the pool's first n' nodes (the root's first).
+            if pool_tokens.shape[1] == 1:
+                return log_probs(known), known
+            out, _ = self._forward(params, None, pool_tokens[:, 1:], guessed=known[rows, pool_parents[:, 1:]],
+                                   state=state, parents=pool_parents[:, 1:] - 1)
+            return log_probs(out[:, -self.dynamic.expand:]), jnp.concatenate([known[:, :1], out], 1)
+
+        return dynamic_tree.grow(self.dynamic, score_children, root_feature[:, None], root, params["vocab_ids"])
 
     def update(self, dstate, emitted, num_emitted, features):
         """The accepted path's true features and the tokens that followed them are next round's pairs."""
@@ -179,42 +137,16 @@ def load_drafter(workdir: str, target: Target) -> tuple[EagleNet, dict, np.ndarr
 
 @methods.register
 @dataclasses.dataclass(frozen=True)
-class Eagle(Speculative):
+class Eagle(DynamicTreeDrafting):
     """`draft_workdir`: an EAGLE (or EAGLE-3) training run for this target (or pass `net`, `net_params`,
     `vocab_ids` and, for a net that fuses target streams, `feature_layers`).
-    `expand` > 0 drafts EAGLE-2's dynamic tree (`DynamicTree(expand, depth, nodes)`) in place of the static `tree`."""
+    `expand` > 0 drafts EAGLE-2's dynamic tree (`dynamic_tree.DynamicTree(expand, depth, nodes)`) in place of
+    the static `tree`."""
 
     name = "eagle"
     needs = "a trained EAGLE drafter"
     objects = ("net", "net_params", "vocab_ids", "feature_layers")
     draft_workdir: str = ""
-    expand: int = 0
-    depth: int = 5
-    nodes: int = 10
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.check(is_int(self.expand) and self.expand >= 0, "expand", "0 (the static tree) or a positive integer")
-        for field in ("depth", "nodes"):
-            self.check(is_int(getattr(self, field)) and getattr(self, field) >= 1, field, "a positive integer")
-        if self.expand:
-            self.check(not self.tree, "tree", "left empty with a dynamic tree (expand > 0)")
-            self.check(self.nodes <= self.expand * self.depth, "nodes", f"at most expand * depth = "
-                       f"{self.expand * self.depth} (the drafts a dynamic tree expands)")
-            self.check(not self.adaptive, "adaptive", "0 with a dynamic tree (expand > 0)")
-
-    @property
-    def tree_spec(self) -> str:
-        return f"dynamic:{self.expand}x{self.depth},{self.nodes}" if self.expand else super().tree_spec
-
-    def token_tree(self) -> TokenTree:
-        # A dynamic tree changes per row and round; its static stand-in only fixes the node count.
-        return chain(self.nodes) if self.expand else super().token_tree()
-
-    @property
-    def dynamic(self) -> DynamicTree | None:
-        return DynamicTree(self.expand, self.depth, self.nodes) if self.expand else None
-
     def build(self, target: Target, net: EagleNet | None = None, net_params=None, vocab_ids=None,
               feature_layers=()):
         if net is None and net_params is None:

@@ -4,8 +4,8 @@ its ancestors' drafts); its siblings take the next-best tokens of the same head.
 launch.train --config=configs/hydra.py` on a self-distillation set; the LM head is the target's own, restricted
 to the draft vocabulary the run saved (`models.eagle.target_side`, as the EAGLE drafter reads it).
 
-Only static trees: EAGLE-2's dynamic tree (`methods.eagle.DynamicTree`) is built inside the EAGLE drafter from
-its own feature forward, not as a function of a node-scoring callback, so Hydra cannot reuse it as it is.
+With `expand` > 0 the tree is EAGLE-2's dynamic tree (`jaxspec.decoding.dynamic_tree`): the children of a node
+at depth d are scored by head d over the node's path, and the best-scoring paths are kept per row and round.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import numpy as np
 
 from jaxspec.decoding import methods
 from jaxspec.decoding.drafters import Context, Proposal, check_breadth_first, children_tokens, sibling_ranks
-from jaxspec.decoding.method import Speculative, Target, restore_drafter_run
+from jaxspec.decoding.dynamic_tree import DynamicTree, grow, paths_to_newest
+from jaxspec.decoding.method import DynamicTreeDrafting, Target, restore_drafter_run
 from jaxspec.decoding.trees import TokenTree
 from jaxspec.errors import InputError
 from jaxspec.models.eagle import target_side
@@ -38,18 +39,43 @@ class HydraDrafter:
     (`models.eagle.target_side` plus the trained heads)."""
 
     heads: HydraHeads
-    tree: TokenTree
+    tree: TokenTree  # the static tree; with `dynamic`, only its node count (dynamic.nodes + 1) matters
+    dynamic: DynamicTree | None = None
 
     def __post_init__(self):
         check_breadth_first(self.tree)
-        if self.tree.max_depth > self.heads.num_heads:
-            raise InputError(f"tree depth {self.tree.max_depth} needs at least that many Hydra heads; the heads "
-                             f"have num_heads={self.heads.num_heads}")
+        depth = self.tree.max_depth if self.dynamic is None else self.dynamic.depth
+        if depth > self.heads.num_heads:
+            raise InputError(f"tree depth {depth} needs at least that many Hydra heads; the heads have "
+                             f"num_heads={self.heads.num_heads}")
+        if self.dynamic is not None and self.tree.num_nodes != self.dynamic.nodes + 1:
+            raise InputError(f"a dynamic tree of {self.dynamic.nodes} drafts needs tree.num_nodes = "
+                             f"{self.dynamic.nodes + 1}, got {self.tree.num_nodes}")
 
     def init(self, params, prompts, prompt_lens, max_len, first_token):
         return ()
 
+    def _features(self, params, hidden, path_tokens):
+        """The head for paths of this length over each path: hidden [B, d], path_tokens [B, P, L] (root first)
+        -> features [B, P, d]."""
+        path_embeddings = jnp.take(params["embedding"], path_tokens, axis=0)  # [B, P, L, dm]
+        per_path = jnp.broadcast_to(hidden[:, None], (*path_tokens.shape[:2], hidden.shape[-1]))
+        return self.heads.apply({"params": params["heads"]}, per_path, path_embeddings, method=HydraHeads.head)
+
     def propose(self, params, dstate, ctx: Context) -> Proposal:
+        if self.dynamic is not None:
+            hidden = ctx.target_hidden.astype(jnp.float32)
+
+            def score_children(carry, pool_tokens, pool_parents):
+                m = 1 if pool_tokens.shape[1] == 1 else self.dynamic.expand
+                feats = self._features(params, hidden, paths_to_newest(pool_tokens, pool_parents, m))
+                return jax.nn.log_softmax(matmul_t(feats, params["head_t"]), axis=-1), carry
+
+            tokens, parents = grow(self.dynamic, score_children, (), ctx.root, params["vocab_ids"])
+            return Proposal(tokens, None, None, dstate, parents)
+        return self._static_tree(params, dstate, ctx)
+
+    def _static_tree(self, params, dstate, ctx: Context) -> Proposal:
         tree = self.tree
         b, k = ctx.root.shape[0], tree.num_nodes
         hidden = ctx.target_hidden.astype(jnp.float32)
@@ -64,9 +90,7 @@ class HydraDrafter:
             # Siblings share their parent's head output: run the head once per parent of this depth.
             heads_at, parent_of_node = np.unique(parents[nodes], return_inverse=True)
             paths = np.stack([path_to(tree, p) for p in heads_at])  # [P, d]: root .. parent
-            path_embeddings = jnp.take(params["embedding"], tokens[:, paths], axis=0)  # [B, P, d, dm]
-            feats = self.heads.apply({"params": params["heads"]}, jnp.broadcast_to(
-                hidden[:, None], (b, len(heads_at), hidden.shape[-1])), path_embeddings, method=HydraHeads.head)
+            feats = self._features(params, hidden, tokens[:, paths])
             logits = matmul_t(feats, params["head_t"])[:, parent_of_node]  # [B, n, N]: the draft vocabulary
             picked, probs = children_tokens(keys[d], logits, ranks[nodes], ctx.temperature, widest)
             tokens = tokens.at[:, nodes].set(jnp.take(params["vocab_ids"], picked))
@@ -89,9 +113,10 @@ def load_heads(workdir: str, target: Target) -> tuple[HydraHeads, dict, np.ndarr
 
 @methods.register
 @dataclasses.dataclass(frozen=True)
-class Hydra(Speculative):
+class Hydra(DynamicTreeDrafting):
     """`draft_workdir`: a Hydra heads training run for this target (or pass `heads`, `heads_params` and, for
-    heads trained on a draft vocabulary, `vocab_ids`)."""
+    heads trained on a draft vocabulary, `vocab_ids`). `expand` > 0 drafts EAGLE-2's dynamic tree (depth at most
+    the number of heads) in place of the static `tree`."""
 
     name = "hydra"
     needs = "trained Hydra heads"
@@ -116,4 +141,4 @@ class Hydra(Speculative):
         if vocab_ids.ndim != 1 or vocab_ids.size == 0 or vocab_ids.min() < 0 or vocab_ids.max() >= cfg.vocab_size:
             raise InputError(f"vocab_ids must be target ids in [0, {cfg.vocab_size}); got shape {vocab_ids.shape}")
         dparams = {"heads": heads_params, **target_side(target.params, cfg, vocab_ids)}
-        return HydraDrafter(heads, self.token_tree()), dparams
+        return HydraDrafter(heads, self.token_tree(), self.dynamic), dparams
