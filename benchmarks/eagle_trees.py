@@ -6,6 +6,7 @@ an EAGLE-3 drafter, Medusa and Hydra heads trained for the same target (`--eagle
   python -m benchmarks.eagle_trees --drafter=~/.cache/jaxspec/drafters/smollm2-135m-instruct/eagle
   python -m benchmarks.eagle_trees --drafter=/tmp/eagle --chains=2,3,4 --dynamic=4:4:6,4:5:8 --per_category=3
   python -m benchmarks.eagle_trees --drafter=/tmp/eagle --medusa=/tmp/medusa_sd --hydra=/tmp/hydra_sd   # + heads
+  python -m benchmarks.eagle_trees --drafter=/tmp/eagle --hydra=/tmp/hydra_sd --head_dynamic=3:3:4
 
 Each row: tau (tokens per target forward), tokens/s, speedup over autoregressive decoding and whether the output
 is identical to it, per category and over all prompts (jaxspec.eval.suite_eval, as the quickstart).
@@ -29,14 +30,20 @@ from jaxspec.eval import suite_eval, tables
 FLAGS = flags.FLAGS
 
 
-def eagle_methods(drafter: str, chains, dynamic, prefix: str = "eagle") -> dict:
-    """Rows of one EAGLE drafter run (EAGLE or EAGLE-3): a chain of each length and each dynamic tree."""
-    grid = {f"{prefix}_chain{k}": dict(method="eagle", draft_workdir=drafter, tree=f"chain:{k}") for k in chains}
+def tree_methods(method: str, workdir: str, trees, dynamic, prefix: str) -> dict:
+    """Rows of one trained drafter run: each static tree spec and each dynamic tree (expand:depth:nodes)."""
+    grid = {f"{prefix}_{tree.replace(':', '')}": dict(method=method, draft_workdir=workdir, tree=tree)
+            for tree in trees}
     for spec in dynamic:
         expand, depth, nodes = (int(x) for x in spec.split(":"))
-        grid[f"{prefix}_dyn{expand}x{depth}n{nodes}"] = dict(method="eagle", draft_workdir=drafter, expand=expand,
+        grid[f"{prefix}_dyn{expand}x{depth}n{nodes}"] = dict(method=method, draft_workdir=workdir, expand=expand,
                                                             depth=depth, nodes=nodes)
     return grid
+
+
+def eagle_methods(drafter: str, chains, dynamic, prefix: str = "eagle") -> dict:
+    """Rows of one EAGLE drafter run (EAGLE or EAGLE-3): a chain of each length and each dynamic tree."""
+    return tree_methods("eagle", drafter, [f"chain:{k}" for k in chains], dynamic, prefix)
 
 
 def round_parts(model, params, drafter, dparams, prefilled, iters: int) -> dict:
@@ -117,6 +124,7 @@ def define_flags() -> None:
     flags.DEFINE_string("medusa", None, "also a Medusa heads run for the same target, on each of --head_trees")
     flags.DEFINE_string("hydra", None, "also a Hydra heads run for the same target, on each of --head_trees")
     flags.DEFINE_list("head_trees", ["medusa_small", "chain:3"], "static trees of the --medusa / --hydra rows")
+    flags.DEFINE_list("head_dynamic", [], "dynamic trees (expand:depth:nodes) of the --hydra rows")
     flags.DEFINE_string("workdir", "/tmp/eagle_trees", "where the tables and plots go")
     flags.DEFINE_bool("suite", True, "decode the suite (off: only the round split)")
     flags.DEFINE_bool("round_split", True, "also time draft / verify / commit of one round per variant")
@@ -140,8 +148,8 @@ def main(argv) -> None:
     for name in ("medusa", "hydra"):  # draft heads on the same target, beside the EAGLE rows
         if FLAGS[name].value:
             workdir = os.path.abspath(os.path.expanduser(FLAGS[name].value))
-            for tree in FLAGS.head_trees:
-                config.methods[f"{name}_{tree.replace(':', '')}"] = dict(method=name, draft_workdir=workdir, tree=tree)
+            dynamic = FLAGS.head_dynamic if name == "hydra" else []
+            config.methods.update(tree_methods(name, workdir, FLAGS.head_trees, dynamic, prefix=name))
     start = time.perf_counter()
     if FLAGS.suite:
         report = suite_eval.evaluate_suite(config, FLAGS.workdir, on_method=lambda name: print(

@@ -5,7 +5,12 @@ method that needs no training, per category.
   python -m launch.quickstart --arg=model=gemma3-270m,per_category=2
   python -m launch.quickstart --arg=toy            # the trained-from-scratch toy (configs/toy_quickstart.py)
 
-arg: model (a zoo name or a workdir), per_category (suite prompts per category), max_new_tokens, batch_size.
+arg: model (a zoo name or a workdir), per_category (suite prompts per category), max_new_tokens, batch_size;
+methods=all for every method that runs on the model as it is (`ALL_TRAINING_FREE`: also the self-drafts DEL, SWIFT
+and FFN skipping, and the lossy modes, marked lossless=no); and a trained run's workdir for each of eagle,
+eagle3, hydra, medusa, kangaroo adds its rows (`trained_rows`):
+
+  python -m launch.quickstart --arg=methods=all,eagle=DIR,eagle3=DIR,hydra=DIR,medusa=DIR,kangaroo=DIR
 
 Methods: prompt lookup (n-grams of the context as drafts; chain:4 paid best on this CPU), layer-skip
 self-drafting (the target without every other layer of its upper two thirds drafts for itself; the default
@@ -31,7 +36,7 @@ from jaxspec.training import checkpoint
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
     args = config_lib.parse_arg(arg, model="smollm2-135m-instruct", per_category=3, max_new_tokens=64,
-                                batch_size=1)
+                                batch_size=1, methods="default", **{name: "" for name in TRAINED})
     config = suite_eval_defaults()
     config.target = args.model
     config.suite.per_category = args.per_category
@@ -43,11 +48,44 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         ngram=dict(method="ngram", tree="chain:4"),
         recycling=dict(method="recycling", tree="branching:2,1,1"),
     )
-    eagle = trained_eagle(args.model)
+    if args.methods not in ("default", "all"):
+        raise config_lib.ConfigError(f"config arg methods={args.methods!r} is not allowed: 'default' (the methods "
+                                     "above) or 'all' (also ALL_TRAINING_FREE)")
+    if args.methods == "all":
+        config.methods.update(ALL_TRAINING_FREE)
+    eagle = args.eagle or trained_eagle(args.model)
     if eagle:  # made by `python -m launch.quickstart --arg=drafters` (see launch/quickstart.py)
         config.methods.eagle = dict(method="eagle", draft_workdir=eagle, tree="chain:4")
         config.methods.eagle2 = dict(method="eagle", draft_workdir=eagle, expand=4, depth=4, nodes=6)
+    for name, rows in TRAINED.items():
+        if name != "eagle" and args[name]:
+            config.methods.update({row: dict(fields, draft_workdir=args[name]) for row, fields in rows.items()})
     return config
+
+
+# Every method that runs on a zoo model without training or another model, beside the default four: the
+# self-drafts over the target's own layers (lossless), then the lossy decoding modes (their rows say
+# identical=no, lossless=no). Settings are those of their benchmarks' best rows on SmolLM2 (docs/benchmarks.md).
+ALL_TRAINING_FREE = dict(
+    del_exit=dict(method="del", tree="chain:3"),
+    swift=dict(method="swift", tree="chain:3", skip_ratio=0.2),
+    ffnskip=dict(method="ffnskip", tree="chain:3", num_skip_ffn=4),
+    skiplayers=dict(method="skiplayers", target_speedup=1.25),
+    skipdecode=dict(method="skipdecode", max_exit=30, min_exit=26, decay_end=256),
+    h2o=dict(method="h2o", budget=64, recent=32),
+)
+
+# The rows of each trained drafter, when its run is given (`draft_workdir` added): the trees its benchmark found
+# best on SmolLM2 (docs/benchmarks.md, "Trained drafters").
+TRAINED = dict(
+    eagle=None,  # the two rows above (also made by the quickstart's own drafter recipe)
+    eagle3=dict(eagle3=dict(method="eagle", tree="chain:2"),
+                eagle3_dyn=dict(method="eagle", expand=3, depth=3, nodes=4)),
+    hydra=dict(hydra=dict(method="hydra", tree="chain:3"),
+               hydra_dyn=dict(method="hydra", expand=3, depth=3, nodes=4)),
+    medusa=dict(medusa=dict(method="medusa", tree="chain:3")),
+    kangaroo=dict(kangaroo=dict(method="kangaroo")),
+)
 
 
 def sub_arg(arg: str, job: str) -> str | None:

@@ -17,6 +17,9 @@ def test_grid_and_round_split(benchmark_script, make_model):
     assert grid["eagle_chain4"] == dict(method="eagle", draft_workdir="/d", tree="chain:4")
     assert grid["eagle_dyn3x2n4"] == dict(method="eagle", draft_workdir="/d", expand=3, depth=2, nodes=4)
     assert set(bench.eagle_methods("/e", ["2"], [], prefix="eagle3")) == {"eagle3_chain2"}
+    heads = bench.tree_methods("hydra", "/h", ["medusa_small"], ["2:3:4"], prefix="hydra")
+    assert heads == {"hydra_medusa_small": dict(method="hydra", draft_workdir="/h", tree="medusa_small"),
+                     "hydra_dyn2x3n4": dict(method="hydra", draft_workdir="/h", expand=2, depth=3, nodes=4)}
 
     model, params = make_model("A", seed=1, max_len=128)
     net = EagleNet(drafter_model_cfg(model.model_cfg, 1))

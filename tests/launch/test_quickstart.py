@@ -30,3 +30,23 @@ def test_the_table_shows_eagle_once_its_drafter_is_trained(monkeypatch, tmp_path
     monkeypatch.setattr(checkpoint, "finished", lambda workdir: workdir == eagle_dir)
     methods = quickstart.get_config().methods
     assert methods.eagle.draft_workdir == eagle_dir and methods.eagle2.expand > 0
+
+
+def test_methods_all_and_trained_runs_add_rows(monkeypatch, tmp_path):
+    import pytest
+
+    from jaxspec.config import ConfigError
+    from jaxspec.decoding import methods as registry
+    from jaxspec.eval import suite_eval
+
+    monkeypatch.setenv("JAXSPEC_CACHE", str(tmp_path))
+    default = quickstart.get_config()
+    config = quickstart.get_config("methods=all,hydra=/h,kangaroo=/k,eagle=/e")
+    suite_eval.validate(config)  # every row is a valid spec of a registered method
+    assert set(config.methods) == set(default.methods) | set(quickstart.ALL_TRAINING_FREE) | {
+        "hydra", "hydra_dyn", "kangaroo", "eagle", "eagle2"}
+    assert config.methods.hydra_dyn.draft_workdir == "/h" and config.methods.eagle2.draft_workdir == "/e"
+    lossy = {name for name, row in config.methods.items() if not registry.get(row["method"]).lossless}
+    assert lossy == {"skiplayers", "skipdecode", "h2o"}
+    with pytest.raises(ConfigError, match="methods='some' is not allowed"):
+        quickstart.get_config("methods=some")
