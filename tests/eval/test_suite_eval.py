@@ -63,3 +63,16 @@ def test_bad_configs_name_the_key(target_dir, change, message):
     change(config)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         suite_eval.validate(config)
+
+
+def test_speedup_is_a_ratio_of_token_rates():
+    """A lossy mode whose output ends sooner takes less wall time without being faster: half the tokens in 0.6 of
+    the time is 0.83x, not 1.67x; a lossless method with the same tokens in half the time is 2x."""
+    from jaxspec.eval.compare import _PromptRun, _summarise
+
+    baseline = [_PromptRun([1] * 10, 9, 9, 1.0), _PromptRun([2] * 10, 9, 9, 1.0)]
+    shorter = [_PromptRun([1] * 5, 4, 4, 0.6), _PromptRun([3] * 5, 4, 4, 0.6)]
+    lossy = _summarise("mode", "h2o", False, shorter, baseline, 0.0, "all")
+    assert lossy.speedup == pytest.approx((10 / 1.2) / (20 / 2.0)) and not lossy.identical
+    faster = [_PromptRun([1] * 10, 5, 9, 0.5), _PromptRun([2] * 10, 5, 9, 0.5)]
+    assert _summarise("spec", "lookup", True, faster, baseline, 0.0, "all").speedup == pytest.approx(2.0)
