@@ -2,7 +2,8 @@
 
 A forward over K new nodes (see `DecoderLM`) leaves, per layer, a *pending* entry:
   attention        KVCache of the K nodes' own keys/values       -> commit compacts the path into the cache
-                   (a budgeted HeavyHitterCache is extended only: commit refuses it)
+                   (a SharedPrefixCache: into its rows' suffix; a budgeted HeavyHitterCache is extended
+                   only: commit refuses it)
   linear attention LinearState per node   (s [B, K, H, dk, dv])  -> commit takes the last accepted node's
   mamba            MambaState per node    (conv, ssm with a K axis)  state (its recurrent state is exact)
 so rollback is exact for every mixer, and per batch row (the mixer contract: `jaxspec.models.mixer.Mixer`).
@@ -48,6 +49,23 @@ class HeavyHitterCache:
 
 
 @struct.dataclass
+class SharedPrefixCache:
+    """One prompt's keys/values held once for every row (Hydragen): a batch of samples of the same prompt
+    attends to the shared prefix, stacked across rows, and to a suffix cache of its own, merged by log-sum-exp
+    (`pallas_kernels.shared_prefix_attention`). A row's committed length counts the prefix: the suffix holds
+    positions prefix_len .. lengths - 1."""
+
+    k_prefix: jax.Array  # [Hkv, P, D]: valid on [0, prefix_len)
+    v_prefix: jax.Array
+    prefix_len: jax.Array  # int32 scalar
+    suffix: KVCache  # [B, Hkv, L, D]
+
+    @property
+    def capacity(self) -> int:
+        return self.k_prefix.shape[1] + self.suffix.k.shape[2]
+
+
+@struct.dataclass
 class LinearState:
     s: jax.Array  # [B, H, dk, dv] (pending: [B, K, H, dk, dv])
 
@@ -61,7 +79,7 @@ class MambaState:
 @struct.dataclass
 class DecodeState:
     lengths: jax.Array  # [B] int32: committed tokens per row
-    layers: tuple  # per layer: KVCache | HeavyHitterCache | LinearState | MambaState
+    layers: tuple  # per layer: KVCache | SharedPrefixCache | HeavyHitterCache | LinearState | MambaState
     pending: tuple | None = None  # per layer after a tree forward (None for skipped layers)
 
     @property
@@ -69,6 +87,8 @@ class DecodeState:
         for layer in self.layers:
             if isinstance(layer, KVCache):
                 return layer.k.shape[2]
+            if isinstance(layer, SharedPrefixCache):
+                return layer.capacity
         return np.iinfo(np.int32).max  # recurrent layers and budgeted caches have no length limit
 
 
@@ -92,6 +112,27 @@ def init_decode_state(model_cfg, batch: int, max_len: int | None = None, dtype=N
                 conv=jnp.zeros((batch, model_cfg.mamba.d_conv - 1, d_inner), jnp.float32),
                 ssm=jnp.zeros((batch, d_inner, model_cfg.mamba.d_state), jnp.float32)))
     return DecodeState(lengths=jnp.zeros((batch,), jnp.int32), layers=tuple(layers))
+
+
+def share_prefix(state: DecodeState, batch: int, suffix_len: int) -> DecodeState:
+    """The state of one prefilled row (batch 1) as the state of `batch` rows that continue the same prompt: each
+    attention cache becomes a SharedPrefixCache over that row's keys/values, with an empty suffix of
+    `suffix_len` positions per row; recurrent states are copied to every row."""
+    if state.lengths.shape[0] != 1 or state.pending is not None:
+        raise InputError(f"share_prefix: needs the committed state of one row, got {state.lengths.shape[0]} rows"
+                         f"{' with a pending tree' if state.pending is not None else ''}")
+    prefix_len = state.lengths[0]
+    layers = []
+    for layer in state.layers:
+        if isinstance(layer, KVCache):
+            _, hkv, _, d = layer.k.shape
+            empty = jnp.zeros((batch, hkv, suffix_len, d), layer.k.dtype)
+            layers.append(SharedPrefixCache(layer.k[0], layer.v[0], prefix_len, KVCache(empty, empty)))
+        elif isinstance(layer, (LinearState, MambaState)):
+            layers.append(jax.tree.map(lambda x: jnp.broadcast_to(x, (batch, *x.shape[1:])), layer))
+        else:
+            raise InputError(f"share_prefix: a {type(layer).__name__} cannot be shared across rows")
+    return DecodeState(lengths=jnp.full((batch,), prefix_len, jnp.int32), layers=tuple(layers))
 
 
 def validate_parents(parents) -> np.ndarray:
@@ -163,11 +204,13 @@ def commit(state: DecodeState, path, num_accepted) -> DecodeState:
         elif isinstance(cache, HeavyHitterCache):  # its scores come from real context, never from a tree
             raise InputError("commit: a budgeted (heavy-hitter) KV cache takes new context by extend only; its "
                              "tree forwards are read-only (drafting)")
-        elif isinstance(cache, KVCache):
+        elif isinstance(cache, (KVCache, SharedPrefixCache)):
             gather = lambda x: jnp.take_along_axis(x, path[:, None, :, None], axis=2)
             # Entries past num_accepted land beyond the new length, where the length mask hides them.
-            layers.append(KVCache(write_kv(cache.k, gather(pending.k), state.lengths),
-                                  write_kv(cache.v, gather(pending.v), state.lengths)))
+            rows = cache if isinstance(cache, KVCache) else cache.suffix
+            start = state.lengths if isinstance(cache, KVCache) else state.lengths - cache.prefix_len
+            written = KVCache(write_kv(rows.k, gather(pending.k), start), write_kv(rows.v, gather(pending.v), start))
+            layers.append(written if isinstance(cache, KVCache) else cache.replace(suffix=written))
         else:
             def take_last(old, per_node):
                 index = last.reshape((-1,) + (1,) * (per_node.ndim - 1))

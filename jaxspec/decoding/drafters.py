@@ -224,31 +224,56 @@ class ModelDrafter:
         return state, emitted.astype(jnp.int32), num_emitted.astype(jnp.int32)
 
 
+def to_target_vocab(picked, probs, vocab_ids, vocab_size: int):
+    """(target ids, draft_probs over the target's whole vocabulary) of drafts a head picked among the rows of a
+    draft vocabulary: `picked` [B, n] rows, `probs` [B, n, N] the distribution they were drawn from (None:
+    deterministic drafts), `vocab_ids` [N] each row's target id (None: the rows are the target ids themselves).
+    The probability of an id outside the draft vocabulary is 0, so the verifier never expects the drafter to
+    propose it."""
+    if vocab_ids is None:
+        return picked, probs
+    tokens = jnp.take(vocab_ids, picked)
+    if probs is None:
+        return tokens, None
+    full = jnp.zeros((*probs.shape[:-1], vocab_size), probs.dtype)
+    return tokens, full.at[..., vocab_ids].set(probs)
+
+
 @dataclasses.dataclass(frozen=True)
 class MedusaDrafter:
-    """Medusa heads on the target's last hidden state: node at depth d takes head d-1's rank-th token."""
+    """Medusa heads on the target's last hidden state: a node at depth d takes head d-1's rank-th token (greedy),
+    or a draw from head d-1's distribution (sampled; siblings i.i.d.). Params: {"heads", "lm_head" when shared,
+    "vocab_ids" when the heads score a draft vocabulary}; `vocab_size` is then the target's vocabulary (0: the heads
+    score the whole of it)."""
 
     heads: MedusaHeads
     tree: TokenTree
+    vocab_size: int = 0
 
     def __post_init__(self):
         if self.tree.max_depth > self.heads.num_heads:
             raise InputError(f"tree depth {self.tree.max_depth} needs at least that many Medusa heads; the heads "
                              f"have num_heads={self.heads.num_heads}")
+        if self.vocab_size and self.heads.vocab_size > self.vocab_size:
+            raise InputError(f"Medusa heads score {self.heads.vocab_size} ids, more than the target's vocabulary "
+                             f"of {self.vocab_size}")
 
     def init(self, params, prompts, prompt_lens, max_len, first_token):
         return ()
 
     def propose(self, params, dstate, ctx: Context) -> Proposal:
         head_logits = self.heads.apply({"params": params["heads"]}, ctx.target_hidden[:, None],
-                                       params.get("lm_head"))[:, 0]  # [B, num_heads, V]
-        ranks = sibling_ranks(self.tree)
-        best = jax.lax.top_k(head_logits, int(ranks.max()) + 1)[1]  # [B, num_heads, R]
-        depths = self.tree.depths
-        heads_of_nodes = np.maximum(depths - 1, 0)
-        tokens = best[:, heads_of_nodes, ranks]
-        tokens = tokens.at[:, 0].set(ctx.root)
-        return Proposal(tokens.astype(jnp.int32), None, None, dstate)
+                                       params.get("lm_head"))[:, 0]  # [B, num_heads, N]
+        depths, ranks = self.tree.depths, sibling_ranks(self.tree)
+        nodes = np.arange(1, self.tree.num_nodes)
+        # Every node of depth d reads head d-1, whatever its path: one call drafts the whole tree.
+        picked, probs = children_tokens(ctx.key, head_logits[:, depths[nodes] - 1], ranks[nodes], ctx.temperature,
+                                        int(ranks.max()) + 1)
+        drafts, probs = to_target_vocab(picked, probs, params.get("vocab_ids"), self.vocab_size)
+        tokens = jnp.concatenate([ctx.root[:, None].astype(jnp.int32), drafts.astype(jnp.int32)], axis=1)
+        if probs is not None:  # the root is no draft: its row stays 0
+            probs = jnp.pad(probs, ((0, 0), (1, 0), (0, 0)))
+        return Proposal(tokens, probs, None, dstate)
 
     def update(self, dstate, emitted, num_emitted):
         return dstate

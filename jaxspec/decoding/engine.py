@@ -32,7 +32,7 @@ from jaxspec.decoding.verify import RULES, verify_tree
 from jaxspec.errors import InputError
 from jaxspec.models.decode_layout import for_decoding
 from jaxspec.models.lm import DecoderLM
-from jaxspec.state import commit, init_decode_state
+from jaxspec.state import commit, init_decode_state, share_prefix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,10 +151,16 @@ def chunked_prefill(model: DecoderLM, params, prompts, prompt_lens, state, chunk
 
 
 def _prefill(model: DecoderLM, params, prompts, prompt_lens, max_len, sampling: Sampling, key, eos_ids, max_new,
-             extra_slots: int, stream: bool, prefill_chunk: int = 0):
+             extra_slots: int, stream: bool, prefill_chunk: int = 0, shared_prefix: bool = False):
     b, p = prompts.shape
-    state = init_decode_state(model.model_cfg, b, max_len)
-    out, state = chunked_prefill(model, params, prompts, prompt_lens, state, prefill_chunk)
+    if shared_prefix:  # every row is the same prompt: prefill it once, its cache shared by all rows (Hydragen)
+        state = init_decode_state(model.model_cfg, 1, p)
+        out, state = chunked_prefill(model, params, prompts[:1], prompt_lens[:1], state, prefill_chunk)
+        state = share_prefix(state, b, max_len - p)
+        out = jax.tree.map(lambda x: jnp.broadcast_to(x, (b, *x.shape[1:])), out)
+    else:
+        state = init_decode_state(model.model_cfg, b, max_len)
+        out, state = chunked_prefill(model, params, prompts, prompt_lens, state, prefill_chunk)
     rows = jnp.arange(b)
     last = jnp.maximum(prompt_lens - 1, 0)
     first = sampling.pick(key, out.logits[rows, last])
@@ -166,19 +172,20 @@ def _prefill(model: DecoderLM, params, prompts, prompt_lens, max_len, sampling: 
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new", "max_len", "sampling", "eos_ids", "stream",
-                                             "checked", "prefill_chunk"))
+                                             "checked", "prefill_chunk", "shared_prefix"))
 def autoregressive_loop(model: DecoderLM, params, prompts, prompt_lens, key, *, max_new: int, max_len: int,
                         sampling: Sampling, eos_ids: tuple[int, ...] = (), stream: bool = False,
-                        checked: bool = False, prefill_chunk: int = 0) -> Output:
+                        checked: bool = False, prefill_chunk: int = 0, shared_prefix: bool = False) -> Output:
     """One token per target forward: the baseline every speculative method must reproduce.
 
     `checked`: traced with jaxspec.checks enabled (run it through checks.run_checked); a static argument so
     that checked and unchecked programs never share a trace. `prefill_chunk` > 0: the prompt is prefilled in
-    chunks of that many tokens (`chunked_prefill`; same output)."""
+    chunks of that many tokens (`chunked_prefill`; same output). `shared_prefix`: every row is the same prompt
+    (samples of it), prefilled once and attended as one shared prefix (`state.SharedPrefixCache`)."""
     model, params = for_decoding(model, params)  # once per call, outside the while_loop (a no-op if done before)
     key, k0 = jax.random.split(key)
     state, token, _, em, _ = _prefill(model, params, prompts, prompt_lens, max_len, sampling, k0, eos_ids, max_new,
-                                      1, stream, prefill_chunk)
+                                      1, stream, prefill_chunk, shared_prefix)
     b = prompts.shape[0]
     steps = jnp.zeros((b,), jnp.int32)
 
@@ -216,12 +223,13 @@ class Adaptive:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "drafter", "max_new", "max_len", "sampling", "eos_ids",
-                                             "adaptive", "stream", "checked", "prefill_chunk"))
+                                             "adaptive", "stream", "checked", "prefill_chunk", "shared_prefix"))
 def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, prompt_lens, key, *, max_new: int,
                      max_len: int, sampling: Sampling, eos_ids: tuple[int, ...] = (), adaptive: Adaptive = Adaptive(),
-                     stream: bool = False, checked: bool = False, prefill_chunk: int = 0) -> Output:
-    """Draft a tree, verify it with one target forward, commit the accepted path; repeat per row. `checked` and
-    `prefill_chunk`: as in autoregressive_loop."""
+                     stream: bool = False, checked: bool = False, prefill_chunk: int = 0,
+                     shared_prefix: bool = False) -> Output:
+    """Draft a tree, verify it with one target forward, commit the accepted path; repeat per row. `checked`,
+    `prefill_chunk` and `shared_prefix`: as in autoregressive_loop (the drafter keeps its own state as usual)."""
     tree: TokenTree = drafter.tree
     if sampling.rule == "kseq" and getattr(drafter, "without_replacement", False):
         raise InputError("rule='kseq' (SpecTr) needs siblings drawn independently; this drafter draws them "
@@ -232,7 +240,7 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
     rows = jnp.arange(b)
     key, k0 = jax.random.split(key)
     state, root, hidden, em, prompt_out = _prefill(model, params, prompts, prompt_lens, max_len, sampling, k0,
-                                                   eos_ids, max_new, k, stream, prefill_chunk)
+                                                   eos_ids, max_new, k, stream, prefill_chunk, shared_prefix)
     # Optional hook: a drafter with `reads_features` (a feature drafter, EAGLE) gets the target's final hidden
     # states, or with `feature_layers` (EAGLE-3) those layers' residual streams concatenated: at every prompt
     # position (init) and at the accepted path's nodes (update), keyword `features`.

@@ -44,7 +44,7 @@ from jaxspec.errors import InputError
 # generate and never reach the method (a test keeps this list equal to generate's signature).
 GENERATE_ARGUMENTS = frozenset({"method", "max_new_tokens", "temperature", "top_k", "top_p", "rule", "eos_ids",
                                 "seed", "prompt_width", "on_tokens", "target_workdir", "check_invariants",
-                                "prefill_chunk", "require_lossless"})
+                                "prefill_chunk", "require_lossless", "shared_prefix"})
 
 
 class Drafter(Protocol):
@@ -94,6 +94,22 @@ def restore_drafter_run(workdir: str, target: Target, loss: str, what: str, with
     if not os.path.isfile(vocab_path):
         raise InputError(f"{workdir} has no {DRAFT_VOCAB_FILE} (the draft vocabulary its head was trained on)")
     return params, cfg, np.load(vocab_path)
+
+
+def check_vocab_ids(vocab_ids, vocab_size: int, rows: int | None = None):
+    """`vocab_ids` (a trained drafter's draft vocabulary: the target id of each row its head scores) as an int32
+    array of distinct target ids, the whole vocabulary when None; `rows`: how many its head scores. Distinct,
+    since a sampled draft's probabilities are scattered onto these ids."""
+    import numpy as np
+
+    ids = np.arange(vocab_size) if vocab_ids is None else np.asarray(vocab_ids)
+    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 \
+            or ids.max() >= vocab_size or len(np.unique(ids)) != ids.size:
+        raise InputError(f"vocab_ids must be distinct target ids in [0, {vocab_size}); got shape {ids.shape}")
+    if rows is not None and ids.size != rows:
+        raise InputError(f"vocab_ids has {ids.size} ids but the drafter's head scores {rows}: head and draft "
+                         "vocabulary of different runs")
+    return ids.astype(np.int32)
 
 
 @dataclasses.dataclass(frozen=True)

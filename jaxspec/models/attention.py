@@ -14,7 +14,9 @@ In the decode layout (see models/decode_layout.py) q, k and v come from one fuse
 Under a mesh with a "sequence" axis of size > 1 (see `jaxspec.parallel.context`) the full forward is
 sequence-parallel: LASP-2H all-gathers keys and values and each device attends with its own query chunk.
 With a budgeted cache in the state (`state.HeavyHitterCache`, DecoderLM's `kv_budget` option) extend and tree
-attend to the kept keys only (`jaxspec.ops.heavy_hitter`: H2O eviction).
+attend to the kept keys only (`jaxspec.ops.heavy_hitter`: H2O eviction). With a shared-prefix cache
+(`state.SharedPrefixCache`: samples of one prompt, `api.generate(shared_prefix=True)`) they attend to the one
+prefix, read once for all rows, and to each row's suffix (`pallas_kernels.shared_prefix_attention`, Hydragen).
 The mixer contract (modes, the KVCache it keeps, what commit does with its pending keys/values) is
 `jaxspec.models.mixer.Mixer`.
 """
@@ -34,8 +36,9 @@ from jaxspec.models.step import Mode, Step
 from jaxspec.ops import heavy_hitter
 from jaxspec.parallel.context import SEQUENCE_AXIS, sequence_parallel_mesh
 from jaxspec.parallel.lasp2 import lasp2h_attention
-from jaxspec.state import HeavyHitterCache, KVCache, write_kv
+from jaxspec.state import HeavyHitterCache, KVCache, SharedPrefixCache, write_kv
 from pallas_kernels._common import resolve_implementation
+from pallas_kernels.shared_prefix_attention import shared_prefix_attention
 from pallas_kernels.tree_attention import STREAMING_MAX_ROWS, cached_chain_attention, tree_attention
 
 
@@ -117,6 +120,26 @@ class Attention(nn.Module):
         return tree_attention(q, written.k, written.v, step.lengths, k, v, step.mask, scale=scale,
                               window=self.window, implementation=cfg.attention.implementation)
 
+    def _attend_shared_prefix(self, q, k, v, cache: SharedPrefixCache, step: Step):
+        """Extend or tree nodes over the shared prefix (read once for all rows) and each row's own suffix; the
+        new nodes are the tree block. Extend writes them into the suffix; a tree returns them as pending."""
+        cfg = self.model_cfg
+        if self.window:
+            raise InputError(f"a shared-prefix cache needs global attention; this layer has a sliding window of "
+                             f"{self.window}")
+        if step.fresh:
+            raise InputError("a shared-prefix cache is made from a prefilled row (state.share_prefix), not "
+                             "prefilled itself")
+        suffix_lengths = step.lengths - cache.prefix_len
+        out = shared_prefix_attention(q, cache.k_prefix, cache.v_prefix, cache.prefix_len, cache.suffix.k,
+                                      cache.suffix.v, suffix_lengths, k, v, step.mask,
+                                      scale=cfg.query_scale or None, implementation=cfg.attention.implementation)
+        suffix = cache.suffix
+        if step.mode == Mode.EXTEND:
+            written = KVCache(write_kv(suffix.k, k, suffix_lengths), write_kv(suffix.v, v, suffix_lengths))
+            return out, cache.replace(suffix=written)
+        return out, KVCache(k.astype(suffix.k.dtype), v.astype(suffix.v.dtype))
+
     @nn.compact
     def __call__(self, x, step: Step, cache: KVCache | None):
         cfg = self.model_cfg
@@ -135,6 +158,8 @@ class Attention(nn.Module):
             # init only shapes the parameters: its dummy sequence need not split over the mesh
             mesh = None if self.is_initializing() else sequence_parallel_mesh(t, layer="attention layer")
             out, new = causal_attention(q, k, v, model_cfg=cfg, mesh=mesh, window=self.window), None
+        elif isinstance(cache, SharedPrefixCache):  # one prompt's cache shared by every row (Hydragen)
+            out, new = self._attend_shared_prefix(q, k, v, cache, step)
         elif isinstance(cache, HeavyHitterCache):  # a budgeted cache (DecoderLM's kv_budget option)
             if self.window:
                 raise InputError(f"kv_budget: a layer with a sliding window ({self.window}) already keeps a bounded "

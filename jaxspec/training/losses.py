@@ -25,7 +25,8 @@ Streams by `train.loss`:
             smooth-L1 distance of the guessed feature to the target's, weight `eagle.feature_weight`.
   medusa on a self-distillation set (`data.source` made by launch.selfdistill): "head0".."head{K-1}" on the
             stored final features, without running the target: head k at position t is scored on the reply
-            token t+k+2 (masked as the EAGLE objective), weight `train.medusa_decay ** k`.
+            token t+k+2 (masked as the EAGLE objective), weight `train.medusa_decay ** k`; with
+            `medusa.draft_vocab` the heads score that draft vocabulary only (as hydra).
   hydra     "head0".."head{K-1}": Hydra heads over a self-distillation set, teacher-forced on the stored reply
             tokens (the target's own greedy tokens): head k reads f_t and E(x_{t+1}) .. E(x_{t+k+1}) and is
             scored, through the frozen (vocabulary-trimmed) LM head, on x_{t+k+2}, weight `hydra.decay ** k`.
@@ -272,14 +273,20 @@ def _heads_on_stored_features(logits_of_head, tokens, mask, num_heads: int) -> S
 
 def medusa_selfdistill_objective(heads: MedusaHeads, train_cfg) -> Objective:
     """Medusa heads on a self-distillation set's stored final features (batch keys tokens, features, mask); the
-    frozen argument is `{"lm_head": [d, V]}` with `share_lm_head`, else `{}`: the target itself never runs."""
+    target itself never runs. The frozen argument holds "lm_head" [d, N] with `share_lm_head` and, for heads on a
+    draft vocabulary of N ids (`medusa.draft_vocab`), "vocab_index" [V]: each target id's row (-1 outside; such
+    labels carry no loss), as `models.eagle.target_side` gives them; with neither, `{}`."""
 
     def stats(params, frozen, batch):
         t = batch["tokens"].shape[1] - 1
         head_logits = heads.apply({"params": params}, batch["features"][:, :t].astype(jnp.float32),
-                                  frozen.get("lm_head"))  # [B, T, K, V]
-        return _heads_on_stored_features(lambda k, labels: (head_logits[:, :, k], None), batch["tokens"],
-                                         batch["mask"], heads.num_heads)
+                                  frozen.get("lm_head"))  # [B, T, K, N]
+
+        def logits_of_head(k, labels):
+            rows = jnp.take(frozen["vocab_index"], labels) if "vocab_index" in frozen else None
+            return head_logits[:, :, k], rows
+
+        return _heads_on_stored_features(logits_of_head, batch["tokens"], batch["mask"], heads.num_heads)
 
     weights = {f"head{k}": train_cfg.medusa_decay**k for k in range(heads.num_heads)}
     return Objective(stats, weights, main=None)

@@ -8,6 +8,10 @@ heads' shape and objective).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
 import jax
 import ml_collections
 
@@ -53,7 +57,13 @@ def train_defaults() -> ml_collections.ConfigDict:
 
 
 def medusa_defaults() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(num_heads=4, num_layers=1, share_lm_head=False))
+    return ml_collections.ConfigDict(dict(
+        num_heads=4,  # head k guesses the token k + 2 ahead
+        num_layers=1,  # residual SiLU blocks per head
+        share_lm_head=False,  # project through the target's LM head instead of each head's own
+        # the heads score the N most frequent reply tokens of a self-distillation set (as eagle.draft_vocab); 0: all
+        draft_vocab=0,
+    ))
 
 
 def drafter_schedule(train_cfg, loss: str, steps: int, warmup_cap: int, learning_rate: float = 1e-3) -> None:
@@ -144,6 +154,8 @@ def validate_medusa_config(medusa_cfg) -> None:
                  "a positive integer")
     require(isinstance(medusa_cfg.share_lm_head, bool), "medusa.share_lm_head", medusa_cfg.share_lm_head,
              "True or False")
+    require(is_int(medusa_cfg.draft_vocab) and medusa_cfg.draft_vocab >= 0, "medusa.draft_vocab",
+            medusa_cfg.draft_vocab, "a non-negative integer (0: the whole vocabulary)")
 
 
 def validate_eagle_config(eagle_cfg) -> None:
@@ -169,6 +181,61 @@ def validate_hydra_config(hydra_cfg) -> None:
             "a non-negative integer (0: the whole vocabulary)")
     require(is_number(hydra_cfg.decay) and 0 < hydra_cfg.decay <= 1, "hydra.decay", hydra_cfg.decay,
             "a number in (0, 1]")
+
+
+def _heads_seq_len(section: str, heads_cfg) -> tuple[int, str]:
+    """The data.seq_len rule of heads (Medusa, Hydra) in `section`: head k is scored k+1 tokens ahead."""
+    return heads_cfg.num_heads, f"{section}.num_heads={heads_cfg.num_heads} (head k is scored k+1 tokens ahead)"
+
+
+def _eagle_seq_len(eagle_cfg) -> tuple[int, str]:
+    depth = eagle_cfg.unroll + 1
+    return depth, f"eagle.unroll + 1 = {depth} (depth s guesses s + 1 tokens ahead)"
+
+
+def _medusa_against_run(config) -> None:
+    n = config.medusa.draft_vocab
+    require(n <= config.model.vocab_size, "medusa.draft_vocab", n,
+            f"at most the target's model.vocab_size={config.model.vocab_size}")
+    # The draft vocabulary is the target's most frequent reply tokens; corpus text holds no replies.
+    require(not n or reads_selfdistill(config), "medusa.draft_vocab", n,
+            f"0 when the heads train on corpus text (data.source={config.data.source!r}): a draft vocabulary is the "
+            "most frequent tokens of the target's own replies, so it needs a self-distillation set (`python -m "
+            "launch.selfdistill`) as data.source")
+
+
+def _eagle_against_run(config) -> None:
+    require(all(i < config.model.n_layers for i in config.eagle.feature_layers), "eagle.feature_layers",
+            config.eagle.feature_layers, f"layer indices of the target, below n_layers={config.model.n_layers}")
+
+
+class DrafterSection(NamedTuple):
+    """How `validate_config` checks the section of a drafter trained on the frozen target (its `train.loss`)."""
+
+    validate: Callable[[Any], None]  # the section's own keys and values
+    seq_len_rule: Callable[[Any], tuple[int, str]]  # section -> (data.seq_len must exceed it, what sets it and why)
+    defined_in: str  # the config file that builds such a section
+    against_run: Callable[[Any], None] | None = None  # checks of the section against the rest of the config
+
+
+DRAFTER_SECTIONS = {
+    "medusa": DrafterSection(validate_medusa_config, functools.partial(_heads_seq_len, "medusa"),
+                             "configs/medusa.py", _medusa_against_run),
+    "hydra": DrafterSection(validate_hydra_config, functools.partial(_heads_seq_len, "hydra"), "configs/hydra.py"),
+    "eagle": DrafterSection(validate_eagle_config, _eagle_seq_len, "configs/eagle.py", _eagle_against_run),
+}
+
+
+def _validate_drafter_section(config, loss: str, drafter: DrafterSection) -> None:
+    """The `loss` section of a drafter run: present, valid, and fitting data.seq_len and the rest of the run."""
+    if loss not in config:
+        article = "an" if loss[0] in "aeiou" else "a"
+        raise ConfigError(f"train.loss={loss!r} needs {article} `{loss}` section (see {drafter.defined_in})")
+    drafter.validate(config[loss])
+    reach, why = drafter.seq_len_rule(config[loss])
+    require(config.data.seq_len > reach, "data.seq_len", config.data.seq_len, f"more than {why}")
+    if drafter.against_run is not None:
+        drafter.against_run(config)
 
 
 def reads_selfdistill(config) -> bool:
@@ -209,30 +276,13 @@ def validate_config(config) -> None:
                else f"train.distill_alpha={config.train.distill_alpha}")
         require(isinstance(target, str) and bool(target), "target_workdir", target,
                  f"a training workdir holding the target checkpoint ({why} reads it)")
-    if config.train.loss == "medusa":
-        if "medusa" not in config:
-            raise ConfigError("train.loss='medusa' needs a `medusa` section (see configs/medusa.py)")
-        validate_medusa_config(config.medusa)
-        require(config.data.seq_len > config.medusa.num_heads, "data.seq_len", config.data.seq_len,
-                 f"more than medusa.num_heads={config.medusa.num_heads} (head k is scored k+1 tokens ahead)")
-    if config.train.loss == "hydra":
-        if "hydra" not in config:
-            raise ConfigError("train.loss='hydra' needs a `hydra` section (see configs/hydra.py)")
-        validate_hydra_config(config.hydra)
-        require(config.data.seq_len > config.hydra.num_heads, "data.seq_len", config.data.seq_len,
-                f"more than hydra.num_heads={config.hydra.num_heads} (head k is scored k+1 tokens ahead)")
+    drafter = DRAFTER_SECTIONS.get(config.train.loss)
+    if drafter is not None:
+        _validate_drafter_section(config, config.train.loss, drafter)
     if config.train.loss in SELFDISTILL_ONLY:
         require(data_lib.is_selfdistill_set(config.data.source), "data.source", config.data.source,
                 "a self-distillation set (a directory made by `python -m launch.selfdistill`) for "
                 f"train.loss={config.train.loss!r}, which reads the target's stored features")
-    if config.train.loss == "eagle":
-        if "eagle" not in config:
-            raise ConfigError("train.loss='eagle' needs an `eagle` section (see configs/eagle.py)")
-        validate_eagle_config(config.eagle)
-        require(config.data.seq_len > config.eagle.unroll + 1, "data.seq_len", config.data.seq_len,
-                 f"more than eagle.unroll + 1 = {config.eagle.unroll + 1} (depth s guesses s + 1 tokens ahead)")
-        require(all(i < config.model.n_layers for i in config.eagle.feature_layers), "eagle.feature_layers",
-                config.eagle.feature_layers, f"layer indices of the target, below n_layers={config.model.n_layers}")
     data_lib.parse_data_config(config.data)
     if config.train.loss not in ON_TARGET:  # those train heads over the target, whose context it is
         require(config.data.seq_len <= config.model.max_len, "data.seq_len", config.data.seq_len,

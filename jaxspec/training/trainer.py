@@ -5,10 +5,10 @@
 The train state is a dict pytree ``{"params", "opt_state", "step", "rng"}`` (``rng`` as uint32 key data,
 advanced every step so that stochastic objectives resume exactly). Only trainable parameters live in it:
 a Medusa run's ``params`` are the heads' (the frozen backbone is read from ``config.target_workdir``; on a
-self-distillation set only its LM head, when shared), an EAGLE run's the feature drafter's and a Hydra run's the
-heads' (the target's embedding and vocabulary-trimmed LM head are frozen; the trimmed vocabulary is saved as
-``workdir/draft_vocab.npy``), a distilling draft run's are the draft's (the
-teacher is read the same way).
+self-distillation set only its LM head, when shared, and with `medusa.draft_vocab` its draft vocabulary), an EAGLE
+run's the feature drafter's and a Hydra run's the heads' (the target's embedding and vocabulary-trimmed LM head are
+frozen; the trimmed vocabulary is saved as ``workdir/draft_vocab.npy``), a distilling draft run's are the draft's
+(the teacher is read the same way).
 
 Parallelism: the step is ``jax.jit`` with ``in_shardings``/``out_shardings`` of ``NamedSharding`` on the mesh
 of ``config.mesh``: the batch is split over the ``data`` (and ``fsdp``) axes, parameters follow the logical
@@ -68,7 +68,7 @@ from jaxspec.training.train_config import (
 )
 
 METRICS_FILE = "metrics.jsonl"
-DRAFT_VOCAB_FILE = "draft_vocab.npy"  # an EAGLE run's draft vocabulary: target ids, most frequent first
+DRAFT_VOCAB_FILE = "draft_vocab.npy"  # an EAGLE, Hydra or Medusa run's draft vocabulary: ids, most frequent first
 
 TrainState = dict[str, Any]  # {"params", "opt_state", "step", "rng"}
 
@@ -248,9 +248,9 @@ def _model_and_objective(config, tokenizer, target) -> tuple[Any, losses.Objecti
         return init, losses.hydra_objective(heads, h)
     if loss == "medusa":
         m = config.medusa
-        heads = MedusaHeads(m.num_heads, config.model.d_model, config.model.vocab_size, m.num_layers,
-                            m.share_lm_head)
-        kernel = jnp.zeros((config.model.d_model, config.model.vocab_size)) if m.share_lm_head else None
+        outputs = m.draft_vocab or config.model.vocab_size  # a draft vocabulary's rows, or every id
+        heads = MedusaHeads(m.num_heads, config.model.d_model, outputs, m.num_layers, m.share_lm_head)
+        kernel = jnp.zeros((config.model.d_model, outputs)) if m.share_lm_head else None
         init = lambda key: heads.init(key, jnp.zeros((1, 1, config.model.d_model)), kernel)["params"]
         if reads_selfdistill(config):  # the stored final features stand in for the backbone
             return init, losses.medusa_selfdistill_objective(heads, train_cfg)
@@ -414,9 +414,10 @@ def _refuse_used_workdir(workdir: str) -> None:
 
 
 def draft_vocab(config, train_batches, workdir: str) -> np.ndarray:
-    """The draft vocabulary of an EAGLE or Hydra run: the `eagle.draft_vocab` (`hydra.draft_vocab`) target ids
-    most frequent among the training split's reply tokens (all ids when 0), most frequent first; saved once in
-    the workdir and read back on resume, so a resumed run and the decoder use the same rows."""
+    """The draft vocabulary of an EAGLE, Hydra or Medusa run: the `eagle.draft_vocab` (`hydra.draft_vocab`,
+    `medusa.draft_vocab`) target ids most frequent among the training split's reply tokens (all ids when 0; a
+    Medusa run asks only when > 0), most frequent first; saved once in the workdir and read back on resume, so a
+    resumed run and the decoder use the same rows."""
     path = os.path.join(workdir, DRAFT_VOCAB_FILE)
     if os.path.isfile(path):
         return np.load(path)
@@ -435,10 +436,15 @@ def draft_vocab(config, train_batches, workdir: str) -> np.ndarray:
 
 def _stored_features_side(config, target_params, train_batches, workdir: str) -> dict:
     """What a drafter trained on a self-distillation set reads of its frozen target: an EAGLE drafter or Hydra
-    heads the token embedding and the (vocabulary-trimmed) LM head, Medusa heads the LM head when they share it."""
-    if config.train.loss == "medusa":
-        return {"lm_head": lm_head_kernel(target_params, config.model)} if config.medusa.share_lm_head else {}
-    return target_side(target_params, config.model, draft_vocab(config, train_batches, workdir))
+    heads the token embedding and the (vocabulary-trimmed) LM head; Medusa heads the LM head when they share it,
+    and on a draft vocabulary each target id's row in it (the LM head then restricted to those rows)."""
+    if config.train.loss != "medusa":
+        return target_side(target_params, config.model, draft_vocab(config, train_batches, workdir))
+    m = config.medusa
+    if not m.draft_vocab:
+        return {"lm_head": lm_head_kernel(target_params, config.model)} if m.share_lm_head else {}
+    side = target_side(target_params, config.model, draft_vocab(config, train_batches, workdir))
+    return {"vocab_index": side["vocab_index"], **({"lm_head": side["head_t"].T} if m.share_lm_head else {})}
 
 
 # ------------------------------------------------------------------------------------------------- train

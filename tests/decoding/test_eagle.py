@@ -164,7 +164,7 @@ def test_bad_requests_are_refused(target):
     net, params = eagle_net(model)
     with pytest.raises(ValueError, match="draft_workdir"):
         api.generate(model, tparams, [[1, 2]], method="eagle")
-    with pytest.raises(ValueError, match=r"vocab_ids must be target ids in \[0, 64\)"):
+    with pytest.raises(ValueError, match=r"vocab_ids must be distinct target ids in \[0, 64\)"):
         api.generate(model, tparams, [[1, 2]], method="eagle", net=net, net_params=params, vocab_ids=[3, 64])
 
 

@@ -187,7 +187,7 @@ def test_wrong_heads_and_requests_are_refused(target):
         api.generate(model, tparams, [[1, 2]], method="hydra", heads=other, heads_params=other_params)
     with pytest.raises(InputError, match=r"blocks_0_0/bias has shape \(64,\); HydraHeads\(num_heads=3, d_model=32"):
         api.generate(model, tparams, [[1, 2]], method="hydra", heads=heads, heads_params=other_params)
-    with pytest.raises(InputError, match=r"vocab_ids must be target ids in \[0, 64\)"):
+    with pytest.raises(InputError, match=r"vocab_ids must be distinct target ids in \[0, 64\)"):
         api.generate(model, tparams, [[1, 2]], method="hydra", heads=heads, heads_params=params, vocab_ids=[3, 64])
     with pytest.raises(InputError, match="tree depth 4 needs at least that many Hydra heads; the heads have "
                        "num_heads=3"):

@@ -1,11 +1,12 @@
 """Heads trained on a self-distillation set without running the target: Hydra heads (teacher-forced on the
-stored replies) and Medusa heads on the stored features. The objective scores the right tokens (a hand-computed
-case), both runs lower their loss on a tiny target's set and leave heads the decoding methods load, and bad
-configs are refused by key."""
+stored replies) and Medusa heads on the stored features (on the whole or a draft vocabulary). The objective scores
+the right tokens (a hand-computed case), the runs lower their loss on a tiny target's set and leave heads the
+decoding methods load, and bad configs are refused by key."""
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import jax
@@ -24,6 +25,7 @@ from jaxspec.errors import InputError
 from jaxspec.models.eagle import target_side
 from jaxspec.models.hydra import HydraHeads
 from jaxspec.training import checkpoint, losses, selfdistill
+from jaxspec.training.data import make_datasets
 from jaxspec.training.train_config import hydra_defaults
 from jaxspec.training.trainer import prepare_config, read_metrics, train
 
@@ -116,8 +118,43 @@ def test_medusa_heads_learn_from_stored_features(target_run, tmp_path):
     heads, saved = checkpoint.restore_params(workdir)
     assert sorted(heads) == ["head_0_block_0", "head_1_block_0"]  # the LM head is the target's, not saved
     assert saved.data.tokenizer == "bytes" and saved.target_workdir == target_dir
-    drafter, _ = methods.make("medusa", draft_workdir=workdir, tree="chain:2").build(Target(model, params, target_dir))
-    assert drafter.heads.share_lm_head
+    drafter, dparams = methods.make("medusa", draft_workdir=workdir, tree="chain:2").build(
+        Target(model, params, target_dir))
+    assert drafter.heads.share_lm_head and drafter.heads.vocab_size == 260 and "vocab_ids" not in dparams
+    # A run saved before medusa.draft_vocab existed loads the same way: its heads score the whole vocabulary.
+    config_path = os.path.join(workdir, checkpoint.CONFIG_FILE)
+    with open(config_path) as fh:
+        old = json.load(fh)
+    del old["medusa"]["draft_vocab"]
+    with open(config_path, "w") as fh:
+        json.dump(old, fh)
+    drafter, dparams = methods.make("medusa", draft_workdir=workdir, tree="chain:2").build(
+        Target(model, params, target_dir))
+    assert drafter.heads.vocab_size == 260 and dparams["lm_head"].shape == (model.model_cfg.d_model, 260)
+
+
+def test_medusa_heads_on_a_draft_vocabulary_learn_and_save_the_most_frequent_reply_tokens(target_run, tmp_path):
+    model, params, target_dir, sd = target_run
+    config = on_the_set(medusa_config.get_config("heads=2,vocab=48"), target_dir, sd)
+    workdir = str(tmp_path / "medusa_vocab")
+    train(config, workdir)
+    records = read_metrics(workdir)
+    assert records[-1]["head0_loss"] < records[0]["head0_loss"] - 0.5, (records[0], records[-1])
+    assert records[-1]["head1_loss"] < records[0]["head1_loss"], (records[0], records[-1])
+    saved = np.load(os.path.join(workdir, "draft_vocab.npy"))
+    # The N most frequent reply tokens of the training split (mask[t]: token t+1 is a reply token), most frequent
+    # first: no id left out is more frequent than one kept.
+    windows = make_datasets(prepare_config(config).data)[0].windows
+    counts = np.bincount(windows["tokens"][:, 1:][windows["mask"][:, :-1]], minlength=260)
+    left_out = np.setdiff1d(np.arange(260), saved)
+    assert saved.shape == (48,) and len(np.unique(saved)) == 48
+    assert np.all(np.diff(counts[saved]) <= 0) and counts[saved].min() >= counts[left_out].max()
+    heads, _ = checkpoint.restore_params(workdir)
+    assert heads["head_0_out"]["kernel"].shape == (model.model_cfg.d_model, 48)  # own heads: N outputs
+    drafter, dparams = methods.make("medusa", draft_workdir=workdir, tree="chain:2").build(
+        Target(model, params, target_dir))
+    assert drafter.heads.vocab_size == 48 and drafter.vocab_size == 260
+    np.testing.assert_array_equal(dparams["vocab_ids"], saved)
 
 
 @pytest.mark.parametrize("key, value, message", [

@@ -9,7 +9,7 @@ import ml_collections
 import pytest
 from test_trainer import REPO, write_corpus
 
-from configs import draft, lm, matformer, medusa
+from configs import draft, eagle, hydra, lm, matformer, medusa
 from jaxspec.config import ConfigError
 from jaxspec.training.train_config import train_defaults, validate_config
 from jaxspec.training.trainer import prepare_config, read_metrics
@@ -102,6 +102,24 @@ def test_bad_config_values_are_named(edit, match):
         validate_config(config)
 
 
+@pytest.mark.parametrize("module, section, reach, why", [
+    (medusa, "medusa", 4, r"medusa.num_heads=4 \(head k is scored k\+1 tokens ahead\)"),
+    (hydra, "hydra", 4, r"hydra.num_heads=4 \(head k is scored k\+1 tokens ahead\)"),
+    (eagle, "eagle", 3, r"eagle.unroll \+ 1 = 3 \(depth s guesses s \+ 1 tokens ahead\)"),
+])
+def test_a_drafter_run_needs_its_section_and_windows_longer_than_its_reach(module, section, reach, why):
+    config = module.get_config()
+    config.target_workdir = "target"
+    config.data.seq_len = reach
+    with pytest.raises(ConfigError, match=rf"config.data.seq_len={reach} is not allowed: more than {why}"):
+        validate_config(config)
+    del config[section]
+    article = "an" if section == "eagle" else "a"
+    with pytest.raises(ConfigError, match=rf"train.loss='{section}' needs {article} `{section}` section "
+                                          rf"\(see configs/{section}.py\)"):
+        validate_config(config)
+
+
 def test_medusa_and_draft_configs(tmp_path):
     config = medusa.get_config("heads=3,layers=2")
     with pytest.raises(ConfigError, match="target_workdir"):
@@ -111,6 +129,17 @@ def test_medusa_and_draft_configs(tmp_path):
     assert (config.medusa.num_heads, config.medusa.num_layers, config.train.loss) == (3, 2, "medusa")
     config.medusa.num_heads = 0
     with pytest.raises(ConfigError, match="medusa.num_heads=0"):
+        validate_config(config)
+    config.medusa.num_heads = 3
+    config.medusa.draft_vocab = -1
+    with pytest.raises(ConfigError, match=r"medusa.draft_vocab=-1.*non-negative integer"):
+        validate_config(config)
+    config.medusa.draft_vocab = config.model.vocab_size + 1
+    with pytest.raises(ConfigError, match=r"medusa.draft_vocab=\d+.*at most the target's model.vocab_size"):
+        validate_config(config)
+    config.medusa.draft_vocab = 64  # a draft vocabulary is made of the target's replies, which a corpus lacks
+    with pytest.raises(ConfigError, match=r"medusa.draft_vocab=64.*0 when the heads train on corpus text.*"
+                                          r"self-distillation set"):
         validate_config(config)
 
     d = draft.get_config("micro")

@@ -16,8 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec.decoding import dynamic_tree, methods
-from jaxspec.decoding.drafters import Context, Proposal, check_breadth_first, children_tokens, sibling_ranks
-from jaxspec.decoding.method import DynamicTreeDrafting, Target, restore_drafter_run
+from jaxspec.decoding.drafters import (
+    Context,
+    Proposal,
+    check_breadth_first,
+    children_tokens,
+    sibling_ranks,
+    to_target_vocab,
+)
+from jaxspec.decoding.method import DynamicTreeDrafting, Target, check_vocab_ids, restore_drafter_run
 from jaxspec.decoding.trees import TokenTree
 from jaxspec.errors import InputError
 from jaxspec.models.eagle import EagleNet, drafter_model_cfg, target_side
@@ -89,10 +96,10 @@ class EagleDrafter:
             nodes = np.flatnonzero(depths == d)
             logits = matmul_t(node_features[:, parents[nodes]], params["head_t"])  # [B, n, N]: the draft vocab
             picked, probs = children_tokens(keys[d], logits, ranks[nodes], ctx.temperature, widest)
-            tokens = tokens.at[:, nodes].set(jnp.take(params["vocab_ids"], picked))
-            if probs is not None:  # the distribution over the whole vocabulary (0 outside the draft vocab)
-                full = jnp.zeros((b, len(nodes), vocab), jnp.float32)
-                draft_probs = draft_probs.at[:, nodes].set(full.at[:, :, params["vocab_ids"]].set(probs))
+            drafts, probs = to_target_vocab(picked, probs, params["vocab_ids"], vocab)
+            tokens = tokens.at[:, nodes].set(drafts)
+            if probs is not None:  # over the whole vocabulary (0 outside the draft vocabulary)
+                draft_probs = draft_probs.at[:, nodes].set(probs)
             if d < tree.max_depth:
                 # Nodes up to depth d form a prefix (breadth-first): each reads its parent's guessed feature and
                 # its own token; the forward's pending state is dropped (only committed pairs enter the state).
@@ -160,8 +167,6 @@ class Eagle(DynamicTreeDrafting):
         if net.model_cfg.d_model != cfg.d_model:
             raise InputError(f"the EAGLE drafter was built for d_model={net.model_cfg.d_model}; the target has "
                              f"d_model={cfg.d_model}: a drafter trained for another target")
-        vocab_ids = np.arange(cfg.vocab_size) if vocab_ids is None else np.asarray(vocab_ids)
-        if vocab_ids.ndim != 1 or vocab_ids.min() < 0 or vocab_ids.max() >= cfg.vocab_size:
-            raise InputError(f"vocab_ids must be target ids in [0, {cfg.vocab_size}); got shape {vocab_ids.shape}")
+        vocab_ids = check_vocab_ids(vocab_ids, cfg.vocab_size)
         dparams = {"net": net_params, **target_side(target.params, cfg, vocab_ids)}
         return EagleDrafter(net, self.token_tree(), self.dynamic, feature_layers=tuple(feature_layers)), dparams

@@ -17,9 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec.decoding import methods
-from jaxspec.decoding.drafters import Context, Proposal, check_breadth_first, children_tokens, sibling_ranks
+from jaxspec.decoding.drafters import (
+    Context,
+    Proposal,
+    check_breadth_first,
+    children_tokens,
+    sibling_ranks,
+    to_target_vocab,
+)
 from jaxspec.decoding.dynamic_tree import DynamicTree, grow, paths_to_newest
-from jaxspec.decoding.method import DynamicTreeDrafting, Target, restore_drafter_run
+from jaxspec.decoding.method import DynamicTreeDrafting, Target, check_vocab_ids, restore_drafter_run
 from jaxspec.decoding.trees import TokenTree
 from jaxspec.errors import InputError
 from jaxspec.models.eagle import target_side
@@ -93,10 +100,10 @@ class HydraDrafter:
             feats = self._features(params, hidden, tokens[:, paths])
             logits = matmul_t(feats, params["head_t"])[:, parent_of_node]  # [B, n, N]: the draft vocabulary
             picked, probs = children_tokens(keys[d], logits, ranks[nodes], ctx.temperature, widest)
-            tokens = tokens.at[:, nodes].set(jnp.take(params["vocab_ids"], picked))
-            if probs is not None:  # the distribution over the whole vocabulary (0 outside the draft vocab)
-                full = jnp.zeros((b, len(nodes), vocab), jnp.float32)
-                draft_probs = draft_probs.at[:, nodes].set(full.at[:, :, params["vocab_ids"]].set(probs))
+            drafts, probs = to_target_vocab(picked, probs, params["vocab_ids"], vocab)
+            tokens = tokens.at[:, nodes].set(drafts)
+            if probs is not None:  # over the whole vocabulary (0 outside the draft vocabulary)
+                draft_probs = draft_probs.at[:, nodes].set(probs)
         return Proposal(tokens, draft_probs, None, dstate)
 
     def update(self, dstate, emitted, num_emitted):
@@ -137,8 +144,6 @@ class Hydra(DynamicTreeDrafting):
             raise InputError(f"Hydra heads were built for d_model={heads.d_model}; the target has d_model="
                              f"{cfg.d_model}: heads trained for another target")
         check_params(heads, heads_params)
-        vocab_ids = np.arange(cfg.vocab_size) if vocab_ids is None else np.asarray(vocab_ids)
-        if vocab_ids.ndim != 1 or vocab_ids.size == 0 or vocab_ids.min() < 0 or vocab_ids.max() >= cfg.vocab_size:
-            raise InputError(f"vocab_ids must be target ids in [0, {cfg.vocab_size}); got shape {vocab_ids.shape}")
+        vocab_ids = check_vocab_ids(vocab_ids, cfg.vocab_size)
         dparams = {"heads": heads_params, **target_side(target.params, cfg, vocab_ids)}
         return HydraDrafter(heads, self.token_tree(), self.dynamic), dparams
