@@ -124,7 +124,7 @@ def define_flags() -> None:
     flags.DEFINE_string("medusa", None, "also a Medusa heads run for the same target, on each of --head_trees")
     flags.DEFINE_string("hydra", None, "also a Hydra heads run for the same target, on each of --head_trees")
     flags.DEFINE_list("head_trees", ["medusa_small", "chain:3"], "static trees of the --medusa / --hydra rows")
-    flags.DEFINE_list("head_dynamic", [], "dynamic trees (expand:depth:nodes) of the --hydra rows")
+    flags.DEFINE_list("head_dynamic", [], "dynamic trees (expand:depth:nodes) of the --medusa / --hydra rows")
     flags.DEFINE_string("workdir", "/tmp/eagle_trees", "where the tables and plots go")
     flags.DEFINE_bool("suite", True, "decode the suite (off: only the round split)")
     flags.DEFINE_bool("round_split", True, "also time draft / verify / commit of one round per variant")
@@ -148,8 +148,7 @@ def main(argv) -> None:
     for name in ("medusa", "hydra"):  # draft heads on the same target, beside the EAGLE rows
         if FLAGS[name].value:
             workdir = os.path.abspath(os.path.expanduser(FLAGS[name].value))
-            dynamic = FLAGS.head_dynamic if name == "hydra" else []
-            config.methods.update(tree_methods(name, workdir, FLAGS.head_trees, dynamic, prefix=name))
+            config.methods.update(tree_methods(name, workdir, FLAGS.head_trees, FLAGS.head_dynamic, prefix=name))
     start = time.perf_counter()
     if FLAGS.suite:
         report = suite_eval.evaluate_suite(config, FLAGS.workdir, on_method=lambda name: print(

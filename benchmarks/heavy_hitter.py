@@ -25,30 +25,11 @@ import numpy as np
 from absl import app, flags
 
 from jaxspec import cli
-from jaxspec.errors import InputError
+from jaxspec.eval.suite import long_prompts
 
 FLAGS = flags.FLAGS
 LOSSY_COLUMNS = ("method", "budget", "recent", "agreement", "log-lik", "speedup", "decode speedup")
 DRAFT_COLUMNS = ("method", "budget", "recent", "tree", "tau", "identical", "speedup", "decode speedup")
-
-
-def long_prompts(tokenizer, texts, count: int, max_tokens: int) -> list[list[int]]:
-    """`count` chat prompts, each asking to summarise consecutive `texts` (prompt i starts at text i) joined, with
-    as many of them as fit in `max_tokens` tokens."""
-    prompts = []
-    for start in range(count):
-        ids = None
-        for n in range(1, len(texts) + 1):
-            notes = "\n\n".join(texts[(start + j) % len(texts)] for j in range(n))
-            longer = tokenizer.encode_chat([{"role": "user", "content": "Summarize the following notes in five "
-                                             f"sentences.\n\n{notes}"}])
-            if len(longer) > max_tokens:
-                break
-            ids = longer
-        if ids is None:
-            raise InputError(f"max_tokens={max_tokens} holds no prompt with even one text")
-        prompts.append(ids)
-    return prompts
 
 
 def run(lm, prompts, budgets, recent_fraction: float, max_new_tokens: int, tree: str, split_prefill: bool = True

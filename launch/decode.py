@@ -83,10 +83,10 @@ _METHOD_FLAGS = {
     "max_ngram": flags.DEFINE_integer("max_ngram", None, "longest n-gram prompt lookup matches (lookup)"),
     "table_size": flags.DEFINE_integer("table_size", None, "buckets per n-gram table, a power of two (ngram)"),
     "slots": flags.DEFINE_integer("slots", None, "successors kept per n-gram context (ngram)"),
-    "expand": flags.DEFINE_integer("expand", None, "EAGLE-2 dynamic tree (eagle): the best nodes per depth, each "
-                                   "expanded by its best children (0: the static --tree)"),
-    "depth": flags.DEFINE_integer("depth", None, "depth of the dynamic tree (eagle, with --expand)"),
-    "nodes": flags.DEFINE_integer("nodes", None, "drafts kept in the dynamic tree (eagle, with --expand)"),
+    "expand": flags.DEFINE_integer("expand", None, "EAGLE-2 dynamic tree (eagle, hydra, medusa): the best nodes per "
+                                   "depth, each expanded by its best children (0: the static --tree)"),
+    "depth": flags.DEFINE_integer("depth", None, "depth of the dynamic tree (with --expand)"),
+    "nodes": flags.DEFINE_integer("nodes", None, "drafts kept in the dynamic tree (with --expand)"),
     "exit_layers": flags.DEFINE_list("exit_layers", None, "del: candidate exits E (the draft runs the first E "
                                      "layers over the target's cache), e.g. 15,19,22,26"),
     "decay": flags.DEFINE_float("decay", None, "del: share of the acceptance statistics a round keeps, in (0, 1)"),
@@ -102,6 +102,10 @@ _STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", True, "stop a row at the checkpo
 _STREAM = flags.DEFINE_bool("stream", False, "print each reply as rounds commit")
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 0, "prefill each prompt in chunks of this many tokens (a "
                                      "power of two; 0 = one forward); the output is the same")
+_SAMPLES = flags.DEFINE_integer("samples", 1, "decode each prompt this many times (samples at --temperature > 0), "
+                                "in one batch")
+_SHARED_PREFIX = flags.DEFINE_bool("shared_prefix", False, "every row is the same prompt (one prompt, --samples > 1): "
+                                   "prefill it once and attend to it once for all rows (Hydragen); same output")
 _CHECK = flags.DEFINE_bool("check_invariants", False, "debug mode: check the in-jit preconditions (num_new "
                            "ranges, traced trees, lengths within the cache) and stop on the first violation")
 _REQUIRE_LOSSLESS = flags.DEFINE_bool("require_lossless", False, "refuse a lossy request (a lossy decoding mode such "
@@ -202,7 +206,9 @@ def main(argv) -> None:
     elif not os.path.isdir(_WORKDIR.value):
         raise InputError(f"--workdir={_WORKDIR.value!r} is not a directory (a training run or an imported "
                          "checkpoint; or use --model with a zoo name)")
-    requests = read_requests()
+    if _SAMPLES.value < 1:
+        raise InputError(f"--samples={_SAMPLES.value} must be at least 1")
+    requests = [request for request in read_requests() for _ in range(_SAMPLES.value)]
     spec = methods.make(_METHOD.value, **method_arguments())
     if _REQUIRE_LOSSLESS.value:  # before the model loads
         api.check_lossless(spec, _VERIFY.value or ("greedy" if _TEMPERATURE.value == 0 else "rejection"))
@@ -215,7 +221,7 @@ def main(argv) -> None:
                           rule=_VERIFY.value, eos_ids=tok.eos_ids if _STOP_AT_EOS.value else None,
                           seed=_SEED.value, on_tokens=printer, method=spec, target_workdir=target.workdir,
                           check_invariants=_CHECK.value, prefill_chunk=_PREFILL_CHUNK.value,
-                          require_lossless=_REQUIRE_LOSSLESS.value)
+                          require_lossless=_REQUIRE_LOSSLESS.value, shared_prefix=_SHARED_PREFIX.value)
     if printer is not None:
         print()
     rows = []

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspec.decoding.dynamic_tree import DynamicTree, grow
 from jaxspec.decoding.sampling import sample, warp_logits
 from jaxspec.decoding.trees import TokenTree
 from jaxspec.errors import InputError
@@ -127,6 +128,9 @@ class ModelDrafter:
     granularity: Any = None
     skip_layers: tuple = ()
     confidence_threshold: float = 0.0  # stop a branch when the drafter's top probability falls below this
+    # With a confidence threshold: False drops the unconfident draft itself; True keeps it as the branch's last
+    # (Kangaroo's draft early exit: the token is proposed, drafting stops after it).
+    keep_unconfident: bool = False
     without_replacement: bool = False  # sampled siblings drawn without replacement (RSD; see children_tokens)
     # SpecDec++: a branch keeps a node while P(at least one rejection along it, the node included), predicted by
     # the head, stays <= stop_threshold. With a head, params are {"draft": ..., "acceptance": ...}.
@@ -179,6 +183,7 @@ class ModelDrafter:
         tokens = jnp.zeros((b, k), jnp.int32).at[:, 0].set(ctx.root)
         draft_probs = None if ctx.temperature == 0 else jnp.zeros_like(node_logits)
         keep = jnp.ones((b, k), bool)
+        grows = jnp.ones((b, k), bool)  # whether a node's children may be drafted
         survival = jnp.ones((b, k), jnp.float32)  # predicted P(every node of the path to here accepted)
         depths, parents, ranks = tree.depths, np.asarray(tree.parents), sibling_ranks(tree)
         widest = int(ranks.max()) + 1
@@ -191,9 +196,12 @@ class ModelDrafter:
             tokens = tokens.at[:, nodes].set(new)
             if probs is not None:
                 draft_probs = draft_probs.at[:, nodes].set(probs)
-            ok = keep[:, parents[nodes]]
+            ok = grows[:, parents[nodes]]
+            confident = True
             if self.confidence_threshold > 0:
-                ok &= jnp.max(jax.nn.softmax(parent_logits, axis=-1), axis=-1) >= self.confidence_threshold
+                confident = jnp.max(jax.nn.softmax(parent_logits, axis=-1), axis=-1) >= self.confidence_threshold
+                if not self.keep_unconfident:
+                    ok &= confident
             if self.acceptance_head is not None:
                 # The head was trained on the drafter's top token; every sibling gets its parent's estimate.
                 reach = survival[:, parents[nodes]] * self._accept_probs(head_params, node_hidden[:, parents[nodes]],
@@ -201,6 +209,8 @@ class ModelDrafter:
                 survival = survival.at[:, nodes].set(reach)
                 ok &= 1.0 - reach <= self.stop_threshold
             keep = keep.at[:, nodes].set(ok)
+            growing = ok & confident
+            grows = grows.at[:, nodes].set(growing)
             if d < tree.max_depth:
                 # Nodes up to depth d form a prefix (breadth-first); their logits score depth d+1. The
                 # forward's pending state is dropped: only committed tokens ever enter the drafter's state.
@@ -213,7 +223,7 @@ class ModelDrafter:
                     return node_logits.at[:, 1:m].set(sub.logits), node_hidden.at[:, 1:m].set(sub.hidden)
 
                 if self.stops:  # a depth no row still drafts at costs nothing
-                    node_logits, node_hidden = jax.lax.cond(jnp.any(ok), deeper, lambda *x: x, node_logits,
+                    node_logits, node_hidden = jax.lax.cond(jnp.any(growing), deeper, lambda *x: x, node_logits,
                                                             node_hidden)
                 else:
                     node_logits, node_hidden = deeper(node_logits, node_hidden)
@@ -242,18 +252,24 @@ def to_target_vocab(picked, probs, vocab_ids, vocab_size: int):
 @dataclasses.dataclass(frozen=True)
 class MedusaDrafter:
     """Medusa heads on the target's last hidden state: a node at depth d takes head d-1's rank-th token (greedy),
-    or a draw from head d-1's distribution (sampled; siblings i.i.d.). Params: {"heads", "lm_head" when shared,
+    or a draw from head d-1's distribution (sampled; siblings i.i.d.); with `dynamic`, EAGLE-2's tree over the
+    heads' log-probabilities (deterministic drafts). Params: {"heads", "lm_head" when shared,
     "vocab_ids" when the heads score a draft vocabulary}; `vocab_size` is then the target's vocabulary (0: the heads
     score the whole of it)."""
 
     heads: MedusaHeads
-    tree: TokenTree
+    tree: TokenTree  # the static tree; with `dynamic`, only its node count (dynamic.nodes + 1) matters
     vocab_size: int = 0
+    dynamic: DynamicTree | None = None  # EAGLE-2's tree over the heads' scores (children of depth d: head d)
 
     def __post_init__(self):
-        if self.tree.max_depth > self.heads.num_heads:
-            raise InputError(f"tree depth {self.tree.max_depth} needs at least that many Medusa heads; the heads "
+        depth = self.tree.max_depth if self.dynamic is None else self.dynamic.depth
+        if depth > self.heads.num_heads:
+            raise InputError(f"tree depth {depth} needs at least that many Medusa heads; the heads "
                              f"have num_heads={self.heads.num_heads}")
+        if self.dynamic is not None and self.tree.num_nodes != self.dynamic.nodes + 1:
+            raise InputError(f"a dynamic tree of {self.dynamic.nodes} drafts needs tree.num_nodes = "
+                             f"{self.dynamic.nodes + 1}, got {self.tree.num_nodes}")
         if self.vocab_size and self.heads.vocab_size > self.vocab_size:
             raise InputError(f"Medusa heads score {self.heads.vocab_size} ids, more than the target's vocabulary "
                              f"of {self.vocab_size}")
@@ -264,6 +280,17 @@ class MedusaDrafter:
     def propose(self, params, dstate, ctx: Context) -> Proposal:
         head_logits = self.heads.apply({"params": params["heads"]}, ctx.target_hidden[:, None],
                                        params.get("lm_head"))[:, 0]  # [B, num_heads, N]
+        if self.dynamic is not None:
+            log_probs = jax.nn.log_softmax(head_logits.astype(jnp.float32), axis=-1)
+
+            def score_children(carry, pool_tokens, pool_parents):
+                # The heads ignore the path: the children of every node at depth L are scored by head L.
+                m = 1 if pool_tokens.shape[1] == 1 else self.dynamic.expand
+                level = (pool_tokens.shape[1] - 1) // m
+                return jnp.broadcast_to(log_probs[:, level, None], (log_probs.shape[0], m, log_probs.shape[-1])), carry
+
+            tokens, parents = grow(self.dynamic, score_children, (), ctx.root, params.get("vocab_ids"))
+            return Proposal(tokens, None, None, dstate, parents)
         depths, ranks = self.tree.depths, sibling_ranks(self.tree)
         nodes = np.arange(1, self.tree.num_nodes)
         # Every node of depth d reads head d-1, whatever its path: one call drafts the whole tree.

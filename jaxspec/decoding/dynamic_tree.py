@@ -43,7 +43,7 @@ class DynamicTree:
 
 def grow(dynamic: DynamicTree, score_children: ScoreChildren, carry, root, vocab_ids) -> tuple[jax.Array, jax.Array]:
     """(tokens [B, nodes + 1], parents [B, nodes + 1]) of each row's tree in topological order, the root first.
-    `root` [B]: target ids; `vocab_ids` [N]: the target id of each draft-vocabulary row."""
+    `root` [B]: target ids; `vocab_ids` [N]: the target id of each draft-vocabulary row (None: rows are ids)."""
     expand, b = dynamic.expand, root.shape[0]
     rows = jnp.arange(b)[:, None]
     pool_tokens = root[:, None].astype(jnp.int32)
@@ -59,7 +59,8 @@ def grow(dynamic: DynamicTree, score_children: ScoreChildren, carry, root, vocab
         picked = jnp.take_along_axis(child_row.reshape(b, -1), flat, axis=1)
         newest = pool_tokens.shape[1]
         pool_parents = jnp.concatenate([pool_parents, (newest - m + flat // expand).astype(jnp.int32)], 1)
-        pool_tokens = jnp.concatenate([pool_tokens, jnp.take(vocab_ids, picked).astype(jnp.int32)], 1)
+        ids = picked if vocab_ids is None else jnp.take(vocab_ids, picked)
+        pool_tokens = jnp.concatenate([pool_tokens, ids.astype(jnp.int32)], 1)
         pool_scores = jnp.concatenate([pool_scores, score], 1)
     # The best `nodes` drafts (ties to the earlier node): a child never scores above its parent, so the set holds
     # every chosen node's ancestors; kept in pool order, which is topological.

@@ -259,8 +259,8 @@ class ModelDrafting(Speculative):
         return {"method": self.name, **{k: v for k, v in self.fields().items() if k not in how}}
 
     def model_drafter(self, model, params, **how) -> tuple[ModelDrafter, Any]:
-        """(the drafter for `model`, its params); `how`: ModelDrafter's granularity / skip_layers. With an
-        acceptance head, the params become {"draft": params, "acceptance": the head's}."""
+        """(the drafter for `model`, its params); `how`: ModelDrafter's granularity / skip_layers /
+        keep_unconfident. With an acceptance head, the params become {"draft": params, "acceptance": the head's}."""
         head = None
         if self.acceptance_head:
             from jaxspec.training.acceptance import check_head_fits, load_head

@@ -115,3 +115,22 @@ def load_suite(categories: Iterable[str] | str | None = None, per_category: int 
     for category in chosen:
         prompts.extend(category_prompts(category)[:per_category])
     return prompts
+
+
+def long_prompts(tokenizer, texts, count: int, max_tokens: int) -> list[list[int]]:
+    """`count` chat prompts, each asking to summarise consecutive `texts` (prompt i starts at text i) joined, with
+    as many of them as fit in `max_tokens` tokens."""
+    prompts = []
+    for start in range(count):
+        ids = None
+        for n in range(1, len(texts) + 1):
+            notes = "\n\n".join(texts[(start + j) % len(texts)] for j in range(n))
+            longer = tokenizer.encode_chat([{"role": "user", "content": "Summarize the following notes in five "
+                                             f"sentences.\n\n{notes}"}])
+            if len(longer) > max_tokens:
+                break
+            ids = longer
+        if ids is None:
+            raise InputError(f"max_tokens={max_tokens} holds no prompt with even one text")
+        prompts.append(ids)
+    return prompts

@@ -107,19 +107,26 @@ def test_model_drafter_proposes_its_greedy_tree_over_rounds(make_model, full_log
         dstate = drafter.update(prop.state, jnp.asarray(emitted), jnp.asarray([a + 1 for a in accepted]))
 
 
-def test_confidence_threshold_marks_branches_below_it(make_model, full_logits):
+def test_confidence_threshold_stops_branches_by_either_rule(make_model, full_logits):
     model, params = make_model("A", seed=7, n_layers=3, max_len=64)
     prompt = [3, 1, 4, 1, 5]
     history = prompt + [7]
     top = [float(jnp.max(jax.nn.softmax(full_logits(model, params, [history])[0][-1])))]
     first = greedy_tree_reference(full_logits, model, params, history, trees.chain(2))
     top.append(float(jnp.max(jax.nn.softmax(full_logits(model, params, [history + [first[1]]])[0][-1]))))
-    for threshold, want in ((min(top) / 2, [True] * 3), (max(top) + 1e-3, [True, False, False]),
-                            ((top[0] + top[1]) / 2, [True, top[0] >= top[1], False])):
-        drafter = ModelDrafter(model, trees.chain(2), confidence_threshold=threshold)
-        dstate = drafter.init(params, jnp.asarray([prompt]), jnp.asarray([5]), 64, jnp.asarray([7]))
-        prop = drafter.propose(params, dstate, context([7]))
-        assert np.asarray(prop.node_valid)[0].tolist() == want, threshold
+    # top[i]: the drafter's confidence in draft i + 1. The drop rule keeps a draft while it and every draft above
+    # it are confident; Kangaroo's rule (keep_unconfident) also keeps the first unconfident one, then stops.
+    middle = (top[0] + top[1]) / 2
+    for threshold, drop, keep_last in (
+            (min(top) / 2, [True] * 3, [True] * 3),
+            (max(top) + 1e-3, [True, False, False], [True, True, False]),
+            (middle, [True, top[0] >= top[1], False], [True, True, top[0] >= top[1]])):
+        for keep_unconfident, want in ((False, drop), (True, keep_last)):
+            drafter = ModelDrafter(model, trees.chain(2), confidence_threshold=threshold,
+                                   keep_unconfident=keep_unconfident)
+            dstate = drafter.init(params, jnp.asarray([prompt]), jnp.asarray([5]), 64, jnp.asarray([7]))
+            prop = drafter.propose(params, dstate, context([7]))
+            assert np.asarray(prop.node_valid)[0].tolist() == want, (threshold, keep_unconfident)
 
 
 def test_sampled_drafts_come_with_the_distribution_they_were_drawn_from(make_model, full_logits):

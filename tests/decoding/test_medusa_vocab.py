@@ -146,3 +146,49 @@ def test_heads_and_vocabulary_of_different_sizes_are_refused(target):
     shared, shared_params = random_heads(d, 16, share=True)
     with pytest.raises(InputError, match=r"lm_head_kernel of shape \(32, 64\); it needs \[32, 16\]"):
         shared.apply({"params": shared_params}, jnp.zeros((1, 1, d)), lm_head_kernel(params, model.model_cfg))
+
+
+def test_dynamic_tree_over_the_heads_is_the_best_paths(target):
+    """With `expand`, Medusa drafts EAGLE-2's tree over its heads' log-probabilities: as the heads ignore the path,
+    the chosen drafts are the `nodes` best of the beam over per-depth scores (a plain Python beam search)."""
+    model, params = target
+    d = model.model_cfg.d_model
+    heads, heads_params = random_heads(d, len(DRAFT_VOCAB), share=False, seed=2)
+    expand, depth, nodes = 2, 3, 5
+    drafter, dparams = methods.make("medusa", expand=expand, depth=depth, nodes=nodes).build(
+        Target(model, params), heads=heads, heads_params=heads_params, vocab_ids=DRAFT_VOCAB)
+    hidden = jax.random.normal(jax.random.key(4), (2, d))
+    prop = jax.jit(lambda p, h: drafter.propose(p, (), Context(jnp.asarray([4, 9]), None, None, h,
+                                                               jax.random.key(0), 0.0)))(dparams, hidden)
+    for row in range(2):
+        logits = np.asarray(heads.apply({"params": heads_params}, hidden[row][None, None]))[0, 0]
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        level, pool = [((), 0.0)], []
+        for level_depth in range(depth):
+            best = np.argsort(-logp[level_depth], kind="stable")[:expand]
+            candidates = [(path + (int(DRAFT_VOCAB[i]),), score + logp[level_depth, i])
+                          for path, score in level for i in best]
+            level = sorted(candidates, key=lambda c: -c[1])[:expand]
+            pool += level
+        want = {path for path, _ in sorted(pool, key=lambda c: -c[1])[:nodes]}
+        tokens, parents = np.asarray(prop.tokens[row]), np.asarray(prop.parents[row])
+        got = set()
+        for i in range(1, nodes + 1):
+            path, node = [], i
+            while node > 0:
+                path.insert(0, int(tokens[node]))
+                node = int(parents[node])
+            got.add(tuple(path))
+        assert got == want and tokens[0] == [4, 9][row]
+
+
+def test_dynamic_tree_decoding_equals_autoregressive(target, autoregressive):
+    model, params = target
+    heads, heads_params = random_heads(model.model_cfg.d_model, len(DRAFT_VOCAB), share=True, seed=3)
+    out = api.generate(model, params, PROMPTS, max_new_tokens=NEW_TOKENS, method="medusa", heads=heads,
+                       heads_params=heads_params, vocab_ids=DRAFT_VOCAB, expand=2, depth=3, nodes=4)
+    assert out.tokens == autoregressive
+    with pytest.raises(InputError, match="tree depth 4 needs at least that many Medusa heads"):
+        api.generate(model, params, PROMPTS, method="medusa", heads=heads, heads_params=heads_params,
+                     vocab_ids=DRAFT_VOCAB, expand=2, depth=4, nodes=4)

@@ -53,6 +53,13 @@ def test_decode_writes_results_and_speculation_matches_autoregressive(target_dir
                                 "tokens_per_s"}
             assert row["new_tokens"] == len(row["tokens"]) <= 12
         assert [r["tokens"] for r in rows] == [r["tokens"] for r in outputs["ar"]["results"]]
+    # Three samples of the second prompt, its prefix shared: greedy, each is autoregressive decoding's reply.
+    out = tmp_path / "shared.json"
+    proc = decode(f"--workdir={target_dir}", "--method=lookup", "--prompt=import os", "--samples=3",
+                  "--shared_prefix", "--max_new_tokens=12", f"--output_json={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shared = json.loads(out.read_text())["results"]
+    assert [r["tokens"] for r in shared] == [outputs["ar"]["results"][1]["tokens"]] * 3
 
 
 @pytest.mark.parametrize("args, message", [
@@ -67,6 +74,7 @@ def test_decode_writes_results_and_speculation_matches_autoregressive(target_dir
     (["--method=beam", "--prompt=x"], "method"),
     (["--method=skiplayers", "--prompt=x", "--require_lossless"], "method 'skiplayers' is lossy"),
     (["--method=lookup", "--prompt=x", "--verify=typical", "--require_lossless"], "rule='typical' is lossy"),
+    (["--prompt=x", "--samples=0"], "--samples=0 must be at least 1"),
 ])
 def test_bad_requests_exit_with_a_clear_message(target_dir, args, message):
     proc = decode(f"--workdir={target_dir}", *args)

@@ -1,7 +1,8 @@
 """Kangaroo self-drafting (Liu et al., 2024): the target's first k layers plus a small trained adapter, over the
 target's own LM head, draft for the target (jaxspec/models/kangaroo.py); the full target verifies, so the output
 is the target's. Double early exit: the draft exits the layer stack at k, and a branch stops once the draft's top
-probability falls below `confidence_threshold`. Train the adapter with
+probability falls below `confidence_threshold` (as the paper's drafting code: the unconfident token is still
+proposed, and drafting stops after it; `ModelDrafter.keep_unconfident`). Train the adapter with
 
   python -m launch.train_kangaroo --config=configs/kangaroo.py --workdir=/tmp/kangaroo --config.data=/tmp/sd
   python -m launch.decode --model=smollm2-135m-instruct --method=kangaroo --draft_workdir=/tmp/kangaroo ...
@@ -51,4 +52,4 @@ class Kangaroo(ModelDrafting):
         cfg = target.model.model_cfg
         exit_layer = kangaroo.check_adapter_fits(target.params, cfg, adapter_params)
         return self.model_drafter(kangaroo.draft_model(cfg, exit_layer),
-                                  kangaroo.draft_params(target.params, adapter_params))
+                                  kangaroo.draft_params(target.params, adapter_params), keep_unconfident=True)

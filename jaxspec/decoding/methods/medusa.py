@@ -13,7 +13,7 @@ import numpy as np
 
 from jaxspec.decoding import methods
 from jaxspec.decoding.drafters import MedusaDrafter
-from jaxspec.decoding.method import Speculative, Target, check_vocab_ids, restore_drafter_run
+from jaxspec.decoding.method import DynamicTreeDrafting, Target, check_vocab_ids, restore_drafter_run
 from jaxspec.errors import InputError
 from jaxspec.models.eagle import target_side
 from jaxspec.models.heads import MedusaHeads, lm_head_kernel
@@ -33,9 +33,10 @@ def load_heads(workdir: str, target: Target) -> tuple[MedusaHeads, dict, np.ndar
 
 @methods.register
 @dataclasses.dataclass(frozen=True)
-class Medusa(Speculative):
+class Medusa(DynamicTreeDrafting):
     """`draft_workdir`: a Medusa heads training run for this target (or pass `heads`, `heads_params` and, for heads
-    trained on a draft vocabulary, `vocab_ids`)."""
+    trained on a draft vocabulary, `vocab_ids`). `expand` > 0 drafts EAGLE-2's dynamic tree over the heads' scores
+    (depth at most the number of heads) in place of the static `tree`."""
 
     name = "medusa"
     needs = "trained Medusa heads"
@@ -60,9 +61,9 @@ class Medusa(Speculative):
             dparams = {"heads": heads_params}
             if heads.share_lm_head:
                 dparams["lm_head"] = lm_head_kernel(target.params, cfg)
-            return MedusaDrafter(heads, self.token_tree()), dparams
+            return MedusaDrafter(heads, self.token_tree(), dynamic=self.dynamic), dparams
         side = target_side(target.params, cfg, check_vocab_ids(vocab_ids, cfg.vocab_size, heads.vocab_size))
         dparams = {"heads": heads_params, "vocab_ids": side["vocab_ids"]}
         if heads.share_lm_head:
             dparams["lm_head"] = side["head_t"].T  # the LM head's columns of the draft vocabulary
-        return MedusaDrafter(heads, self.token_tree(), vocab_size=cfg.vocab_size), dparams
+        return MedusaDrafter(heads, self.token_tree(), vocab_size=cfg.vocab_size, dynamic=self.dynamic), dparams

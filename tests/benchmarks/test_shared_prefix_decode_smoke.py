@@ -1,0 +1,14 @@
+"""benchmarks/shared_prefix_decode.py on a tiny model: a row of its table, with the samples the same."""
+
+import types
+
+
+def test_compare_row(benchmark_script, make_model):
+    bench = benchmark_script("shared_prefix_decode")
+    model, params = make_model("A", seed=2, max_len=64, n_layers=1)
+    lm = types.SimpleNamespace(model=model, params=params, tokenizer=types.SimpleNamespace(eos_ids=()))
+    prompt = [(7 * i) % 60 + 1 for i in range(20)]
+    row = bench.compare(lm, prompt, 3, 5, 1.0, {})
+    assert set(row) == set(bench.COLUMNS)
+    assert row["same samples"] and row["rows"] == 3 and row["prompt tokens"] == 20
+    assert row["speedup"] > 0 and row["prefill speedup"] > 0
