@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec.decoding.dynamic_tree import DynamicTree, grow
+from jaxspec.decoding.dynamic_tree import DynamicTree, check_drafter_tree, grow
 from jaxspec.decoding.sampling import sample, warp_logits
 from jaxspec.decoding.trees import TokenTree
 from jaxspec.errors import InputError
@@ -263,13 +263,7 @@ class MedusaDrafter:
     dynamic: DynamicTree | None = None  # EAGLE-2's tree over the heads' scores (children of depth d: head d)
 
     def __post_init__(self):
-        depth = self.tree.max_depth if self.dynamic is None else self.dynamic.depth
-        if depth > self.heads.num_heads:
-            raise InputError(f"tree depth {depth} needs at least that many Medusa heads; the heads "
-                             f"have num_heads={self.heads.num_heads}")
-        if self.dynamic is not None and self.tree.num_nodes != self.dynamic.nodes + 1:
-            raise InputError(f"a dynamic tree of {self.dynamic.nodes} drafts needs tree.num_nodes = "
-                             f"{self.dynamic.nodes + 1}, got {self.tree.num_nodes}")
+        check_drafter_tree(self.tree, self.dynamic, self.heads.num_heads, "Medusa")
         if self.vocab_size and self.heads.vocab_size > self.vocab_size:
             raise InputError(f"Medusa heads score {self.heads.vocab_size} ids, more than the target's vocabulary "
                              f"of {self.vocab_size}")

@@ -41,6 +41,19 @@ class DynamicTree:
                              f"expand={self.expand}, depth={self.depth}, nodes={self.nodes}")
 
 
+def check_drafter_tree(tree, dynamic: DynamicTree | None, heads: int | None = None, what: str = "") -> None:
+    """A drafter's trees: with `dynamic`, its static stand-in `tree` has dynamic.nodes + 1 nodes (the proposal's
+    width); the depth it drafts (the static tree's or the dynamic one's) needs at most `heads` heads (`what`
+    names them in the error), when the drafter has one head per depth."""
+    if dynamic is not None and tree.num_nodes != dynamic.nodes + 1:
+        raise InputError(f"a dynamic tree of {dynamic.nodes} drafts needs tree.num_nodes = {dynamic.nodes + 1}, "
+                         f"got {tree.num_nodes}")
+    depth = tree.max_depth if dynamic is None else dynamic.depth
+    if heads is not None and depth > heads:
+        raise InputError(f"tree depth {depth} needs at least that many {what} heads; the heads have "
+                         f"num_heads={heads}")
+
+
 def grow(dynamic: DynamicTree, score_children: ScoreChildren, carry, root, vocab_ids) -> tuple[jax.Array, jax.Array]:
     """(tokens [B, nodes + 1], parents [B, nodes + 1]) of each row's tree in topological order, the root first.
     `root` [B]: target ids; `vocab_ids` [N]: the target id of each draft-vocabulary row (None: rows are ids)."""

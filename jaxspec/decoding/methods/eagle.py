@@ -48,9 +48,7 @@ class EagleDrafter:
         if len(self.feature_layers) != self.net.fused_streams:
             raise InputError(f"the drafter net fuses {self.net.fused_streams} target streams; feature_layers "
                              f"{self.feature_layers} name {len(self.feature_layers)}")
-        if self.dynamic is not None and self.tree.num_nodes != self.dynamic.nodes + 1:
-            raise InputError(f"a dynamic tree of {self.dynamic.nodes} drafts needs tree.num_nodes = "
-                             f"{self.dynamic.nodes + 1}, got {self.tree.num_nodes}")
+        dynamic_tree.check_drafter_tree(self.tree, self.dynamic)
 
     def _forward(self, params, features, tokens, **kw):
         """`features`: the target's (committed pairs); `guessed=` the drafter's own (drafted nodes)."""

@@ -25,7 +25,7 @@ from jaxspec.decoding.drafters import (
     sibling_ranks,
     to_target_vocab,
 )
-from jaxspec.decoding.dynamic_tree import DynamicTree, grow, paths_to_newest
+from jaxspec.decoding.dynamic_tree import DynamicTree, check_drafter_tree, grow, paths_to_newest
 from jaxspec.decoding.method import DynamicTreeDrafting, Target, check_vocab_ids, restore_drafter_run
 from jaxspec.decoding.trees import TokenTree
 from jaxspec.errors import InputError
@@ -51,13 +51,7 @@ class HydraDrafter:
 
     def __post_init__(self):
         check_breadth_first(self.tree)
-        depth = self.tree.max_depth if self.dynamic is None else self.dynamic.depth
-        if depth > self.heads.num_heads:
-            raise InputError(f"tree depth {depth} needs at least that many Hydra heads; the heads have "
-                             f"num_heads={self.heads.num_heads}")
-        if self.dynamic is not None and self.tree.num_nodes != self.dynamic.nodes + 1:
-            raise InputError(f"a dynamic tree of {self.dynamic.nodes} drafts needs tree.num_nodes = "
-                             f"{self.dynamic.nodes + 1}, got {self.tree.num_nodes}")
+        check_drafter_tree(self.tree, self.dynamic, self.heads.num_heads, "Hydra")
 
     def init(self, params, prompts, prompt_lens, max_len, first_token):
         return ()
