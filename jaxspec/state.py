@@ -50,8 +50,9 @@ class HeavyHitterCache:
 
 @struct.dataclass
 class SharedPrefixCache:
-    """One prompt's keys/values held once for every row (Hydragen): a batch of samples of the same prompt
-    attends to the shared prefix, stacked across rows, and to a suffix cache of its own, merged by log-sum-exp
+    """The keys/values of the rows' common prompt beginning, held once for every row (Hydragen): samples of one
+    prompt, or rows under one system prompt, attend to the shared prefix, their queries stacked across rows, and
+    each to a suffix cache of its own, merged by log-sum-exp
     (`pallas_kernels.shared_prefix_attention`). A row's committed length counts the prefix: the suffix holds
     positions prefix_len .. lengths - 1."""
 

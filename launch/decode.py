@@ -104,8 +104,9 @@ _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 0, "prefill each prompt i
                                      "power of two; 0 = one forward); the output is the same")
 _SAMPLES = flags.DEFINE_integer("samples", 1, "decode each prompt this many times (samples at --temperature > 0), "
                                 "in one batch")
-_SHARED_PREFIX = flags.DEFINE_bool("shared_prefix", False, "every row is the same prompt (one prompt, --samples > 1): "
-                                   "prefill it once and attend to it once for all rows (Hydragen); same output")
+_SHARED_PREFIX = flags.DEFINE_bool("shared_prefix", False, "prefill the prompts' common beginning (one prompt with "
+                                   "--samples > 1, or one system prompt) once and attend to it once for all rows "
+                                   "(Hydragen); same output")
 _CHECK = flags.DEFINE_bool("check_invariants", False, "debug mode: check the in-jit preconditions (num_new "
                            "ranges, traced trees, lengths within the cache) and stop on the first violation")
 _REQUIRE_LOSSLESS = flags.DEFINE_bool("require_lossless", False, "refuse a lossy request (a lossy decoding mode such "

@@ -117,6 +117,12 @@ def check_lossless(spec: Method, rule: str) -> None:
                          "lossless decoding was required (require_lossless / --require_lossless)")
 
 
+def common_prefix_len(prompts: list[list[int]]) -> int:
+    """How many leading tokens every prompt shares."""
+    first, n = prompts[0], min(map(len, prompts))
+    return next((i for i in range(n) if any(p[i] != first[i] for p in prompts)), n)
+
+
 def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str | Method = "ar",
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              rule: str | None = None, eos_ids=None, seed: int = 0, prompt_width: int | None = None,
@@ -136,9 +142,9 @@ def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str
     (a power of two, 0 = off) prefills each prompt in chunks of that many tokens (exact: the same output).
     `require_lossless` refuses a lossy request (a method with lossless = False, or the typical rule) before any
     compute, so a comparison that must keep the target's output cannot include one by mistake.
-    `shared_prefix`: every prompt is the same (samples of one prompt, e.g. at temperature > 0): it is prefilled
-    once and its keys/values are held once and attended once for all rows (Hydragen); the output is the same
-    as without it. Needs global attention (no sliding windows).
+    `shared_prefix`: the prompts' common beginning (samples of one prompt, or requests under one system prompt)
+    is prefilled once and its keys/values are held once and attended once for all rows (Hydragen); the output is
+    the same as without it. Needs global attention (no sliding windows).
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
         raise InputError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
@@ -146,10 +152,12 @@ def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str
     if prefill_chunk < 0 or prefill_chunk & (prefill_chunk - 1):
         raise InputError(f"prefill_chunk={prefill_chunk} must be 0 (off) or a power of two (it divides the "
                          "power-of-two prompt widths)")
-    if shared_prefix and any(p != prompts[0] for p in prompts):
-        different = next(i for i, p in enumerate(prompts) if p != prompts[0])
-        raise InputError(f"shared_prefix=True needs the same prompt in every row; prompt {different} differs from "
-                         "prompt 0")
+    shared = common_prefix_len(prompts) if shared_prefix else 0
+    if shared_prefix and not shared:
+        raise InputError("shared_prefix=True needs prompts that begin with the same tokens; these share none")
+    if shared_prefix and prefill_chunk:
+        raise InputError(f"prefill_chunk={prefill_chunk} with shared_prefix=True: the shared prefix is prefilled in "
+                         "one forward; use one or the other")
     rule = rule or ("greedy" if temperature == 0 else "rejection")
     sampling = engine.Sampling(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), rule=rule)
     eos = stop_ids(eos_ids)
@@ -166,7 +174,7 @@ def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str
     tokens, lens = engine.pad_prompts(prompts, width=width)
     dynamic = dict(params=decoder_params, prompts=tokens, prompt_lens=lens, key=jax.random.key(seed))
     statics = dict(model=decoder, max_new=max_new_tokens, max_len=max_len, sampling=sampling, eos_ids=eos,
-                   stream=on_tokens is not None, prefill_chunk=int(prefill_chunk), shared_prefix=bool(shared_prefix))
+                   stream=on_tokens is not None, prefill_chunk=int(prefill_chunk), shared_prefix=shared)
     if drafter is None:
         loop = engine.autoregressive_loop
     else:

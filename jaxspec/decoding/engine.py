@@ -150,14 +150,33 @@ def chunked_prefill(model: DecoderLM, params, prompts, prompt_lens, state, chunk
     return jax.tree.map(join, first, rest), state
 
 
-def _prefill(model: DecoderLM, params, prompts, prompt_lens, max_len, sampling: Sampling, key, eos_ids, max_new,
-             extra_slots: int, stream: bool, prefill_chunk: int = 0, shared_prefix: bool = False):
+def _prefill_shared(model: DecoderLM, params, prompts, prompt_lens, max_len: int, shared: int):
+    """The prefill of prompts whose first `shared` tokens are the same in every row (Hydragen): those tokens are
+    prefilled once and their keys/values held once for all rows (`state.share_prefix`); each row's remainder is
+    then an extend into its own suffix (skipped when no row has one: samples of one prompt). Returns (LMOutput
+    over all prompt positions, state), as `chunked_prefill` does."""
     b, p = prompts.shape
-    if shared_prefix:  # every row is the same prompt: prefill it once, its cache shared by all rows (Hydragen)
-        state = init_decode_state(model.model_cfg, 1, p)
-        out, state = chunked_prefill(model, params, prompts[:1], prompt_lens[:1], state, prefill_chunk)
-        state = share_prefix(state, b, max_len - p)
-        out = jax.tree.map(lambda x: jnp.broadcast_to(x, (b, *x.shape[1:])), out)
+    state = init_decode_state(model.model_cfg, 1, shared)
+    head, state = model.apply({"params": params}, prompts[:1, :shared], state=state,
+                              num_new=jnp.full((1,), shared, jnp.int32), return_hidden=True, fresh=True)
+    state = share_prefix(state, b, max_len - shared)
+    head = jax.tree.map(lambda x: jnp.broadcast_to(x, (b, *x.shape[1:])), head)
+    if shared == p:
+        return head, state
+    rest = jnp.maximum(prompt_lens - shared, 0).astype(jnp.int32)
+    extend = lambda state: model.apply({"params": params}, prompts[:, shared:], state=state, num_new=rest,
+                                       return_hidden=True)
+    shapes = jax.eval_shape(extend, state)[0]
+    nothing = lambda state: (jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), state)
+    tail, state = jax.lax.cond(jnp.any(rest > 0), extend, nothing, state)
+    return jax.tree.map(lambda a, z: jnp.concatenate([a, z], axis=1), head, tail), state
+
+
+def _prefill(model: DecoderLM, params, prompts, prompt_lens, max_len, sampling: Sampling, key, eos_ids, max_new,
+             extra_slots: int, stream: bool, prefill_chunk: int = 0, shared_prefix: int = 0):
+    b, p = prompts.shape
+    if shared_prefix:
+        out, state = _prefill_shared(model, params, prompts, prompt_lens, max_len, shared_prefix)
     else:
         state = init_decode_state(model.model_cfg, b, max_len)
         out, state = chunked_prefill(model, params, prompts, prompt_lens, state, prefill_chunk)
@@ -175,13 +194,14 @@ def _prefill(model: DecoderLM, params, prompts, prompt_lens, max_len, sampling: 
                                              "checked", "prefill_chunk", "shared_prefix"))
 def autoregressive_loop(model: DecoderLM, params, prompts, prompt_lens, key, *, max_new: int, max_len: int,
                         sampling: Sampling, eos_ids: tuple[int, ...] = (), stream: bool = False,
-                        checked: bool = False, prefill_chunk: int = 0, shared_prefix: bool = False) -> Output:
+                        checked: bool = False, prefill_chunk: int = 0, shared_prefix: int = 0) -> Output:
     """One token per target forward: the baseline every speculative method must reproduce.
 
     `checked`: traced with jaxspec.checks enabled (run it through checks.run_checked); a static argument so
     that checked and unchecked programs never share a trace. `prefill_chunk` > 0: the prompt is prefilled in
-    chunks of that many tokens (`chunked_prefill`; same output). `shared_prefix`: every row is the same prompt
-    (samples of it), prefilled once and attended as one shared prefix (`state.SharedPrefixCache`)."""
+    chunks of that many tokens (`chunked_prefill`; same output). `shared_prefix` > 0: every row's prompt starts
+    with the same that many tokens (samples of one prompt, or one system prompt), prefilled once and attended as
+    one shared prefix (`_prefill_shared`, `state.SharedPrefixCache`; same output)."""
     model, params = for_decoding(model, params)  # once per call, outside the while_loop (a no-op if done before)
     key, k0 = jax.random.split(key)
     state, token, _, em, _ = _prefill(model, params, prompts, prompt_lens, max_len, sampling, k0, eos_ids, max_new,
@@ -227,7 +247,7 @@ class Adaptive:
 def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, prompt_lens, key, *, max_new: int,
                      max_len: int, sampling: Sampling, eos_ids: tuple[int, ...] = (), adaptive: Adaptive = Adaptive(),
                      stream: bool = False, checked: bool = False, prefill_chunk: int = 0,
-                     shared_prefix: bool = False) -> Output:
+                     shared_prefix: int = 0) -> Output:
     """Draft a tree, verify it with one target forward, commit the accepted path; repeat per row. `checked`,
     `prefill_chunk` and `shared_prefix`: as in autoregressive_loop (the drafter keeps its own state as usual)."""
     tree: TokenTree = drafter.tree

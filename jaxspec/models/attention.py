@@ -15,7 +15,7 @@ Under a mesh with a "sequence" axis of size > 1 (see `jaxspec.parallel.context`)
 sequence-parallel: LASP-2H all-gathers keys and values and each device attends with its own query chunk.
 With a budgeted cache in the state (`state.HeavyHitterCache`, DecoderLM's `kv_budget` option) extend and tree
 attend to the kept keys only (`jaxspec.ops.heavy_hitter`: H2O eviction). With a shared-prefix cache
-(`state.SharedPrefixCache`: samples of one prompt, `api.generate(shared_prefix=True)`) they attend to the one
+(`state.SharedPrefixCache`: prompts that share a beginning, `api.generate(shared_prefix=True)`) they attend to the one
 prefix, read once for all rows, and to each row's suffix (`pallas_kernels.shared_prefix_attention`, Hydragen).
 The mixer contract (modes, the KVCache it keeps, what commit does with its pending keys/values) is
 `jaxspec.models.mixer.Mixer`.

@@ -1,6 +1,7 @@
-"""Hydragen in the decode loops: samples of one prompt, prefilled once and attending to one shared prefix
-(`state.SharedPrefixCache`), decode exactly as the plain batch does: the same logits for extend and tree forwards,
-the same commit, the same tokens for autoregressive and speculative decoding on attention and hybrid targets."""
+"""Hydragen in the decode loops: rows whose prompts share a beginning (samples of one prompt, or one system
+prompt), prefilled once and attending to one shared prefix (`state.SharedPrefixCache`), decode exactly as the
+plain batch does: the same logits for extend and tree forwards, the same commit, the same tokens for
+autoregressive and speculative decoding on attention and hybrid targets."""
 
 from __future__ import annotations
 
@@ -52,13 +53,18 @@ def test_extend_tree_and_commit_equal_the_plain_batch(make_model, pattern):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
 
 
+# Rows under one "system prompt": different remainders, one of them empty (the row is the prefix itself).
+UNDER_ONE_PREFIX = [PROMPT + [7, 7, 2], PROMPT + [11], PROMPT, PROMPT + [3, 1, 4, 1, 5, 9]]
+
+
 # Autoregressive decoding, a model-free drafter, a self-draft with its own cache and one over the target's.
-@pytest.mark.parametrize("pattern,methods", [
-    ("A", (dict(method="ar"), dict(method="lookup", tree="chain:3"), dict(method="del"))),
-    ("ALM", (dict(method="layerskip", skip_layers=(1,), tree="branching:2,1"),))])
-def test_decoding_samples_of_one_prompt_is_unchanged(make_model, pattern, methods):
+@pytest.mark.parametrize("pattern,prompts,methods", [
+    ("A", [PROMPT] * 4, (dict(method="ar"), dict(method="lookup", tree="chain:3"), dict(method="del"))),
+    ("A", UNDER_ONE_PREFIX, (dict(method="ar"), dict(method="lookup", tree="chain:3"))),
+    ("ALM", UNDER_ONE_PREFIX, (dict(method="layerskip", skip_layers=(1,), tree="branching:2,1"),))],
+    ids=["samples", "system_prompt", "system_prompt_hybrid"])
+def test_decoding_over_a_shared_prefix_is_unchanged(make_model, pattern, prompts, methods):
     model, params = make_model(pattern, seed=3, max_len=96)
-    prompts = [PROMPT] * 4
     for method in methods:
         plain = api.generate(model, params, prompts, max_new_tokens=12, **method)
         shared = api.generate(model, params, prompts, max_new_tokens=12, shared_prefix=True, **method)
@@ -79,8 +85,10 @@ def test_sampled_rows_are_independent(make_model):
 
 def test_bad_requests_are_refused(make_model):
     model, params = make_model("A", seed=4, max_len=96)
-    with pytest.raises(InputError, match="same prompt in every row; prompt 1 differs"):
-        api.generate(model, params, [PROMPT, PROMPT[:-1]], shared_prefix=True)
+    with pytest.raises(InputError, match="begin with the same tokens; these share none"):
+        api.generate(model, params, [PROMPT, [7] + PROMPT], shared_prefix=True)
+    with pytest.raises(InputError, match="prefill_chunk=8 with shared_prefix=True"):
+        api.generate(model, params, [PROMPT] * 2, shared_prefix=True, prefill_chunk=8)
     windowed, wparams = make_model("A", seed=4, max_len=96, layer_windows=(4, 0))
     with pytest.raises(InputError, match="sliding window of 4"):
         api.generate(windowed, wparams, [PROMPT] * 2, shared_prefix=True, max_new_tokens=2)
