@@ -1,8 +1,11 @@
-"""Samples of one long prompt (SmolLM2-135M-Instruct by default), decoded as a plain batch and with the prompt
-shared (`api.generate(shared_prefix=True)`: prefilled once, its keys/values held and attended once for all rows,
-Hydragen), side by side in one run, for each batch size in `--rows`: time to the first token (the prefill),
-the whole request, and whether the samples are the same (same seed). Temperature `--temperature` (1: samples),
-autoregressive and `--method` (a lossless speculative method) both; compile time excluded.
+"""Rows whose prompts share a long beginning (SmolLM2-135M-Instruct by default), decoded as a plain batch and over
+the shared prefix (`api.generate(shared_prefix=True)`: prefilled once, its keys/values held and attended once for
+all rows, Hydragen), side by side in one run, for each batch size in `--rows`: time to the first token (the
+prefill), the whole request, and whether the outputs are the same (same seed). Two kinds of request:
+- "samples": one long prompt (suite passages to summarise) sampled `rows` times at `--temperature`;
+- "system prompt": the same passages as a system prompt, under which each row asks its own question (the qa
+  suite's), greedy.
+Autoregressive decoding and `--method` (a lossless speculative method) both; compile time excluded.
 
   python -m benchmarks.shared_prefix_decode
   python -m benchmarks.shared_prefix_decode --rows=4,16 --prompt_tokens=1024 --max_new_tokens=32
@@ -17,28 +20,30 @@ from absl import app, flags
 from jaxspec import cli
 
 FLAGS = flags.FLAGS
-COLUMNS = ("method", "rows", "prompt tokens", "plain first token s", "shared first token s", "prefill speedup",
-           "plain s", "shared s", "speedup", "same samples")
+COLUMNS = ("request", "method", "rows", "prompt tokens", "plain first token s", "shared first token s",
+           "prefill speedup", "plain s", "shared s", "speedup", "same output")
 
 
-def compare(lm, prompt: list[int], rows: int, max_new_tokens: int, temperature: float, method: dict) -> dict:
-    """One request of `rows` samples of `prompt`, plain and shared: each to its first token, then whole."""
+def compare(lm, prompts: list[list[int]], max_new_tokens: int, temperature: float, method: dict,
+            request: str = "samples") -> dict:
+    """One request of `prompts` (rows that share a beginning), plain and shared: each to its first token, then
+    whole."""
     from jaxspec.decoding import api
 
     options = dict(temperature=temperature, seed=0, eos_ids=lm.tokenizer.eos_ids, **method)
 
     def timed(shared: bool, new_tokens: int):
-        return api.generate(lm.model, lm.params, [prompt] * rows, max_new_tokens=new_tokens, shared_prefix=shared,
-                            **options)
+        return api.generate(lm.model, lm.params, prompts, max_new_tokens=new_tokens, shared_prefix=shared, **options)
 
     first = {shared: timed(shared, 1).wall_time_s for shared in (False, True)}
     whole = {shared: timed(shared, max_new_tokens) for shared in (False, True)}
-    return {"method": method.get("method", "ar"), "rows": rows, "prompt tokens": len(prompt),
+    return {"request": request, "method": method.get("method", "ar"), "rows": len(prompts),
+            "prompt tokens": f"{api.common_prefix_len(prompts)} shared + {max(map(len, prompts))} at most",
             "plain first token s": first[False], "shared first token s": first[True],
             "prefill speedup": first[False] / first[True],
             "plain s": whole[False].wall_time_s, "shared s": whole[True].wall_time_s,
             "speedup": whole[False].wall_time_s / whole[True].wall_time_s,
-            "same samples": whole[False].tokens == whole[True].tokens}
+            "same output": whole[False].tokens == whole[True].tokens}
 
 
 def define_flags() -> None:
@@ -66,11 +71,19 @@ def main(argv) -> None:
     lm = api.load(FLAGS.model)
     texts = [p.text for p in load_suite(("summarization", "qa"))]
     prompt = long_prompts(lm.tokenizer, texts, 1, FLAGS.prompt_tokens)[0]
-    print(f"{FLAGS.model} on {jax.devices()[0].platform}: one prompt of {len(prompt)} tokens, "
-          f"T={FLAGS.temperature}, up to {FLAGS.max_new_tokens} new tokens per sample\n", flush=True)
+    notes = lm.tokenizer.decode(prompt)  # the same passages, as a system prompt below
+    questions = [p.text.rsplit("Question:", 1)[-1].strip() for p in load_suite(("qa",))]
+    print(f"{FLAGS.model} on {jax.devices()[0].platform}: prompts of about {len(prompt)} tokens, samples at "
+          f"T={FLAGS.temperature}, up to {FLAGS.max_new_tokens} new tokens per row\n", flush=True)
     methods = [{}] + ([{"method": FLAGS.method}] if FLAGS.method else [])
-    rows = [compare(lm, prompt, int(r), FLAGS.max_new_tokens, FLAGS.temperature, m) for m in methods
-            for r in FLAGS.rows]
+    rows = []
+    for m in methods:
+        for r in map(int, FLAGS.rows):
+            rows.append(compare(lm, [prompt] * r, FLAGS.max_new_tokens, FLAGS.temperature, m))
+            under_one = [lm.tokenizer.encode_chat([{"role": "system", "content": notes},
+                                                   {"role": "user", "content": questions[i % len(questions)]}])
+                         for i in range(r)]
+            rows.append(compare(lm, under_one, FLAGS.max_new_tokens, 0.0, m, request="system prompt"))
     print(tables.markdown_table(rows, list(COLUMNS)))
     print(f"\nwall time {(time.perf_counter() - start) / 60:.1f} min", flush=True)
 

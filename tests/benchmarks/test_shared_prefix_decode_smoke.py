@@ -1,4 +1,5 @@
-"""benchmarks/shared_prefix_decode.py on a tiny model: a row of its table, with the samples the same."""
+"""benchmarks/shared_prefix_decode.py on a tiny model: rows of its table (samples, and rows under one prefix), with
+the outputs the same."""
 
 import types
 
@@ -8,7 +9,9 @@ def test_compare_row(benchmark_script, make_model):
     model, params = make_model("A", seed=2, max_len=64, n_layers=1)
     lm = types.SimpleNamespace(model=model, params=params, tokenizer=types.SimpleNamespace(eos_ids=()))
     prompt = [(7 * i) % 60 + 1 for i in range(20)]
-    row = bench.compare(lm, prompt, 3, 5, 1.0, {})
+    row = bench.compare(lm, [prompt] * 3, 5, 1.0, {})
     assert set(row) == set(bench.COLUMNS)
-    assert row["same samples"] and row["rows"] == 3 and row["prompt tokens"] == 20
+    assert row["same output"] and row["rows"] == 3 and row["prompt tokens"] == "20 shared + 20 at most"
     assert row["speedup"] > 0 and row["prefill speedup"] > 0
+    row = bench.compare(lm, [prompt + [5, 6], prompt + [9]], 5, 0.0, {}, request="system prompt")
+    assert row["same output"] and row["prompt tokens"] == "20 shared + 22 at most"
