@@ -277,6 +277,10 @@ CASES = [
          call=lambda env: generate(env, prompts=[[5, 1000]])),
     Case("eos_id_outside_vocab", "stop id outside the vocabulary", "api.generate(eos_ids=64; vocab 64)",
          r"eos_ids=\(64,\) lie outside the model's vocabulary \[0, 64\)", call=lambda env: generate(env, eos_ids=64)),
+    Case("shared_prefix_of_nothing", "a shared prefix of prompts that share none",
+         "api.generate(prompts=[[1, 2], [3, 4]], shared_prefix=True)",
+         r"shared_prefix=True needs prompts that begin with the same tokens; these share none",
+         call=lambda env: generate(env, prompts=[[1, 2], [3, 4]], shared_prefix=True)),
     # ------------------------------------------------------------------------------- models and workdirs
     Case("load_unknown_name", "name that is neither a zoo model nor a directory", "api.load('llama-7b')",
          r"'llama-7b' is neither a zoo model \(one of \['gemma3-270m', 'smollm2-135m-instruct'\]\) nor a workdir",
