@@ -167,13 +167,14 @@ def test_rejection_sampling_is_lossless_at_draft_depth_two():
     net = EagleNet(drafter_model_cfg(model.model_cfg, 1))
     net_params = net.init(jax.random.key(4), jnp.zeros((1, 1, 32)), jnp.zeros((1, 1, 32)))["params"]
     eagle = dict(method="eagle", net=net, net_params=net_params, vocab_ids=[0, 2, 3, 5])
-    # Hydra heads the same way: sampled siblings over a trimmed vocabulary on a static tree, and the dynamic tree.
+    # Hydra heads sampled the same way: siblings over a trimmed vocabulary on a static tree (its dynamic tree's
+    # drafts are deterministic, verified as point masses like EAGLE-2's above).
     heads = HydraHeads(2, 32)
     heads_params = heads.init(jax.random.key(5), jnp.zeros((1, 32)), jnp.zeros((1, 2, 32)))["params"]
     heads_params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(6), x.shape), heads_params)
     hydra = dict(method="hydra", heads=heads, heads_params=heads_params, vocab_ids=[0, 1, 3, 4])
     for drafter, options in ((eagle, dict(tree="chain:3")), (eagle, dict(expand=2, depth=2, nodes=4)),
-                             (hydra, dict(tree="branching:2,1")), (hydra, dict(expand=2, depth=2, nodes=3))):
+                             (hydra, dict(tree="branching:2,1"))):
         out = api.generate(model, params, [prompt] * n, max_new_tokens=3, temperature=temperature, seed=23,
                            **drafter, **options)
         what = (drafter["method"], options)

@@ -59,8 +59,8 @@ UNDER_ONE_PREFIX = [PROMPT + [7, 7, 2], PROMPT + [11], PROMPT, PROMPT + [3, 1, 4
 
 # Autoregressive decoding, a model-free drafter, a self-draft with its own cache and one over the target's.
 @pytest.mark.parametrize("pattern,prompts,methods", [
-    ("A", [PROMPT] * 4, (dict(method="ar"), dict(method="lookup", tree="chain:3"), dict(method="del"))),
-    ("A", UNDER_ONE_PREFIX, (dict(method="ar"), dict(method="lookup", tree="chain:3"))),
+    ("A", [PROMPT] * 4, (dict(method="lookup", tree="chain:3"), dict(method="del"))),
+    ("A", UNDER_ONE_PREFIX, (dict(method="ar"),)),
     ("ALM", UNDER_ONE_PREFIX, (dict(method="layerskip", skip_layers=(1,), tree="branching:2,1"),))],
     ids=["samples", "system_prompt", "system_prompt_hybrid"])
 def test_decoding_over_a_shared_prefix_is_unchanged(make_model, pattern, prompts, methods):
