@@ -203,6 +203,23 @@ def final_logits():
     return last_logits
 
 
+def draft_paths(tokens, parents) -> list[tuple[int, ...]]:
+    """Each draft node's token path below the root (node 0), in node order, from one row's tokens and parents."""
+    paths = []
+    for i in range(1, len(tokens)):
+        path, node = [], i
+        while node > 0:
+            path.append(int(tokens[node]))
+            node = int(parents[node])
+        paths.append(tuple(path[::-1]))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tree_paths():
+    return draft_paths
+
+
 @pytest.fixture(scope="session", params=list(MIXER_CASES))
 def mixer_model(request):
     """(model, params) of each mixer kind and the hybrid; tests taking it run once per case."""

@@ -37,19 +37,8 @@ def reference(table: np.ndarray, row: int, root: int, dynamic: DynamicTree) -> s
     return {path[1:] for path, _ in sorted(pool, key=lambda c: -c[1])[:dynamic.nodes]}
 
 
-def tree_paths(tokens, parents) -> set[tuple[int, ...]]:
-    paths = set()
-    for i in range(1, len(tokens)):
-        path, node = [], i
-        while node > 0:
-            path.append(int(tokens[node]))
-            node = int(parents[node])
-        paths.add(tuple(path[::-1]))
-    return paths
-
-
 @pytest.mark.parametrize("expand,depth,nodes", [(1, 3, 3), (2, 3, 5), (3, 4, 9), (3, 2, 6)])
-def test_grow_equals_a_python_beam_search(expand, depth, nodes):
+def test_grow_equals_a_python_beam_search(tree_paths, expand, depth, nodes):
     dynamic = DynamicTree(expand, depth, nodes)
     roots = np.asarray([4, 17, 0])
     table = jnp.asarray(scores_table(expand * 10 + depth, len(roots), depth))
@@ -68,7 +57,7 @@ def test_grow_equals_a_python_beam_search(expand, depth, nodes):
     for row, root in enumerate(roots):
         tok, par = np.asarray(tokens[row]), np.asarray(parents[row])
         assert tok[0] == root and par[0] == -1 and all(0 <= par[i] < i for i in range(1, nodes + 1))
-        got = tree_paths(tok, par)
+        got = set(tree_paths(tok, par))
         assert len(got) == nodes and got == reference(np.asarray(table), row, int(root), dynamic)
 
 

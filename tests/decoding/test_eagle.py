@@ -206,7 +206,7 @@ def dynamic_reference(net, params, side, feats, history, expand, depth, nodes):
 
 
 @pytest.mark.parametrize("expand,depth,nodes", [(1, 3, 3), (3, 3, 7)])
-def test_dynamic_tree_is_eagle2s_tree(target, expand, depth, nodes):
+def test_dynamic_tree_is_eagle2s_tree(target, tree_paths, expand, depth, nodes):
     model, tparams = target
     net, params = eagle_net(model)
     side = target_side(tparams, model.model_cfg, np.arange(0, 64, 2))
@@ -220,13 +220,7 @@ def test_dynamic_tree_is_eagle2s_tree(target, expand, depth, nodes):
                                                                jax.random.key(0), 0.0)))(dparams, dstate)
     tokens, parents = np.asarray(prop.tokens)[0], np.asarray(prop.parents)[0]
     assert parents[0] == -1 and all(0 <= parents[i] < i for i in range(1, nodes + 1))
-    paths = []
-    for i in range(1, nodes + 1):
-        path, node = [], i
-        while node > 0:
-            path.append(int(tokens[node]))
-            node = parents[node]
-        paths.append(tuple(path[::-1]))
+    paths = tree_paths(tokens, parents)
     history = prompt + [first]
     want = dynamic_reference(net, params, side, hidden(jnp.asarray([history], jnp.int32))[0], history, expand,
                              depth, nodes)

@@ -98,7 +98,7 @@ def dynamic_reference(params, side, hidden, root, dynamic: DynamicTree) -> set[t
 
 
 @pytest.mark.parametrize("expand,depth,nodes", [(2, 3, 5), (3, 2, 6)])
-def test_dynamic_proposal_is_eagle2s_tree_over_the_heads(target, expand, depth, nodes):
+def test_dynamic_proposal_is_eagle2s_tree_over_the_heads(target, tree_paths, expand, depth, nodes):
     model, tparams = target
     d = model.model_cfg.d_model
     heads, params = random_heads(d, seed=1)
@@ -113,14 +113,7 @@ def test_dynamic_proposal_is_eagle2s_tree_over_the_heads(target, expand, depth, 
     for row in range(2):
         tokens, parents = np.asarray(prop.tokens[row]), np.asarray(prop.parents[row])
         assert tokens[0] == roots[row] and parents[0] == -1 and all(0 <= parents[i] < i for i in range(1, nodes + 1))
-        paths = set()
-        for i in range(1, nodes + 1):
-            path, node = [], i
-            while node > 0:
-                path.insert(0, int(tokens[node]))
-                node = int(parents[node])
-            paths.add(tuple(path))
-        assert paths == dynamic_reference(params, side, hidden[row], roots[row], dynamic)
+        assert set(tree_paths(tokens, parents)) == dynamic_reference(params, side, hidden[row], roots[row], dynamic)
 
 
 # One batch of four for the exactness and the planted test: the loop compiles once for both.

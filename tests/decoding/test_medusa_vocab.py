@@ -148,7 +148,7 @@ def test_heads_and_vocabulary_of_different_sizes_are_refused(target):
         shared.apply({"params": shared_params}, jnp.zeros((1, 1, d)), lm_head_kernel(params, model.model_cfg))
 
 
-def test_dynamic_tree_over_the_heads_is_the_best_paths(target):
+def test_dynamic_tree_over_the_heads_is_the_best_paths(target, tree_paths):
     """With `expand`, Medusa drafts EAGLE-2's tree over its heads' log-probabilities: as the heads ignore the path,
     the chosen drafts are the `nodes` best of the beam over per-depth scores (a plain Python beam search)."""
     model, params = target
@@ -173,14 +173,7 @@ def test_dynamic_tree_over_the_heads_is_the_best_paths(target):
             pool += level
         want = {path for path, _ in sorted(pool, key=lambda c: -c[1])[:nodes]}
         tokens, parents = np.asarray(prop.tokens[row]), np.asarray(prop.parents[row])
-        got = set()
-        for i in range(1, nodes + 1):
-            path, node = [], i
-            while node > 0:
-                path.insert(0, int(tokens[node]))
-                node = int(parents[node])
-            got.add(tuple(path))
-        assert got == want and tokens[0] == [4, 9][row]
+        assert set(tree_paths(tokens, parents)) == want and tokens[0] == [4, 9][row]
 
 
 def test_dynamic_tree_decoding_equals_autoregressive(target, autoregressive):
