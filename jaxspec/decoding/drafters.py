@@ -38,7 +38,7 @@ class Context(NamedTuple):
     seq_len: jax.Array  # [B]
     target_hidden: jax.Array  # [B, d_model] target's final hidden state at the root's parent (Medusa)
     key: jax.Array
-    temperature: float
+    temperature: float  # what drafts are drawn at (Sampling.draft_temperature); 0: top-k candidates
 
 
 class Proposal(NamedTuple):

@@ -54,6 +54,13 @@ class Sampling:
         if self.rule in ("rejection", "kseq") and self.temperature == 0:
             raise InputError(f"rule={self.rule!r} samples; use temperature > 0 (or rule='greedy' at temperature 0)")
 
+    @property
+    def draft_temperature(self) -> float:
+        """The temperature drafters draw at: the target's under the rules that read draft distributions
+        (rejection, kseq); 0 under greedy and typical, whose candidates are the drafter's top-k, as in Medusa's
+        typical acceptance (a sampled candidate there would only add noise to the drafts)."""
+        return self.temperature if self.rule in ("rejection", "kseq") else 0.0
+
     def pick(self, key, logits):
         if self.temperature == 0:
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -284,7 +291,7 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
     def body(carry):
         state, dstate, root, hidden, em, steps, accepted, draft_len, key = carry
         key, kd, kv = jax.random.split(key, 3)
-        ctx = Context(root, em.seq, em.seq_len, hidden, kd, sampling.temperature)
+        ctx = Context(root, em.seq, em.seq_len, hidden, kd, sampling.draft_temperature)
         target = {"target_state": state, "target_params": params} if reads_target_state else {}
         prop = drafter.propose(draft_params, dstate, ctx, **target)
         valid = prop.node_valid

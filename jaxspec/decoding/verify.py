@@ -28,7 +28,8 @@ Rules (p_u is the target distribution at node u, from ``sampling.warp_logits``; 
   exp(-H(p_parent))). As Medusa defines it, among all root paths whose every node passes the longest one is
   accepted, ties going to the larger summed log p (not the first passing child, which can accept fewer
   tokens when several children pass). Not lossless; the bonus token is a draw from p at the last accepted
-  node (its argmax at temperature 0).
+  node (its argmax at temperature 0). Its candidates are the drafter's top-k: the decode loop asks drafters for
+  sampled drafts only under rejection and kseq (``engine.Sampling.draft_temperature``).
 """
 
 from __future__ import annotations
