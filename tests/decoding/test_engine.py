@@ -9,6 +9,7 @@ from scipy import stats
 
 from configs import lm
 from jaxspec.decoding import api, engine
+from jaxspec.decoding.drafters import MedusaDrafter
 from jaxspec.models.eagle import EagleNet, drafter_model_cfg
 from jaxspec.models.heads import MedusaHeads
 from jaxspec.models.hydra import HydraHeads
@@ -47,12 +48,17 @@ def family(pattern):
     )
 
 
-@pytest.mark.parametrize("pattern", ["A", "L", "M", "ALM"])
-def test_greedy_speculative_equals_autoregressive(pattern):
+# Every method on attention and the hybrid; on the pure linear-attention and Mamba stacks, one method per kind of
+# draft state (a draft model's own cache, heads on the target, the target's own sub-model with an adaptive length).
+@pytest.mark.parametrize("pattern, names", [("A", None), ("ALM", None), ("L", ("draft_tree", "medusa", "adaptive")),
+                                            ("M", ("draft_tree", "medusa", "adaptive"))])
+def test_greedy_speculative_equals_autoregressive(pattern, names):
     model, params, methods = family(pattern)
     ar = api.generate(model, params, PROMPTS, method="ar", max_new_tokens=16)
     assert all(len(t) == 16 for t in ar.tokens)
     for name, kwargs in methods.items():
+        if names is not None and name not in names:
+            continue
         out = api.generate(model, params, PROMPTS, max_new_tokens=16, **kwargs)
         assert out.tokens == ar.tokens, f"{pattern} {name}"
         assert np.all(out.accepted >= out.target_steps), name  # every step commits at least its bonus
@@ -201,6 +207,23 @@ def test_rsd_siblings_without_replacement_are_lossless():
                        **options)
     # The negative control is verify-level (test_verify.py).
     assert _chi_square_pvalue(_emitted_counts(out, 2, vocab), exact) > 1e-3
+
+
+@pytest.mark.parametrize("rule, drawn_at", [("typical", 0.0), ("rejection", 0.7)])
+def test_drafts_are_sampled_only_for_rules_that_read_their_distribution(monkeypatch, rule, drawn_at):
+    # Typical acceptance verifies the drafter's top-k candidates, as in Medusa; a sampled candidate would only add
+    # noise. Rejection (and kseq) needs the distribution each draft was drawn from, so it gets sampled drafts.
+    model, params, methods = family("A")
+    seen, propose = [], MedusaDrafter.propose
+
+    def recording(self, dparams, dstate, ctx):
+        seen.append(ctx.temperature)
+        return propose(self, dparams, dstate, ctx)
+
+    monkeypatch.setattr(MedusaDrafter, "propose", recording)
+    engine.clear_compiled()
+    api.generate(model, params, PROMPTS[:1], max_new_tokens=4, temperature=0.7, rule=rule, **methods["medusa"])
+    assert seen and set(seen) == {drawn_at}
 
 
 def test_bad_requests_fail_before_compute():
