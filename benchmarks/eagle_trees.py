@@ -7,6 +7,7 @@ an EAGLE-3 drafter, Medusa and Hydra heads trained for the same target (`--eagle
   python -m benchmarks.eagle_trees --drafter=/tmp/eagle --chains=2,3,4 --dynamic=4:4:6,4:5:8 --per_category=3
   python -m benchmarks.eagle_trees --drafter=/tmp/eagle --medusa=/tmp/medusa_sd --hydra=/tmp/hydra_sd   # + heads
   python -m benchmarks.eagle_trees --drafter=/tmp/eagle --hydra=/tmp/hydra_sd --head_dynamic=3:3:4
+  python -m benchmarks.eagle_trees --drafter=/tmp/eagle --medusa=/tmp/medusa_sd,/tmp/medusa_trim   # two runs
 
 Each row: tau (tokens per target forward), tokens/s, speedup over autoregressive decoding and whether the output
 is identical to it, per category and over all prompts (jaxspec.eval.suite_eval, as the quickstart).
@@ -38,6 +39,19 @@ def tree_methods(method: str, workdir: str, trees, dynamic, prefix: str) -> dict
         expand, depth, nodes = (int(x) for x in spec.split(":"))
         grid[f"{prefix}_dyn{expand}x{depth}n{nodes}"] = dict(method=method, draft_workdir=workdir, expand=expand,
                                                             depth=depth, nodes=nodes)
+    return grid
+
+
+def head_methods(method: str, workdirs, trees, dynamic) -> dict:
+    """Rows of one or more heads runs (`method` "medusa" or "hydra"); several runs are told apart by their
+    workdirs' last folder names, which must then differ."""
+    names = [os.path.basename(os.path.normpath(w)) for w in workdirs]
+    if len(set(names)) < len(names):
+        raise app.UsageError(f"--{method}: the runs {list(workdirs)} share a last folder name, which names their rows")
+    grid = {}
+    for workdir, name in zip(workdirs, names, strict=True):
+        prefix = method if len(workdirs) == 1 else f"{method}_{name}"
+        grid.update(tree_methods(method, workdir, trees, dynamic, prefix=prefix))
     return grid
 
 
@@ -121,8 +135,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_new_tokens", 64, "tokens per prompt")
     flags.DEFINE_bool("lookup", True, "also prompt lookup on a 4-draft chain (the best training-free row)")
     flags.DEFINE_string("eagle3", None, "also an EAGLE-3 drafter run (configs/eagle.py:eagle3=1) on the same trees")
-    flags.DEFINE_string("medusa", None, "also a Medusa heads run for the same target, on each of --head_trees")
-    flags.DEFINE_string("hydra", None, "also a Hydra heads run for the same target, on each of --head_trees")
+    flags.DEFINE_list("medusa", [], "also Medusa heads runs for the same target, on each of --head_trees (several: "
+                      "rows named by each workdir's last folder)")
+    flags.DEFINE_list("hydra", [], "also Hydra heads runs for the same target, on each of --head_trees (as --medusa)")
     flags.DEFINE_list("head_trees", ["medusa_small", "chain:3"], "static trees of the --medusa / --hydra rows")
     flags.DEFINE_list("head_dynamic", [], "dynamic trees (expand:depth:nodes) of the --medusa / --hydra rows")
     flags.DEFINE_string("workdir", "/tmp/eagle_trees", "where the tables and plots go")
@@ -146,9 +161,8 @@ def main(argv) -> None:
     if FLAGS.lookup:
         config.methods.lookup = lookup
     for name in ("medusa", "hydra"):  # draft heads on the same target, beside the EAGLE rows
-        if FLAGS[name].value:
-            workdir = os.path.abspath(os.path.expanduser(FLAGS[name].value))
-            config.methods.update(tree_methods(name, workdir, FLAGS.head_trees, FLAGS.head_dynamic, prefix=name))
+        runs = [os.path.abspath(os.path.expanduser(w)) for w in FLAGS[name].value]
+        config.methods.update(head_methods(name, runs, FLAGS.head_trees, FLAGS.head_dynamic))
     start = time.perf_counter()
     if FLAGS.suite:
         report = suite_eval.evaluate_suite(config, FLAGS.workdir, on_method=lambda name: print(

@@ -3,6 +3,7 @@ and dynamic tree, EAGLE-3's fused streams) and a model-free one."""
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from jaxspec.decoding import methods, trees
 from jaxspec.decoding.dynamic_tree import DynamicTree
@@ -20,6 +21,12 @@ def test_grid_and_round_split(benchmark_script, make_model):
     heads = bench.tree_methods("hydra", "/h", ["medusa_small"], ["2:3:4"], prefix="hydra")
     assert heads == {"hydra_medusa_small": dict(method="hydra", draft_workdir="/h", tree="medusa_small"),
                      "hydra_dyn2x3n4": dict(method="hydra", draft_workdir="/h", expand=2, depth=3, nodes=4)}
+    assert bench.head_methods("medusa", ["/runs/m"], ["chain:3"], []) == {
+        "medusa_chain3": dict(method="medusa", draft_workdir="/runs/m", tree="chain:3")}
+    runs = bench.head_methods("medusa", ["/runs/full", "/runs/trim/"], ["chain:3"], [])  # several: named by folder
+    assert set(runs) == {"medusa_full_chain3", "medusa_trim_chain3"}
+    with pytest.raises(Exception, match="share a last folder name"):
+        bench.head_methods("medusa", ["/a/m", "/b/m"], ["chain:3"], [])
 
     model, params = make_model("A", seed=1, max_len=128)
     net = EagleNet(drafter_model_cfg(model.model_cfg, 1))
