@@ -217,6 +217,14 @@ def check_keys(cfg: Mapping, template: Mapping, path: str) -> None:
             check_keys(cfg[key], template[key], f"{path}.{key}")
 
 
+def check_same_keys(cfg: Mapping, template: Mapping) -> None:
+    """A whole config of a fixed shape (a launch script's own): no unknown key, none missing."""
+    check_keys(cfg, template, "config")
+    missing = sorted(k for k in template if k not in cfg)
+    if missing:
+        raise ConfigError(f"config lacks the keys {missing}")
+
+
 def _is_section(value) -> bool:
     # ConfigDict (and FrozenConfigDict) is not a collections.abc.Mapping.
     return isinstance(value, (Mapping, ml_collections.ConfigDict))

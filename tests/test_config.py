@@ -110,3 +110,12 @@ def test_granularity_and_skip_layers_normalise(tiny_config):
     assert config_lib.validate_skip_layers(cfg, None) == ()
     with pytest.raises(ConfigError, match=r"skip_layers entry -1 is not a layer index in 0\.\.1"):
         config_lib.validate_skip_layers(cfg, (-1,))
+
+
+def test_a_script_config_needs_exactly_its_keys():
+    template = {"target": "", "steps": 1, "train": {"lr": 0.1}}
+    config_lib.check_same_keys({"target": "x", "steps": 2, "train": {"lr": 1.0}}, template)
+    with pytest.raises(ConfigError, match=r"config lacks the keys \['steps'\]"):
+        config_lib.check_same_keys({"target": "x", "train": {}}, template)
+    with pytest.raises(ConfigError, match=r"unknown config key config\.train\.lrr"):
+        config_lib.check_same_keys({"target": "x", "steps": 2, "train": {"lrr": 1.0}}, template)

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 from jaxspec import zoo
-from jaxspec.config import ConfigError, check_keys, is_int, is_number, require
+from jaxspec.config import check_same_keys, is_int, is_number, require
 from jaxspec.errors import InputError
 from jaxspec.models import kangaroo
 from jaxspec.training import checkpoint, optim, selfdistill
@@ -65,11 +65,7 @@ def config_defaults() -> ml_collections.ConfigDict:
 def validate_config(config) -> None:
     """Raise ConfigError naming the key, the value and what is allowed (exit_layer is checked against the target
     by `check_exit_layer` once it is loaded)."""
-    template = config_defaults()
-    check_keys(config, template, "config")
-    missing = sorted(k for k in template if k not in config)
-    if missing:
-        raise ConfigError(f"config lacks the keys {missing}")
+    check_same_keys(config, config_defaults())
     require(isinstance(config.target, str) and bool(config.target), "target", config.target,
             "a zoo model name or a jaxspec workdir")
     require(isinstance(config.data, str), "data", config.data, "a self-distillation set's directory")

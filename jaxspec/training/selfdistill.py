@@ -66,7 +66,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxspec import zoo
-from jaxspec.config import ConfigError, check_keys, is_int, require
+from jaxspec.config import check_same_keys, is_int, require
 from jaxspec.decoding import api, engine
 from jaxspec.errors import InputError
 from jaxspec.eval.suite import SuitePrompt, load_suite
@@ -665,11 +665,7 @@ def config_defaults() -> ml_collections.ConfigDict:
 def validate_config(config) -> None:
     """Raise ConfigError naming the key, the value and what is allowed (layers are checked against the model
     when it is loaded)."""
-    template = config_defaults()
-    check_keys(config, template, "config")
-    missing = sorted(k for k in template if k not in config)
-    if missing:
-        raise ConfigError(f"config lacks the keys {missing}")
+    check_same_keys(config, config_defaults())
     require(isinstance(config.target, str) and bool(config.target), "target", config.target,
              "a zoo model name or a jaxspec workdir")
     for key in ("num_prompts", "max_new_tokens", "seq_len", "batch_size"):
