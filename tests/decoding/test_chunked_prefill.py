@@ -36,10 +36,9 @@ def test_decoding_after_a_chunked_prefill_gives_the_same_tokens(make_model, patt
     model, params = make_model(pattern, seed=4, max_len=64, **overrides)
     for method, args in (("ar", {}), ("lookup", dict(tree="chain:3"))):
         whole = api.generate(model, params, PROMPTS, method=method, max_new_tokens=10, **args)
-        for chunk in (2, 8):
-            chunked = api.generate(model, params, PROMPTS, method=method, max_new_tokens=10, prefill_chunk=chunk,
-                                   **args)
-            assert chunked.tokens == whole.tokens, (method, chunk)
+        # Chunks of 4 over rows of 14, 3 and 9 tokens: rows end inside a later chunk and within the first.
+        chunked = api.generate(model, params, PROMPTS, method=method, max_new_tokens=10, prefill_chunk=4, **args)
+        assert chunked.tokens == whole.tokens, method
 
 
 def test_bad_chunk_sizes_are_named(make_model):

@@ -38,7 +38,7 @@ def test_loops_give_the_same_tokens_for_standard_and_converted_params():
         assert plain.tokens == converted.tokens, method
 
 
-@pytest.mark.parametrize("pattern", ["A", "AL"])
+@pytest.mark.parametrize("pattern", ["AL"])  # attention and linear-attention layers in one stack
 def test_int8_target_speculative_equals_its_autoregressive(pattern):
     model, params = target("int8", pattern)
     int8_model, int8_params = for_decoding(model, params)
