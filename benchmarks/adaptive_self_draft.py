@@ -3,7 +3,8 @@
 - layerskip: the target with a fixed skip set drafts with a cache of its own, caught up every round.
 - swift, search_rounds=0: the same skip set drafting over the target's cache (`gated_draft`, no cache of its own).
 - del: exit layer and draft length chosen each round from acceptance measured while decoding.
-- swift: the skip set searched while decoding, at each of --skip_ratios.
+- swift: the skip set searched while decoding, at each of --skip_ratios: candidates scored by trial rounds of
+  drafting, and (each of --context_windows W) on the last W committed tokens, as SWIFT's paper does.
 
 Each skip set of --skip_sets (default: layerskip's default, and the 6-layer set the calibration search found,
 docs/benchmarks.md "Layer-skip sets by search") gets a layerskip row and an over-the-target's-cache row.
@@ -35,8 +36,10 @@ def parse_skip_sets(text: str) -> list[tuple[int, ...]]:
     return [() if s.strip() == "default" else cli.parse_index_list("skip_sets", s) for s in text.split(";") if s]
 
 
-def method_specs(n_layers: int, skip_sets, skip_ratios, search_rounds: int, tree: str) -> dict:
-    """name -> spec: per skip set, layerskip and the same set over the target's cache; del; swift per ratio."""
+def method_specs(n_layers: int, skip_sets, skip_ratios, search_rounds: int, tree: str,
+                 context_windows=()) -> dict:
+    """name -> spec: per skip set, layerskip and the same set over the target's cache; del; swift per ratio,
+    scored by trial rounds and, per context window W, on the last W tokens."""
     from jaxspec.decoding import methods
     from jaxspec.decoding.methods.layerskip import default_skip_layers
 
@@ -50,6 +53,9 @@ def method_specs(n_layers: int, skip_sets, skip_ratios, search_rounds: int, tree
     for ratio in map(float, skip_ratios):
         specs[f"swift {ratio:g}"] = methods.make("swift", skip_ratio=ratio, search_rounds=search_rounds,
                                                  tree=tree)
+        for window in map(int, context_windows):
+            specs[f"swift {ratio:g} context {window}"] = methods.make(
+                "swift", skip_ratio=ratio, search_rounds=search_rounds, tree=tree, context_window=window)
     return specs
 
 
@@ -86,6 +92,7 @@ def define_flags() -> None:
     flags.DEFINE_string("skip_sets", "default;4,5,7,14,17,25", "';'-separated skip sets ('default': layerskip's)")
     flags.DEFINE_list("skip_ratios", ["0.2", "0.45"], "swift: skip ratios searched")
     flags.DEFINE_integer("search_rounds", 32, "swift: rounds of the skip-set search per prompt")
+    flags.DEFINE_list("context_windows", [], "swift: also score candidates on the last W committed tokens, per W")
     flags.DEFINE_string("tree", "chain:3", "the tree every method drafts")
     flags.DEFINE_integer("per_category", 1, "suite prompts per category")
     flags.DEFINE_integer("max_new_tokens", 48, "reply tokens per prompt")
@@ -104,7 +111,7 @@ def main(argv) -> None:
     start = time.perf_counter()
     lm = api.load(FLAGS.model)
     specs = method_specs(lm.model.model_cfg.n_layers, parse_skip_sets(FLAGS.skip_sets), FLAGS.skip_ratios,
-                         FLAGS.search_rounds, FLAGS.tree)
+                         FLAGS.search_rounds, FLAGS.tree, FLAGS.context_windows)
     prompts = suite_eval.encode_suite(lm.tokenizer, load_suite(per_category=FLAGS.per_category))
     print(f"{len(prompts)} suite prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens), "
           f"max_new_tokens={FLAGS.max_new_tokens}, greedy, batch 1", flush=True)

@@ -96,6 +96,8 @@ _METHOD_FLAGS = {
     "search_rounds": flags.DEFINE_integer("search_rounds", None, "swift: rounds of the skip-set search (0: none, "
                                           "draft with --skip_layers throughout)"),
     "trial_rounds": flags.DEFINE_integer("trial_rounds", None, "swift: rounds each candidate skip set drafts"),
+    "context_window": flags.DEFINE_integer("context_window", None, "swift: score each candidate skip set on the "
+                                           "last N committed tokens instead of by trial rounds (0: trials)"),
     "search_seed": flags.DEFINE_integer("search_seed", None, "swift: seed of the skip-set search"),
 }
 _STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", True, "stop a row at the checkpoint's end-of-sequence ids")

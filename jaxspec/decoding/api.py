@@ -39,6 +39,9 @@ class GenerateResult:
     compilations: int = 0  # loops this call compiled (0 or 1)
     prompt_width: int = 0  # the padded prompt width the loop ran with
     max_len: int = 0  # the decode state's length
+    # What a drafter that learns while decoding knew at the end (per-row arrays; see method.Drafter), e.g.
+    # SWIFT's searched skip sets; empty for the others.
+    drafter_report: dict = dataclasses.field(default_factory=dict)
 
     @property
     def new_tokens(self) -> np.ndarray:
@@ -196,7 +199,8 @@ def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str
     toks, num = np.asarray(out.tokens), np.asarray(out.num_tokens)
     return GenerateResult([toks[i, :num[i]].tolist() for i in range(len(prompts))], np.asarray(out.target_steps),
                           np.asarray(out.accepted), wall, spec.name, compile_s=compile_s,
-                          compilations=int(compile_s > 0), prompt_width=width, max_len=max_len)
+                          compilations=int(compile_s > 0), prompt_width=width, max_len=max_len,
+                          drafter_report={k: np.asarray(v) for k, v in (out.drafter_report or {}).items()})
 
 
 def load(model: str):

@@ -72,6 +72,7 @@ class Output(NamedTuple):
     num_tokens: jax.Array  # [B]
     target_steps: jax.Array  # [B] target forwards after the prefill while the row was running
     accepted: jax.Array  # [B] tokens committed by those forwards (bonus included)
+    drafter_report: dict | None = None  # the drafter's `report` of its final state (drafters that learn)
 
 
 class Emission(NamedTuple):
@@ -350,7 +351,8 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
     carry = (state, dstate, root, hidden, em, zeros, zeros, draft_len, key)
     carry = jax.lax.while_loop(lambda c: ~jnp.all(c[4].done), body, carry)
     em, steps, accepted = carry[4], carry[5], carry[6]
-    return Output(_outputs(em, prompt_lens, max_new), em.num_out, steps, accepted)
+    report = drafter.report(carry[1]) if hasattr(drafter, "report") else None
+    return Output(_outputs(em, prompt_lens, max_new), em.num_out, steps, accepted, report)
 
 
 def bucket_width(width: int, minimum: int = 16) -> int:

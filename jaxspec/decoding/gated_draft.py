@@ -13,8 +13,11 @@ The gate is chosen by a policy (static, hashable; its statistics are the drafter
     init(batch, key) -> stats
     choose(stats) -> (gate [B, n_layers] bool, draft_len [B] int32)   # deterministic in stats
     observe(stats, accepted [B], live [B]) -> stats                   # drafts accepted in the round just verified
+A policy with `context_window` W > 0 also has each round's candidate gate scored on the text so far, before it
+drafts: `candidate(stats) -> (gate, scored [B] bool)`, then `judge(stats, match [B], scored)` with the share of
+the last W committed tokens that the gated target predicts (teacher-forced; `context_match`).
 Policies here: `FixedGate` (one skip set), `ExitPolicy` (DEL: exit layer and draft length per context) and
-`SkipSearchPolicy` (SWIFT: the skip set searched during decoding).
+`SkipSearchPolicy` (SWIFT: the skip set searched during decoding, by trial drafting or on the context).
 """
 
 from __future__ import annotations
@@ -172,14 +175,21 @@ def random_skip_set(key, pool: np.ndarray, num_skip: int):
 class SkipSearchPolicy:
     """SWIFT (Xia et al., 2024): the skip set is searched while decoding, with no calibration run.
 
-    For the first `search_rounds` rounds of a row (the optimisation phase) the row drafts with a candidate skip
-    set for `trial_rounds` rounds and scores it by the mean drafts accepted per round; a candidate that beats
-    the best so far becomes the best, and the next candidate is the best with one layer swapped (`swap_one`:
-    a random mutation within `pool` that keeps the skip ratio). The skip count and the draft length are the
-    same for every candidate, so a round costs the same whichever is tried, and drafts accepted per round rank
-    candidates as drafts per unit cost do. Afterwards the row drafts with its best set. The first candidate is
-    `initial` (a skip set), or `num_skip` layers of the pool drawn with the drafter's key; every row starts from
-    the same set and draws its own mutations. `search_rounds` = 0 drafts with the first set throughout.
+    For the first `search_rounds` rounds of a row (the optimisation phase) a candidate skip set is scored; a
+    candidate that beats the best so far becomes the best, and the next candidate is the best with one layer
+    swapped (`swap_one`: a random mutation within `pool` that keeps the skip ratio). Afterwards the row drafts
+    with its best set. The first candidate is `initial` (a skip set), or `num_skip` layers of the pool drawn with
+    the drafter's key; every row starts from the same set and draws its own mutations. `search_rounds` = 0
+    drafts with the first set throughout. Two ways to score a candidate:
+
+    - trial (`context_window` = 0): the row drafts with the candidate for `trial_rounds` rounds, scored by the
+      mean drafts accepted per round. The skip count and the draft length are the same for every candidate, so
+      a round costs the same whichever is tried, and drafts accepted per round rank candidates as drafts per
+      unit cost do.
+    - context (`context_window` = W, SWIFT's context-based optimisation): every search round the candidate is
+      run teacher-forced over the row's last W committed tokens, scored by the share of them it predicts
+      (greedy), one candidate per round; the row meanwhile drafts with its best set, so a poor candidate never
+      drafts. It costs a W-token forward of the gated target per search round.
     """
 
     pool: tuple[bool, ...]  # [n_layers]: the layers a mutation may move
@@ -188,6 +198,7 @@ class SkipSearchPolicy:
     initial: tuple[bool, ...] = ()  # [n_layers] skip set; (): drawn from the pool
     search_rounds: int = 64
     trial_rounds: int = 2
+    context_window: int = 0  # W > 0: score candidates on the last W committed tokens instead of by trials
 
     def init(self, batch: int, key):
         key, first = jax.random.split(key)
@@ -200,25 +211,73 @@ class SkipSearchPolicy:
                 "key": jax.random.key_data(jax.random.split(key, batch))}  # raw key data: jnp.where selects it
 
     def choose(self, stats):
-        searching = stats["round"] < self.search_rounds
+        searching = (stats["round"] < self.search_rounds) & (self.context_window == 0)  # trials draft with it
         skip = jnp.where(searching[:, None], stats["candidate"], stats["best"])
         return ~skip, jnp.full(skip.shape[:1], self.max_depth, jnp.int32)
 
-    def observe(self, stats, accepted, live):
-        searching = live & (stats["round"] < self.search_rounds)
-        trial_sum = stats["trial_sum"] + jnp.where(searching, accepted, 0)
-        trial_count = stats["trial_count"] + searching
-        judged = searching & (trial_count >= self.trial_rounds)
-        score = trial_sum / jnp.maximum(trial_count, 1)
+    def candidate(self, stats):
+        """Context scoring: (the candidate's gate [B, n_layers], the rows still searching [B])."""
+        return ~stats["candidate"], stats["round"] < self.search_rounds
+
+    def judge(self, stats, match, scored):
+        """Context scoring: the candidate of rows `scored` [B] predicted a share `match` [B] of the context."""
+        return self._judged(stats, scored, match)
+
+    def _judged(self, stats, judged, score):
+        """Rows `judged` [B] compare their candidate's `score` [B] with their best; a better one becomes the best,
+        and the next candidate is a mutation of the best."""
         better = judged & (score > stats["best_score"])
         best = jnp.where(better[:, None], stats["candidate"], stats["best"])
         keys = jax.vmap(jax.random.split)(jax.random.wrap_key_data(stats["key"]))  # [B, 2]: next key, mutation's
         mutated = jax.vmap(swap_one, in_axes=(0, 0, None))(keys[:, 1], best, jnp.asarray(self.pool))
-        return {"best": best, "best_score": jnp.where(better, score, stats["best_score"]),
-                "candidate": jnp.where(judged[:, None], mutated, stats["candidate"]),
-                "trial_sum": jnp.where(judged, 0.0, trial_sum), "trial_count": jnp.where(judged, 0, trial_count),
-                "round": stats["round"] + live,
-                "key": jnp.where(judged[:, None], jax.random.key_data(keys[:, 0]), stats["key"])}
+        return dict(stats, best=best, best_score=jnp.where(better, score, stats["best_score"]),
+                    candidate=jnp.where(judged[:, None], mutated, stats["candidate"]),
+                    key=jnp.where(judged[:, None], jax.random.key_data(keys[:, 0]), stats["key"]))
+
+    def report(self, stats):
+        """The best skip set of each row [B, n_layers] bool and its score (trials: mean drafts accepted per round;
+        context: the share of its window predicted; -inf when no candidate was judged)."""
+        return {"skip_layers": stats["best"], "score": stats["best_score"]}
+
+    def observe(self, stats, accepted, live):
+        stats = dict(stats, round=stats["round"] + live)
+        if self.context_window:  # candidates were judged on the context, before drafting
+            return stats
+        searching = live & (stats["round"] <= self.search_rounds)  # the round just verified was a search round
+        trial_sum = stats["trial_sum"] + jnp.where(searching, accepted, 0)
+        trial_count = stats["trial_count"] + searching
+        judged = searching & (trial_count >= self.trial_rounds)
+        stats = self._judged(stats, judged, trial_sum / jnp.maximum(trial_count, 1))
+        return dict(stats, trial_sum=jnp.where(judged, 0.0, trial_sum), trial_count=jnp.where(judged, 0, trial_count))
+
+
+def context_match(model, params, state, seq, seq_len, gate, window: int):
+    """[B] float32: the share of each row's last `window` committed tokens that the target under `gate`
+    [B, n_layers] predicts greedily, teacher-forced: one chain forward over the tokens before them, from the
+    target's own cache up to where that chain starts (entries after it are masked by the row's length, and the
+    forward's pending entries are dropped). Rows with fewer committed tokens score the ones they have.
+
+    `seq` [B, S] holds the committed tokens then the root (`seq_len` [B] = committed + 1). Needs a state of
+    plain KV caches: a recurrent state (linear attention, Mamba), a shared prefix or a budgeted cache cannot be
+    rewound this way."""
+    from jaxspec.state import KVCache
+
+    if not all(isinstance(layer, KVCache) for layer in state.layers):
+        kinds = sorted({type(layer).__name__ for layer in state.layers if not isinstance(layer, KVCache)})
+        raise InputError(f"scoring skip sets on the context rewinds the target's cache, which needs plain KV "
+                         f"caches in every layer; this decode state has {kinds}")
+    committed = seq_len - 1  # the root is not in the state yet
+    start = jnp.maximum(committed - window, 0)
+    at = start[:, None] + jnp.arange(window)[None, :]  # [B, W]: positions of the chain's tokens
+    rows = jnp.arange(seq.shape[0])[:, None]
+    tokens = seq[rows, jnp.minimum(at, seq.shape[1] - 1)]
+    nexts = seq[rows, jnp.minimum(at + 1, seq.shape[1] - 1)]
+    scored = at + 1 <= committed[:, None]  # the next token is committed, or is the root
+    rewound = state.replace(lengths=start.astype(state.lengths.dtype))
+    logits, _ = model.apply({"params": params}, tokens, state=rewound, parents=np.arange(window) - 1,
+                            layer_gate=gate)
+    hits = (jnp.argmax(logits, axis=-1) == nexts) & scored
+    return jnp.sum(hits, axis=-1) / jnp.maximum(jnp.sum(scored, axis=-1), 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +307,15 @@ class GatedSelfDrafter:
         return self.policy.init(prompts.shape[0], jax.random.key(self.seed))
 
     def propose(self, params, dstate, ctx: Context, *, target_state, target_params) -> Proposal:
+        window = getattr(self.policy, "context_window", 0)
+        if window:
+            candidate, scored = self.policy.candidate(dstate)
+            match = jax.lax.cond(
+                jnp.any(scored),
+                lambda: context_match(self.model, target_params, target_state, ctx.seq, ctx.seq_len, candidate,
+                                      window),
+                lambda: jnp.zeros(scored.shape, jnp.float32))
+            dstate = self.policy.judge(dstate, match, scored)
         gate, draft_len = self.policy.choose(dstate)
         tree = self.tree
         b, k = ctx.root.shape[0], tree.num_nodes
@@ -279,6 +347,10 @@ class GatedSelfDrafter:
     def update(self, dstate, emitted, num_emitted):
         live = num_emitted > 0  # rows that finished commit nothing and learn nothing
         return self.policy.observe(dstate, jnp.maximum(num_emitted - 1, 0), live)
+
+    def report(self, dstate) -> dict:
+        """The policy's report of what it learned (see method.Drafter), if it makes one."""
+        return self.policy.report(dstate) if hasattr(self.policy, "report") else {}
 
 
 def build_gated(target, tree: TokenTree, policy, seed: int = 0) -> tuple[GatedSelfDrafter, tuple]:

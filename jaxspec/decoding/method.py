@@ -48,7 +48,12 @@ GENERATE_ARGUMENTS = frozenset({"method", "max_new_tokens", "temperature", "top_
 
 
 class Drafter(Protocol):
-    """Proposes a token tree each round; pure, its state a pytree in the loop carry. Static (hashable)."""
+    """Proposes a token tree each round; pure, its state a pytree in the loop carry. Static (hashable).
+
+    A drafter that learns while it decodes may also define `report(dstate) -> dict` of per-row arrays: what it
+    learned by the end of a call (`GenerateResult.drafter_report`), for a later request to start from (e.g.
+    SWIFT's searched skip sets, `methods.swift.searched_skip_layers`).
+    """
 
     tree: TokenTree
 

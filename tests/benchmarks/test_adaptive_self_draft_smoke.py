@@ -5,9 +5,10 @@ themselves are tested in tests/decoding/test_gated_draft.py)."""
 def test_skip_sets_and_specs(benchmark_script):
     bench = benchmark_script("adaptive_self_draft")
     assert bench.parse_skip_sets("default;4-5,7") == [(), (4, 5, 7)]
-    specs = bench.method_specs(30, [(), (4, 5)], ["0.2"], search_rounds=8, tree="chain:2")
+    specs = bench.method_specs(30, [(), (4, 5)], ["0.2"], search_rounds=8, tree="chain:2", context_windows=["16"])
     assert list(specs) == ["layerskip default", "over target cache default", "layerskip 4,5", "over target cache 4,5",
-                           "del", "swift 0.2"]
+                           "del", "swift 0.2", "swift 0.2 context 16"]
+    assert specs["swift 0.2 context 16"].context_window == 16 and specs["swift 0.2"].context_window == 0
     # the same skip set drafts both ways; over the target's cache without a search
     assert specs["layerskip default"].skip_layers == specs["over target cache default"].skip_layers
     assert specs["over target cache 4,5"].search_rounds == 0 and specs["swift 0.2"].search_rounds == 8

@@ -12,7 +12,9 @@ from jaxspec.config import ConfigError
 from jaxspec.decoding import api, gated_draft, methods
 from jaxspec.decoding.drafters import Context
 from jaxspec.decoding.method import Target
+from jaxspec.decoding.methods import swift
 from jaxspec.decoding.trees import tree_from_spec
+from jaxspec.errors import InputError
 from jaxspec.models.decode_layout import for_decoding
 from jaxspec.state import init_decode_state
 
@@ -63,6 +65,7 @@ def test_tree_forward_layer_gate_equals_full_forwards(make_model, final_logits):
     ("hybrid", "del", 1, dict(tree="branching:2,1", exit_layers=(1, 2))),
     ("hybrid", "swift", 1, dict(tree="branching:2,1", skip_ratio=0.34, search_rounds=6, trial_rounds=1)),
     ("attention", "swift", 4, dict(tree="chain:2", skip_ratio=0.5, search_rounds=4, trial_rounds=1)),
+    ("attention", "swift", 4, dict(tree="branching:2,1", skip_ratio=0.5, search_rounds=6, context_window=5)),
 ])
 def test_greedy_output_is_the_autoregressive_output(make_model, final_logits, pattern, method, batch, fields):
     # Four attention layers: SWIFT may skip only inner layers (the first and the last always run).
@@ -70,6 +73,74 @@ def test_greedy_output_is_the_autoregressive_output(make_model, final_logits, pa
     prompts = PROMPTS[:batch]
     out = api.generate(model, params, prompts, method=method, max_new_tokens=MAX_NEW, **fields)
     assert out.tokens == greedy_reference(final_logits, model, params, prompts, MAX_NEW)
+
+
+def test_context_match_is_the_gated_targets_greedy_hit_rate_on_the_last_tokens(make_model):
+    """SWIFT's context score from the rewound cache equals a chain forward from a state that only ever held the
+    tokens before the window; a row shorter than the window scores the tokens it has."""
+    model, params = make_model("AAAA")
+    dmodel, dparams = for_decoding(model, params)
+    # The target's own greedy replies (the root last), so that predictions hit: a 9-token and a 5-token context.
+    prompts = [[5, 9, 2], [7, 1]]
+    replies = api.generate(model, params, prompts, max_new_tokens=7).tokens
+    rows = [prompts[0] + replies[0], prompts[1] + replies[1][:4]]
+    window, gate = 6, jnp.asarray([True, False, True, True])
+
+    def reference(row, gate):
+        committed = len(row) - 1
+        start = max(committed - window, 0)
+        state = init_decode_state(dmodel.model_cfg, 1, 32)
+        if start:
+            _, state = dmodel.apply({"params": dparams}, jnp.asarray([row[:start]]), state=state, fresh=True)
+        chain = row[start:committed]
+        logits, _ = dmodel.apply({"params": dparams}, jnp.asarray([chain]), state=state,
+                                 parents=np.arange(len(chain)) - 1, layer_gate=gate)
+        return np.mean(np.argmax(logits[0], -1) == np.asarray(row[start + 1:]))
+
+    committed = np.asarray([len(r) - 1 for r in rows], np.int32)
+    seq = np.zeros((2, 16), np.int32)
+    for i, row in enumerate(rows):
+        seq[i, :len(row)] = row
+    state = init_decode_state(dmodel.model_cfg, 2, 32)
+    _, state = dmodel.apply({"params": dparams}, jnp.asarray(seq[:, :9]), state=state, num_new=committed,
+                            fresh=True)
+    for g in (gate, jnp.ones(4, bool)):
+        match = gated_draft.context_match(dmodel, dparams, state, jnp.asarray(seq), jnp.asarray(committed + 1),
+                                          jnp.broadcast_to(g, (2, 4)), window)
+        np.testing.assert_allclose(match, [reference(r, g) for r in rows], atol=1e-6)
+    # Every layer on, the replies are the target's own greedy tokens: the 9-token row's window holds reply tokens
+    # only, the 5-token row's also the prompt's second token, which the model did not choose.
+    assert float(match[0]) == 1.0 and float(match[1]) >= 0.8
+    gated = gated_draft.context_match(dmodel, dparams, state, jnp.asarray(seq), jnp.asarray(committed + 1),
+                                      jnp.broadcast_to(gate, (2, 4)), window)
+    assert float(gated[0]) < 1.0  # the skipped layer changes some predictions: the score tells sets apart
+
+
+def test_context_scoring_is_refused_where_the_cache_cannot_be_rewound(make_model):
+    model, params = make_model(HYBRID[0], **HYBRID[1])
+    with pytest.raises(ConfigError, match=r"context_window=4 .* recurrent layers \['L', 'M'\]"):
+        api.generate(model, params, PROMPTS[:1], method="swift", max_new_tokens=2, skip_ratio=0.34,
+                     context_window=4)
+    model, params = make_model("AAAA")
+    with pytest.raises(InputError, match="plain KV caches in every layer; this decode state has"):
+        api.generate(model, params, [[1, 2, 3, 4], [1, 2, 3, 5]], method="swift", max_new_tokens=2,
+                     skip_ratio=0.5, context_window=4, shared_prefix=True)
+
+
+def test_a_searched_skip_set_carries_over_to_the_next_request(make_model):
+    model, params = make_model("AAAAA")
+    first = api.generate(model, params, PROMPTS[:2], method="swift", max_new_tokens=MAX_NEW, tree="chain:2",
+                         skip_ratio=0.4, search_rounds=4, trial_rounds=1)
+    sets = swift.searched_skip_layers(first)
+    assert first.drafter_report["skip_layers"].shape == (2, 5)
+    assert all(len(s) == 2 and set(s) <= {1, 2, 3} for s in sets)  # the ratio's 2 layers, never the first or last
+    # The next request starts from row 0's set; without a search it keeps it, and decodes the same tokens as AR.
+    then = api.generate(model, params, PROMPTS[2:], method="swift", max_new_tokens=MAX_NEW, tree="chain:2",
+                        skip_layers=sets[0], search_rounds=0)
+    assert swift.searched_skip_layers(then) == [sets[0]] * 2
+    assert then.tokens == api.generate(model, params, PROMPTS[2:], max_new_tokens=MAX_NEW).tokens
+    with pytest.raises(InputError, match="method 'lookup' reports no searched skip sets"):
+        swift.searched_skip_layers(api.generate(model, params, PROMPTS[:1], method="lookup", max_new_tokens=2))
 
 
 def test_propose_leaves_the_target_state_and_the_full_gate_drafts_the_target_continuation(make_model, final_logits):
