@@ -11,6 +11,9 @@ docs/benchmarks.md "Layer-skip sets by search") gets a layerskip row and an over
 
   python benchmarks/adaptive_self_draft.py --output_json=/tmp/adaptive.json
 
+`--carry_search=N` adds a row per swift method whose search carries over from prompt to prompt (SWIFT's
+optimisation phase over the first N requests, then its best set), timed beside AR in the same run.
+
 Speed is measured side by side with `jaxspec.eval.compare.compare_methods` (AR in the same run; speedup = AR wall
 time / the method's), and again over --rounds round-robin passes of every method over the prompts (best wall
 time each), which spreads a shared machine's load changes over all methods. "identical": every reply equals AR's.
@@ -18,6 +21,8 @@ time each), which spreads a shared machine's load changes over all methods. "ide
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import time
@@ -86,6 +91,40 @@ def measure(model, params, prompts, specs: dict, max_new_tokens: int, eos_ids, r
     return rows
 
 
+def carried_search(model, params, prompts, specs: dict, search_prompts: int, max_new_tokens: int, eos_ids
+                   ) -> list[dict]:
+    """SWIFT's search carried across requests, one row per swift spec beside AR (same prompts, same run): the
+    prompts are decoded in order, each starting from the best set the one before found; the first
+    `search_prompts` search, the rest draft with the best set (search_rounds=0). Compile time is excluded (a new
+    first set is a new static spec)."""
+    from jaxspec.decoding import api, engine
+    from jaxspec.decoding.methods.swift import searched_skip_layers
+
+    nodes = max([1] + [spec.num_nodes for spec in specs.values()])
+    width, _ = engine.plan_shapes(model.model_cfg, [max(map(len, prompts))], max_new_tokens, nodes)
+    run = functools.partial(api.generate, model, params, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                            prompt_width=width)
+    ar = [run([p]) for p in prompts]
+    ar_wall = sum(out.wall_time_s for out in ar)
+    rows = []
+    for name, spec in specs.items():
+        if spec.name != "swift" or not spec.search_rounds:
+            continue
+        outs, skip = [], spec.skip_layers
+        for i, prompt in enumerate(prompts):
+            step = dataclasses.replace(spec, skip_layers=skip, search_rounds=spec.search_rounds if i < search_prompts
+                                       else 0)
+            outs.append(run([prompt], method=step))
+            skip = searched_skip_layers(outs[-1])[0]
+        wall = sum(out.wall_time_s for out in outs)
+        rows.append({"method": f"{name}, carried", "fields": f"search on the first {search_prompts}, then {skip}",
+                     "tau": sum(int(o.accepted.sum()) for o in outs) / sum(int(o.target_steps.sum()) for o in outs),
+                     "tok/s": sum(int(o.new_tokens.sum()) for o in outs) / wall, "speedup": ar_wall / wall,
+                     "identical": all(o.tokens == a.tokens for o, a in zip(outs, ar, strict=True)),
+                     "speedup round-robin": float("nan")})
+    return rows
+
+
 def define_flags() -> None:
     """The script's flags, defined only when it runs (tests import its functions without them)."""
     flags.DEFINE_string("model", "smollm2-135m-instruct", "the target (a zoo name or a workdir)")
@@ -93,6 +132,8 @@ def define_flags() -> None:
     flags.DEFINE_list("skip_ratios", ["0.2", "0.45"], "swift: skip ratios searched")
     flags.DEFINE_integer("search_rounds", 32, "swift: rounds of the skip-set search per prompt")
     flags.DEFINE_list("context_windows", [], "swift: also score candidates on the last W committed tokens, per W")
+    flags.DEFINE_integer("carry_search", 0, "swift: also a row per swift method whose search carries over from "
+                         "prompt to prompt, searching on the first N prompts only (0: none)")
     flags.DEFINE_string("tree", "chain:3", "the tree every method drafts")
     flags.DEFINE_integer("per_category", 1, "suite prompts per category")
     flags.DEFINE_integer("max_new_tokens", 48, "reply tokens per prompt")
@@ -116,6 +157,9 @@ def main(argv) -> None:
     print(f"{len(prompts)} suite prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens), "
           f"max_new_tokens={FLAGS.max_new_tokens}, greedy, batch 1", flush=True)
     rows = measure(lm.model, lm.params, prompts, specs, FLAGS.max_new_tokens, lm.tokenizer.eos_ids, FLAGS.rounds)
+    if FLAGS.carry_search:
+        rows += carried_search(lm.model, lm.params, prompts, specs, FLAGS.carry_search, FLAGS.max_new_tokens,
+                               lm.tokenizer.eos_ids)
     print("\n" + tables.markdown_table(rows, COLUMNS) + "\n")
     print(f"wall time {(time.perf_counter() - start) / 60:.1f} min, load average {os.getloadavg()[0]:.1f} (a "
           "shared machine: compare speed ratios, not tokens/s)", flush=True)

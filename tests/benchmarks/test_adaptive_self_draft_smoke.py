@@ -13,3 +13,15 @@ def test_skip_sets_and_specs(benchmark_script):
     assert specs["layerskip default"].skip_layers == specs["over target cache default"].skip_layers
     assert specs["over target cache 4,5"].search_rounds == 0 and specs["swift 0.2"].search_rounds == 8
     assert all(spec.lossless and spec.tree == "chain:2" for spec in specs.values())
+
+
+def test_a_search_carried_over_prompts_keeps_the_output(benchmark_script, make_model):
+    from jaxspec.decoding import methods
+
+    bench = benchmark_script("adaptive_self_draft")
+    model, params = make_model("AAAAA", max_len=64)
+    specs = {"swift": methods.make("swift", skip_ratio=0.4, search_rounds=3, trial_rounds=1, tree="chain:2"),
+             "del": methods.make("del", tree="chain:2")}  # not a search: no carried row
+    rows = bench.carried_search(model, params, [[1, 2, 3, 4], [5, 6, 7]], specs, 1, 6, ())
+    assert [r["method"] for r in rows] == ["swift, carried"]
+    assert rows[0]["identical"] and rows[0]["tau"] >= 1 and rows[0]["fields"].startswith("search on the first 1")
