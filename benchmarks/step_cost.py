@@ -5,6 +5,7 @@ cost of a K-token tree forward relative to one token, whole and by part (layers,
   python benchmarks/step_cost.py --model=smollm2-135m-instruct --layouts=standard,decode --ks=1,2,4 --rounds=5
   python benchmarks/step_cost.py --model=smollm2-135m-instruct --profile_dir=/tmp/step_trace
   python benchmarks/step_cost.py --model_config=model.json --dtypes=float32,bfloat16 --layouts=decode
+  python benchmarks/step_cost.py --layouts=decode --stacks=unrolled,scanned --sections=ar,loops
 
 --model_config names a JSON file holding a model config section (or a whole config with a "model" key, as a
 workdir's config.json): the model of that shape with random weights (seed 0), for machines the checkpoint
@@ -14,7 +15,8 @@ another dtype than the model's own is named "<layout> <dtype>".
 
 Layouts (see jaxspec/models/decode_layout.py): "standard" is the parameters as loaded; "decode" the fused
 [out, in] layout that the decode loops use (converted once here, outside the timings); "int8" the decode layout
-with weight-only int8 projections (`model.weight_dtype="int8"`).
+with weight-only int8 projections (`model.weight_dtype="int8"`). `--stacks=unrolled,scanned` adds each one's
+scanned stack (`model.scan_layers`): its compile seconds and its step beside the unrolled one's.
 
 1. Bandwidth: a large read (sum), an in-place read+write (donated), and a one-row product with a 512 MB
    matrix (the decode step's own access pattern). The roofline of a step is the bytes of the weights it
@@ -49,7 +51,7 @@ from absl import app, flags, logging
 
 from jaxspec import config as config_lib
 from jaxspec.decoding import api, engine
-from jaxspec.models.lm import DecoderLM, build_model, init_params
+from jaxspec.models.lm import DecoderLM, build_model, init_params, reconfigured
 from jaxspec.state import init_decode_state
 
 FLAGS = flags.FLAGS
@@ -151,6 +153,21 @@ def bandwidth_table(size_mb: int, rounds: int) -> float:
 def cast_floats(params, dtype: str):
     """Every floating parameter as `dtype` (integer ones, int8 kernels, unchanged)."""
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def with_scanned_stacks(variants: dict, stacks) -> dict:
+    """`variants` for each of `stacks`: "unrolled" keeps each as it is, "scanned" adds "<name> scanned", the
+    same model and params with `model.scan_layers` on (models/layer_scan.py)."""
+    unknown = sorted(set(stacks) - {"unrolled", "scanned"})
+    if unknown or not stacks:
+        raise ValueError(f"--stacks: {unknown or stacks} is not a list of unrolled, scanned")
+    out = {}
+    for name, (model, params) in variants.items():
+        if "unrolled" in stacks:
+            out[name] = (model, params)
+        if "scanned" in stacks:
+            out[f"{name} scanned"] = (reconfigured(model, scan_layers=True), params)
+    return out
 
 
 def layout_variants(lm, layouts, dtypes=()) -> dict:
@@ -325,6 +342,7 @@ def define_flags() -> None:
                       "(default: the model's own)")
     flags.DEFINE_list("curve_parts", ["whole", "layers", "head"], "parts of the tree forward to time")
     flags.DEFINE_list("layouts", ["standard", "decode", "int8"], "weight layouts to compare")
+    flags.DEFINE_list("stacks", ["unrolled"], "layer stacks to compare: unrolled, scanned (model.scan_layers)")
     flags.DEFINE_list("ks", ["1", "2", "4", "7", "11"], "tree sizes K (a chain of K nodes)")
     flags.DEFINE_integer("context", 192, "committed tokens before the tree forward / mean AR context")
     flags.DEFINE_integer("new_tokens", 64, "tokens per autoregressive call")
@@ -348,7 +366,7 @@ def main(argv):
     unknown = sorted(set(FLAGS.curve_parts) - {"whole", "layers", "head"})
     if unknown:
         raise ValueError(f"--curve_parts: unknown part(s) {unknown}; allowed: whole, layers, head")
-    variants = layout_variants(lm, FLAGS.layouts, FLAGS.dtypes)
+    variants = with_scanned_stacks(layout_variants(lm, FLAGS.layouts, FLAGS.dtypes), FLAGS.stacks)
     for name, (_, params) in variants.items():
         print(f"{name}: {param_bytes(params) / 2**20:.0f} MB of parameters, {streamed_bytes(params) / 2**20:.0f} MB "
               "streamed per step")

@@ -68,6 +68,9 @@ def model_defaults() -> ml_collections.ConfigDict:
             max_len=1024,  # context length a decode state holds
             dtype="float32",
             weight_dtype="float32",  # one of WEIGHT_DTYPES: int8 is weight-only, per output channel, when decoding
+            # Run repeats of the layer pattern as one scan (models/layer_scan.py): compiles faster, steps slower
+            # on CPU. Same outputs either way.
+            scan_layers=False,
             # MatFormer nested FFN: hidden fractions of d_ff, smallest first; (1.0,) is a plain SwiGLU.
             matformer_fractions=(1.0,),
             # Full FFN width of each layer, for sub-models whose layers differ (MatFormer Mix'n'Match
@@ -261,6 +264,8 @@ def validate_model_config(cfg, path: str = "model") -> None:
     require(cfg.dtype in DTYPES, f"{path}.dtype", cfg.dtype, f"one of {DTYPES}")
     require(cfg.get("weight_dtype", "float32") in WEIGHT_DTYPES, f"{path}.weight_dtype", cfg.get("weight_dtype"),
              f"one of {WEIGHT_DTYPES}")
+    require(isinstance(cfg.get("scan_layers", False), bool), f"{path}.scan_layers", cfg.get("scan_layers"),
+            "True or False")
     fractions = tuple(cfg.matformer_fractions)
     require(len(fractions) > 0 and all(is_number(f) and 0 < f <= 1 for f in fractions), f"{path}.matformer_fractions",
              fractions, "a non-empty tuple of fractions in (0, 1]")

@@ -99,8 +99,8 @@ def _apply(model, params, *args, method=None, **kwargs):
 def _jitted_apply():
     import jax
 
-    return jax.jit(_apply, static_argnums=0, static_argnames=("granularity", "skip_layers", "return_hidden",
-                                                              "method"))
+    return jax.jit(_apply, static_argnums=0, static_argnames=("granularity", "skip_layers", "skip_ffn",
+                                                              "return_hidden", "method"))
 
 
 def jit_apply(model, params, *args, **kwargs):

@@ -31,6 +31,7 @@ from jaxspec import checks
 from jaxspec import config as config_lib
 from jaxspec.config import MixerKind
 from jaxspec.errors import InputError
+from jaxspec.models import layer_scan
 from jaxspec.models.attention import Attention
 from jaxspec.models.layers import Embed, MatFormerFFN, RMSNorm, VocabProjection, dtype_of, weight_dtype_of
 from jaxspec.models.linear_attention import LinearAttention
@@ -155,23 +156,29 @@ def token_gate(layer_gate, shape: tuple[int, int], n_layers: int, mode: Mode) ->
     return jnp.broadcast_to(gate, (b, t, n_layers))
 
 
-def gated_block(block: Block, gate, x, cache, step: Step, granularity, skip_ffn: bool):
-    """`block` applied where gate [B, T] is True, x kept elsewhere; a block gated off for every token is not
-    run (lax.cond). Its cache then passes through unchanged; in a tree forward, which returns the nodes' pending
-    entries rather than the cache, it gives zeros of their shapes (entries of gated-off nodes are undefined)."""
+def gate_layer(run, gate, x, cache, step: Step):
+    """`run(x, cache) -> (y, new)` (a pure apply of one block) kept where gate [B, T] is True, x elsewhere; a
+    block gated off for every token is not run (lax.cond). Its cache then passes through unchanged; in a tree
+    forward, which returns the nodes' pending entries rather than the cache, it gives zeros of their shapes
+    (entries of gated-off nodes are undefined)."""
 
-    def run(mdl, x, cache):
-        y, new = mdl(x, step, cache, granularity, skip_ffn)
+    def on(x, cache):
+        y, new = run(x, cache)
         return jnp.where(gate[..., None], y, x), new
 
     if step.mode == Mode.TREE:
-        # The pending entries' shapes, from a trace of a pure apply of the same block (nothing runs).
-        pure = lambda variables: block.clone(parent=None).apply(variables, x, step, cache, granularity, skip_ffn)
-        pending = jax.eval_shape(pure, block.variables)[1]
-        skipped = lambda mdl, x, cache: (x, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), pending))
+        pending = jax.eval_shape(run, x, cache)[1]  # shapes only: nothing runs
+        off = lambda x, cache: (x, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), pending))
     else:
-        skipped = lambda mdl, x, cache: (x, cache)
-    return nn.cond(jnp.any(gate), run, skipped, block, x, cache)
+        off = lambda x, cache: (x, cache)
+    return jax.lax.cond(jnp.any(gate), on, off, x, cache)
+
+
+def gated_block(block: Block, gate, x, cache, step: Step, granularity, skip_ffn: bool):
+    """`gate_layer` over a bound block of the stack (applied purely, with its own variables)."""
+    pure, variables = block.clone(parent=None), block.variables
+    return gate_layer(lambda x, cache: pure.apply(variables, x, step, cache, granularity, skip_ffn),
+                      gate, x, cache, step)
 
 
 def context_free_tree_step(parents, batch: int) -> Step:
@@ -213,6 +220,57 @@ class DecoderLM(nn.Module):
         """Logits from an intermediate residual stream (early exit): final norm, then the LM head."""
         return self.project(self.final_norm(layer_hidden))
 
+    def layer_signatures(self, per_layer, skip, no_ffn) -> tuple:
+        """Per layer, everything static that shapes its block in this call (equal signatures compile alike)."""
+        cfg = self.model_cfg
+        kinds = config_lib.layer_kinds(cfg)
+        return tuple(("skipped",) if i in skip else
+                     (kinds[i], config_lib.layer_window(cfg, i), config_lib.layer_rope_theta(cfg, i),
+                      config_lib.ffn_hidden_sizes(cfg, i), None if per_layer is None else per_layer[i], i in no_ffn)
+                     for i in range(cfg.n_layers))
+
+    def run_layers(self, x, state, step: Step, gate, per_layer, skip, no_ffn):
+        """(x, new cache entry per layer (None: unchanged), residual stream after each layer). With
+        `model.scan_layers` the layers that repeat a period run as one scan (models/layer_scan.py); init and
+        calibration (which reads the sown FFN inputs) always run unrolled."""
+        cfg = self.model_cfg
+        n = cfg.n_layers
+        caches = [None] * n if state is None else list(state.layers)
+        gates = [None] * n if gate is None else [gate[..., i] for i in range(n)]
+        scanned = 0
+        new_layers, layer_hidden = [], []
+        if (cfg.get("scan_layers", False) and not self.is_initializing()
+                and not self.is_mutable_collection("intermediates")):
+            signatures = self.layer_signatures(per_layer, skip, no_ffn)
+            period, groups = layer_scan.scan_plan(signatures)
+            scanned = period * groups
+        if scanned:
+            stored = self.variables["params"]
+            params = [None if i in skip else stored[f"layer_{i}"] for i in range(scanned)]
+
+            def apply_position(j, layer_params, x, cache, layer_gate):
+                if j in skip:  # the same position of every group is skipped (signatures repeat)
+                    return x, None
+                block = Block(cfg, config_lib.layer_kinds(cfg)[j], j, self.layout, parent=None)
+                run = lambda x, cache: block.apply({"params": layer_params}, x, step, cache,
+                                                   None if per_layer is None else per_layer[j], j in no_ffn)
+                return run(x, cache) if layer_gate is None else gate_layer(run, layer_gate, x, cache, step)
+
+            x, new_layers, layer_hidden = layer_scan.scan_layers(apply_position, period, groups, params,
+                                                                 caches[:scanned], gates[:scanned], x)
+        for i in range(scanned, n):
+            new = None
+            if i not in skip:
+                layer_granularity = None if per_layer is None else per_layer[i]
+                if gate is None:
+                    x, new = self.blocks[i](x, step, caches[i], layer_granularity, i in no_ffn)
+                else:
+                    x, new = gated_block(self.blocks[i], gates[i], x, caches[i], step, layer_granularity,
+                                         i in no_ffn)
+            new_layers.append(new)
+            layer_hidden.append(x)
+        return x, new_layers, layer_hidden
+
     def __call__(self, tokens, *, state: DecodeState | None = None, parents=None, num_new=None,
                  granularity=None, skip_layers=(), return_hidden: bool = False, fresh: bool = False,
                  layer_gate=None, skip_ffn=(), kv_budget=None):
@@ -243,18 +301,7 @@ class DecoderLM(nn.Module):
         if cfg.embed_scale:  # as transformers: sqrt(d_model) rounded to float32, then to the embedding dtype
             x = x * jnp.asarray(np.float32(cfg.d_model**0.5), x.dtype)
         x = x.astype(dtype_of(cfg))
-        new_layers, layer_hidden = [], []
-        for i, block in enumerate(self.blocks):
-            cache = None if state is None else state.layers[i]
-            new = None
-            if i not in skip:
-                layer_granularity = None if per_layer is None else per_layer[i]
-                if gate is None:
-                    x, new = block(x, step, cache, layer_granularity, i in no_ffn)
-                else:
-                    x, new = gated_block(block, gate[..., i], x, cache, step, layer_granularity, i in no_ffn)
-            new_layers.append(new)
-            layer_hidden.append(x)
+        x, new_layers, layer_hidden = self.run_layers(x, state, step, gate, per_layer, skip, no_ffn)
         hidden = self.final_norm(x)
         logits = self.project(hidden)
         out = LMOutput(logits, hidden, tuple(layer_hidden)) if return_hidden else logits
@@ -308,6 +355,19 @@ def build_model(model_cfg) -> DecoderLM:
     """Validate the model config and build the module (config frozen so the module hashes)."""
     config_lib.validate_model_config(model_cfg)
     return DecoderLM(ml_collections.FrozenConfigDict(model_cfg))
+
+
+def reconfigured(model: DecoderLM, **model_keys) -> DecoderLM:
+    """`model` (same layout, same parameters) with top-level model-config keys changed and validated, e.g.
+    `reconfigured(model, scan_layers=True)`."""
+    cfg = model.model_cfg.as_configdict() if hasattr(model.model_cfg, "as_configdict") else model.model_cfg
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    unknown = sorted(set(model_keys) - set(cfg))
+    if unknown:
+        raise InputError(f"reconfigured: {unknown} are not model config keys{config_lib.nearest_keys(unknown[0], cfg)}")
+    cfg.update(model_keys)
+    config_lib.validate_model_config(cfg)
+    return model.clone(model_cfg=ml_collections.FrozenConfigDict(cfg))
 
 
 def init_params(model: DecoderLM, rng, seq_len: int = 8):

@@ -1,0 +1,138 @@
+"""Scanned layers (`model.scan_layers`): the plan finds the repeating period, the program really holds one scan
+over the groups, and scanned and unrolled stacks give the same logits in every forward mode (every mixer,
+hybrids, Gemma's window pattern with a remainder, both layouts, the apply-time options) and decode the same
+tokens."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxspec.config import ConfigError
+from jaxspec.decoding import api
+from jaxspec.errors import InputError
+from jaxspec.models.decode_layout import for_decoding
+from jaxspec.models.layer_scan import scan_plan, smallest_period
+from jaxspec.models.lm import reconfigured
+from jaxspec.state import init_decode_state
+
+BATCH = 2
+TOL = dict(atol=2e-5, rtol=2e-5)
+# (pattern, overrides, (period, groups) of the plan without options)
+CASES = {
+    "attention": ("A", {"n_layers": 4}, (1, 4)),
+    "hybrid": ("AL", {"n_layers": 4}, (2, 2)),
+    "hybrid_mamba": ("ALM", {"n_layers": 6, "mamba": {"ffn": True}}, (3, 2)),
+    # Gemma 3's pattern (windowed, windowed, global), two periods and a remainder of one layer.
+    "gemma": ("A", {"n_layers": 7, "layer_windows": (4, 4, 0, 4, 4, 0, 4), "rope_local_theta": 100.0,
+                    "qk_norm": True, "sandwich_norms": True, "embed_scale": True, "ffn_activation": "gelu_tanh"},
+              (3, 2)),
+}
+
+
+def test_plan_finds_the_smallest_period_and_needs_two_repeats():
+    assert smallest_period("aaaa") == 1
+    assert smallest_period("abab") == 2
+    assert smallest_period("ababa") == 2  # a partial period at the end
+    assert smallest_period("abcab") == 3
+    assert smallest_period("abca") == 3
+    assert scan_plan("aaaa") == (1, 4)
+    assert scan_plan("ababa") == (2, 2)
+    assert scan_plan("abcab") == (3, 0)  # one period only: nothing to share, all unrolled
+    assert scan_plan("abc") == (3, 0)
+
+
+def scanned(model):
+    """The same model (and layout) with `scan_layers` on."""
+    return reconfigured(model, scan_layers=True)
+
+
+def forwards(model, params, tokens, apply, **options):
+    """Logits (and hidden states) of a full forward, a prefill of 6, an extend of 2 and a 3-node tree."""
+    state = init_decode_state(model.model_cfg, BATCH, 32)
+    full = apply(model, params, tokens, return_hidden=True, **options)
+    prefill, state = apply(model, params, tokens[:, :6], state=state, **options)
+    extend, _ = apply(model, params, tokens[:, 6:8], state=state, **options)
+    tree, _ = apply(model, params, tokens[:, 6:9], state=state, parents=jnp.asarray([-1, 0, 0]), **options)
+    return {"full": full.logits, "full layer_hidden": jnp.stack(full.layer_hidden), "prefill": prefill,
+            "extend": extend, "tree": tree}
+
+
+def assert_same(want, got, what):
+    for mode in want:
+        np.testing.assert_allclose(np.asarray(got[mode]), np.asarray(want[mode]), **TOL, err_msg=f"{what} {mode}")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_scanned_stack_gives_the_unrolled_logits_in_every_mode(case, make_model, apply):
+    pattern, overrides, _ = CASES[case]
+    model, params = make_model(pattern, **overrides)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, model.model_cfg.vocab_size, (BATCH, 9)))
+    n = model.model_cfg.n_layers
+    options = [{}, {"layer_gate": jnp.asarray([[True] * n, [True] * (n - 2) + [False] * 2])}]
+    if case == "attention":  # a periodic skip set keeps a scan; a skipped FFN breaks the period
+        options += [{"skip_layers": (1, 3)}, {"skip_ffn": (2,)}]
+    for opts in options:
+        assert_same(forwards(model, params, tokens, apply, **opts),
+                    forwards(scanned(model), params, tokens, apply, **opts), f"{case} {opts}")
+    decode_model, decode_params = for_decoding(model, params)
+    assert_same(forwards(decode_model, decode_params, tokens, apply),
+                forwards(scanned(decode_model), decode_params, tokens, apply), f"{case} decode layout")
+
+
+def scan_lengths(model, params, tokens, **options) -> list[int]:
+    """Lengths of the `scan`s at the top of the forward's program (not inside mixers)."""
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, tokens, **options))(params)
+    return [eqn.params["length"] for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "scan"]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_program_holds_one_scan_over_the_groups(case, make_model):
+    pattern, overrides, (_, groups) = CASES[case]
+    model, params = make_model(pattern, **overrides)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    assert groups not in scan_lengths(model, params, tokens)  # (linear attention scans over its chunks)
+    assert scan_lengths(scanned(model), params, tokens) == [groups]  # the mixers' own scans are inside it
+
+
+def test_options_that_break_the_period_unroll(make_model):
+    model, params = make_model("A", n_layers=4)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    model = scanned(model)
+    assert scan_lengths(model, params, tokens, skip_layers=(1, 3)) == [2]  # period 2, second position skipped
+    assert scan_lengths(model, params, tokens, skip_layers=(1,)) == []
+    assert scan_lengths(model, params, tokens, granularity=(0, 0, 0, 0)) == [4]
+
+
+def test_calibration_reads_every_ffn_input_from_a_scanned_model(make_model):
+    model, params = make_model("A", n_layers=4)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    _, sown = scanned(model).apply({"params": params}, tokens, mutable=["intermediates"])
+    assert sorted(sown["intermediates"]) == [f"layer_{i}" for i in range(4)]
+
+
+def test_init_of_a_scanned_model_makes_the_per_layer_parameters(make_model):
+    model, params = make_model("AL", n_layers=4)
+    shapes = jax.eval_shape(lambda key: scanned(model).init(key, jnp.zeros((1, 4), jnp.int32))["params"],
+                            jax.random.key(0))
+    assert jax.tree.structure(shapes) == jax.tree.structure(params)
+
+
+@pytest.mark.parametrize("case", ["attention", "hybrid"])
+def test_scanned_target_decodes_the_unrolled_tokens(case, make_model):
+    pattern, overrides, _ = CASES[case]
+    model, params = make_model(pattern, **overrides)
+    prompts = [[1, 2, 3, 4, 5, 1, 2, 3, 4], [7, 8, 9]]
+    for kwargs in (dict(method="ar"), dict(method="lookup", tree="chain:3"),
+                   dict(method="layerskip", skip_layers=(1,), tree="branching:2,2")):
+        want = api.generate(model, params, prompts, max_new_tokens=8, **kwargs)
+        got = api.generate(scanned(model), params, prompts, max_new_tokens=8, **kwargs)
+        assert got.tokens == want.tokens, kwargs
+
+
+def test_reconfigured_refuses_unknown_keys_and_bad_values(make_model):
+    model, _ = make_model("A")
+    with pytest.raises(InputError, match="scan_layer.*did you mean scan_layers"):
+        reconfigured(model, scan_layer=True)
+    with pytest.raises(ConfigError, match="model.scan_layers"):
+        reconfigured(model, scan_layers="yes")
