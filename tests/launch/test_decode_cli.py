@@ -38,14 +38,18 @@ def test_decode_writes_results_and_speculation_matches_autoregressive(target_dir
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "def f(x):\\n    return x"}\n{"prompt": "import os"}\n')
     outputs = {}
-    for method, extra in (("ar", []), ("matformer", ["--granularity=0"]), ("lookup", ["--tree=chain:4"])):
-        out = tmp_path / f"{method}.json"
+    runs = {"ar": ("ar", []), "matformer": ("matformer", ["--granularity=0"]),
+            "lookup": ("lookup", ["--tree=chain:4"]), "lookup, scanned layers": ("lookup", ["--tree=chain:4",
+                                                                                           "--scan_layers"])}
+    for label, (method, extra) in runs.items():
+        out = tmp_path / f"{len(outputs)}.json"
         proc = decode(f"--workdir={target_dir}", f"--method={method}", f"--prompts_file={prompts}",
                       "--max_new_tokens=12", f"--output_json={out}", *extra)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        outputs[method] = json.loads(out.read_text())
-    for method, data in outputs.items():
-        assert data["settings"]["method"] == method
+        outputs[label] = json.loads(out.read_text())
+        assert outputs[label]["settings"]["method"] == method
+        assert outputs[label]["settings"]["scan_layers"] == ("--scan_layers" in extra)
+    for data in outputs.values():
         rows = data["results"]
         assert len(rows) == 2
         for row in rows:
