@@ -36,7 +36,8 @@ The "xla" implementation: up to STREAMING_MAX_ROWS query rows (G*K) per KV head 
 layout it is stored in (`tree_attention_streaming`: scores as k_cache @ q^T, the cache the row-major left
 operand), so a decode step reads the cache once and never transposes a copy of it, as the reference's
 q @ k_cache^T makes XLA's CPU backend do on every step; more rows use the reference. An extend that has
-already written its nodes into the cache attends there (`cached_chain_attention`, used by the model).
+already written its nodes into the cache attends there (`cached_chain_attention`, used by the model), which
+transposes the keys once per layer (a product with the just-written cache would copy it whole).
 """
 
 from __future__ import annotations
@@ -168,8 +169,9 @@ def cached_chain_attention(q, k_cache, v_cache, positions, *, scale=None, window
     window, > positions[b, i] - window) -- what tree_attention gives with the cache before the write and the
     nodes as a lower-triangular tree block. q [B, H, K, D], caches [B, Hkv, L, D], positions [B, K].
 
-    One softmax over the cache, as multiply-and-sum in the cache's layout (for few rows, see
-    STREAMING_MAX_ROWS): two reductions, whose result XLA keeps apart from the output projection that reads it.
+    One softmax over the cache, as multiply-and-sum (for few rows, see STREAMING_MAX_ROWS): two reductions over
+    major axes (the keys transposed for the first), whose result XLA keeps apart from the output projection
+    that reads it.
     """
     b, h, k, d = q.shape
     hkv, cache_len = k_cache.shape[1], k_cache.shape[2]
@@ -186,8 +188,12 @@ def cached_chain_attention(q, k_cache, v_cache, positions, *, scale=None, window
     if window:
         visible = visible & (cols > row_positions - window)
     # Multiply-and-sum only, no matmul against the cache: a matmul operand makes XLA duplicate the in-place
-    # cache update that precedes it (and copy the whole cache to do so) inside a decode loop.
-    scores = jnp.sum(rows[:, :, :, None, :] * k_cache[:, :, None].astype(jnp.float32), axis=-1) * scale
+    # cache update that precedes it (and copy the whole cache to do so) inside a decode loop. The scores sum
+    # over D; summed as the keys lie (D minor) XLA's CPU backend runs that reduction at ~2 GB/s, 6 ms of a
+    # SmolLM2 step. One transposed copy of the keys makes it a sum over a major axis: 12% faster step
+    # (benchmarks/step_profile.py, docs/benchmarks.md).
+    keys_t = jnp.swapaxes(k_cache, -1, -2).astype(jnp.float32)  # [B, Hkv, D, L]
+    scores = jnp.sum(rows[..., None] * keys_t[:, :, None], axis=-2) * scale
     probs = jax.nn.softmax(jnp.where(visible, scores, jnp.finfo(jnp.float32).min), axis=-1)
     out = jnp.sum(probs[..., None] * v_cache[:, :, None].astype(jnp.float32), axis=-2)
     return out.reshape(b, h, k, d).astype(q.dtype)
