@@ -31,7 +31,7 @@ from jaxspec.decoding.trees import TokenTree
 from jaxspec.decoding.verify import RULES, verify_tree
 from jaxspec.errors import InputError
 from jaxspec.models.decode_layout import for_decoding
-from jaxspec.models.lm import DecoderLM
+from jaxspec.models.lm import DecoderLM, head_logits
 from jaxspec.state import commit, init_decode_state, share_prefix
 
 
@@ -190,7 +190,9 @@ def _prefill(model: DecoderLM, params, prompts, prompt_lens, max_len, sampling: 
         out, state = chunked_prefill(model, params, prompts, prompt_lens, state, prefill_chunk)
     rows = jnp.arange(b)
     last = jnp.maximum(prompt_lens - 1, 0)
-    first = sampling.pick(key, out.logits[rows, last])
+    # Only the last prompt position goes through the LM head here (at a 256-wide prompt the whole head is a
+    # third of SmolLM2's prefill); the forward's own logits cost nothing unless a caller reads `out.logits`.
+    first = sampling.pick(key, head_logits(model, params, out.hidden[rows, last]))
     seq = jnp.zeros((b, p + max_new + extra_slots), jnp.int32).at[:, :p].set(prompts)
     em = Emission(seq, prompt_lens.astype(jnp.int32), jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool))
     em, _ = emit_tokens(em, first[:, None], jnp.ones((b,), jnp.int32), eos_ids=eos_ids, max_new=max_new,

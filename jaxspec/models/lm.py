@@ -351,6 +351,14 @@ class WithOptions(ChangedModel):
         return self.model.apply(variables, tokens, **dict(self.options), **kwargs)
 
 
+def head_logits(model, params, hidden) -> jax.Array:
+    """The LM head on hidden states that went through the final norm (`DecoderLM.project`), for a DecoderLM or a
+    ChangedModel (whose changes never touch the head): a caller that needs a few positions' logits projects
+    only those rather than the forward's every position."""
+    base = model.model if isinstance(model, ChangedModel) else model
+    return base.apply({"params": params}, hidden, method="project")
+
+
 def build_model(model_cfg) -> DecoderLM:
     """Validate the model config and build the module (config frozen so the module hashes)."""
     config_lib.validate_model_config(model_cfg)
