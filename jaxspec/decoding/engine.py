@@ -200,6 +200,25 @@ def _prefill(model: DecoderLM, params, prompts, prompt_lens, max_len, sampling: 
     return state, first, out.hidden[rows, last], em, out  # unused outputs cost nothing under jit
 
 
+def carried_weights(params):
+    """What a loop carries of `params` so that its body reads them through `read_weights`: the params
+    themselves if they hold int8 weights, else None (the body reads the params it closes over).
+
+    XLA hoists loop-invariant work out of a while_loop, and dequantising int8 weights is loop-invariant: it
+    would run once before the loop, and every step would stream the float32 copies, four times the bytes.
+    Carried through an optimization barrier each iteration, the weights are no longer provably invariant, and
+    their conversion fuses into each product inside the loop."""
+    return params if any(leaf.dtype == jnp.int8 for leaf in jax.tree.leaves(params)) else None
+
+
+def read_weights(params, carried):
+    """(params for this iteration, the carry for the next): see `carried_weights`."""
+    if carried is None:
+        return params, None
+    carried = jax.lax.optimization_barrier(carried)
+    return carried, carried
+
+
 @functools.partial(jax.jit, static_argnames=("model", "max_new", "max_len", "sampling", "eos_ids", "stream",
                                              "checked", "prefill_chunk", "shared_prefix"))
 def autoregressive_loop(model: DecoderLM, params, prompts, prompt_lens, key, *, max_new: int, max_len: int,
@@ -220,17 +239,19 @@ def autoregressive_loop(model: DecoderLM, params, prompts, prompt_lens, key, *, 
     steps = jnp.zeros((b,), jnp.int32)
 
     def body(carry):
-        state, token, em, steps, key = carry
+        state, token, em, steps, key, carried = carry
+        weights, carried = read_weights(params, carried)
         key, k = jax.random.split(key)
         running = ~em.done
-        logits, state = model.apply({"params": params}, token[:, None], state=state,
+        logits, state = model.apply({"params": weights}, token[:, None], state=state,
                                     num_new=running.astype(jnp.int32))
         token = sampling.pick(k, logits[:, 0])
         em, _ = emit_tokens(em, token[:, None], jnp.ones((b,), jnp.int32), eos_ids=eos_ids, max_new=max_new,
                             stream=stream)
-        return state, token, em, steps + running, key
+        return state, token, em, steps + running, key, carried
 
-    _, _, em, steps, _ = jax.lax.while_loop(lambda c: ~jnp.all(c[2].done), body, (state, token, em, steps, key))
+    carry = (state, token, em, steps, key, carried_weights(params))
+    _, _, em, steps, _, _ = jax.lax.while_loop(lambda c: ~jnp.all(c[2].done), body, carry)
     return Output(_outputs(em, prompt_lens, max_new), em.num_out, steps, steps)
 
 
@@ -292,11 +313,13 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
     zeros = jnp.zeros((b,), jnp.int32)
 
     def body(carry):
-        state, dstate, root, hidden, em, steps, accepted, draft_len, key = carry
+        state, dstate, root, hidden, em, steps, accepted, draft_len, key, (carried, draft_carried) = carry
+        target_params, carried = read_weights(params, carried)
+        drafter_params, draft_carried = read_weights(draft_params, draft_carried)
         key, kd, kv = jax.random.split(key, 3)
         ctx = Context(root, em.seq, em.seq_len, hidden, kd, sampling.draft_temperature)
-        target = {"target_state": state, "target_params": params} if reads_target_state else {}
-        prop = drafter.propose(draft_params, dstate, ctx, **target)
+        target = {"target_state": state, "target_params": target_params} if reads_target_state else {}
+        prop = drafter.propose(drafter_params, dstate, ctx, **target)
         valid = prop.node_valid
         if adaptive.initial:
             in_budget = depths[None, :] <= draft_len[:, None]
@@ -313,7 +336,7 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
 
         def whole_tree(state):
             parents = tree.parents_array if prop.parents is None else prop.parents
-            out, pending = model.apply({"params": params}, prop.tokens, state=state, parents=parents,
+            out, pending = model.apply({"params": target_params}, prop.tokens, state=state, parents=parents,
                                        return_hidden=True)
             res = verify(out.logits, valid)
             return (commit(pending, res.path, jnp.where(running, res.num_accepted, 0)), res, out.hidden, out.logits,
@@ -322,7 +345,7 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
         def root_only(state):
             # No row has a draft: the round is an autoregressive step (a one-token extend of the root), and
             # verifying the root alone gives the tokens (and, sampling, the draw) the whole tree would.
-            out, state = model.apply({"params": params}, prop.tokens[:, :1], state=state,
+            out, state = model.apply({"params": target_params}, prop.tokens[:, :1], state=state,
                                      num_new=running.astype(jnp.int32), return_hidden=True)
             logits = jnp.broadcast_to(out.logits, (b, k, out.logits.shape[-1]))
             res = verify(logits, jnp.zeros((b, k), bool))
@@ -348,9 +371,11 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
             full = res.num_accepted - 1 >= draft_len
             grown = jnp.where(full, draft_len + adaptive.grow, draft_len - adaptive.shrink)
             draft_len = jnp.where(running, jnp.clip(grown, 1, tree.max_depth), draft_len)
-        return state, dstate, res.bonus, hidden, em, steps + running, accepted + n, draft_len, key
+        return (state, dstate, res.bonus, hidden, em, steps + running, accepted + n, draft_len, key,
+                (carried, draft_carried))
 
-    carry = (state, dstate, root, hidden, em, zeros, zeros, draft_len, key)
+    weights = (carried_weights(params), carried_weights(draft_params))
+    carry = (state, dstate, root, hidden, em, zeros, zeros, draft_len, key, weights)
     carry = jax.lax.while_loop(lambda c: ~jnp.all(c[4].done), body, carry)
     em, steps, accepted = carry[4], carry[5], carry[6]
     report = drafter.report(carry[1]) if hasattr(drafter, "report") else None

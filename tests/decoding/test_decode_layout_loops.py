@@ -80,6 +80,25 @@ def _elements(shape: str) -> int:
     return int(np.prod([int(d) for d in match.group(1).split(",") if d]))
 
 
+def _loop_bodies(model, params, loop: str, max_len: int, batch: int) -> list[list[str]]:
+    """The while bodies of the compiled AR loop ("ar"), or of a speculative loop: a layer-skip self-draft
+    ("speculative") or prompt lookup, which reads no weights ("lookup")."""
+    prompts, lens = engine.pad_prompts(PROMPTS[:batch], width=16)
+    statics = dict(model=model, max_new=8, max_len=max_len, sampling=engine.Sampling(), eos_ids=(), stream=False)
+    dynamic = dict(params=params, prompts=prompts, prompt_lens=lens, key=jax.random.key(0))
+    if loop == "ar":
+        lowered = engine.autoregressive_loop.lower(**dynamic, **statics)
+    else:
+        kwargs = dict(tree="chain:3") if loop == "lookup" else dict(skip_layers=(1,), tree="chain:3")
+        spec, objects = api.method_spec("lookup" if loop == "lookup" else "layerskip", kwargs)
+        drafter, draft_params = spec.build(Target(model, params, None), **objects)
+        lowered = engine.speculative_loop.lower(**dynamic, **statics, drafter=drafter, draft_params=draft_params,
+                                                adaptive=engine.Adaptive())
+    bodies = _while_bodies(lowered.compile().as_text())
+    assert bodies
+    return bodies
+
+
 FREE_OPS = (" get-tuple-element(", " parameter(", " tuple(", " bitcast(", " constant(")
 
 
@@ -93,18 +112,7 @@ def test_a_decode_step_copies_no_cache_and_no_weights(loop):
     # A cache length no other array has, and a head dim (12) no query-row count here equals; one batch row
     # (XLA then drops the batch dim from layouts, which is where cache copies used to appear).
     max_len, batch = 80, 1
-    prompts, lens = engine.pad_prompts(PROMPTS[:batch], width=16)
-    statics = dict(model=model, max_new=8, max_len=max_len, sampling=engine.Sampling(), eos_ids=(), stream=False)
-    dynamic = dict(params=params, prompts=prompts, prompt_lens=lens, key=jax.random.key(0))
-    if loop == "ar":
-        lowered = engine.autoregressive_loop.lower(**dynamic, **statics)
-    else:
-        spec, objects = api.method_spec("layerskip", dict(skip_layers=(1,), tree="chain:3"))
-        drafter, draft_params = spec.build(Target(model, params, None), **objects)
-        lowered = engine.speculative_loop.lower(**dynamic, **statics, drafter=drafter, draft_params=draft_params,
-                                                adaptive=engine.Adaptive())
-    bodies = _while_bodies(lowered.compile().as_text())
-    assert bodies
+    bodies = _loop_bodies(model, params, loop, max_len, batch)
     _, decode_params = for_decoding(model, params)
     matrices = [x.shape for x in jax.tree.leaves(decode_params) if x.ndim == 2]
     weights = {f"f32[{a},{b}]" for shape in matrices for a, b in (shape, shape[::-1])}
@@ -124,3 +132,20 @@ def test_a_decode_step_copies_no_cache_and_no_weights(loop):
         assert all("_attend_extend" in line for line in transposes), transposes[:3]
         assert len(transposes) <= cfg.n_layers, transposes[:3]
         assert not [line for line in made if "callback" in line or " outfeed(" in line]
+
+
+@pytest.mark.parametrize("loop", ["ar", "lookup"])
+def test_int8_weights_stay_int8_inside_the_loop(loop):
+    """Dequantising loop-invariant int8 weights is itself loop-invariant, and XLA would hoist it out of the
+    while_loop and stream float32 copies every step: no while body may hold a float32 array of an int8 matrix's
+    shape (carried or made), and the bodies read the int8 matrices themselves. (Prompt lookup reads no weights
+    of its own; a self-draft's drafter reads the standard-layout float params it was built with.)"""
+    model, params = target("int8")
+    _, decode_params = for_decoding(model, params)
+    int8 = [x.shape for x in jax.tree.leaves(decode_params) if x.dtype == np.int8 and x.ndim == 2]
+    assert int8
+    dequantised = {f"f32[{a},{b}]" for shape in int8 for a, b in (shape, shape[::-1])}
+    bodies = _loop_bodies(model, params, loop, 80, 1)
+    lines = [line for body in bodies for line in body if " = " in line]
+    assert not [line for line in lines if _output_shape(line) in dequantised], "float32 copies of int8 weights"
+    assert {f"s8[{a},{b}]" for a, b in int8} <= {_output_shape(line) for line in lines}
