@@ -373,7 +373,11 @@ def reconfigured(model: DecoderLM, **model_keys) -> DecoderLM:
     unknown = sorted(set(model_keys) - set(cfg))
     if unknown:
         raise InputError(f"reconfigured: {unknown} are not model config keys{config_lib.nearest_keys(unknown[0], cfg)}")
-    cfg.update(model_keys)
+    for key, value in model_keys.items():
+        try:
+            cfg[key] = value
+        except TypeError as e:  # ConfigDict keeps each key's type: say which key, not only the type clash
+            raise config_lib.ConfigError(f"model.{key}={value!r}: {e}") from None
     config_lib.validate_model_config(cfg)
     return model.clone(model_cfg=ml_collections.FrozenConfigDict(cfg))
 
