@@ -20,7 +20,8 @@ RUNTIME = [
 ]
 
 EXTRAS = {
-    "test": ["pytest", "ruff", "nbclient", "nbformat", "ipykernel", "matplotlib", "scipy", "tokenizers"],
+    "test": ["pytest", "pytest-xdist", "ruff", "nbclient", "nbformat", "ipykernel", "matplotlib", "scipy",
+             "tokenizers"],
     # torch pinned to the CPU wheel: an unpinned torch pulls several GB of CUDA packages.
     # accelerate: transformers loads GGUF files only with it (the GGUF tests compare against that loader).
     "hf": ["torch==2.13.0", "transformers", "safetensors", "tokenizers", "accelerate"],

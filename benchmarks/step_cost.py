@@ -31,6 +31,12 @@ scanned stack (`model.scan_layers`): its compile seconds and its step beside the
 4. Tree forward at --context committed tokens (a chain of K nodes): milliseconds and cost(K)/cost(1) for the
    whole forward, the layers alone (the LM head's output unused, so XLA drops it) and the LM head alone;
    "head: x @ E^T" is the plain matmul the tied head used to be, on the same machine, side by side.
+5. Batches (`--sections=batches`, not run by default): the first layout's AR step at each of --batches rows,
+   ms per step and tokens/s over the batch: how much batching buys when a CPU product's arithmetic, not its
+   weight bytes, grows with the rows.
+6. Products (`--sections=products`, not run by default): every weight product of the decode layout alone with K
+   input rows, in the form the forward runs it, and its GFLOP/s beside an n x n x n product's (--square_n): the
+   products' share of cost(K), and the forward's arithmetic at the machine's matmul rate.
 
 Every figure is the minimum (and median) over --rounds round-robin rounds of all the variants of its table,
 so they share the machine's load; the load average is printed before and after each table.
@@ -251,6 +257,37 @@ def ar_table(variants: dict, prompt: list[int], new: int, roofline_gbs: float | 
         print(f"\nprofiler trace of one '{name}' call written to {profile_dir}")
 
 
+# ------------------------------------------------------------------------------------------------ batches
+
+
+def batch_table(variants: dict, prompt: list[int], new: int, batches: list[int], rounds: int) -> None:
+    """The first variant's AR step with B copies of the prompt (batched decoding, as a self-distillation set is
+    made): ms per step and tokens/s over the batch, from a full run minus a one-token run as in `ar_table`."""
+    name, (model, params) = next(iter(variants.items()))
+    runs = {}
+    for b in batches:
+        width, max_len = engine.plan_shapes(model.model_cfg, [len(prompt)] * b, new, b)
+        tokens, lens = engine.pad_prompts([prompt] * b, width=width)
+        for count in (new, 1):
+            dynamic = dict(params=params, prompts=tokens, prompt_lens=lens, key=jax.random.key(0))
+            statics = dict(model=model, max_new=count, max_len=max_len, sampling=engine.Sampling(), eos_ids=(),
+                           stream=False)
+            runs[(b, count)] = lambda d=dynamic, s=statics: engine.run_compiled(engine.autoregressive_loop, d, s)[0]
+    times = round_robin(runs, rounds)
+    params_count = streamed_bytes(params) / next(x.dtype.itemsize for x in jax.tree.leaves(params))
+    print(f"\n## Batched autoregressive decoding ({name}): prompt {len(prompt)} tokens, {new} new "
+          f"({load_average()})\n")
+    print("| batch | ms/step | tokens/s | vs batch " + str(batches[0]) + " | weight GFLOP/s |")
+    print("|---:|---:|---:|---:|---:|")
+    base = None
+    for b in batches:
+        step = (times[(b, new)][0] - times[(b, 1)][0]) / (new - 1)
+        rate = b * 1e3 / step
+        base = base or rate
+        print(f"| {b} | {step:.2f} | {rate:.1f} | {rate / base:.2f}x | {2 * params_count * b / step / 1e6:.1f} |")
+    print("\nweight GFLOP/s: 2 x streamed parameters x batch per step (the products' arithmetic, attention left out).")
+
+
 # ------------------------------------------------------------------------------------------------ loops
 
 
@@ -275,6 +312,98 @@ def loops_table(variants: dict, prompt: list[int], new: int, rounds: int) -> Non
         best, median = min(walls[(name, label)]), float(np.median(walls[(name, label)]))
         print(f"| {name} | {label} | {result.compile_s:.1f} | {float(result.mean_accepted.mean()):.2f} | "
               f"{tokens / best:.1f} | {tokens / median:.1f} |")
+
+
+# ------------------------------------------------------------------------------------------------ products
+
+
+def square_product_gflops(n: int, rounds: int) -> float:
+    """The machine's arithmetic rate for XLA's products: an n x n x n float32 matmul, GFLOP/s of the fastest call."""
+    a = jnp.ones((n, n), jnp.float32) / n
+    product = jax.jit(lambda x, y: x @ y)
+    lo, _ = round_robin({"square": lambda: product(a, a)}, rounds)["square"]
+    return 2 * n**3 / lo / 1e6
+
+
+def decode_products(params) -> dict:
+    """{(name, shape): [weights]} of the 2-D weights a decode-layout forward multiplies by, grouped by module and
+    shape in forward order: the layers' [in, out] float kernels and int8 [out, in] kernels, and the [V, d]
+    embedding as the tied LM head (an untied head is a layer-like kernel)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if leaf.ndim != 2:
+            continue
+        keys = [getattr(p, "key", str(p)) for p in path]
+        if keys[0] == "embed" and "lm_head" in params:
+            continue  # an untied embedding is only gathered
+        name = "LM head [V, d]" if keys[0] == "embed" else f"{keys[-2]} {keys[-1]}"
+        out.setdefault((name, tuple(leaf.shape)), []).append(leaf)
+    return out
+
+
+def chained_products(name: str, k: int, d_in: int):
+    """A jitted call of every weight of a group, one after another as in the forward, on K input rows x [K, d_in]:
+    each product's input depends on the one before (through a mean of its output), so they run in order over
+    distinct weights, streamed as the forward streams them, with one dispatch for the group. x is an argument
+    with distinct rows: XLA would compute a product of identical (broadcast) rows once."""
+    from jaxspec.models.layers import matmul_t
+
+    product = (lambda x, w: x @ w) if name.endswith(" kernel") else matmul_t
+
+    def run(x, weights):
+        outs = []
+        for w in weights:
+            y = product(x, w)
+            x = x + 1e-9 * jnp.mean(y)
+            outs.append(y)
+        return outs
+
+    return jax.jit(run)
+
+
+def products_table(variants: dict, ks: list[int], rounds: int, square_n: int) -> None:
+    """The weight products of the decode layout alone, each group (e.g. the 30 layers' gate/up) in one call on
+    K input rows, in the form the forward runs it (`x @ kernel` for [in, out] float kernels, `layers.matmul_t`
+    for [out, in] ones and the head), against the machine's arithmetic rate: whether a K-row forward is bound by
+    the bytes it streams or by how fast XLA's CPU products do small-K arithmetic."""
+    if "decode" not in variants:
+        print("\n(products: needs --layouts to include decode)")
+        return
+    products = decode_products(variants["decode"][1])
+    fns = {}
+    for (name, shape), weights in products.items():
+        d_in = shape[0] if name.endswith(" kernel") else shape[1]
+        for k in ks:
+            chain = chained_products(name, k, d_in)
+            x = jax.random.normal(jax.random.key(k), (k, d_in), jnp.float32) / d_in**0.5
+            fns[(name, shape, k)] = lambda f=chain, x=x, w=weights: f(x, w)
+    times = round_robin(fns, rounds)
+    rate = square_product_gflops(square_n, rounds)
+    print(f"\n## Weight products of the decode layout, K rows each ({load_average()})\n")
+    print(f"Arithmetic rate of a {square_n}^3 float32 product: {rate:.1f} GFLOP/s.\n")
+    print("| product | shape | per forward | " + " | ".join(f"K={k} ms" for k in ks) + " | " +
+          " | ".join(f"K={k} GFLOP/s" for k in ks) + " | K=1 GB/s |")
+    print("|---|---|---:|" + "---:|" * (2 * len(ks) + 1))
+    step = {k: 0.0 for k in ks}
+    flops = {k: 0.0 for k in ks}
+    for (name, shape), weights in products.items():
+        count = len(weights)
+        ms = [times[(name, shape, k)][0] for k in ks]
+        rates = [2 * count * k * shape[0] * shape[1] / (t * 1e6) for k, t in zip(ks, ms)]
+        for k, t in zip(ks, ms):
+            step[k] += t
+            flops[k] += count * 2 * k * shape[0] * shape[1]
+        gbs = param_bytes(weights) / (ms[0] * 1e6)
+        print(f"| {name} | {shape[0]} x {shape[1]} | {count} | " + " | ".join(f"{t:.2f}" for t in ms) + " | " +
+              " | ".join(f"{r:.1f}" for r in rates) + f" | {gbs:.1f} |")
+    print("\n| K | products of a forward, ms | / K=1 | arithmetic at the square rate, ms | GFLOP |")
+    print("|---:|---:|---:|---:|---:|")
+    for k in ks:
+        print(f"| {k} | {step[k]:.2f} | {step[k] / step[ks[0]]:.2f} | {flops[k] / rate / 1e6:.2f} | "
+              f"{flops[k] / 1e9:.2f} |")
+    print("\nms: the minimum over rounds of one call running every weight of the group in turn (distinct weights, "
+          "streamed from memory as in a forward); the arithmetic column is the forward's multiply-adds at the "
+          "square product's rate.")
 
 
 # ------------------------------------------------------------------------------------------------ K curve
@@ -348,7 +477,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("new_tokens", 64, "tokens per autoregressive call")
     flags.DEFINE_integer("rounds", 10, "round-robin rounds per table")
     flags.DEFINE_integer("bandwidth_mb", 512, "array size of the bandwidth probes")
-    flags.DEFINE_list("sections", ["bandwidth", "ar", "loops", "curve"], "tables to run")
+    flags.DEFINE_list("sections", ["bandwidth", "ar", "loops", "curve"], "tables to run (also: batches, products)")
+    flags.DEFINE_list("batches", ["1", "8", "16", "32", "64"], "batch sizes of the batches table")
+    flags.DEFINE_integer("square_n", 2048, "side of the square product that measures the arithmetic rate")
     flags.DEFINE_string("profile_dir", None, "also write a jax.profiler trace of one AR call here")
 
 
@@ -363,6 +494,10 @@ def main(argv):
           f"{lm.model.model_cfg.dtype}, jax {jax.__version__}, {load_average()}")
     ks = [int(k) for k in FLAGS.ks]
     roofline = bandwidth_table(FLAGS.bandwidth_mb, FLAGS.rounds) if "bandwidth" in FLAGS.sections else None
+    unknown = sorted(set(FLAGS.sections) - {"bandwidth", "ar", "batches", "loops", "products", "curve"})
+    if unknown:
+        raise ValueError(f"--sections: unknown table(s) {unknown}; allowed: bandwidth, ar, batches, loops, products, "
+                         "curve")
     unknown = sorted(set(FLAGS.curve_parts) - {"whole", "layers", "head"})
     if unknown:
         raise ValueError(f"--curve_parts: unknown part(s) {unknown}; allowed: whole, layers, head")
@@ -377,8 +512,12 @@ def main(argv):
         prompt = lm.tokenizer.encode_prompt(PROMPT_TEXT * 4)[:prompt_len]
     if "ar" in FLAGS.sections:
         ar_table(variants, prompt, FLAGS.new_tokens, roofline, max(3, FLAGS.rounds // 2), FLAGS.profile_dir)
+    if "batches" in FLAGS.sections:
+        batch_table(variants, prompt, FLAGS.new_tokens, [int(b) for b in FLAGS.batches], max(3, FLAGS.rounds // 2))
     if "loops" in FLAGS.sections:
         loops_table(variants, prompt, FLAGS.new_tokens, max(3, FLAGS.rounds // 2))
+    if "products" in FLAGS.sections:
+        products_table(variants, ks, FLAGS.rounds, FLAGS.square_n)
     if "curve" in FLAGS.sections:
         curve_table(variants, ks, FLAGS.context, FLAGS.rounds, FLAGS.curve_parts)
 

@@ -368,8 +368,7 @@ def build_model(model_cfg) -> DecoderLM:
 def reconfigured(model: DecoderLM, **model_keys) -> DecoderLM:
     """`model` (same layout, same parameters) with top-level model-config keys changed and validated, e.g.
     `reconfigured(model, scan_layers=True)`."""
-    cfg = model.model_cfg.as_configdict() if hasattr(model.model_cfg, "as_configdict") else model.model_cfg
-    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg = ml_collections.ConfigDict(model.model_cfg.to_dict())  # a mutable copy of a frozen or plain config
     unknown = sorted(set(model_keys) - set(cfg))
     if unknown:
         raise InputError(f"reconfigured: {unknown} are not model config keys{config_lib.nearest_keys(unknown[0], cfg)}")

@@ -56,3 +56,23 @@ def test_streamed_bytes_leave_out_an_untied_embedding(script):
     params = {"embed": {"embedding": jax.numpy.zeros((10, 4))}, "lm_head": {"kernel": jax.numpy.zeros((4, 10))}}
     assert script.streamed_bytes(params) == 4 * 40
     assert script.streamed_bytes({"embed": params["embed"]}) == 4 * 40
+
+
+def test_products_table_covers_every_weight_product_of_a_forward(script, variants, capsys):
+    products = script.decode_products(variants["decode"][1])
+    # per layer: qkv, o, gate/up, down; plus the tied head, which counts once
+    assert sorted((name, len(weights)) for (name, _), weights in products.items()) == sorted(
+        [("LM head [V, d]", 1), ("down_proj kernel", 2), ("gate_up kernel", 2), ("o_proj kernel", 2),
+         ("qkv kernel", 2)])
+    script.products_table(variants, [1, 2], rounds=1, square_n=64)
+    out = capsys.readouterr().out
+    rows = [row for row in table_rows(out, "Weight products") if row[0] not in ("product", "K")]  # no headers
+    assert {row[0] for row in rows if not row[0][0].isdigit()} == {name for name, _ in products}
+    summary = [row for row in rows if row[0].isdigit()]
+    assert [row[0] for row in summary] == ["1", "2"] and summary[0][2] == "1.00"
+
+
+def test_batches_table_has_a_row_per_batch(script, variants, capsys):
+    script.batch_table(variants, list(range(1, 9)), 4, [1, 2], rounds=1)
+    rows = [row for row in table_rows(capsys.readouterr().out, "Batched") if row[0] != "batch"]
+    assert [row[0] for row in rows] == ["1", "2"] and rows[0][3] == "1.00x"
