@@ -5,10 +5,10 @@ states, for training drafters (jaxspec/training/selfdistill.py).
   python -m launch.selfdistill --config=configs/selfdistill.py:small,num_prompts=32,max_new_tokens=64 --out=/tmp/sd
   python -m launch.selfdistill --config=configs/selfdistill.py --out=/tmp/sd --config.feature_layers="(2,15,27)"
 
-arg: preset (small: 64 prompts of up to 96 new tokens in 384-token examples, 32 rows a batch, minutes on a CPU;
-default: 2048 prompts of up to 256 new tokens in 768-token examples, for an accelerator), target (a zoo name or a
-workdir), and num_prompts, max_new_tokens, batch_size (0: the preset's). EAGLE-3 style drafters also read a low,
-a middle and a high layer: set feature_layers (for SmolLM2-135M's 30 layers, e.g. (2, 15, 27)).
+arg: preset (small: 64 prompts of up to 96 new tokens in 384-token examples, minutes on a CPU; default: 2048
+prompts of up to 256 new tokens in 768-token examples, for an accelerator), target (a zoo name or a workdir), and
+num_prompts, max_new_tokens, batch_size (0: the preset's). EAGLE-3 style drafters also read a low, a middle and
+a high layer: set feature_layers (for SmolLM2-135M's 30 layers, e.g. (2, 15, 27)).
 """
 
 import ml_collections
@@ -18,9 +18,7 @@ from jaxspec.training import selfdistill
 
 PRESETS = {
     # num_prompts, max_new_tokens, seq_len, batch_size, max_prompt_chars
-    # small's batch: 32 rows decode 4.7x the tokens/s of one row on a 2-core CPU, 64 fewer (benchmarks/step_cost.py
-    # --sections=batches, docs/benchmarks.md)
-    "small": (64, 96, 384, 32, 800),
+    "small": (64, 96, 384, 8, 800),
     "default": (2048, 256, 768, 16, 1500),
 }
 

@@ -252,7 +252,7 @@ def test_instructions_are_deterministic_varied_and_clear_of_the_suite():
 
 def test_config_presets_validate_and_bad_values_are_named():
     small = selfdistill_config.get_config("small")
-    assert (small.num_prompts, small.max_new_tokens, small.batch_size) == (64, 96, 32)
+    assert (small.num_prompts, small.max_new_tokens, small.batch_size) == (64, 96, 8)
     assert selfdistill_config.get_config("small,num_prompts=32,max_new_tokens=64").num_prompts == 32
     selfdistill.validate_config(selfdistill_config.get_config(None))
     with pytest.raises(ConfigError, match="preset='huge' is not one of"):
