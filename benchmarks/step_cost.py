@@ -108,16 +108,17 @@ def round_robin(fns: dict, rounds: int) -> dict:
     return {name: (min(t), float(np.median(t))) for name, t in times.items()}
 
 
-def param_bytes(params) -> int:
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)))
+def param_bytes(params, per_element: int | None = None) -> int:
+    """Bytes of `params`, or their element count times `per_element` where given (1: the parameter count)."""
+    return int(sum(x.size * (per_element or x.dtype.itemsize) for x in jax.tree.leaves(params)))
 
 
-def streamed_bytes(params) -> int:
+def streamed_bytes(params, per_element: int | None = None) -> int:
     """Bytes a one-token step reads: every parameter except the embedding rows it does not look up (an untied
-    embedding is only gathered; a tied one is also the LM head)."""
-    total = param_bytes(params)
+    embedding is only gathered; a tied one is also the LM head). per_element=1 counts parameters instead."""
+    total = param_bytes(params, per_element)
     if "lm_head" in params:
-        total -= param_bytes(params["embed"])
+        total -= param_bytes(params["embed"], per_element)
     return total
 
 
@@ -214,23 +215,30 @@ def layout_variants(lm, layouts, dtypes=()) -> dict:
 # ------------------------------------------------------------------------------------------------ AR decode
 
 
+def ar_call(model, params, prompts: list[list[int]], new: int, count: int):
+    """(call, state length): a zero-argument call of the AR loop over `prompts`, shapes planned for `new` tokens,
+    making `count` tokens and returning (output, compile seconds or 0 once compiled). No stop ids: every call
+    makes all its tokens."""
+    width, max_len = engine.plan_shapes(model.model_cfg, [len(p) for p in prompts], new, len(prompts))
+    tokens, lens = engine.pad_prompts(prompts, width=width)
+    dynamic = dict(params=params, prompts=tokens, prompt_lens=lens, key=jax.random.key(0))
+    statics = dict(model=model, max_new=count, max_len=max_len, sampling=engine.Sampling(), eos_ids=(), stream=False)
+    return (lambda: engine.run_compiled(engine.autoregressive_loop, dynamic, statics)), max_len
+
+
 def ar_table(variants: dict, prompt: list[int], new: int, roofline_gbs: float | None, rounds: int,
              profile_dir: str | None = None) -> None:
     """Each layout's loop runs twice per round: with --new_tokens and with one token (the prefill and the first
     token alone); their difference over new_tokens - 1 is the decode step. No stop ids: every call makes all
     its tokens."""
-    width, max_len = engine.plan_shapes(next(iter(variants.values()))[0].model_cfg, [len(prompt)], new, 1)
-    tokens, lens = engine.pad_prompts([prompt], width=width)
     runs, compile_s, outputs = {}, {}, {}
     for name, (model, params) in variants.items():
         for count in (new, 1):
-            dynamic = dict(params=params, prompts=tokens, prompt_lens=lens, key=jax.random.key(0))
-            statics = dict(model=model, max_new=count, max_len=max_len, sampling=engine.Sampling(), eos_ids=(),
-                           stream=False)
-            out, seconds = engine.run_compiled(engine.autoregressive_loop, dynamic, statics)
+            call, max_len = ar_call(model, params, [prompt], new, count)
+            out, seconds = call()
             if count == new:
                 compile_s[name], outputs[name] = seconds, out
-            runs[(name, count)] = lambda d=dynamic, s=statics: engine.run_compiled(engine.autoregressive_loop, d, s)[0]
+            runs[(name, count)] = lambda c=call: c()[0]
     times = round_robin(runs, rounds)
     reference = np.asarray(next(iter(outputs.values())).tokens)[0]
     print(f"\n## Autoregressive decoding: prompt {len(prompt)} tokens, {new} new, state length {max_len} "
@@ -264,17 +272,10 @@ def batch_table(variants: dict, prompt: list[int], new: int, batches: list[int],
     """The first variant's AR step with B copies of the prompt (batched decoding, as a self-distillation set is
     made): ms per step and tokens/s over the batch, from a full run minus a one-token run as in `ar_table`."""
     name, (model, params) = next(iter(variants.items()))
-    runs = {}
-    for b in batches:
-        width, max_len = engine.plan_shapes(model.model_cfg, [len(prompt)] * b, new, b)
-        tokens, lens = engine.pad_prompts([prompt] * b, width=width)
-        for count in (new, 1):
-            dynamic = dict(params=params, prompts=tokens, prompt_lens=lens, key=jax.random.key(0))
-            statics = dict(model=model, max_new=count, max_len=max_len, sampling=engine.Sampling(), eos_ids=(),
-                           stream=False)
-            runs[(b, count)] = lambda d=dynamic, s=statics: engine.run_compiled(engine.autoregressive_loop, d, s)[0]
+    calls = {(b, count): ar_call(model, params, [prompt] * b, new, count)[0] for b in batches for count in (new, 1)}
+    runs = {key: lambda c=call: c()[0] for key, call in calls.items()}
     times = round_robin(runs, rounds)
-    params_count = streamed_bytes(params) / next(x.dtype.itemsize for x in jax.tree.leaves(params))
+    params_count = streamed_bytes(params, per_element=1)
     print(f"\n## Batched autoregressive decoding ({name}): prompt {len(prompt)} tokens, {new} new "
           f"({load_average()})\n")
     print("| batch | ms/step | tokens/s | vs batch " + str(batches[0]) + " | weight GFLOP/s |")
@@ -486,6 +487,13 @@ def define_flags() -> None:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    unknown = sorted(set(FLAGS.sections) - {"bandwidth", "ar", "batches", "loops", "products", "curve"})
+    if unknown:  # checked before anything is loaded or run
+        raise ValueError(f"--sections: unknown table(s) {unknown}; allowed: bandwidth, ar, batches, loops, products, "
+                         "curve")
+    unknown = sorted(set(FLAGS.curve_parts) - {"whole", "layers", "head"})
+    if unknown:
+        raise ValueError(f"--curve_parts: unknown part(s) {unknown}; allowed: whole, layers, head")
     if FLAGS.model_config:
         lm, what = random_lm(FLAGS.model_config), f"random weights of the shape in {FLAGS.model_config}"
     else:
@@ -494,13 +502,6 @@ def main(argv):
           f"{lm.model.model_cfg.dtype}, jax {jax.__version__}, {load_average()}")
     ks = [int(k) for k in FLAGS.ks]
     roofline = bandwidth_table(FLAGS.bandwidth_mb, FLAGS.rounds) if "bandwidth" in FLAGS.sections else None
-    unknown = sorted(set(FLAGS.sections) - {"bandwidth", "ar", "batches", "loops", "products", "curve"})
-    if unknown:
-        raise ValueError(f"--sections: unknown table(s) {unknown}; allowed: bandwidth, ar, batches, loops, products, "
-                         "curve")
-    unknown = sorted(set(FLAGS.curve_parts) - {"whole", "layers", "head"})
-    if unknown:
-        raise ValueError(f"--curve_parts: unknown part(s) {unknown}; allowed: whole, layers, head")
     variants = with_scanned_stacks(layout_variants(lm, FLAGS.layouts, FLAGS.dtypes), FLAGS.stacks)
     for name, (_, params) in variants.items():
         print(f"{name}: {param_bytes(params) / 2**20:.0f} MB of parameters, {streamed_bytes(params) / 2**20:.0f} MB "
