@@ -36,7 +36,8 @@ scanned stack (`model.scan_layers`): its compile seconds and its step beside the
    weight bytes, grows with the rows.
 6. Products (`--sections=products`, not run by default): every weight product of the decode layout alone with K
    input rows, in the form the forward runs it, and its GFLOP/s beside an n x n x n product's (--square_n): the
-   products' share of cost(K), and the forward's arithmetic at the machine's matmul rate.
+   products' share of cost(K), and the forward's arithmetic at the machine's matmul rate. Where the CPU kernel
+   builds (jaxspec.ops.small_rows_matmul), each group also runs on it, in the same rounds.
 
 Every figure is the minimum (and median) over --rounds round-robin rounds of all the variants of its table,
 so they share the machine's load; the load average is printed before and after each table.
@@ -342,14 +343,21 @@ def decode_products(params) -> dict:
     return out
 
 
-def chained_products(name: str, k: int, d_in: int):
+def chained_products(name: str, k: int, d_in: int, form: str = "xla"):
     """A jitted call of every weight of a group, one after another as in the forward, on K input rows x [K, d_in]:
     each product's input depends on the one before (through a mean of its output), so they run in order over
     distinct weights, streamed as the forward streams them, with one dispatch for the group. x is an argument
-    with distinct rows: XLA would compute a product of identical (broadcast) rows once."""
-    from jaxspec.models.layers import matmul_t
+    with distinct rows: XLA would compute a product of identical (broadcast) rows once.
 
-    product = (lambda x, w: x @ w) if name.endswith(" kernel") else matmul_t
+    form "xla": the product the forward runs (`x @ kernel` for [in, out] float kernels, `layers.matmul_t` for
+    [out, in] ones); "kernel": jaxspec.ops.small_rows_matmul over the weights in [out, in] form."""
+    from jaxspec.models.layers import matmul_t
+    from jaxspec.ops.small_rows_matmul import small_rows_matmul
+
+    if form == "kernel":
+        product = small_rows_matmul
+    else:
+        product = (lambda x, w: x @ w) if name.endswith(" kernel") else matmul_t
 
     def run(x, weights):
         outs = []
@@ -370,14 +378,21 @@ def products_table(variants: dict, ks: list[int], rounds: int, square_n: int) ->
     if "decode" not in variants:
         print("\n(products: needs --layouts to include decode)")
         return
+    from jaxspec.ops import small_rows_matmul as kernel_lib
+
     products = decode_products(variants["decode"][1])
+    forms = ("xla", "kernel") if kernel_lib.available() else ("xla",)
     fns = {}
     for (name, shape), weights in products.items():
         d_in = shape[0] if name.endswith(" kernel") else shape[1]
+        # The kernel reads [out, in] rows: [in, out] float kernels are transposed once, outside the timings.
+        rows_form = [jnp.asarray(w.T) for w in weights] if name.endswith(" kernel") else weights
         for k in ks:
-            chain = chained_products(name, k, d_in)
             x = jax.random.normal(jax.random.key(k), (k, d_in), jnp.float32) / d_in**0.5
-            fns[(name, shape, k)] = lambda f=chain, x=x, w=weights: f(x, w)
+            for form in forms:
+                chain = chained_products(name, k, d_in, form)
+                w = rows_form if form == "kernel" else weights
+                fns[(name, shape, k, form)] = lambda f=chain, x=x, w=w: f(x, w)
     times = round_robin(fns, rounds)
     rate = square_product_gflops(square_n, rounds)
     print(f"\n## Weight products of the decode layout, K rows each ({load_average()})\n")
@@ -385,26 +400,32 @@ def products_table(variants: dict, ks: list[int], rounds: int, square_n: int) ->
     print("| product | shape | per forward | " + " | ".join(f"K={k} ms" for k in ks) + " | " +
           " | ".join(f"K={k} GFLOP/s" for k in ks) + " | K=1 GB/s |")
     print("|---|---|---:|" + "---:|" * (2 * len(ks) + 1))
-    step = {k: 0.0 for k in ks}
+    step = {(k, form): 0.0 for k in ks for form in forms}
     flops = {k: 0.0 for k in ks}
     for (name, shape), weights in products.items():
         count = len(weights)
-        ms = [times[(name, shape, k)][0] for k in ks]
-        rates = [2 * count * k * shape[0] * shape[1] / (t * 1e6) for k, t in zip(ks, ms)]
-        for k, t in zip(ks, ms):
-            step[k] += t
-            flops[k] += count * 2 * k * shape[0] * shape[1]
-        gbs = param_bytes(weights) / (ms[0] * 1e6)
-        print(f"| {name} | {shape[0]} x {shape[1]} | {count} | " + " | ".join(f"{t:.2f}" for t in ms) + " | " +
-              " | ".join(f"{r:.1f}" for r in rates) + f" | {gbs:.1f} |")
-    print("\n| K | products of a forward, ms | / K=1 | arithmetic at the square rate, ms | GFLOP |")
-    print("|---:|---:|---:|---:|---:|")
+        for form in forms:
+            ms = [times[(name, shape, k, form)][0] for k in ks]
+            rates = [2 * count * k * shape[0] * shape[1] / (t * 1e6) for k, t in zip(ks, ms)]
+            for k, t in zip(ks, ms):
+                step[(k, form)] += t
+                flops[k] += count * 2 * k * shape[0] * shape[1] if form == "xla" else 0
+            gbs = param_bytes(weights) / (ms[0] * 1e6)
+            label = name if form == "xla" else f"{name}, CPU kernel"
+            print(f"| {label} | {shape[0]} x {shape[1]} | {count} | " + " | ".join(f"{t:.2f}" for t in ms) +
+                  " | " + " | ".join(f"{r:.1f}" for r in rates) + f" | {gbs:.1f} |")
+    kernel_cols = " | products on the CPU kernel, ms | / K=1 (XLA's K=1)" if "kernel" in forms else ""
+    print(f"\n| K | products of a forward, ms | / K=1{kernel_cols} | arithmetic at the square rate, ms | GFLOP |")
+    print("|---:|---:|---:|" + ("---:|---:|" if "kernel" in forms else "") + "---:|---:|")
+    first = step[(ks[0], "xla")]
     for k in ks:
-        print(f"| {k} | {step[k]:.2f} | {step[k] / step[ks[0]]:.2f} | {flops[k] / rate / 1e6:.2f} | "
-              f"{flops[k] / 1e9:.2f} |")
+        kernel = (f" | {step[(k, 'kernel')]:.2f} | {step[(k, 'kernel')] / first:.2f}" if "kernel" in forms else "")
+        print(f"| {k} | {step[(k, 'xla')]:.2f} | {step[(k, 'xla')] / first:.2f}{kernel} | "
+              f"{flops[k] / rate / 1e6:.2f} | {flops[k] / 1e9:.2f} |")
     print("\nms: the minimum over rounds of one call running every weight of the group in turn (distinct weights, "
           "streamed from memory as in a forward); the arithmetic column is the forward's multiply-adds at the "
-          "square product's rate.")
+          "square product's rate. 'CPU kernel' rows run jaxspec.ops.small_rows_matmul on the same weights in "
+          "[out, in] form, side by side with XLA's products in the same rounds.")
 
 
 # ------------------------------------------------------------------------------------------------ K curve

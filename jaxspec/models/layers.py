@@ -6,9 +6,11 @@ benchmarks/step_cost.py), which is why the [V, d] vocabulary head and int8 kerne
   * One row against a [V, d] or int8 [out, in] kernel written `x @ w.T` becomes one loop over the stored rows
     with the transpose and the int8 conversion fused into it: int8 streams a quarter of the bytes.
   * 2..SMALL_ROWS rows: XLA's matmul packs the whole weight matrix first, about twice the time of one row on the
-    wide [V, d] head although both read the same bytes; a multiply-and-sum over the input dimension of an
-    [out, in] kernel reads each row once for all input rows, no packing (int8 conversion fused in). On the
-    narrow float layer kernels it is not faster than the matmul, which they keep.
+    wide [V, d] head although both read the same bytes. Where it builds (x86-64, AVX2), the CPU kernel of
+    jaxspec.ops.small_rows_matmul reads each [out, in] row once for all input rows (int8 widened in
+    registers): 1.4-1.6x faster than XLA on the head at 2-8 rows. Elsewhere, a multiply-and-sum over the
+    input dimension does the same in XLA, less fast. The float layer kernels [in, out] keep XLA's matmul: the
+    kernel needs [out, in] rows, and XLA's one-row product over those is slower than over [in, out].
   * Any other dot over an int8 kernel converts all of it to float first, so many rows dequantise explicitly.
   * The cheap ops producing a one-row input are fused into that loop and rerun for every output row, so what
     feeds these products should end in a reduction (see the extend attention in pallas_kernels.tree_attention).
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.errors import InputError
+from jaxspec.ops import small_rows_matmul
 
 Dtype = jnp.dtype
 
@@ -58,6 +61,9 @@ def matmul_t(x, kernel_t, scale=None, dtype=jnp.float32):
     if rows == 1:  # a 2-D product: XLA fuses the transpose and the int8 conversion into one pass (not for 3-D)
         y = x.reshape(1, x.shape[-1]).astype(dtype) @ kernel_t.astype(dtype).T
         y = y.reshape(*x.shape[:-1], kernel_t.shape[0])
+    elif streams_rows(rows, dtype) and small_rows_matmul.available():
+        y = small_rows_matmul.small_rows_matmul(x.reshape(rows, x.shape[-1]), kernel_t, scale)
+        return y.reshape(*x.shape[:-1], kernel_t.shape[0])
     elif streams_rows(rows, dtype):
         # The multiply-and-sum runs much slower on 5-7 or 9-15 rows than on a multiple of 8; zero rows cost a
         # little arithmetic while the weights stream once either way.

@@ -1,0 +1,89 @@
+"""The CPU small-rows product against its jnp reference: float32 and int8 weights, 1..16 rows, feature counts
+that are not multiples of the 8-lane vector, odd output counts, inside jit, under grad and vmap; and the
+rows' independence (a row's result does not depend on the other rows of the call)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxspec.errors import InputError
+from jaxspec.models.layers import quantize_int8
+from jaxspec.ops.small_rows_matmul import available, small_rows_matmul, small_rows_matmul_reference
+
+pytestmark = pytest.mark.skipif(not available(), reason="the CPU kernel needs x86-64 with AVX2/FMA and a C++ "
+                                "compiler")
+
+
+def operands(rows, d_in, d_out, seed=0):
+    kx, kw = jax.random.split(jax.random.key(seed))
+    return (jax.random.normal(kx, (rows, d_in), jnp.float32),
+            jax.random.normal(kw, (d_out, d_in), jnp.float32) / d_in**0.5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16])
+@pytest.mark.parametrize("d_in,d_out", [(64, 96), (37, 11), (8, 1), (200, 513)])
+def test_float32_equals_the_reference(rows, d_in, d_out):
+    x, w = operands(rows, d_in, d_out)
+    got = jax.jit(small_rows_matmul)(x, w)
+    np.testing.assert_allclose(got, small_rows_matmul_reference(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 7, 16])
+def test_int8_with_scale_equals_the_reference(rows):
+    x, w = operands(rows, 72, 130, seed=1)
+    q, scale = quantize_int8(w)
+    got = jax.jit(small_rows_matmul)(x, q, scale)
+    np.testing.assert_allclose(got, small_rows_matmul_reference(x, q, scale), rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_does_not_depend_on_the_rows_beside_it():
+    x, w = operands(16, 96, 300, seed=2)
+    together = np.asarray(jax.jit(small_rows_matmul)(x, w))
+    for r in (0, 5, 15):
+        alone = np.asarray(jax.jit(small_rows_matmul)(x[r:r + 1], w))
+        np.testing.assert_array_equal(together[r], alone[0])  # bit for bit
+
+
+def test_gradients_equal_the_reference():
+    x, w = operands(3, 40, 24, seed=3)
+    scale = jnp.linspace(0.5, 1.5, 24)
+
+    def loss(fn):
+        return lambda x, w, s: jnp.sum(jnp.sin(fn(x, w, s)))
+
+    got = jax.grad(loss(small_rows_matmul), argnums=(0, 1, 2))(x, w, scale)
+    want = jax.grad(loss(small_rows_matmul_reference), argnums=(0, 1, 2))(x, w, scale)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    gx = jax.grad(lambda x: jnp.sum(small_rows_matmul(x, w) ** 2))(x)  # unscaled
+    np.testing.assert_allclose(gx, jax.grad(lambda x: jnp.sum(small_rows_matmul_reference(x, w) ** 2))(x),
+                               rtol=1e-5, atol=1e-5)
+    q, s = quantize_int8(w)  # int8 weights: gradients for the input and the scale only
+    gx = jax.grad(lambda x: jnp.sum(small_rows_matmul(x, q, s) ** 2))(x)
+    np.testing.assert_allclose(gx, jax.grad(lambda x: jnp.sum(small_rows_matmul_reference(x, q, s) ** 2))(x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_vmap_over_a_batch_of_inputs():
+    x, w = operands(4, 24, 40, seed=4)
+    xs = jnp.stack([x, 2 * x, -x])
+    got = jax.jit(jax.vmap(lambda x: small_rows_matmul(x, w)))(xs)
+    np.testing.assert_allclose(got, jnp.einsum("bri,oi->bro", xs, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,dtype,match", [
+    ((2, 8), (4, 9), jnp.float32, r"\(2, 8\) and \(4, 9\)"),
+    ((2, 3, 8), (4, 8), jnp.float32, r"x \[rows, in\]"),
+    ((2, 8), (4, 8), jnp.float16, "float32 or int8"),
+])
+def test_bad_operands_name_the_shape(x_shape, w_shape, dtype, match):
+    with pytest.raises(InputError, match=match):
+        small_rows_matmul(jnp.ones(x_shape), jnp.ones(w_shape, dtype))
+
+
+def test_a_scale_of_the_wrong_length_is_named():
+    with pytest.raises(InputError, match=r"scale has shape \(3,\), expected \(4,\)"):
+        small_rows_matmul(jnp.ones((2, 8)), jnp.ones((4, 8), jnp.int8), jnp.ones(3))
