@@ -61,7 +61,7 @@ def matmul_t(x, kernel_t, scale=None, dtype=jnp.float32):
     if rows == 1:  # a 2-D product: XLA fuses the transpose and the int8 conversion into one pass (not for 3-D)
         y = x.reshape(1, x.shape[-1]).astype(dtype) @ kernel_t.astype(dtype).T
         y = y.reshape(*x.shape[:-1], kernel_t.shape[0])
-    elif streams_rows(rows, dtype) and small_rows_matmul.available():
+    elif streams_rows(rows, dtype) and kernel_t.dtype in (jnp.float32, jnp.int8) and small_rows_matmul.available():
         y = small_rows_matmul.small_rows_matmul(x.reshape(rows, x.shape[-1]), kernel_t, scale)
         return y.reshape(*x.shape[:-1], kernel_t.shape[0])
     elif streams_rows(rows, dtype):

@@ -103,6 +103,10 @@ def test_matmul_t_equals_the_matmul_for_any_row_count(rows):
     got = jax.jit(layers.matmul_t)(x, q, scale)
     want = np.asarray(x) @ (np.asarray(q, np.float32) * np.asarray(scale)[:, None]).T
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+    # bfloat16 weights (a checkpoint kept in its dtype) take XLA's products, not the CPU kernel's
+    w16 = w.astype(jnp.bfloat16)
+    got = jax.jit(layers.matmul_t)(x, w16)
+    np.testing.assert_allclose(got, np.asarray(x) @ np.asarray(w16.astype(jnp.float32)).T, atol=1e-4, rtol=1e-5)
 
 
 def test_small_rows_stream_only_on_cpu_float32():
