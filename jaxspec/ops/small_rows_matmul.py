@@ -10,10 +10,11 @@ arithmetic rate, so cost(K=8) was ~2.5x cost(1) (docs/benchmarks.md, "Where cost
 beside this file (small_rows_matmul.cc, an XLA FFI custom call) reads each weight row once for all input rows
 and splits the output rows over XLA's intra-op threads.
 
-It is compiled on first use with the machine's C++ compiler (AVX2 + FMA, x86-64) into ~/.cache/jaxspec/kernels,
-keyed by the source and jaxlib's version. `available()` is False (and the callers use XLA's products) when
-the CPU lacks AVX2/FMA, no compiler is found, the build fails (logged once), or JAXSPEC_CPU_KERNELS=0.
-Gradients and batching go through the reference (a custom JVP; vmap runs the rows one batch member at a time).
+It is compiled on first use with the machine's C++ compiler (AVX2 + FMA, x86-64) into the kernels folder of
+the jaxspec cache (`zoo.cache_root()`), keyed by the source and jax's version. `available()` is False (and the
+callers use XLA's products) when the CPU lacks AVX2/FMA, no compiler is found, the build fails (logged once),
+or JAXSPEC_CPU_KERNELS=0. Gradients and batching go through the reference (a custom JVP; vmap runs the rows
+one batch member at a time).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspec import zoo
 from jaxspec.errors import InputError
 
 _SOURCE = pathlib.Path(__file__).with_name("small_rows_matmul.cc")
@@ -66,7 +68,7 @@ def _build() -> pathlib.Path:
         raise RuntimeError("no C++ compiler (c++ or g++) on PATH")
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(source + jax.__version__.encode() + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    cache = pathlib.Path(os.environ.get("JAXSPEC_CACHE", pathlib.Path.home() / ".cache" / "jaxspec")) / "kernels"
+    cache = pathlib.Path(zoo.cache_root()) / "kernels"
     lib = cache / f"small_rows_matmul-{key}.so"
     if lib.exists():
         return lib
