@@ -329,8 +329,8 @@ def square_product_gflops(n: int, rounds: int) -> float:
 
 def decode_products(params) -> dict:
     """{(name, shape): [weights]} of the 2-D weights a decode-layout forward multiplies by, grouped by module and
-    shape in forward order: the layers' [in, out] float kernels and int8 [out, in] kernels, and the [V, d]
-    embedding as the tied LM head (an untied head is a layer-like kernel)."""
+    shape in forward order: the layers' [out, in] kernels (float32 or int8; [in, out] "kernel" leaves of older
+    layouts are timed as `x @ kernel`), and the [V, d] embedding as the tied LM head."""
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         if leaf.ndim != 2:

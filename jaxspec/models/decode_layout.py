@@ -5,16 +5,18 @@
 
 Per attention layer and FFN (standard -> decode):
 
-    attn/{q,k,v}_proj/kernel [d, n] (+ bias)  ->  attn/qkv/kernel [d, n_q + 2 n_kv] (+ bias): one product
-    attn/o_proj/kernel [n_q, d]               ->  attn/o_proj/kernel (unchanged)
-    ffn/gate_proj, ffn/up_proj [d, d_ff]       ->  ffn/gate_up/kernel [d, 2 d_ff]: gate columns, then up columns
-    ffn/down_proj [d_ff, d]                    ->  ffn/down_proj/kernel [d_ff, d]
+    attn/{q,k,v}_proj/kernel [d, n] (+ bias)  ->  attn/qkv/kernel_t [n_q + 2 n_kv, d] (+ bias): one product
+    attn/o_proj/kernel [n_q, d]               ->  attn/o_proj/kernel_t [d, n_q]
+    ffn/gate_proj, ffn/up_proj [d, d_ff]       ->  ffn/gate_up/kernel_t [2 d_ff, d]: gate rows, then up rows
+    ffn/down_proj [d_ff, d]                    ->  ffn/down_proj/kernel_t [d, d_ff]
     lm_head/kernel [d, V] (untied)             ->  lm_head/kernel_t [V, d], the layout of a tied embedding
 
-Everything else (norms, the embedding, linear-attention and Mamba mixers, q/k norms) keeps its standard form.
-With `model.weight_dtype = "int8"` every such kernel is stored transposed ([out, in]) as int8 `kernel_t` with a
-float32 `scale` per output row (weight-only, symmetric: w ~ int8 * scale), and so is a tied embedding (it is
-the LM head). models/layers.py says how each form streams on CPU.
+Every such kernel is stored transposed, [out, in]: one row per output, which the CPU kernel for a few rows
+(jaxspec.ops.small_rows_matmul) reads once for all the rows of a tree forward. Everything else (norms, the
+embedding, linear-attention and Mamba mixers, q/k norms) keeps its standard form. With
+`model.weight_dtype = "int8"` each `kernel_t` is int8 with a float32 `scale` per output row (weight-only,
+symmetric: w ~ int8 * scale), and so is a tied embedding (it is the LM head). models/layers.py says how each
+form streams on CPU.
 """
 
 from __future__ import annotations
@@ -36,12 +38,12 @@ def _layer(params, name: str, where: str) -> dict:
 
 
 def _kernel_entry(kernel, weight_dtype: str, bias=None) -> dict:
-    """A Linear's params from a float [in, out] kernel."""
+    """A Linear's params ([out, in]) from a float [in, out] kernel."""
     if weight_dtype == "int8":
         q, scale = quantize_int8(jnp.asarray(kernel).T)
         entry = {"kernel_t": q, "scale": scale}
     else:
-        entry = {"kernel": kernel}
+        entry = {"kernel_t": jnp.asarray(kernel).T}
     if bias is not None:
         entry["bias"] = bias
     return entry
@@ -111,17 +113,18 @@ def to_standard_layout(params, model_cfg):
             qkv = attn.pop("qkv")
             _no_int8(qkv, f"{where}: layer_{i}/attn/qkv")
             biases = jnp.split(qkv["bias"], splits) if "bias" in qkv else (None,) * 3
-            for name, k, b in zip(("q_proj", "k_proj", "v_proj"), jnp.split(qkv["kernel"], splits, axis=1), biases,
-                                  strict=True):
+            for name, k, b in zip(("q_proj", "k_proj", "v_proj"), jnp.split(qkv["kernel_t"].T, splits, axis=1),
+                                  biases, strict=True):
                 attn[name] = {"kernel": k} if b is None else {"kernel": k, "bias": b}
             _no_int8(attn["o_proj"], f"{where}: layer_{i}/attn/o_proj")
+            attn["o_proj"] = {"kernel": attn["o_proj"]["kernel_t"].T}
         if has_ffn(model_cfg, kind):
             ffn = layer["ffn"]
             gate_up = ffn.pop("gate_up")
             _no_int8(gate_up, f"{where}: layer_{i}/ffn/gate_up")
-            ffn["gate_proj"], ffn["up_proj"] = jnp.split(gate_up["kernel"], 2, axis=1)
+            ffn["gate_proj"], ffn["up_proj"] = jnp.split(gate_up["kernel_t"].T, 2, axis=1)
             _no_int8(ffn["down_proj"], f"{where}: layer_{i}/ffn/down_proj")
-            ffn["down_proj"] = ffn["down_proj"]["kernel"]
+            ffn["down_proj"] = ffn["down_proj"]["kernel_t"].T
     if model_cfg.tie_embeddings:
         _no_int8(out["embed"], f"{where}: embed")
     else:

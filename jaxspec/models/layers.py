@@ -1,16 +1,17 @@
 """Building blocks: RMSNorm, rotary embeddings, the gated FFN (SwiGLU or GeGLU) with MatFormer nesting, and the
-projections of the decode layout (fused; float32 kernels [in, out], int8 kernels [out, in] per output channel).
+projections of the decode layout (fused; every kernel stored [out, in], float32 or int8 per output channel).
 
-How a product streams its weights on XLA's CPU backend (measured on a 2-core AVX-512 CPU, see
-benchmarks/step_cost.py), which is why the [V, d] vocabulary head and int8 kernels go through `matmul_t`:
-  * One row against a [V, d] or int8 [out, in] kernel written `x @ w.T` becomes one loop over the stored rows
-    with the transpose and the int8 conversion fused into it: int8 streams a quarter of the bytes.
-  * 2..SMALL_ROWS rows: XLA's matmul packs the whole weight matrix first, about twice the time of one row on the
-    wide [V, d] head although both read the same bytes. Where it builds (x86-64, AVX2), the CPU kernel of
+How `matmul_t` runs a product over an [out, in] kernel on XLA's CPU backend (measured on 2-core CPUs, see
+benchmarks/step_cost.py):
+  * One row, float32: a contraction on the stored rows' axis (einsum), which streams [out, in] as fast as
+    XLA's product over [in, out]; `x @ w.T` (a transpose, then a product) ran ~1.6x slower on the layer kernels.
+  * One row, int8: `x @ w.T` becomes one loop over the stored rows with the transpose and the int8 conversion
+    fused into it, so int8 streams a quarter of the bytes.
+  * 2..SMALL_ROWS rows: XLA's matmul packs the whole weight matrix first, about twice the time of one row
+    although both read the same bytes. Where it builds (x86-64, AVX2), the CPU kernel of
     jaxspec.ops.small_rows_matmul reads each [out, in] row once for all input rows (int8 widened in
-    registers): 1.4-1.6x faster than XLA on the head at 2-8 rows. Elsewhere, a multiply-and-sum over the
-    input dimension does the same in XLA, less fast. The float layer kernels [in, out] keep XLA's matmul: the
-    kernel needs [out, in] rows, and XLA's one-row product over those is slower than over [in, out].
+    registers): 1.2-1.6x faster than XLA's products at 2-8 rows. Elsewhere, a multiply-and-sum over the input
+    dimension does the same in XLA, less fast.
   * Any other dot over an int8 kernel converts all of it to float first, so many rows dequantise explicitly.
   * The cheap ops producing a one-row input are fused into that loop and rerun for every output row, so what
     feeds these products should end in a reduction (see the extend attention in pallas_kernels.tree_attention).
@@ -58,7 +59,12 @@ def matmul_t(x, kernel_t, scale=None, dtype=jnp.float32):
         raise InputError(f"matmul_t: input has {x.shape[-1]} features, kernel_t {kernel_t.shape} expects "
                          f"{kernel_t.shape[1]}")
     rows = math.prod(x.shape[:-1])
-    if rows == 1:  # a 2-D product: XLA fuses the transpose and the int8 conversion into one pass (not for 3-D)
+    if rows == 1 and scale is None and kernel_t.dtype == dtype:
+        # A contraction on the stored rows' axis: XLA's one-row product streams [out, in] as fast as [in, out]
+        # this way, while `x @ kernel_t.T` (a transpose, then a product) runs ~1.6x slower on the layer kernels.
+        y = jnp.einsum("ri,oi->ro", x.reshape(1, x.shape[-1]).astype(dtype), kernel_t)
+        y = y.reshape(*x.shape[:-1], kernel_t.shape[0])
+    elif rows == 1:  # a 2-D product: XLA fuses the transpose and the int8 conversion into one pass (not for 3-D)
         y = x.reshape(1, x.shape[-1]).astype(dtype) @ kernel_t.astype(dtype).T
         y = y.reshape(*x.shape[:-1], kernel_t.shape[0])
     elif streams_rows(rows, dtype) and kernel_t.dtype in (jnp.float32, jnp.int8) and small_rows_matmul.available():
@@ -93,11 +99,12 @@ def quantize_int8(kernel_t):
 
 
 class Linear(nn.Module):
-    """Dense layer of the decode layout: y = x W (+ bias) for W [in_features, out_features].
+    """Dense layer of the decode layout: y = x W (+ bias) for W [in_features, out_features], stored transposed.
 
-    weight_dtype "float32": `kernel` [in, out], as flax's nn.Dense. "int8": `kernel_t` [out, in] int8 and a
-    float32 `scale` per output row (W = (kernel_t * scale[:, None]).T). `outputs=(start, stop)` computes only
-    those outputs and `in_prefix` uses only the first inputs (MatFormer granularities).
+    weight_dtype "float32": `kernel_t` [out, in] float32 (W = kernel_t.T). "int8": `kernel_t` [out, in] int8 and
+    a float32 `scale` per output row (W = (kernel_t * scale[:, None]).T). [out, in] rows are what the CPU kernel
+    of a few rows reads (see `matmul_t`). `outputs=(start, stop)` computes only those outputs and `in_prefix`
+    uses only the first inputs (MatFormer granularities).
     """
 
     in_features: int
@@ -115,9 +122,9 @@ class Linear(nn.Module):
             scale = self.param("scale", nn.initializers.ones, (self.out_features,), jnp.float32)
             y = matmul_t(x, kernel_t[lo:hi, :in_n], scale[lo:hi], self.dtype)
         elif self.weight_dtype == "float32":
-            kernel = self.param("kernel", nn.initializers.lecun_normal(), (self.in_features, self.out_features),
-                                jnp.float32)
-            y = x.astype(self.dtype) @ kernel[:in_n, lo:hi].astype(self.dtype)
+            kernel_t = self.param("kernel_t", nn.initializers.lecun_normal(in_axis=1, out_axis=0),
+                                  (self.out_features, self.in_features), jnp.float32)
+            y = matmul_t(x, kernel_t[lo:hi, :in_n], None, self.dtype)
         else:
             raise InputError(f"Linear: weight_dtype={self.weight_dtype!r} is not one of ('float32', 'int8')")
         if self.use_bias:

@@ -37,13 +37,11 @@ PARAM_LOGICAL_AXES: tuple[tuple[str, LogicalAxes], ...] = (
     (r"(^|/)out_proj/kernel$", (None, "embed")),
     (r"(^|/)lm_head/kernel$", ("embed", "vocab")),
     (r"(^|/)head_\d+_out/kernel$", ("embed", "vocab")),  # Medusa heads' own vocabulary projections
-    # The decode layout (models/decode_layout.py): float kernels [in, out], int8 kernel_t [out, in] with a scale
-    # per output row; q, k and v (and gate and up) are fused along the output.
-    (r"(^|/)qkv/kernel$", ("embed", "heads")),
+    # The decode layout (models/decode_layout.py): kernel_t [out, in], float32 or int8 with a scale per output
+    # row; q, k and v (and gate and up) are fused along the output.
     (r"(^|/)qkv/kernel_t$", ("heads", "embed")),
     (r"(^|/)qkv/(bias|scale)$", ("heads",)),
     (r"(^|/)o_proj/kernel_t$", ("embed", "heads")),
-    (r"(^|/)gate_up/kernel$", ("embed", "mlp")),
     (r"(^|/)gate_up/kernel_t$", ("mlp", "embed")),
     (r"(^|/)gate_up/scale$", ("mlp",)),
     (r"(^|/)(o_proj|down_proj)/scale$", ("embed",)),

@@ -75,20 +75,22 @@ def test_fused_projections_hold_the_standard_weights_in_place(make_model, tiny_c
     attn, ffn = params["layer_0"]["attn"], params["layer_0"]["ffn"]
     qkv = dp["layer_0"]["attn"]["qkv"]
     n_q, n_kv = attn["q_proj"]["kernel"].shape[1], attn["k_proj"]["kernel"].shape[1]
-    assert qkv["kernel"].shape == (cfg.d_model, n_q + 2 * n_kv)
-    np.testing.assert_array_equal(qkv["kernel"][:, n_q:n_q + n_kv], attn["k_proj"]["kernel"])
+    # every kernel stored [out, in]: one row per output
+    assert qkv["kernel_t"].shape == (n_q + 2 * n_kv, cfg.d_model)
+    np.testing.assert_array_equal(qkv["kernel_t"][n_q:n_q + n_kv], attn["k_proj"]["kernel"].T)
     np.testing.assert_array_equal(qkv["bias"][n_q + n_kv:], attn["v_proj"]["bias"])
-    gate_up = dp["layer_0"]["ffn"]["gate_up"]["kernel"]
+    np.testing.assert_array_equal(dp["layer_0"]["attn"]["o_proj"]["kernel_t"], attn["o_proj"]["kernel"].T)
+    gate_up = dp["layer_0"]["ffn"]["gate_up"]["kernel_t"]
     d_ff = ffn["gate_proj"].shape[1]
-    np.testing.assert_array_equal(gate_up[:, :d_ff], ffn["gate_proj"])
-    np.testing.assert_array_equal(gate_up[:, d_ff:], ffn["up_proj"])
-    np.testing.assert_array_equal(dp["layer_0"]["ffn"]["down_proj"]["kernel"], ffn["down_proj"])
+    np.testing.assert_array_equal(gate_up[:d_ff], ffn["gate_proj"].T)
+    np.testing.assert_array_equal(gate_up[d_ff:], ffn["up_proj"].T)
+    np.testing.assert_array_equal(dp["layer_0"]["ffn"]["down_proj"]["kernel_t"], ffn["down_proj"].T)
     np.testing.assert_array_equal(dp["lm_head"]["kernel_t"], params["lm_head"]["kernel"].T)
     # int8: every kernel transposed to [out, in], one scale per output row.
     int8 = to_decode_layout(params, tiny_config("A", qkv_bias=True, tie_embeddings=False, weight_dtype="int8"))
     q = int8["layer_0"]["ffn"]["gate_up"]
-    assert q["kernel_t"].dtype == jnp.int8 and q["kernel_t"].shape == gate_up.shape[::-1]
-    np.testing.assert_allclose(q["kernel_t"] * q["scale"][:, None], gate_up.T, atol=float(q["scale"].max()) / 2)
+    assert q["kernel_t"].dtype == jnp.int8 and q["kernel_t"].shape == gate_up.shape
+    np.testing.assert_allclose(q["kernel_t"] * q["scale"][:, None], gate_up, atol=float(q["scale"].max()) / 2)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, layers.SMALL_ROWS, layers.SMALL_ROWS + 1])

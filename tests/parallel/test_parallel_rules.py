@@ -85,12 +85,10 @@ def test_custom_rules_and_bad_rules():
         ("layer_0/mixer_norm/scale", 1, (None,)),
         ("layer_0/attn/unknown_proj/kernel", 2, (None, None)),
         ("layer_0/attn/my_q_proj/kernel", 2, (None, None)),  # names match whole path components only
-        # The decode layout (models/decode_layout.py): fused float kernels [in, out], int8 kernel_t [out, in].
-        ("layer_0/attn/qkv/kernel", 2, ("embed", "heads")),
+        # The decode layout (models/decode_layout.py): fused kernels stored [out, in] (kernel_t, float32 or int8).
         ("layer_0/attn/qkv/kernel_t", 2, ("heads", "embed")),
         ("layer_0/attn/qkv/scale", 1, ("heads",)),
         ("layer_0/attn/o_proj/kernel_t", 2, ("embed", "heads")),
-        ("layer_0/ffn/gate_up/kernel", 2, ("embed", "mlp")),
         ("layer_0/ffn/gate_up/kernel_t", 2, ("mlp", "embed")),
         ("layer_0/ffn/down_proj/kernel", 2, ("mlp", "embed")),
         ("layer_0/ffn/down_proj/kernel_t", 2, ("embed", "mlp")),
