@@ -45,8 +45,8 @@ def weight_dtype_of(model_cfg) -> str:
 
 
 def streams_rows(rows: int, dtype) -> bool:
-    """Whether a product of `rows` input rows over an [out, in] kernel multiplies-and-sums (CPU, float32,
-    2..SMALL_ROWS rows)."""
+    """Whether a product of `rows` input rows over an [out, in] kernel takes the few-rows path (CPU, float32,
+    2..SMALL_ROWS rows): the CPU kernel where it builds, else XLA's multiply-and-sum."""
     return 1 < rows <= SMALL_ROWS and jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu"
 
 
