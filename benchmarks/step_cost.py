@@ -329,8 +329,8 @@ def square_product_gflops(n: int, rounds: int) -> float:
 
 def decode_products(params) -> dict:
     """{(name, shape): [weights]} of the 2-D weights a decode-layout forward multiplies by, grouped by module and
-    shape in forward order: the layers' [out, in] kernels (float32 or int8; [in, out] "kernel" leaves of older
-    layouts are timed as `x @ kernel`), and the [V, d] embedding as the tied LM head."""
+    shape in forward order: the layers' [out, in] kernels (float32 or int8) and the [V, d] embedding as the tied
+    LM head."""
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         if leaf.ndim != 2:
@@ -338,26 +338,25 @@ def decode_products(params) -> dict:
         keys = [getattr(p, "key", str(p)) for p in path]
         if keys[0] == "embed" and "lm_head" in params:
             continue  # an untied embedding is only gathered
-        name = "LM head [V, d]" if keys[0] == "embed" else f"{keys[-2]} {keys[-1]}"
+        name = "LM head [V, d]" if keys[0] == "embed" else keys[-2]
         out.setdefault((name, tuple(leaf.shape)), []).append(leaf)
     return out
 
 
-def chained_products(name: str, k: int, d_in: int, form: str = "xla"):
+def chained_products(k: int, d_in: int, form: str = "xla"):
     """A jitted call of every weight of a group, one after another as in the forward, on K input rows x [K, d_in]:
     each product's input depends on the one before (through a mean of its output), so they run in order over
     distinct weights, streamed as the forward streams them, with one dispatch for the group. x is an argument
     with distinct rows: XLA would compute a product of identical (broadcast) rows once.
 
-    form "xla": the product the forward runs (`x @ kernel` for [in, out] float kernels, `layers.matmul_t` for
-    [out, in] ones); "kernel": jaxspec.ops.small_rows_matmul over the weights in [out, in] form."""
-    from jaxspec.models.layers import matmul_t
+    form "xla": XLA's product over the stored [out, in] weights (`einsum("ri,oi->ro")`, the one-row step's form);
+    "kernel": jaxspec.ops.small_rows_matmul, which `layers.matmul_t` runs for 2-16 rows."""
     from jaxspec.ops.small_rows_matmul import small_rows_matmul
 
     if form == "kernel":
         product = small_rows_matmul
     else:
-        product = (lambda x, w: x @ w) if name.endswith(" kernel") else matmul_t
+        product = lambda x, w: jnp.einsum("ri,oi->ro", x, w.astype(jnp.float32))  # noqa: E731
 
     def run(x, weights):
         outs = []
@@ -372,9 +371,9 @@ def chained_products(name: str, k: int, d_in: int, form: str = "xla"):
 
 def products_table(variants: dict, ks: list[int], rounds: int, square_n: int) -> None:
     """The weight products of the decode layout alone, each group (e.g. the 30 layers' gate/up) in one call on
-    K input rows, in the form the forward runs it (`x @ kernel` for [in, out] float kernels, `layers.matmul_t`
-    for [out, in] ones and the head), against the machine's arithmetic rate: whether a K-row forward is bound by
-    the bytes it streams or by how fast XLA's CPU products do small-K arithmetic."""
+    K input rows, as XLA's products and (where it builds) on the CPU kernel, against the machine's arithmetic
+    rate: whether a K-row forward is bound by the bytes it streams or by how fast the products do small-K
+    arithmetic."""
     if "decode" not in variants:
         print("\n(products: needs --layouts to include decode)")
         return
@@ -384,15 +383,12 @@ def products_table(variants: dict, ks: list[int], rounds: int, square_n: int) ->
     forms = ("xla", "kernel") if kernel_lib.available() else ("xla",)
     fns = {}
     for (name, shape), weights in products.items():
-        d_in = shape[0] if name.endswith(" kernel") else shape[1]
-        # The kernel reads [out, in] rows: [in, out] float kernels are transposed once, outside the timings.
-        rows_form = [jnp.asarray(w.T) for w in weights] if name.endswith(" kernel") else weights
+        d_in = shape[1]
         for k in ks:
             x = jax.random.normal(jax.random.key(k), (k, d_in), jnp.float32) / d_in**0.5
             for form in forms:
-                chain = chained_products(name, k, d_in, form)
-                w = rows_form if form == "kernel" else weights
-                fns[(name, shape, k, form)] = lambda f=chain, x=x, w=w: f(x, w)
+                chain = chained_products(k, d_in, form)
+                fns[(name, shape, k, form)] = lambda f=chain, x=x, w=weights: f(x, w)
     times = round_robin(fns, rounds)
     rate = square_product_gflops(square_n, rounds)
     print(f"\n## Weight products of the decode layout, K rows each ({load_average()})\n")
@@ -404,12 +400,13 @@ def products_table(variants: dict, ks: list[int], rounds: int, square_n: int) ->
     flops = {k: 0.0 for k in ks}
     for (name, shape), weights in products.items():
         count = len(weights)
+        for k in ks:
+            flops[k] += count * 2 * k * shape[0] * shape[1]
         for form in forms:
             ms = [times[(name, shape, k, form)][0] for k in ks]
             rates = [2 * count * k * shape[0] * shape[1] / (t * 1e6) for k, t in zip(ks, ms)]
             for k, t in zip(ks, ms):
                 step[(k, form)] += t
-                flops[k] += count * 2 * k * shape[0] * shape[1] if form == "xla" else 0
             gbs = param_bytes(weights) / (ms[0] * 1e6)
             label = name if form == "xla" else f"{name}, CPU kernel"
             print(f"| {label} | {shape[0]} x {shape[1]} | {count} | " + " | ".join(f"{t:.2f}" for t in ms) +
@@ -424,8 +421,9 @@ def products_table(variants: dict, ks: list[int], rounds: int, square_n: int) ->
               f"{flops[k] / rate / 1e6:.2f} | {flops[k] / 1e9:.2f} |")
     print("\nms: the minimum over rounds of one call running every weight of the group in turn (distinct weights, "
           "streamed from memory as in a forward); the arithmetic column is the forward's multiply-adds at the "
-          "square product's rate. 'CPU kernel' rows run jaxspec.ops.small_rows_matmul on the same weights in "
-          "[out, in] form, side by side with XLA's products in the same rounds.")
+          "square product's rate. 'CPU kernel' rows run jaxspec.ops.small_rows_matmul (what "
+          "layers.matmul_t runs for 2-16 rows) on the same [out, in] weights, side by side with XLA's products in "
+          "the same rounds.")
 
 
 # ------------------------------------------------------------------------------------------------ K curve

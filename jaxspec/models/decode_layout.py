@@ -39,11 +39,7 @@ def _layer(params, name: str, where: str) -> dict:
 
 def _kernel_entry(kernel, weight_dtype: str, bias=None) -> dict:
     """A Linear's params ([out, in]) from a float [in, out] kernel."""
-    if weight_dtype == "int8":
-        q, scale = quantize_int8(jnp.asarray(kernel).T)
-        entry = {"kernel_t": q, "scale": scale}
-    else:
-        entry = {"kernel_t": jnp.asarray(kernel).T}
+    entry = _rows_entry(jnp.asarray(kernel).T, weight_dtype)
     if bias is not None:
         entry["bias"] = bias
     return entry

@@ -2,9 +2,9 @@
 //
 // Why: XLA's CPU matmul packs the whole weight matrix for 2..16 rows, so a verification forward over K tree
 // nodes costs ~2.5 one-row steps although both read the same weight bytes. Here each stored weight row is read
-// once for all input rows (blocks of 2 output rows x 4 input rows in registers; int8 rows widened on the fly),
-// and the output rows are split over XLA's intra-op thread pool. Each output is summed in the same order for
-// every R, so a row's result does not depend on how many rows share the call.
+// once, as one sequential stream, and meets up to 8 input rows held in L1 (int8 rows widened on the fly); the
+// output rows are split over XLA's intra-op thread pool. Each output is summed in the same order for every R
+// and every feature tiling, so a row's result does not depend on how many rows share the call.
 // The reference is jaxspec.ops.small_rows_matmul.small_rows_matmul_reference.
 #include <immintrin.h>
 
@@ -33,53 +33,65 @@ inline __m256 Load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
-// O weight rows x R input rows: 8-lane partial sums over the input features, then a horizontal sum; features
-// past the last multiple of 8 are added one by one.
-template <int O, int R, typename W>
-void Block(const float* x, const W* w, int64_t in, int64_t out, float* y) {
-  __m256 acc[R][O];
-  for (int r = 0; r < R; ++r)
-    for (int o = 0; o < O; ++o) acc[r][o] = _mm256_setzero_ps();
-  const int64_t body = in - in % 8;
-  for (int64_t i = 0; i < body; i += 8) {
-    __m256 wv[O];
-    for (int o = 0; o < O; ++o) wv[o] = Load8(w + o * in + i);
-    for (int r = 0; r < R; ++r) {
-      const __m256 xv = _mm256_loadu_ps(x + r * in + i);
-      for (int o = 0; o < O; ++o) acc[r][o] = _mm256_fmadd_ps(xv, wv[o], acc[r][o]);
-    }
+// R input rows times one weight row over the features [begin, end), a multiple of 8 long: 8-lane partial sums
+// carried in acc, so that a row split into feature tiles sums in the same order as an untiled one. Each step
+// prefetches the same features of the next weight row, which is what the loop reads next (a prefetch past the
+// last row does not fault).
+template <int R, typename W>
+inline void Span(const float* x, int64_t in, const W* w, int64_t begin, int64_t end, __m256* acc) {
+  __m256 a[R];
+  for (int r = 0; r < R; ++r) a[r] = acc[r];
+  for (int64_t i = begin; i < end; i += 8) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + in + i), _MM_HINT_T0);
+    const __m256 wv = Load8(w + i);
+    for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * in + i), wv, a[r]);
   }
-  for (int r = 0; r < R; ++r)
-    for (int o = 0; o < O; ++o) {
-      float sum = HorizontalSum(acc[r][o]);
-      for (int64_t i = body; i < in; ++i) sum += x[r * in + i] * static_cast<float>(w[o * in + i]);
-      y[r * out + o] = sum;
-    }
+  for (int r = 0; r < R; ++r) acc[r] = a[r];
 }
 
-// Output rows [lo, hi) for all input rows.
+template <typename W>
+void SpanRows(int64_t rows, const float* x, int64_t in, const W* w, int64_t begin, int64_t end, __m256* acc) {
+  for (int64_t r = 0; r < rows; r += 8) {
+    const float* xr = x + r * in;
+    switch (std::min<int64_t>(rows - r, 8)) {
+      case 8: Span<8>(xr, in, w, begin, end, acc + r); break;
+      case 7: Span<7>(xr, in, w, begin, end, acc + r); break;
+      case 6: Span<6>(xr, in, w, begin, end, acc + r); break;
+      case 5: Span<5>(xr, in, w, begin, end, acc + r); break;
+      case 4: Span<4>(xr, in, w, begin, end, acc + r); break;
+      case 3: Span<3>(xr, in, w, begin, end, acc + r); break;
+      case 2: Span<2>(xr, in, w, begin, end, acc + r); break;
+      default: Span<1>(xr, in, w, begin, end, acc + r); break;
+    }
+  }
+}
+
+constexpr int64_t kChunk = 64;  // output rows per task
+constexpr int64_t kGroup = 16;  // input rows per pass (their sums live in acc)
+constexpr int64_t kTileBytes = 20 << 10;  // the input rows' share of a 32 KB L1, per feature tile
+
+// Output rows [lo, hi) for all input rows. One weight row at a time meets up to 8 input rows: the weights are
+// read as one sequential stream. When the input rows do not fit in L1 (e.g. 8 rows of 1536 features), the
+// features are cut into tiles that do, and each tile passes over all the chunk's weight rows.
 template <typename W>
 void Rows(const float* x, int64_t rows, const W* w, const float* scale, int64_t in, int64_t out, int64_t lo,
           int64_t hi, float* y) {
-  int64_t o = lo;
-  for (; o + 2 <= hi; o += 2) {
-    const W* wo = w + o * in;
-    for (int64_t r = 0; r < rows;) {
-      const float* xr = x + r * in;
-      float* yr = y + r * out + o;
-      switch (std::min<int64_t>(rows - r, 4)) {
-        case 4: Block<2, 4>(xr, wo, in, out, yr); r += 4; break;
-        case 3: Block<2, 3>(xr, wo, in, out, yr); r += 3; break;
-        case 2: Block<2, 2>(xr, wo, in, out, yr); r += 2; break;
-        default: Block<2, 1>(xr, wo, in, out, yr); r += 1; break;
+  alignas(32) __m256 acc[kChunk * kGroup];
+  const int64_t body = in - in % 8;
+  for (int64_t g = 0; g < rows; g += kGroup) {
+    const int64_t n = std::min(kGroup, rows - g);
+    const float* xg = x + g * in;
+    const int64_t tile = n * in * 4 <= kTileBytes ? body : std::max<int64_t>(8, kTileBytes / (n * 4) / 8 * 8);
+    for (int64_t k = 0; k < (hi - lo) * n; ++k) acc[k] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < body; t += tile)
+      for (int64_t o = lo; o < hi; ++o) SpanRows(n, xg, in, w + o * in, t, std::min(body, t + tile), acc + (o - lo) * n);
+    for (int64_t o = lo; o < hi; ++o)
+      for (int64_t r = 0; r < n; ++r) {
+        float sum = HorizontalSum(acc[(o - lo) * n + r]);
+        for (int64_t i = body; i < in; ++i) sum += xg[r * in + i] * static_cast<float>(w[o * in + i]);
+        y[(g + r) * out + o] = scale != nullptr ? sum * scale[o] : sum;
       }
-    }
   }
-  for (; o < hi; ++o)  // an odd last row
-    for (int64_t r = 0; r < rows; ++r) Block<1, 1>(x + r * in, w + o * in, in, out, y + r * out + o);
-  if (scale != nullptr)
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t j = lo; j < hi; ++j) y[r * out + j] *= scale[j];
 }
 
 // Splits the output rows into chunks that the calling thread and the pool's threads take from one counter.
@@ -94,9 +106,9 @@ struct Work {
 template <typename W>
 void Run(ffi::ThreadPool& pool, const float* x, int64_t rows, const W* w, const float* scale, int64_t in,
          int64_t out, float* y) {
-  constexpr int64_t kChunk = 64;  // even, so each chunk's rows pair up
   const int64_t chunks = (out + kChunk - 1) / kChunk;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks - 1);
+  // The calling thread drains chunks too, so one pool thread fewer keeps one thread per core.
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, chunks - 1);
   auto work = std::make_shared<Work>();
   auto drain = [=]() {
     for (int64_t c; (c = work->next.fetch_add(1)) < chunks;) {

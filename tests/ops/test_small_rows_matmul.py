@@ -23,8 +23,10 @@ def operands(rows, d_in, d_out, seed=0):
             jax.random.normal(kw, (d_out, d_in), jnp.float32) / d_in**0.5)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16])
-@pytest.mark.parametrize("d_in,d_out", [(64, 96), (37, 11), (8, 1), (200, 513)])
+# (1543, 70): 8 or more rows of 1543 features exceed the kernel's L1 share, so the features are cut into tiles;
+# 20 rows take two passes of at most 16.
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16, 20])
+@pytest.mark.parametrize("d_in,d_out", [(64, 96), (37, 11), (8, 1), (200, 513), (1543, 70)])
 def test_float32_equals_the_reference(rows, d_in, d_out):
     x, w = operands(rows, d_in, d_out)
     got = jax.jit(small_rows_matmul)(x, w)
@@ -39,8 +41,9 @@ def test_int8_with_scale_equals_the_reference(rows):
     np.testing.assert_allclose(got, small_rows_matmul_reference(x, q, scale), rtol=1e-5, atol=1e-5)
 
 
-def test_a_row_does_not_depend_on_the_rows_beside_it():
-    x, w = operands(16, 96, 300, seed=2)
+@pytest.mark.parametrize("d_in", [96, 1000])  # 16 rows of 1000 features are summed in feature tiles, one is not
+def test_a_row_does_not_depend_on_the_rows_beside_it(d_in):
+    x, w = operands(16, d_in, 300, seed=2)
     together = np.asarray(jax.jit(small_rows_matmul)(x, w))
     for r in (0, 5, 15):
         alone = np.asarray(jax.jit(small_rows_matmul)(x[r:r + 1], w))
