@@ -81,7 +81,9 @@ void Rows(const float* x, int64_t rows, const W* w, const float* scale, int64_t 
   for (int64_t g = 0; g < rows; g += kGroup) {
     const int64_t n = std::min(kGroup, rows - g);
     const float* xg = x + g * in;
-    const int64_t tile = n * in * 4 <= kTileBytes ? body : std::max<int64_t>(8, kTileBytes / (n * 4) / 8 * 8);
+    // Equal tiles, each a multiple of 8 features, as few as fit: a short last tile would cost a pass of its own.
+    const int64_t tiles = std::max<int64_t>(1, (n * body * 4 + kTileBytes - 1) / kTileBytes);
+    const int64_t tile = std::max<int64_t>(8, (body / 8 + tiles - 1) / tiles * 8);
     for (int64_t k = 0; k < (hi - lo) * n; ++k) acc[k] = _mm256_setzero_ps();
     for (int64_t t = 0; t < body; t += tile)
       for (int64_t o = lo; o < hi; ++o) SpanRows(n, xg, in, w + o * in, t, std::min(body, t + tile), acc + (o - lo) * n);
