@@ -3,7 +3,7 @@
 // Why: XLA's CPU matmul packs the whole weight matrix for 2..16 rows, so a verification forward over K tree
 // nodes costs ~2.5 one-row steps although both read the same weight bytes. Here each stored weight row is read
 // once, as one sequential stream, and meets up to 8 input rows held in L1 (int8 rows widened on the fly); the
-// output rows are split over XLA's intra-op thread pool. Each output is summed in the same order for every R
+// output rows are split over the kernel's own threads (Workers). Each output is summed in the same order for every R
 // and every feature tiling, so a row's result does not depend on how many rows share the call.
 // The reference is jaxspec.ops.small_rows_matmul.small_rows_matmul_reference.
 #include <immintrin.h>
@@ -12,8 +12,9 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
-#include <memory>
+#include <functional>
 #include <mutex>
+#include <thread>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -96,39 +97,103 @@ void Rows(const float* x, int64_t rows, const W* w, const float* scale, int64_t 
   }
 }
 
-// Splits the output rows into chunks that the calling thread and the pool's threads take from one counter.
-// The caller waits only for chunks that were taken, so a task the pool starts late finds none and returns.
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mu;
-  std::condition_variable cv;
+// Helper threads of the kernel's own, shared by every call in the process: the calling thread plus
+// `threads - 1` helpers, started by JaxspecSmallRowsMatmulThreads. Why not XLA's intra-op pool: its threads
+// go to sleep between ops, and waking one costs tens of microseconds, about what a whole product of a few rows
+// takes here, with ~120 such products per forward. A helper spins for a short while after each call, so it is
+// awake for the next product of the same forward, and then sleeps.
+//
+// A call publishes (generation, next chunk) in one atomic word; a thread claims a chunk by advancing it with a
+// compare-and-swap, which fails once the generation has moved on, so a late helper never runs a stale call's
+// chunk. The caller works too and returns when every chunk of its call is done. A call that finds another one
+// running (XLA may run two ops at once) runs alone on its own thread.
+class Workers {
+ public:
+  static Workers& Get() {
+    static Workers* workers = new Workers();  // never destroyed: its threads live as long as the process
+    return *workers;
+  }
+
+  void Start(int64_t threads) {
+    std::lock_guard<std::mutex> lock(call_mu_);
+    for (; helpers_ < threads - 1; ++helpers_) std::thread([this] { Loop(); }).detach();
+  }
+
+  void Run(int64_t chunks, const std::function<void(int64_t)>& body) {
+    std::unique_lock<std::mutex> one_call(call_mu_, std::try_to_lock);
+    if (!one_call.owns_lock() || helpers_ == 0 || chunks < 2) {
+      for (int64_t c = 0; c < chunks; ++c) body(c);
+      return;
+    }
+    body_.store(&body, std::memory_order_relaxed);  // published by the seq_cst store of the ticket below
+    chunks_.store(chunks, std::memory_order_relaxed);
+    done_.store(0);
+    const uint64_t generation = (ticket_.load() >> 32) + 1;
+    ticket_.store(generation << 32);
+    if (sleeping_.load() > 0) {
+      std::lock_guard<std::mutex> lock(sleep_mu_);
+      wake_.notify_all();
+    }
+    Drain(generation);
+    while (done_.load() < chunks) _mm_pause();
+  }
+
+ private:
+  // Claims and runs chunks of `generation` until none is left or a newer call has begun.
+  void Drain(uint64_t generation) {
+    uint64_t ticket = ticket_.load();
+    while ((ticket >> 32) == generation) {
+      const int64_t chunk = static_cast<int64_t>(ticket & 0xffffffffu);
+      if (chunk >= chunks_.load(std::memory_order_relaxed)) return;
+      if (ticket_.compare_exchange_weak(ticket, ticket + 1)) {
+        (*body_.load(std::memory_order_relaxed))(chunk);  // the call cannot end before this chunk is done
+        done_.fetch_add(1);
+        ticket = ticket_.load();
+      }
+    }
+  }
+
+  void Loop() {
+    uint64_t seen = ticket_.load() >> 32;
+    for (;;) {
+      uint64_t generation = ticket_.load() >> 32;
+      for (int spin = 0; generation == seen && spin < kSpins; ++spin) {
+        _mm_pause();
+        generation = ticket_.load() >> 32;
+      }
+      if (generation == seen) {
+        std::unique_lock<std::mutex> lock(sleep_mu_);
+        sleeping_.fetch_add(1);
+        wake_.wait(lock, [&] { return (ticket_.load() >> 32) != seen; });
+        sleeping_.fetch_sub(1);
+        generation = ticket_.load() >> 32;
+      }
+      seen = generation;
+      Drain(generation);
+    }
+  }
+
+  static constexpr int kSpins = 1 << 16;  // ~0.2-2 ms of pause instructions
+  int64_t helpers_ = 0;
+  std::atomic<uint64_t> ticket_{0};
+  std::atomic<int64_t> done_{0};
+  std::atomic<int> sleeping_{0};
+  std::atomic<const std::function<void(int64_t)>*> body_{nullptr};
+  std::atomic<int64_t> chunks_{0};
+  std::mutex call_mu_, sleep_mu_;
+  std::condition_variable wake_;
 };
 
 template <typename W>
-void Run(ffi::ThreadPool& pool, const float* x, int64_t rows, const W* w, const float* scale, int64_t in,
-         int64_t out, float* y) {
-  const int64_t chunks = (out + kChunk - 1) / kChunk;
-  // The calling thread drains chunks too, so one pool thread fewer keeps one thread per core.
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, chunks - 1);
-  auto work = std::make_shared<Work>();
-  auto drain = [=]() {
-    for (int64_t c; (c = work->next.fetch_add(1)) < chunks;) {
-      Rows(x, rows, w, scale, in, out, c * kChunk, std::min(out, (c + 1) * kChunk), y);
-      if (work->done.fetch_add(1) + 1 == chunks) {
-        std::lock_guard<std::mutex> lock(work->mu);
-        work->cv.notify_all();
-      }
-    }
+void Run(const float* x, int64_t rows, const W* w, const float* scale, int64_t in, int64_t out, float* y) {
+  const std::function<void(int64_t)> body = [&](int64_t c) {
+    Rows(x, rows, w, scale, in, out, c * kChunk, std::min(out, (c + 1) * kChunk), y);
   };
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(drain)(drain));  // a copy per task
-  drain();
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->cv.wait(lock, [&] { return work->done.load() == chunks; });
+  Workers::Get().Run((out + kChunk - 1) / kChunk, body);
 }
 
-ffi::Error SmallRowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
-                           ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, bool scaled) {
+ffi::Error SmallRowsMatmul(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
+                           ffi::ResultBuffer<ffi::F32> y, bool scaled) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
@@ -136,9 +201,9 @@ ffi::Error SmallRowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::A
   const int64_t rows = xd[0], in = xd[1], out = wd[0];
   const float* s = scaled ? scale.typed_data() : nullptr;
   if (w.element_type() == ffi::F32)
-    Run(pool, x.typed_data(), rows, w.typed_data<float>(), s, in, out, y->typed_data());
+    Run(x.typed_data(), rows, w.typed_data<float>(), s, in, out, y->typed_data());
   else if (w.element_type() == ffi::S8)
-    Run(pool, x.typed_data(), rows, w.typed_data<int8_t>(), s, in, out, y->typed_data());
+    Run(x.typed_data(), rows, w.typed_data<int8_t>(), s, in, out, y->typed_data());
   else
     return ffi::Error::InvalidArgument("small_rows_matmul: weights must be float32 or int8");
   return ffi::Error::Success();
@@ -146,9 +211,12 @@ ffi::Error SmallRowsMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::A
 
 }  // namespace
 
+// Threads per call, the caller's included; more than once only adds helpers. Until called, calls run on the
+// caller's thread alone.
+extern "C" void JaxspecSmallRowsMatmulThreads(int64_t threads) { Workers::Get().Start(threads); }
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxspecSmallRowsMatmul, SmallRowsMatmul,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -8,7 +8,8 @@ Why a kernel of our own: a tree forward over K <= 16 nodes streams the same weig
 XLA's CPU matmul packs the whole weight matrix for a multi-row product and runs it at a fifth of the machine's
 arithmetic rate, so cost(K=8) was ~2.5x cost(1) (docs/benchmarks.md, "Where cost(K) goes"). The C++ kernel
 beside this file (small_rows_matmul.cc, an XLA FFI custom call) reads each weight row once for all input rows
-and splits the output rows over XLA's intra-op threads.
+and splits the output rows over threads of its own: one per CPU this process may use (the caller's included),
+or JAXSPEC_CPU_KERNEL_THREADS.
 
 It is compiled on first use with the machine's C++ compiler (AVX2 + FMA, x86-64) into the kernels folder of
 the jaxspec cache (`zoo.cache_root()`), keyed by the source and jax's version. `available()` is False (and the
@@ -39,7 +40,7 @@ from jaxspec.errors import InputError
 
 _SOURCE = pathlib.Path(__file__).with_name("small_rows_matmul.cc")
 _TARGET = "jaxspec_small_rows_matmul"
-_FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-w")
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
 _log = logging.getLogger(__name__)
 
 
@@ -83,14 +84,27 @@ def _build() -> pathlib.Path:
     return lib
 
 
+def threads() -> int:
+    """Threads per kernel call, the caller's included: JAXSPEC_CPU_KERNEL_THREADS, else the CPUs this process
+    may run on."""
+    value = os.environ.get("JAXSPEC_CPU_KERNEL_THREADS")
+    if value is None:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not value.strip().isdigit() or int(value) < 1:
+        raise InputError(f"JAXSPEC_CPU_KERNEL_THREADS={value!r}: expected a whole number of threads >= 1")
+    return int(value)
+
+
 @functools.cache
 def available() -> bool:
     """Whether the kernel is built and registered with XLA's CPU backend (see the module docstring)."""
     if os.environ.get("JAXSPEC_CPU_KERNELS", "1") == "0" or not _cpu_has_avx2_fma():
         return False
+    count = threads()  # a bad setting is named before anything is built
     try:
         library = ctypes.cdll.LoadLibrary(str(_build()))
         jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.JaxspecSmallRowsMatmul), platform="cpu")
+        library.JaxspecSmallRowsMatmulThreads(ctypes.c_int64(count))
     except (OSError, RuntimeError) as err:
         _log.warning("small_rows_matmul: the CPU kernel is not available, XLA's products are used: %s", err)
         return False

@@ -1,8 +1,12 @@
 """The CPU small-rows product against its jnp reference: float32 and int8 weights, 1..16 rows, feature counts
 that are not multiples of the 8-lane vector, odd output counts, inside jit, under grad and vmap; and the
-rows' independence (a row's result does not depend on the other rows of the call)."""
+rows' independence (a row's result does not depend on the other rows of the call); calls from several threads
+at once; the thread-count setting."""
 
 from __future__ import annotations
+
+import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +15,7 @@ import pytest
 
 from jaxspec.errors import InputError
 from jaxspec.models.layers import quantize_int8
+from jaxspec.ops import small_rows_matmul as kernel_lib
 from jaxspec.ops.small_rows_matmul import available, small_rows_matmul, small_rows_matmul_reference
 
 pytestmark = pytest.mark.skipif(not available(), reason="the CPU kernel needs x86-64 with AVX2/FMA and a C++ "
@@ -94,7 +99,6 @@ def test_a_scale_of_the_wrong_length_is_named():
 
 def test_a_failed_build_is_logged_and_leaves_xla_products(monkeypatch, caplog):
     from jaxspec.models import layers
-    from jaxspec.ops import small_rows_matmul as kernel_lib
 
     def no_compiler():
         raise RuntimeError("no C++ compiler (c++ or g++) on PATH")
@@ -113,3 +117,41 @@ def test_a_failed_build_is_logged_and_leaves_xla_products(monkeypatch, caplog):
         monkeypatch.undo()
         kernel_lib.available.cache_clear()
     assert kernel_lib.available()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", ""])
+def test_a_bad_thread_count_is_named(monkeypatch, value):
+    monkeypatch.setenv("JAXSPEC_CPU_KERNEL_THREADS", value)
+    with pytest.raises(InputError, match="JAXSPEC_CPU_KERNEL_THREADS"):
+        kernel_lib.threads()
+
+
+def test_the_thread_count_defaults_to_the_usable_cpus(monkeypatch):
+    monkeypatch.delenv("JAXSPEC_CPU_KERNEL_THREADS", raising=False)
+    assert kernel_lib.threads() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("JAXSPEC_CPU_KERNEL_THREADS", "3")
+    assert kernel_lib.threads() == 3
+
+
+def test_calls_from_several_threads_at_once_give_each_its_own_result():
+    # Two Python threads run the kernel at the same time (jax releases the GIL while it runs): one call takes
+    # the kernel's helper threads, the other runs alone; each result is bit for bit the one computed alone.
+    operand_sets = [operands(8, 96, 1000, seed=s) for s in (6, 7)]
+    product = jax.jit(small_rows_matmul)
+    wanted = [np.asarray(product(x, w)) for x, w in operand_sets]
+    failures = []
+
+    def repeat(i):
+        x, w = operand_sets[i]
+        for _ in range(40):
+            got = np.asarray(product(x, w))
+            if not np.array_equal(got, wanted[i]):
+                failures.append(i)
+
+    workers = [threading.Thread(target=repeat, args=(i,)) for i in (0, 1, 0, 1)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert not failures
+    np.testing.assert_allclose(wanted[0], small_rows_matmul_reference(*operand_sets[0]), rtol=1e-5, atol=1e-5)
