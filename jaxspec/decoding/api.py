@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import weakref
 from collections.abc import Callable
 
 import jax
@@ -25,7 +26,49 @@ from jaxspec import checks
 from jaxspec.decoding import engine, methods
 from jaxspec.decoding.method import Method, Target
 from jaxspec.errors import InputError
+from jaxspec.models.decode_layout import for_decoding
 from jaxspec.models.lm import DecoderLM
+
+
+@functools.lru_cache(maxsize=8)
+def _layout_converter(model: DecoderLM):
+    """A jitted `for_decoding` of `model`'s params, and a dict that holds the decode-layout model once traced."""
+    made = {}
+
+    def convert(params):
+        made["model"], converted = for_decoding(model, params)
+        return converted
+
+    return jax.jit(convert), made
+
+
+_DECODE_FORMS: list = []  # (model, weak references to the source leaves, (decode model, decode params)), newest first
+_DECODE_FORMS_KEPT = 2
+
+
+def decode_form(model: DecoderLM, params) -> tuple[DecoderLM, dict]:
+    """`for_decoding(model, params)`, converted once per (model, params) and reused while those params live.
+
+    Why: a decode loop handed standard-layout params converts them inside its compiled program, which re-lays
+    every weight on each call (~0.4 s a call on SmolLM2-135M, more than ten decode steps). The last
+    `_DECODE_FORMS_KEPT` conversions are kept, matched by model and by the identity of every source array."""
+    if model.layout == "decode":
+        return model, params
+    leaves = jax.tree.leaves(params)
+    _DECODE_FORMS[:] = [entry for entry in _DECODE_FORMS if all(ref() is not None for ref in entry[1])]
+    for source_model, refs, converted in _DECODE_FORMS:
+        if source_model == model and len(refs) == len(leaves) and all(r() is x for r, x in zip(refs, leaves)):
+            return converted
+    convert, made = _layout_converter(model)
+    params_out = convert(params)
+    converted = (made["model"], params_out)
+    try:
+        refs = [weakref.ref(x) for x in leaves]
+    except TypeError:  # a leaf that cannot be weakly referenced (a Python scalar): converted, not kept
+        return converted
+    _DECODE_FORMS.insert(0, (model, refs, converted))
+    del _DECODE_FORMS[_DECODE_FORMS_KEPT:]
+    return converted
 
 
 @dataclasses.dataclass
@@ -170,7 +213,7 @@ def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str
     if require_lossless:
         check_lossless(spec, rule)
     drafter, dparams = spec.build(Target(target, params, target_workdir), **objects)
-    decoder, decoder_params = spec.decoder(Target(target, params, target_workdir))
+    decoder, decoder_params = decode_form(*spec.decoder(Target(target, params, target_workdir)))
     lens = np.asarray([len(p) for p in prompts], np.int32)
     nodes = 1 if drafter is None else drafter.tree.num_nodes
     width, max_len = engine.plan_shapes(target.model_cfg, lens, max_new_tokens, nodes, prompt_width)

@@ -38,6 +38,33 @@ def test_loops_give_the_same_tokens_for_standard_and_converted_params():
         assert plain.tokens == converted.tokens, method
 
 
+def test_generate_converts_standard_params_once_while_they_live(monkeypatch):
+    model, params = target()
+    conversions = []
+    real = api._layout_converter
+
+    def counting(m):
+        convert, made = real(m)
+        return (lambda p: conversions.append(m) or convert(p)), made
+
+    monkeypatch.setattr(api, "_layout_converter", counting)
+    monkeypatch.setattr(api, "_DECODE_FORMS", [])
+    first = api.generate(model, params, PROMPTS, method="ar", max_new_tokens=6)
+    again = api.generate(model, params, PROMPTS, method="lookup", max_new_tokens=6)
+    assert len(conversions) == 1 and first.tokens == again.tokens
+    kept_model, kept_params = api.decode_form(model, params)
+    assert kept_model.layout == "decode" and len(conversions) == 1
+    same = lambda a, b: jax.tree.all(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b))  # noqa: E731
+    assert same(kept_params, for_decoding(model, params)[1])
+    # other params of the same shapes are converted for themselves, not served the kept ones
+    other = init_params(model, jax.random.key(5))
+    assert same(api.decode_form(model, other)[1], for_decoding(model, other)[1])
+    assert len(conversions) == 2 and len(api._DECODE_FORMS) == 2
+    del params, first, again  # a conversion whose source params are gone is dropped at the next call
+    api.decode_form(model, other)
+    assert len(api._DECODE_FORMS) == 1 and len(conversions) == 2
+
+
 @pytest.mark.parametrize("pattern", ["AL"])  # attention and linear-attention layers in one stack
 def test_int8_target_speculative_equals_its_autoregressive(pattern):
     model, params = target("int8", pattern)
