@@ -117,16 +117,14 @@ class Linear(nn.Module):
     def __call__(self, x, outputs: tuple[int, int] | None = None, in_prefix: int | None = None):
         lo, hi = (0, self.out_features) if outputs is None else outputs
         in_n = self.in_features if in_prefix is None else in_prefix
-        if self.weight_dtype == "int8":
-            kernel_t = self.param("kernel_t", nn.initializers.zeros, (self.out_features, self.in_features), jnp.int8)
-            scale = self.param("scale", nn.initializers.ones, (self.out_features,), jnp.float32)
-            y = matmul_t(x, kernel_t[lo:hi, :in_n], scale[lo:hi], self.dtype)
-        elif self.weight_dtype == "float32":
-            kernel_t = self.param("kernel_t", nn.initializers.lecun_normal(in_axis=1, out_axis=0),
-                                  (self.out_features, self.in_features), jnp.float32)
-            y = matmul_t(x, kernel_t[lo:hi, :in_n], None, self.dtype)
-        else:
+        if self.weight_dtype not in ("float32", "int8"):
             raise InputError(f"Linear: weight_dtype={self.weight_dtype!r} is not one of ('float32', 'int8')")
+        int8 = self.weight_dtype == "int8"  # int8 weights are converted, not trained: zeros until loaded
+        init = nn.initializers.zeros if int8 else nn.initializers.lecun_normal(in_axis=1, out_axis=0)
+        kernel_t = self.param("kernel_t", init, (self.out_features, self.in_features),
+                              jnp.int8 if int8 else jnp.float32)
+        scale = self.param("scale", nn.initializers.ones, (self.out_features,), jnp.float32)[lo:hi] if int8 else None
+        y = matmul_t(x, kernel_t[lo:hi, :in_n], scale, self.dtype)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.out_features,), jnp.float32)
             y = y + bias[lo:hi].astype(y.dtype)
