@@ -40,9 +40,11 @@ COLUMNS = ["method", "fields", "lossless", "tau", "tok/s", "speedup", "speedup r
 
 def calibration_text(tokenizer, n: int, max_chars: int) -> tuple[np.ndarray, np.ndarray]:
     """(tokens [n, T], mask [n, T]): n standard-library instructions through the chat template, right-padded."""
-    from jaxspec.training import selfdistill
+    from jaxspec.training import instructions, selfdistill
 
-    texts = [selfdistill.encode_messages(tokenizer, m) for m in selfdistill.instruction_prompts(n, max_chars=max_chars)]
+    # The "docs" set: the calibration the figures in docs/benchmarks.md were measured with.
+    chats = instructions.instruction_prompts(n, max_chars=max_chars, prompt_set="docs")
+    texts = [selfdistill.encode_messages(tokenizer, m) for m in chats]
     width = max(map(len, texts))
     tokens, mask = np.zeros((n, width), np.int32), np.zeros((n, width), bool)
     for i, seq in enumerate(texts):

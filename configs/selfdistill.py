@@ -8,7 +8,9 @@ states, for training drafters (jaxspec/training/selfdistill.py).
 arg: preset (small: 64 prompts of up to 96 new tokens in 384-token examples, minutes on a CPU; default: 2048
 prompts of up to 256 new tokens in 768-token examples, for an accelerator), target (a zoo name or a workdir), and
 num_prompts, max_new_tokens, batch_size (0: the preset's). EAGLE-3 style drafters also read a low, a middle and
-a high layer: set feature_layers (for SmolLM2-135M's 30 layers, e.g. (2, 15, 27)).
+a high layer: set feature_layers (for SmolLM2-135M's 30 layers, e.g. (2, 15, 27)). The instructions
+(jaxspec/training/instructions.py) are the "tasks" set, the suite's six kinds of request over library text;
+`--config.prompt_set=docs` gives the earlier set of instructions about the library's own docstrings and code.
 """
 
 import ml_collections

@@ -1,5 +1,7 @@
-"""Write a self-distillation set: the target's greedy replies to standard-library instructions and its hidden
-states, the data that feature drafters and Medusa / Hydra heads train from (jaxspec/training/selfdistill.py).
+"""Write a self-distillation set: the target's greedy replies to instructions built from the standard library
+(jaxspec/training/instructions.py: by default the suite's six kinds of request, `--config.prompt_set=docs` for
+instructions about the library itself) and its hidden states, the data that feature drafters and Medusa / Hydra
+heads train from (jaxspec/training/selfdistill.py).
 
   python -m launch.selfdistill --config=configs/selfdistill.py:small --out=/tmp/sd
   python -m launch.selfdistill --config=configs/selfdistill.py:small --out=/tmp/sd --config.num_prompts=32 \
@@ -75,7 +77,7 @@ def main(argv) -> None:
         return
     print(f"target={config.target} prompts={config.num_prompts} max_new_tokens={config.max_new_tokens} "
           f"seq_len={config.seq_len} batch_size={config.batch_size} feature_layers={tuple(config.feature_layers)} "
-          f"seed={config.seed} -> {_OUT.value}")
+          f"seed={config.seed} prompt_set={config.prompt_set} -> {_OUT.value}")
     summary = selfdistill.run(config, _OUT.value)
     print(report(summary, time.perf_counter() - start))
 

@@ -28,6 +28,8 @@ _DEPTH = flags.DEFINE_integer("depth", 3, "chain depth of the predicted speedup"
 _VERIFY_COST = flags.DEFINE_float("verify_cost", 1.4, "a verification's cost in autoregressive steps "
                                   "(benchmarks/step_cost.py measures it; ~1.4 for a 4-node chain on a 2-core CPU)")
 _SEED = flags.DEFINE_integer("seed", 0, "which calibration instructions")
+_PROMPT_SET = flags.DEFINE_enum("prompt_set", "docs", ["docs", "tasks"], "which instructions calibrate "
+                                "(jaxspec/training/instructions.py; the figures in docs/benchmarks.md used docs)")
 
 
 @cli.error_boundary("model")
@@ -38,13 +40,13 @@ def main(argv) -> None:
     from jaxspec.decoding import api
     from jaxspec.decoding.skip_search import search_skip_layers
     from jaxspec.eval import tables
-    from jaxspec.training import selfdistill
+    from jaxspec.training import instructions, selfdistill
 
     start = time.perf_counter()
     lm = api.load(_MODEL.value)
     prompts = [selfdistill.encode_messages(lm.tokenizer, m)
-               for m in selfdistill.instruction_prompts(_PROMPTS.value, seed=_SEED.value,
-                                                                  max_chars=_MAX_CHARS.value)]
+               for m in instructions.instruction_prompts(_PROMPTS.value, seed=_SEED.value, max_chars=_MAX_CHARS.value,
+                                                         prompt_set=_PROMPT_SET.value)]
     replies = api.generate(lm.model, lm.params, prompts, max_new_tokens=_MAX_NEW.value,
                            eos_ids=lm.tokenizer.eos_ids).tokens
     sequences = [p + r for p, r in zip(prompts, replies) if r]

@@ -6,21 +6,17 @@ drafter (EAGLE-style feature drafters, Medusa / Hydra heads) trains on them with
     manifest, arrays = read("/tmp/sd")
     mask = loss_mask(arrays)                              # [N, L]: positions whose next token is a reply token
 
-Instructions (`instruction_prompts`) are built from the running interpreter's standard library, as the default
-training corpus is (jaxspec/training/data.py): module, class and function docstrings and the source of documented
-functions, each under one of several instruction templates ("Explain what this function does:", "Summarize this
-documentation:", "Write a docstring for:", "Continue the text:", "Continue the code:", ...). The stream is
-deterministic given the seed (on a given Python version) and never repeats a text; an instruction equal to, or
-sharing a line of 30 characters or more with, a conversation of the evaluation suite (jaxspec/eval/suite.py) is
-left out.
+Instructions come from `jaxspec.training.instructions` (text of the running interpreter's standard library):
+the "tasks" set by default (the six kinds of request of the evaluation suite, over library text), or "docs"
+(instructions about the library's docstrings and functions); none overlaps the evaluation suite.
 
-Each instruction is rendered as one user message through the target's chat template with the generation prompt
-(the plain "User: ... Assistant:" form for a tokenizer without a template, as the suite evaluation does), and the
-replies are decoded greedily by `jaxspec.decoding.api.generate`, `batch_size` rows together, stopping at the
-tokenizer's stop ids (the stop id, when hit, is part of the reply). One full forward of the target over each
-[prompt + reply] then gives the stored features. Every example fits the fixed length `seq_len`: an instruction
-whose rendered prompt is longer than ``seq_len - max_new_tokens`` tokens is skipped (never truncated, which would
-cut the generation prompt off) and the next instruction of the stream takes its place.
+Each instruction (a chat ending with a user turn) is rendered through the target's chat template with the generation
+prompt (the plain "User: ... Assistant:" form for a tokenizer without a template, as the suite evaluation does), and
+the replies are decoded greedily by `jaxspec.decoding.api.generate`, `batch_size` rows together, stopping at the
+tokenizer's stop ids (the stop id, when hit, is part of the reply). One full forward of the target over each [prompt
++ reply] then gives the stored features. Every example fits the fixed length `seq_len`: an instruction whose
+rendered prompt is longer than ``seq_len - max_new_tokens`` tokens is skipped (never truncated, which would cut the
+generation prompt off) and the next instruction of the stream takes its place.
 
 On disk (``FORMAT``), a directory with:
 
@@ -43,21 +39,16 @@ is written. One directory takes one run at a time.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
 import functools
 import hashlib
-import itertools
 import json
 import os
-import random
-import sys
-import textwrap
 import time
 import uuid
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -69,161 +60,17 @@ from jaxspec import zoo
 from jaxspec.config import check_same_keys, is_int, require
 from jaxspec.decoding import api, engine
 from jaxspec.errors import InputError
-from jaxspec.eval.suite import SuitePrompt, load_suite
-from jaxspec.training import data
+from jaxspec.eval.suite import SuitePrompt
+from jaxspec.training import instructions
 
 FORMAT = "jaxspec-selfdistill-1"
 MANIFEST = "manifest.json"
-PROMPT_SET = "stdlib-instructions-1"
 MANIFEST_KEYS = ("format", "complete", "target_workdir", "tokenizer", "seq_len", "d_model", "vocab_size",
                  "feature_layers", "num_examples", "shards", "max_new_tokens", "seed", "prompt_set")
 SHARD_ARRAYS = ("tokens", "lengths", "reply_start", "features")  # plus layer_features with feature_layers
 FINGERPRINT = "fingerprint"
-DEFAULT_MAX_CHARS = 800
 
-# Directories of the standard library that hold no library text worth instructing on: those the training
-# corpus skips (tests, installed packages), and demos, codec tables, generated data.
-_SKIP_DIRS = data.STDLIB_SKIP_DIRS | {"idlelib", "turtledemo", "lib2to3", "pydoc_data", "ensurepip", "encodings"}
-_MIN_CHARS = 60  # shortest docstring or function source that makes an instruction
-_UNITS_PER_FILE = 2  # instructions taken from one file before moving to the next
-_SUITE_LINE = 30  # a suite line this long found in an instruction excludes it
 _MAX_SKIPPED_PER_PROMPT = 10  # prompts too long to fit, per prompt wanted, before giving up
-
-_DOC_TEMPLATES = {
-    "summarize": "Summarize this documentation:\n\n{text}",
-    "key_points": "List the key points of:\n\n{text}",
-    "beginner": "Explain this documentation to someone new to Python:\n\n{text}",
-    "questions": "Write three questions this documentation answers, each with its answer:\n\n{text}",
-    "continue": "Continue the text:\n\n{head}",
-}
-_CODE_TEMPLATES = {
-    "explain": "Explain what this function does:\n\n```python\n{code}\n```",
-    "docstring": "Write a docstring for:\n\n```python\n{bare}\n```",
-    "signature": "Describe the arguments and the return value of this function:\n\n```python\n{code}\n```",
-    "tests": "Suggest test cases for this function:\n\n```python\n{code}\n```",
-    "review": "Review this code and suggest one improvement:\n\n```python\n{code}\n```",
-    "continue": "Continue the code:\n\n```python\n{head}\n```",
-}
-
-
-# ------------------------------------------------------------------------------------------ instructions
-
-
-@dataclasses.dataclass(frozen=True)
-class _Unit:
-    """A piece of the standard library and the template fields it fills."""
-
-    kind: str  # "doc" or "code"
-    fields: dict
-
-
-def _cut_paragraphs(text: str, max_chars: int) -> str | None:
-    """The leading paragraphs of `text` that fit `max_chars`, or None when they are too short or none fits."""
-    kept = ""
-    for paragraph in text.strip().split("\n\n"):
-        joined = f"{kept}\n\n{paragraph}" if kept else paragraph
-        if len(joined) > max_chars:
-            break
-        kept = joined
-    return kept if len(kept) >= _MIN_CHARS else None
-
-
-def _head(text: str) -> str | None:
-    """About the first half of `text`, ending at a sentence or line end, for "Continue the text"."""
-    middle = len(text) // 2
-    cut = max(text.rfind(". ", 0, middle) + 1, text.rfind("\n", 0, middle))
-    return text[:cut].rstrip() if cut >= _MIN_CHARS // 2 else None
-
-
-def _doc_unit(doc: str | None, max_chars: int) -> _Unit | None:
-    text = _cut_paragraphs(doc or "", max_chars)
-    return None if text is None else _Unit("doc", {"text": text, "head": _head(text)})
-
-
-def _code_unit(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str], max_chars: int) -> _Unit | None:
-    """A documented function with a body besides its docstring: its source, and its source without the docstring."""
-    if len(node.body) < 2 or ast.get_docstring(node) is None:
-        return None
-    first, doc = node.lineno - 1, node.body[0]
-    code = textwrap.dedent("\n".join(lines[first:node.end_lineno])).strip("\n")
-    bare = textwrap.dedent("\n".join(lines[first:doc.lineno - 1] + lines[doc.end_lineno:node.end_lineno]))
-    if not _MIN_CHARS <= len(code) <= max_chars:
-        return None
-    code_lines = code.splitlines()
-    head = "\n".join(code_lines[:len(code_lines) // 2]) if len(code_lines) >= 4 else None
-    return _Unit("code", {"code": code, "bare": bare.strip("\n"), "head": head})
-
-
-def _file_units(path: str, max_chars: int) -> list[_Unit]:
-    """Docstrings (module, classes, functions) and documented functions of one source file; [] for a file that
-    does not read or parse."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            source = fh.read()
-        tree = ast.parse(source)
-    except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
-        return []
-    lines = source.splitlines()
-    units = [_doc_unit(ast.get_docstring(tree), max_chars)]
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            units.append(_doc_unit(ast.get_docstring(node), max_chars))
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            units.append(_code_unit(node, lines, max_chars))
-    return [u for u in units if u is not None]
-
-
-@functools.cache
-def _suite_texts() -> tuple[frozenset[str], tuple[str, ...]]:
-    """(every message text of the evaluation suite, its lines of at least _SUITE_LINE characters)."""
-    texts = frozenset(m["content"] for p in load_suite() for m in p.messages)
-    lines = {line.strip() for t in texts for line in t.splitlines() if len(line.strip()) >= _SUITE_LINE}
-    return texts, tuple(sorted(lines))
-
-
-def overlaps_suite(content: str) -> bool:
-    """Whether `content` equals a message of the evaluation suite or holds one of its long lines."""
-    texts, lines = _suite_texts()
-    return content in texts or any(line in content for line in lines)
-
-
-def iter_instructions(seed: int = 0, max_chars: int = DEFAULT_MAX_CHARS) -> Iterator[list[dict[str, str]]]:
-    """The stream `instruction_prompts` takes its first n from: standard-library files in an order shuffled by
-    `seed`, up to two pieces of each, each under a template drawn by `seed` from those the piece fits."""
-    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < _MIN_CHARS:
-        raise InputError(f"max_chars={max_chars!r} must be an integer of at least {_MIN_CHARS}")
-    rng = random.Random(seed)
-    root, files = data.stdlib_files(_SKIP_DIRS)
-    rng.shuffle(files)
-    seen = set()
-    for rel in files:
-        units = _file_units(os.path.join(root, rel), max_chars)
-        rng.shuffle(units)
-        for unit in units[:_UNITS_PER_FILE]:
-            templates = _DOC_TEMPLATES if unit.kind == "doc" else _CODE_TEMPLATES
-            usable = [name for name, text in templates.items() if "{head}" not in text or unit.fields["head"]]
-            content = templates[rng.choice(usable)].format(**unit.fields)
-            if content in seen or overlaps_suite(content):
-                continue
-            seen.add(content)
-            yield [{"role": "user", "content": content}]
-
-
-def instruction_prompts(n: int, seed: int = 0, max_chars: int = DEFAULT_MAX_CHARS) -> list[list[dict[str, str]]]:
-    """n instructions, each a one-message chat ([{"role": "user", "content": ...}]), deterministic given `seed`;
-    the first m of n are the m of `instruction_prompts(m, seed)`. `max_chars` bounds the quoted text."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise InputError(f"n={n!r} must be a non-negative integer")
-    prompts = list(itertools.islice(iter_instructions(seed, max_chars), n))
-    if len(prompts) < n:
-        raise InputError(f"the standard library gives only {len(prompts)} instructions with max_chars={max_chars}; "
-                         f"asked for {n}")
-    return prompts
-
-
-def prompt_set_description(seed: int, max_chars: int) -> str:
-    version = ".".join(map(str, sys.version_info[:3]))
-    return f"{PROMPT_SET}: Python {version} standard library, seed={seed}, max_chars={max_chars}"
 
 
 def encode_messages(tokenizer, messages: Sequence[Mapping[str, str]]) -> list[int]:
@@ -234,12 +81,12 @@ def encode_messages(tokenizer, messages: Sequence[Mapping[str, str]]) -> list[in
     return tokenizer.encode_prompt(SuitePrompt("", "", tuple(messages)).as_plain_prompt())
 
 
-def plan_prompts(tokenizer, num_prompts: int, seed: int, max_chars: int, max_prompt_tokens: int
-                 ) -> tuple[list[list[int]], int]:
+def plan_prompts(tokenizer, num_prompts: int, seed: int, max_chars: int, max_prompt_tokens: int,
+                 prompt_set: str = instructions.DEFAULT_PROMPT_SET) -> tuple[list[list[int]], int]:
     """(ids of the first `num_prompts` instructions whose rendered prompt fits `max_prompt_tokens`, how many
     were skipped as too long)."""
     kept, skipped = [], 0
-    for messages in iter_instructions(seed, max_chars):
+    for messages in instructions.iter_instructions(seed, max_chars, prompt_set):
         ids = encode_messages(tokenizer, messages)
         if 0 < len(ids) <= max_prompt_tokens:
             kept.append(ids)
@@ -248,10 +95,12 @@ def plan_prompts(tokenizer, num_prompts: int, seed: int, max_chars: int, max_pro
             continue
         skipped += 1
         if skipped > _MAX_SKIPPED_PER_PROMPT * num_prompts + 100:
-            break
-    raise InputError(f"only {len(kept)} of {num_prompts} instructions fit seq_len - max_new_tokens = "
-                     f"{max_prompt_tokens} prompt tokens ({skipped} were longer); raise seq_len or lower "
-                     f"max_prompt_chars={max_chars}")
+            raise InputError(f"only {len(kept)} of {num_prompts} instructions fit seq_len - max_new_tokens = "
+                             f"{max_prompt_tokens} prompt tokens ({skipped} were longer); raise seq_len or lower "
+                             f"max_prompt_chars={max_chars}")
+    raise InputError(f"prompt_set={prompt_set!r} with max_chars={max_chars} gives only {len(kept) + skipped} "
+                     f"instructions ({len(kept)} fit seq_len - max_new_tokens = {max_prompt_tokens} prompt tokens); "
+                     f"{num_prompts} were asked for")
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -388,26 +237,28 @@ def _check_arguments(model, num_prompts, max_new_tokens, seq_len, batch_size, fe
 
 def generate(model, params, tokenizer, out_dir: str, *, num_prompts: int, max_new_tokens: int, seq_len: int,
              batch_size: int, feature_layers: Sequence[int] = (), seed: int = 0,
-             max_prompt_chars: int = DEFAULT_MAX_CHARS, target_workdir: str = "", tokenizer_name: str = "",
-             progress: bool = True) -> Summary:
+             max_prompt_chars: int = instructions.DEFAULT_MAX_CHARS, target_workdir: str = "",
+             tokenizer_name: str = "", progress: bool = True,
+             prompt_set: str = instructions.DEFAULT_PROMPT_SET) -> Summary:
     """Write (or complete) the self-distillation set of `model` into `out_dir` and return what was done.
 
-    `target_workdir` and `tokenizer_name` (the target's ``data.tokenizer``) are recorded in the manifest and
-    in each shard's fingerprint. The first `num_prompts` instructions of `instruction_prompts(..., seed,
-    max_prompt_chars)` whose prompt fits ``seq_len - max_new_tokens`` tokens are decoded greedily in batches of
-    `batch_size` (the last batch filled with copies of its last prompt, so every batch has `batch_size` rows;
-    prompt widths are bucketed as `api.generate` does, so a set compiles its loop once per width bucket).
+    `target_workdir` and `tokenizer_name` (the target's ``data.tokenizer``) are recorded in the manifest and in each
+    shard's fingerprint. The first `num_prompts` instructions of `instructions.instruction_prompts(..., seed,
+    max_prompt_chars, prompt_set)` whose prompt fits ``seq_len - max_new_tokens`` tokens are decoded greedily in
+    batches of `batch_size` (the last batch filled with copies of its last prompt, so every batch has `batch_size`
+    rows; prompt widths are bucketed as `api.generate` does, so a set compiles its loop once per width bucket).
     """
     layers = _check_arguments(model, num_prompts, max_new_tokens, seq_len, batch_size, feature_layers)
     cfg = model.model_cfg
-    prompts, too_long = plan_prompts(tokenizer, num_prompts, seed, max_prompt_chars, seq_len - max_new_tokens)
+    prompt_description = instructions.prompt_set_description(seed, max_prompt_chars, prompt_set)
+    prompts, too_long = plan_prompts(tokenizer, num_prompts, seed, max_prompt_chars, seq_len - max_new_tokens,
+                                     prompt_set)
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
-    prompt_set = prompt_set_description(seed, max_prompt_chars)
     manifest = dict(format=FORMAT, complete=False, target_workdir=str(target_workdir),
                     tokenizer=str(tokenizer_name), seq_len=seq_len, d_model=cfg.d_model, vocab_size=cfg.vocab_size,
                     feature_layers=list(layers), num_examples=len(prompts),
                     shards=[shard_name(i) for i in range(len(batches))], max_new_tokens=max_new_tokens, seed=seed,
-                    prompt_set=prompt_set)
+                    prompt_set=prompt_description)
     settings = {k: manifest[k] for k in ("format", "target_workdir", "tokenizer", "seq_len", "feature_layers",
                                          "max_new_tokens", "seed", "prompt_set")}
     settings.update(model=_config_digest(cfg), eos_ids=list(api.stop_ids(tokenizer.eos_ids)), batch_size=batch_size)
@@ -657,7 +508,8 @@ def config_defaults() -> ml_collections.ConfigDict:
         batch_size=8,  # rows decoded together; one shard per batch
         feature_layers=(),  # residual-stream layers stored besides the final hidden state (EAGLE-3: low, mid, high)
         seed=0,
-        max_prompt_chars=DEFAULT_MAX_CHARS,  # longest quoted text of an instruction
+        max_prompt_chars=instructions.DEFAULT_MAX_CHARS,  # longest quoted text of an instruction
+        prompt_set=instructions.DEFAULT_PROMPT_SET,  # "tasks" (the suite's kinds of request) or "docs"
         progress_bar=True,
     ))
 
@@ -673,8 +525,10 @@ def validate_config(config) -> None:
     require(config.max_new_tokens < config.seq_len, "max_new_tokens", config.max_new_tokens,
              f"fewer than seq_len={config.seq_len} (the prompt needs room)")
     require(is_int(config.seed) and config.seed >= 0, "seed", config.seed, "a non-negative integer")
-    require(is_int(config.max_prompt_chars) and config.max_prompt_chars >= _MIN_CHARS, "max_prompt_chars",
-             config.max_prompt_chars, f"an integer of at least {_MIN_CHARS}")
+    require(is_int(config.max_prompt_chars) and config.max_prompt_chars >= instructions.MIN_CHARS,
+            "max_prompt_chars", config.max_prompt_chars, f"an integer of at least {instructions.MIN_CHARS}")
+    require(config.prompt_set in instructions.PROMPT_SETS, "prompt_set", config.prompt_set,
+            f"one of {sorted(instructions.PROMPT_SETS)}")
     layers = config.feature_layers
     require(isinstance(layers, (tuple, list)) and all(is_int(i) and i >= 0 for i in layers)
              and len(set(layers)) == len(layers), "feature_layers", layers,
@@ -690,9 +544,9 @@ def run(config, out_dir: str) -> Summary:
                     max_new_tokens=config.max_new_tokens, seq_len=config.seq_len, batch_size=config.batch_size,
                     feature_layers=tuple(config.feature_layers), seed=config.seed,
                     max_prompt_chars=config.max_prompt_chars, target_workdir=target.workdir,
-                    tokenizer_name=target.config.data.tokenizer, progress=config.progress_bar)
+                    tokenizer_name=target.config.data.tokenizer, progress=config.progress_bar,
+                    prompt_set=config.prompt_set)
 
 
 __all__ = ["FORMAT", "MANIFEST", "Summary", "config_defaults", "encode_messages", "feature_pass", "generate",
-           "instruction_prompts", "iter_instructions", "loss_mask", "overlaps_suite", "plan_prompts", "read",
-           "restream", "run", "token_frequencies", "validate_config"]
+           "loss_mask", "plan_prompts", "read", "restream", "run", "token_frequencies", "validate_config"]

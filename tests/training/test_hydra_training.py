@@ -43,7 +43,8 @@ def target_run(make_model, tiny_config, chat_tokenizer, tmp_path_factory):
     tokenizer = copy.copy(chat_tokenizer)
     tokenizer.eos_ids = (chat_tokenizer.eos_id,)  # replies run to max_new_tokens: every example has its replies
     selfdistill.generate(model, params, tokenizer, sd, num_prompts=8, max_new_tokens=24, seq_len=160, batch_size=8,
-                         max_prompt_chars=60, target_workdir=target_dir, tokenizer_name="bytes", progress=False)
+                         max_prompt_chars=60, target_workdir=target_dir, tokenizer_name="bytes", progress=False,
+                         prompt_set="docs")  # short instructions: these fit the tiny target's 112 prompt bytes
     return model, params, target_dir, sd
 
 

@@ -18,7 +18,7 @@ from configs import lm
 from jaxspec.decoding import api
 from jaxspec.models.lm import build_model
 from jaxspec.parallel.mesh import make_mesh
-from jaxspec.training import checkpoint, optim, selfdistill
+from jaxspec.training import checkpoint, instructions, optim, selfdistill
 from jaxspec.training.data import make_datasets
 from jaxspec.training.train_config import eagle_defaults, medusa_defaults, train_defaults
 from jaxspec.training.trainer import build_trainer, prepare_config, read_metrics, train
@@ -187,7 +187,7 @@ def selfdistill_set(lm_run, chat_tokenizer, tmp_path_factory):
     sd = str(tmp_path_factory.mktemp("sd"))
     selfdistill.generate(model, params, tokenizer, sd, num_prompts=24, max_new_tokens=48, seq_len=160,
                          batch_size=8, max_prompt_chars=60, target_workdir=target_dir, feature_layers=(0, 1),
-                         tokenizer_name=target_config.data.tokenizer, progress=False)
+                         tokenizer_name=target_config.data.tokenizer, progress=False, prompt_set="docs")
     return model, params, tokenizer, sd, target_dir
 
 
@@ -226,7 +226,7 @@ def test_eagle_drafter_learns_its_targets_features_and_drafts_for_it(selfdistill
 
     # Decoding with the trained drafter: identical output, and drafts accepted.
     prompts = [selfdistill.encode_messages(tokenizer, m)
-               for m in selfdistill.instruction_prompts(3, seed=5, max_chars=60)]
+               for m in instructions.instruction_prompts(3, seed=5, max_chars=60, prompt_set="docs")]
     ar = api.generate(model, params, prompts, max_new_tokens=32)
     out = api.generate(model, params, prompts, method="eagle", draft_workdir=workdir, tree="chain:3",
                        target_workdir=target_dir, max_new_tokens=32)
@@ -253,7 +253,7 @@ def test_eagle3_drafter_fuses_the_stored_streams_and_drafts_for_it(selfdistill_s
     assert records[-1]["tok0_loss"] < records[0]["tok0_loss"] - 0.5
     assert final["val_tok2_acc"] > 0.0
     prompts = [selfdistill.encode_messages(tokenizer, m)
-               for m in selfdistill.instruction_prompts(3, seed=5, max_chars=60)]
+               for m in instructions.instruction_prompts(3, seed=5, max_chars=60, prompt_set="docs")]
     ar = api.generate(model, params, prompts, max_new_tokens=32)
     for options in (dict(tree="chain:3"), dict(expand=2, depth=3, nodes=4)):
         out = api.generate(model, params, prompts, method="eagle", draft_workdir=workdir, target_workdir=target_dir,
