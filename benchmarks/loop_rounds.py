@@ -1,0 +1,96 @@
+"""What a round costs inside the decode loop, per method, beside the autoregressive step of the same run.
+
+  python -m benchmarks.loop_rounds --model=smollm2-135m-instruct --methods=lookup,recycling --per_category=1
+  python -m benchmarks.loop_rounds --methods=lookup --eagle=/tmp/eagle          # also EAGLE on a 2-draft chain
+
+For each suite prompt (padded to the whole suite's width, as the quickstart decodes it) and method, the wall time of
+`api.generate` with `max_new_tokens` minus that with one new token (the prefill and the first token), divided
+by the rounds the run took (new tokens after the first over tau): the round's whole cost in the compiled loop,
+its drafting, verification, commit and the loop's own work included, which a forward timed alone does not
+show. Each time is the best of `--repeats` calls after one warm call. Methods are the quickstart's (by name).
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from jaxspec import cli
+
+FLAGS = flags.FLAGS
+COLUMNS = ["prompt", "tokens", "method", "tau", "prefill ms", "round ms", "round / AR step"]
+
+
+def best_wall(lm, prompt: list[int], new_tokens: int, repeats: int, fields: dict, prompt_width: int):
+    """(best wall seconds of `repeats` calls after a warm one, the last call's output)."""
+    from jaxspec.decoding import api
+
+    run = lambda: api.generate(lm.model, lm.params, [prompt], max_new_tokens=new_tokens, prompt_width=prompt_width,
+                               eos_ids=lm.tokenizer.eos_ids, **fields)
+    run()
+    outs = [run() for _ in range(repeats)]
+    return min(o.wall_time_s for o in outs), outs[-1]
+
+
+def measure(lm, prompts: dict, methods: dict, max_new_tokens: int, repeats: int, prompt_width: int) -> list[dict]:
+    """Rows per (prompt, method): tau, the prefill (+ first token) in ms, the round in ms and over the AR step of
+    the same prompt. `prompts`: name -> token ids; `methods`: name -> generate's fields ("ar" is added)."""
+    rows = []
+    for prompt_name, prompt in prompts.items():
+        ar_round = None
+        for name, fields in {"ar": {"method": "ar"}, **methods}.items():
+            prefill_s, _ = best_wall(lm, prompt, 1, repeats, fields, prompt_width)
+            full_s, out = best_wall(lm, prompt, max_new_tokens, repeats, fields, prompt_width)
+            tau = float(out.mean_accepted[0])
+            rounds = max(int(out.new_tokens[0]) - 1, 1) / tau
+            round_ms = max(full_s - prefill_s, 0.0) / rounds * 1e3
+            ar_round = round_ms if name == "ar" else ar_round
+            rows.append({"prompt": prompt_name, "tokens": len(prompt), "method": name, "tau": tau,
+                         "prefill ms": prefill_s * 1e3, "round ms": round_ms,
+                         "round / AR step": round_ms / ar_round if ar_round > 0 else float("nan")})
+    return rows
+
+
+def define_flags() -> None:
+    """The script's flags, defined only when it runs (tests import its functions without them)."""
+    flags.DEFINE_string("model", "smollm2-135m-instruct", "the target (a zoo name or a workdir)")
+    flags.DEFINE_list("methods", ["lookup", "ngram", "recycling"], "quickstart methods (configs/quickstart.py)")
+    flags.DEFINE_string("eagle", None, "also an EAGLE drafter run on a 2-draft chain")
+    flags.DEFINE_integer("per_category", 1, "suite prompts per category")
+    flags.DEFINE_integer("max_new_tokens", 64, "tokens per timed run")
+    flags.DEFINE_integer("repeats", 3, "timed calls per (prompt, method, length); the best is kept")
+
+
+def main(argv) -> None:
+    del argv
+    cli.quiet_libraries()
+    cli.enable_compilation_cache(None)
+    from configs import quickstart
+    from jaxspec.decoding import api, engine
+    from jaxspec.errors import InputError
+    from jaxspec.eval import tables
+    from jaxspec.eval.suite import load_suite
+    from jaxspec.eval.suite_eval import encode_suite
+
+    config = quickstart.get_config(f"model={FLAGS.model}")
+    unknown = sorted(set(FLAGS.methods) - set(config.methods))
+    if unknown:
+        raise InputError(f"--methods: {unknown} are not quickstart methods; choose from {sorted(config.methods)}")
+    methods = {name: dict(config.methods[name]) for name in FLAGS.methods}
+    if FLAGS.eagle:
+        methods["eagle chain:2"] = dict(method="eagle", draft_workdir=FLAGS.eagle, tree="chain:2")
+    lm = api.load(FLAGS.model)
+    suite = load_suite(None, FLAGS.per_category)
+    encoded = encode_suite(lm.tokenizer, suite)
+    prompts = {p.id: ids for p, ids in zip(suite, encoded)}
+    # The width the whole suite pads to (as the quickstart's comparison does): one compile per method.
+    longest = max(map(len, encode_suite(lm.tokenizer, load_suite())))
+    width, _ = engine.plan_shapes(lm.model.model_cfg, [longest], FLAGS.max_new_tokens, 1)
+    rows = measure(lm, prompts, methods, FLAGS.max_new_tokens, FLAGS.repeats, width)
+    print(f"# loop_rounds: {FLAGS.model}, {len(prompts)} prompts at width {width}, {FLAGS.max_new_tokens} new "
+          f"tokens, best of {FLAGS.repeats}")
+    print(tables.markdown_table(rows, COLUMNS))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,23 @@
+"""benchmarks/loop_rounds.py on a tiny model: a row per (prompt, method), the AR row its own yardstick, and the
+rounds counted from each run's tau. Speed is not asserted."""
+
+import types
+
+import numpy as np
+
+
+def test_rows_per_prompt_and_method(benchmark_script, make_model):
+    bench = benchmark_script("loop_rounds")
+    model, params = make_model("A", seed=1, max_len=96)
+    lm = types.SimpleNamespace(model=model, params=params, tokenizer=types.SimpleNamespace(eos_ids=None))
+    repeated = [3, 1, 4, 1, 5, 3, 1, 4, 1, 5, 3, 1, 4]  # prompt lookup finds its continuations
+    prompts = {"a": repeated, "b": [5, 9, 2, 6]}
+    methods = {"lookup": dict(method="lookup", tree="chain:3")}
+    rows = bench.measure(lm, prompts, methods, max_new_tokens=12, repeats=1, prompt_width=16)
+    assert [(r["prompt"], r["method"]) for r in rows] == [("a", "ar"), ("a", "lookup"), ("b", "ar"), ("b", "lookup")]
+    for row in rows:
+        assert row["tokens"] == len(prompts[row["prompt"]])
+        assert row["prefill ms"] > 0 and row["round ms"] >= 0 and np.isfinite(row["round / AR step"])
+        assert 1.0 <= row["tau"] <= 4.0
+    assert [r["tau"] for r in rows if r["method"] == "ar"] == [1.0, 1.0]
+    assert all(r["round / AR step"] == 1.0 for r in rows if r["method"] == "ar")
