@@ -304,10 +304,10 @@ def _task_chat(kind: str, unit: _Unit | None, rng: random.Random) -> list[dict[s
 
 # The suite's categories in turn; each takes the next library piece it fits (math takes none).
 _TASK_KINDS = ("translation", "summarization", "qa", "math", "code", "multi_turn")
-_FITS = {"translation": lambda u: u.kind == "doc" and _prose(u.fields["text"]),
-         "summarization": lambda u: u.kind == "doc" and _prose(u.fields["text"]),
-         "qa": lambda u: u.kind == "doc", "code": lambda u: u.kind == "code",
-         "multi_turn": lambda u: u.kind == "doc"}
+_is_doc = lambda u: u.kind == "doc"
+_is_prose = lambda u: _is_doc(u) and _prose(u.fields["text"])
+_FITS = {"translation": _is_prose, "summarization": _is_prose, "qa": _is_doc, "code": lambda u: u.kind == "code",
+         "multi_turn": _is_doc}
 
 
 def _tasks_chats(rng: random.Random, max_chars: int) -> Iterator[list[dict[str, str]]]:
@@ -318,6 +318,8 @@ def _tasks_chats(rng: random.Random, max_chars: int) -> Iterator[list[dict[str, 
             continue
         fits = _FITS[kind]
         unit = next((u for u in waiting if fits(u)), None)
+        if unit is not None:
+            waiting.remove(unit)
         while unit is None:
             unit = next(units, None)
             if unit is None:
@@ -325,8 +327,6 @@ def _tasks_chats(rng: random.Random, max_chars: int) -> Iterator[list[dict[str, 
             if not fits(unit):
                 waiting.append(unit)  # kept for a kind it fits
                 unit = None
-        if unit in waiting:
-            waiting.remove(unit)
         yield _task_chat(kind, unit, rng)
 
 
