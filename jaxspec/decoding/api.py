@@ -85,6 +85,9 @@ class GenerateResult:
     # What a drafter that learns while decoding knew at the end (per-row arrays; see method.Drafter), e.g.
     # SWIFT's searched skip sets; empty for the others.
     drafter_report: dict = dataclasses.field(default_factory=dict)
+    # With record_features: the target's hidden states (numpy, float16) at each row's prompt and output
+    # positions, prompt first; engine.Features. Positions past len(prompt) + len(tokens) are undefined.
+    features: engine.Features | None = None
 
     @property
     def new_tokens(self) -> np.ndarray:
@@ -163,6 +166,21 @@ def check_lossless(spec: Method, rule: str) -> None:
                          "lossless decoding was required (require_lossless / --require_lossless)")
 
 
+def check_record_features(layers, spec: Method, n_layers: int) -> tuple[int, ...] | None:
+    """`record_features` as the loop's static tuple, or an error naming what is wrong with it."""
+    if layers is None:
+        return None
+    if spec.name != "ar":
+        raise InputError(f"record_features is for autoregressive decoding (method='ar'), not method={spec.name!r}")
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise InputError(f"record_features={layers!r} must be a sequence of layer indices")
+    layers = tuple(layers)
+    if (not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) and 0 <= i < n_layers for i in layers)
+            or len(set(layers)) != len(layers)):
+        raise InputError(f"record_features={layers} must be distinct layer indices in 0..{n_layers - 1}")
+    return tuple(int(i) for i in layers)
+
+
 def common_prefix_len(prompts: list[list[int]]) -> int:
     """How many leading tokens every prompt shares."""
     first, n = prompts[0], min(map(len, prompts))
@@ -174,7 +192,7 @@ def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str
              rule: str | None = None, eos_ids=None, seed: int = 0, prompt_width: int | None = None,
              on_tokens: Callable[[list[list[int]]], None] | None = None, target_workdir: str | None = None,
              check_invariants: bool = False, prefill_chunk: int = 0, require_lossless: bool = False,
-             shared_prefix: bool = False, **method_arguments) -> GenerateResult:
+             shared_prefix: bool = False, record_features=None, **method_arguments) -> GenerateResult:
     """Decode a batch of token-id prompts with `method`: a registered name (`methods.names()`) with its fields
     and objects as keyword arguments (e.g. `tree="chain:4"`, `draft_model=..., draft_params=...`), or a spec.
 
@@ -191,6 +209,9 @@ def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str
     `shared_prefix`: the prompts' common beginning (samples of one prompt, or requests under one system prompt)
     is prefilled once and its keys/values are held once and attended once for all rows (Hydragen); the output is
     the same as without it. Needs global attention (no sliding windows).
+    `record_features` (autoregressive decoding only): a sequence of layer indices, possibly empty; the result
+    then holds the target's hidden states at every prompt and output position (`GenerateResult.features`),
+    taken from the forwards the decoding runs anyway: what a feature drafter's training set stores.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
         raise InputError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
@@ -210,6 +231,7 @@ def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str
     if any(i >= target.model_cfg.vocab_size for i in eos):
         raise InputError(f"eos_ids={eos} lie outside the model's vocabulary [0, {target.model_cfg.vocab_size})")
     spec, objects = method_spec(method, method_arguments)
+    recorded = check_record_features(record_features, spec, target.model_cfg.n_layers)
     if require_lossless:
         check_lossless(spec, rule)
     drafter, dparams = spec.build(Target(target, params, target_workdir), **objects)
@@ -223,6 +245,8 @@ def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str
                    stream=on_tokens is not None, prefill_chunk=int(prefill_chunk), shared_prefix=shared)
     if drafter is None:
         loop = engine.autoregressive_loop
+        if recorded is not None:
+            statics["record_features"] = recorded
     else:
         loop = engine.speculative_loop
         dynamic["draft_params"] = dparams
@@ -243,7 +267,8 @@ def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str
     return GenerateResult([toks[i, :num[i]].tolist() for i in range(len(prompts))], np.asarray(out.target_steps),
                           np.asarray(out.accepted), wall, spec.name, compile_s=compile_s,
                           compilations=int(compile_s > 0), prompt_width=width, max_len=max_len,
-                          drafter_report={k: np.asarray(v) for k, v in (out.drafter_report or {}).items()})
+                          drafter_report={k: np.asarray(v) for k, v in (out.drafter_report or {}).items()},
+                          features=None if out.features is None else jax.tree.map(np.asarray, out.features))
 
 
 def load(model: str):

@@ -73,6 +73,27 @@ class Output(NamedTuple):
     target_steps: jax.Array  # [B] target forwards after the prefill while the row was running
     accepted: jax.Array  # [B] tokens committed by those forwards (bonus included)
     drafter_report: dict | None = None  # the drafter's `report` of its final state (drafters that learn)
+    features: Features | None = None  # the target's hidden states (autoregressive_loop with record_features)
+
+
+class Features(NamedTuple):
+    """The target's hidden states at every position of prompt and output, float16, as a feature drafter
+    trains on them; positions past a row's prompt + output are undefined."""
+    final: jax.Array  # [B, S, d] after the final norm
+    layers: jax.Array | None  # [B, S, k, d] the residual stream after each recorded layer (None for none)
+
+
+def _feature_values(out, layers: tuple[int, ...]) -> Features:
+    """`Features` of a forward's LMOutput over its T positions: [B, T, d] and [B, T, k, d]."""
+    layered = jnp.stack([out.layer_hidden[i] for i in layers], axis=2).astype(jnp.float16) if layers else None
+    return Features(out.hidden.astype(jnp.float16), layered)
+
+
+def _record_features(features: Features, out, layers: tuple[int, ...], positions, rows) -> Features:
+    """`features` with the one-token forward `out`'s values written at `positions` [B] where `rows` [B]."""
+    index = jnp.where(rows, positions, features.final.shape[1])  # out of range: dropped
+    write = lambda buffer, value: jax.vmap(lambda b, i, v: b.at[i].set(v, mode="drop"))(buffer, index, value[:, 0])
+    return jax.tree.map(write, features, _feature_values(out, layers))
 
 
 class Emission(NamedTuple):
@@ -220,39 +241,57 @@ def read_weights(params, carried):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new", "max_len", "sampling", "eos_ids", "stream",
-                                             "checked", "prefill_chunk", "shared_prefix"))
+                                             "checked", "prefill_chunk", "shared_prefix", "record_features"))
 def autoregressive_loop(model: DecoderLM, params, prompts, prompt_lens, key, *, max_new: int, max_len: int,
                         sampling: Sampling, eos_ids: tuple[int, ...] = (), stream: bool = False,
-                        checked: bool = False, prefill_chunk: int = 0, shared_prefix: int = 0) -> Output:
+                        checked: bool = False, prefill_chunk: int = 0, shared_prefix: int = 0,
+                        record_features: tuple[int, ...] | None = None) -> Output:
     """One token per target forward: the baseline every speculative method must reproduce.
 
     `checked`: traced with jaxspec.checks enabled (run it through checks.run_checked); a static argument so
     that checked and unchecked programs never share a trace. `prefill_chunk` > 0: the prompt is prefilled in
     chunks of that many tokens (`chunked_prefill`; same output). `shared_prefix` > 0: every row's prompt starts
     with the same that many tokens (samples of one prompt, or one system prompt), prefilled once and attended as
-    one shared prefix (`_prefill_shared`, `state.SharedPrefixCache`; same output)."""
+    one shared prefix (`_prefill_shared`, `state.SharedPrefixCache`; same output).
+
+    `record_features` (layer indices, possibly none): the output also holds `Features`, the target's hidden
+    states at every prompt and output position (the residual streams after those layers too), taken from the
+    prefill and the steps that compute them anyway: what a feature drafter's training set stores. Each row then
+    runs one forward more, over its last token, so that this position has its state as well."""
     model, params = for_decoding(model, params)  # once per call, outside the while_loop (a no-op if done before)
     key, k0 = jax.random.split(key)
-    state, token, _, em, _ = _prefill(model, params, prompts, prompt_lens, max_len, sampling, k0, eos_ids, max_new,
-                                      1, stream, prefill_chunk, shared_prefix)
-    b = prompts.shape[0]
+    state, token, _, em, out = _prefill(model, params, prompts, prompt_lens, max_len, sampling, k0, eos_ids,
+                                        max_new, 1, stream, prefill_chunk, shared_prefix)
+    b, p = prompts.shape
     steps = jnp.zeros((b,), jnp.int32)
+    record = record_features is not None
+    features = None
+    if record:
+        width = em.seq.shape[1]
+        features = jax.tree.map(lambda x: jnp.zeros((b, width, *x.shape[2:]), x.dtype).at[:, :p].set(x),
+                                _feature_values(out, record_features))
+    fed = jnp.zeros((b,), bool)  # recording: the row's last token has had its forward
 
     def body(carry):
-        state, token, em, steps, key, carried = carry
+        state, token, em, steps, key, carried, features, fed = carry
         weights, carried = read_weights(params, carried)
         key, k = jax.random.split(key)
         running = ~em.done
-        logits, state = model.apply({"params": weights}, token[:, None], state=state,
-                                    num_new=running.astype(jnp.int32))
-        token = sampling.pick(k, logits[:, 0])
+        feeding = ~fed if record else running
+        out, state = model.apply({"params": weights}, token[:, None], state=state,
+                                 num_new=feeding.astype(jnp.int32), return_hidden=record)
+        if record:  # the token fed sits at seq_len - 1; a row done before this step has fed its last token now
+            features = _record_features(features, out, record_features, em.seq_len - 1, feeding)
+            fed, out = fed | em.done, out.logits
+        token = sampling.pick(k, out[:, 0])
         em, _ = emit_tokens(em, token[:, None], jnp.ones((b,), jnp.int32), eos_ids=eos_ids, max_new=max_new,
                             stream=stream)
-        return state, token, em, steps + running, key, carried
+        return state, token, em, steps + running, key, carried, features, fed
 
-    carry = (state, token, em, steps, key, carried_weights(params))
-    _, _, em, steps, _, _ = jax.lax.while_loop(lambda c: ~jnp.all(c[2].done), body, carry)
-    return Output(_outputs(em, prompt_lens, max_new), em.num_out, steps, steps)
+    carry = (state, token, em, steps, key, carried_weights(params), features, fed)
+    unfinished = (lambda c: ~jnp.all(c[7])) if record else (lambda c: ~jnp.all(c[2].done))
+    _, _, em, steps, _, _, features, _ = jax.lax.while_loop(unfinished, body, carry)
+    return Output(_outputs(em, prompt_lens, max_new), em.num_out, steps, steps, features=features)
 
 
 def drafter_features(drafter, out):

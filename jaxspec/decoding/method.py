@@ -44,7 +44,7 @@ from jaxspec.errors import InputError
 # generate and never reach the method (a test keeps this list equal to generate's signature).
 GENERATE_ARGUMENTS = frozenset({"method", "max_new_tokens", "temperature", "top_k", "top_p", "rule", "eos_ids",
                                 "seed", "prompt_width", "on_tokens", "target_workdir", "check_invariants",
-                                "prefill_chunk", "require_lossless", "shared_prefix"})
+                                "prefill_chunk", "require_lossless", "shared_prefix", "record_features"})
 
 
 class Drafter(Protocol):

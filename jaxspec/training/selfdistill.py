@@ -13,10 +13,11 @@ the "tasks" set by default (the six kinds of request of the evaluation suite, ov
 Each instruction (a chat ending with a user turn) is rendered through the target's chat template with the generation
 prompt (the plain "User: ... Assistant:" form for a tokenizer without a template, as the suite evaluation does), and
 the replies are decoded greedily by `jaxspec.decoding.api.generate`, `batch_size` rows together, stopping at the
-tokenizer's stop ids (the stop id, when hit, is part of the reply). One full forward of the target over each [prompt
-+ reply] then gives the stored features. Every example fits the fixed length `seq_len`: an instruction whose
-rendered prompt is longer than ``seq_len - max_new_tokens`` tokens is skipped (never truncated, which would cut the
-generation prompt off) and the next instruction of the stream takes its place.
+tokenizer's stop ids (the stop id, when hit, is part of the reply). The decoding records the target's hidden states
+as it computes them, the prefill's and each step's (`record_features`), so the stored features need no second
+forward (`restream` runs one, over a stored set, to add layers). Every example fits the fixed length `seq_len`:
+an instruction whose rendered prompt is longer than ``seq_len - max_new_tokens`` tokens is skipped (never
+truncated, which would cut the generation prompt off) and the next instruction of the stream takes its place.
 
 On disk (``FORMAT``), a directory with:
 
@@ -115,7 +116,7 @@ class Summary:
     generated_tokens: int  # reply tokens decoded by this call (skipped shards excluded)
     generate_s: float  # decoding time of this call, compilation excluded
     compile_s: float  # compilation of the decode loop
-    feature_s: float  # the feature forwards, their compilation included
+    feature_s: float  # restream's feature forwards, their compilation included (0 for generate: no forward)
     shards_written: int
     shards_skipped: int
     prompts_too_long: int  # instructions skipped because prompt + max_new_tokens > seq_len
@@ -199,16 +200,26 @@ def feature_pass(model, params, tokens: np.ndarray, lengths: np.ndarray, feature
     width = min(L, engine.bucket_len(int(np.max(lengths))))
     hidden, layered = _forward_features(model, params, jnp.asarray(tokens[:, :width], jnp.int32),
                                         tuple(feature_layers))
+    return stored_features(hidden, layered, lengths, L)
+
+
+def stored_features(final, layered, lengths: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+    """The shard arrays of hidden states over each row's first positions, final [B, W, d] and layered
+    [B, W, k, d] or None: ``features`` [B, seq_len, d] and ``layer_features``, float16, zero from each row's
+    length on (whatever the source held there), checked finite."""
+    width = min(seq_len, final.shape[1])
     valid = np.arange(width)[None, :] < np.asarray(lengths)[:, None]
 
-    def stored(array, mask):
-        full = np.zeros((array.shape[0], L, *array.shape[2:]), np.float16)
-        full[:, :width] = np.where(mask, np.asarray(array), np.float16(0))
+    def stored(array):
+        array = np.asarray(array)[:, :width]
+        mask = valid.reshape(valid.shape + (1,) * (array.ndim - 2))
+        full = np.zeros((array.shape[0], seq_len, *array.shape[2:]), np.float16)
+        full[:, :width] = np.where(mask, array, np.float16(0))
         return full
 
-    out = {"features": stored(hidden, valid[:, :, None])}
+    out = {"features": stored(final)}
     if layered is not None:
-        out["layer_features"] = stored(layered, valid[:, :, None, None])
+        out["layer_features"] = stored(layered)
     for name, array in out.items():
         if not np.all(np.isfinite(array)):
             raise InputError(f"{name} overflow float16 (values beyond +-65504): the target's activations are too "
@@ -247,12 +258,16 @@ def generate(model, params, tokenizer, out_dir: str, *, num_prompts: int, max_ne
     max_prompt_chars, prompt_set)` whose prompt fits ``seq_len - max_new_tokens`` tokens are decoded greedily in
     batches of `batch_size` (the last batch filled with copies of its last prompt, so every batch has `batch_size`
     rows; prompt widths are bucketed as `api.generate` does, so a set compiles its loop once per width bucket).
+    The set holds them in order of prompt length (stable), so that a batch's rows have similar lengths: a batch is
+    prefilled at its longest prompt's bucketed width, and its steps attend over a cache of that width. In stream
+    order, one long prompt in each batch set most batches' width (SmolLM2's "tasks" prompts: 58-245 tokens).
     """
     layers = _check_arguments(model, num_prompts, max_new_tokens, seq_len, batch_size, feature_layers)
     cfg = model.model_cfg
     prompt_description = instructions.prompt_set_description(seed, max_prompt_chars, prompt_set)
     prompts, too_long = plan_prompts(tokenizer, num_prompts, seed, max_prompt_chars, seq_len - max_new_tokens,
                                      prompt_set)
+    prompts = sorted(prompts, key=len)  # stable: one order for one stream, rerun after rerun
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     manifest = dict(format=FORMAT, complete=False, target_workdir=str(target_workdir),
                     tokenizer=str(tokenizer_name), seq_len=seq_len, d_model=cfg.d_model, vocab_size=cfg.vocab_size,
@@ -298,9 +313,10 @@ def restream(model, params, source: str, out_dir: str, feature_layers: Sequence[
     """Write into `out_dir` the set that `generate` with `feature_layers` would have made of `source`'s prompts:
     the same replies and final features, with the residual streams of those layers added (EAGLE-3's fused
     streams for a set made without them). No decoding: one feature forward per shard over its stored tokens,
-    in the shard's batch shape (the last shard filled with copies of its last row, as `generate` fills it), so
-    the streams are those `generate` computes. `model` must be the set's target: the model config it was made
-    with, or the same `target_workdir` (a config that gained keys since). Resumable as `generate`."""
+    in the shard's batch shape (the last shard filled with copies of its last row, as `generate` fills it). The
+    streams equal those `generate` records in its decode steps up to float32 rounding. `model` must be the set's
+    target: the model config it was made with, or the same `target_workdir` (a config that gained keys since).
+    Resumable as `generate`."""
     manifest = _read_manifest(source)
     layers = _check_arguments(model, manifest["num_examples"], manifest["max_new_tokens"], manifest["seq_len"], 1,
                               feature_layers)
@@ -370,10 +386,10 @@ def _check_existing_manifest(out_dir: str) -> None:
 
 def _make_shard(model, params, tokenizer, batch, batch_size, max_new_tokens, seq_len, layers, summary
                 ) -> dict[str, np.ndarray]:
-    """Decode one batch, run the feature forward over [prompt + reply] and return the shard's arrays."""
+    """Decode one batch, recording the target's hidden states as it goes, and return the shard's arrays."""
     padded = batch + [batch[-1]] * (batch_size - len(batch))
     result = api.generate(model, params, padded, method="ar", max_new_tokens=max_new_tokens, temperature=0.0,
-                          eos_ids=tokenizer.eos_ids)
+                          eos_ids=tokenizer.eos_ids, record_features=layers)
     replies = result.tokens[:len(batch)]
     summary.generate_s += result.wall_time_s
     summary.compile_s += result.compile_s
@@ -385,9 +401,7 @@ def _make_shard(model, params, tokenizer, batch, batch_size, max_new_tokens, seq
         sequence = prompt + reply
         tokens[row, :len(sequence)] = sequence
         lengths[row] = len(sequence)
-    start = time.perf_counter()
-    features = feature_pass(model, params, tokens, lengths, layers)
-    summary.feature_s += time.perf_counter() - start
+    features = stored_features(result.features.final, result.features.layers, lengths, seq_len)
     n = len(batch)
     return dict(tokens=tokens[:n], lengths=lengths[:n], reply_start=np.asarray([len(p) for p in batch], np.int32),
                 **{name: array[:n] for name, array in features.items()})

@@ -15,9 +15,15 @@ def test_rows_per_prompt_and_method(benchmark_script, make_model):
     methods = {"lookup": dict(method="lookup", tree="chain:3")}
     rows = bench.measure(lm, prompts, methods, max_new_tokens=12, repeats=1, prompt_width=16)
     assert [(r["prompt"], r["method"]) for r in rows] == [("a", "ar"), ("a", "lookup"), ("b", "ar"), ("b", "lookup")]
+    ar_round = {r["prompt"]: r["round ms"] for r in rows if r["method"] == "ar"}
     for row in rows:
         assert row["tokens"] == len(prompts[row["prompt"]])
-        assert row["prefill ms"] > 0 and row["round ms"] >= 0 and np.isfinite(row["round / AR step"])
+        assert row["prefill ms"] > 0 and row["round ms"] >= 0
         assert 1.0 <= row["tau"] <= 4.0
+        # On a model this small, timing noise can leave no time for the AR rounds: then there is no ratio.
+        ar = ar_round[row["prompt"]]
+        if ar > 0:
+            assert row["round / AR step"] == row["round ms"] / ar
+        else:
+            assert np.isnan(row["round / AR step"])
     assert [r["tau"] for r in rows if r["method"] == "ar"] == [1.0, 1.0]
-    assert all(r["round / AR step"] == 1.0 for r in rows if r["method"] == "ar")

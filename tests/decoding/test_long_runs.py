@@ -1,9 +1,9 @@
-"""Long runs: 4,096 new tokens per row at batch 8 on a tiny random model.
+"""Long runs: 2,048 new tokens per row at batch 8 on a tiny random model.
 
 Autoregressive and prompt-lookup decoding agree token for token over the whole run; every logit the run
 produced is finite (checked by one full forward over the final sequences, which also has to pick each greedy
 token wherever its top two logits are apart); the run's counts are consistent; and the compiled loop's memory
-does not grow with the number of steps: 4,096 new tokens need no more scratch memory than 512 beyond the
+does not grow with the number of steps: 2,048 new tokens need no more scratch memory than 512 beyond the
 token buffers themselves (a loop that kept anything per step - logits, states - would need megabytes more).
 """
 
@@ -16,11 +16,11 @@ import pytest
 from jaxspec.decoding import api, engine, methods
 from jaxspec.decoding.method import Target
 
-NEW = 4096
+NEW = 2048
 SHORT = 512
 BATCH = 8
 VOCAB = 64
-MAX_LEN = 4224  # the bucketed decode-state length of a 64-wide prompt + 4,096 new tokens + a 5-node tree
+MAX_LEN = 2176  # the bucketed decode-state length of a 64-wide prompt + 2,048 new tokens + a 5-node tree
 TREE = "chain:4"
 
 
@@ -43,7 +43,7 @@ def runs(model):
 
 
 @pytest.mark.slow
-def test_lookup_equals_autoregressive_over_4096_tokens(runs):
+def test_lookup_equals_autoregressive_over_2048_tokens(runs):
     ar, lookup = runs["ar"], runs["lookup"]
     assert ar.max_len == lookup.max_len == MAX_LEN
     assert [len(t) for t in ar.tokens] == [NEW] * BATCH
@@ -61,7 +61,7 @@ def test_lookup_equals_autoregressive_over_4096_tokens(runs):
 @pytest.mark.slow
 def test_every_logit_of_the_run_is_finite_and_picks_the_greedy_token(model, runs, apply):
     """One full forward over the final sequences of the shortest and the longest prompt (a forward over all eight
-    costs four times as much and checks the same positions 1..4,136)."""
+    costs four times as much and checks the same positions 1..2,088)."""
     lm, params = model
     checked = (0, BATCH - 1)
     rows = [prompts()[i] + runs["ar"].tokens[i] for i in checked]
