@@ -28,15 +28,6 @@ def batches_of(prompts: list[list[int]], batch_size: int, by_length: bool) -> li
     return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
-def padded_rows(prompts, replies, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """[prompt + reply] per row, right-padded to seq_len, and the rows' lengths."""
-    tokens = np.zeros((len(prompts), seq_len), np.int32)
-    lengths = np.asarray([len(p) + len(r) for p, r in zip(prompts, replies)], np.int32)
-    for row, (prompt, reply) in enumerate(zip(prompts, replies)):
-        tokens[row, :lengths[row]] = prompt + reply
-    return tokens, lengths
-
-
 def measure(lm, prompts: list[list[int]], batch_size: int, max_new_tokens: int, seq_len: int) -> list[dict]:
     """One row per (order, way of taking the states): decoding and feature-forward seconds over all batches."""
     from jaxspec.decoding import api, engine
@@ -52,7 +43,7 @@ def measure(lm, prompts: list[list[int]], batch_size: int, max_new_tokens: int, 
                                       eos_ids=lm.tokenizer.eos_ids, record_features=() if recording else None)
                 decode_s += result.wall_time_s
                 tokens += sum(map(len, result.tokens))
-                padded, lengths = padded_rows(batch, result.tokens, seq_len)
+                padded, lengths = selfdistill.example_rows(batch, result.tokens, seq_len)
                 if recording:
                     if index == 0:  # the recorded states are the states a feature forward gives
                         recorded = selfdistill.stored_features(result.features.final, None, lengths, seq_len)

@@ -270,7 +270,7 @@ def autoregressive_loop(model: DecoderLM, params, prompts, prompt_lens, key, *, 
         width = em.seq.shape[1]
         features = jax.tree.map(lambda x: jnp.zeros((b, width, *x.shape[2:]), x.dtype).at[:, :p].set(x),
                                 _feature_values(out, record_features))
-    fed = jnp.zeros((b,), bool)  # recording: the row's last token has had its forward
+    fed = jnp.zeros((b,), bool) if record else None  # the row's last token has had its forward
 
     def body(carry):
         state, token, em, steps, key, carried, features, fed = carry

@@ -384,6 +384,15 @@ def _check_existing_manifest(out_dir: str) -> None:
         raise InputError(f"{path} is not a {FORMAT} manifest (format {got!r}); write to another directory")
 
 
+def example_rows(prompts, replies, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's [prompt + reply], right-padded with 0 to seq_len (int32 [B, seq_len]), and its length [B]."""
+    tokens = np.zeros((len(prompts), seq_len), np.int32)
+    lengths = np.asarray([len(p) + len(r) for p, r in zip(prompts, replies)], np.int32)
+    for row, (prompt, reply) in enumerate(zip(prompts, replies)):
+        tokens[row, :lengths[row]] = prompt + reply
+    return tokens, lengths
+
+
 def _make_shard(model, params, tokenizer, batch, batch_size, max_new_tokens, seq_len, layers, summary
                 ) -> dict[str, np.ndarray]:
     """Decode one batch, recording the target's hidden states as it goes, and return the shard's arrays."""
@@ -395,12 +404,7 @@ def _make_shard(model, params, tokenizer, batch, batch_size, max_new_tokens, seq
     summary.compile_s += result.compile_s
     summary.generated_tokens += sum(map(len, replies))
     summary.reply_tokens += sum(map(len, replies))
-    tokens = np.zeros((batch_size, seq_len), np.int32)
-    lengths = np.zeros(batch_size, np.int32)
-    for row, (prompt, reply) in enumerate(zip(padded, result.tokens)):
-        sequence = prompt + reply
-        tokens[row, :len(sequence)] = sequence
-        lengths[row] = len(sequence)
+    tokens, lengths = example_rows(padded, result.tokens, seq_len)
     features = stored_features(result.features.final, result.features.layers, lengths, seq_len)
     n = len(batch)
     return dict(tokens=tokens[:n], lengths=lengths[:n], reply_start=np.asarray([len(p) for p in batch], np.int32),
