@@ -10,7 +10,9 @@ prompts of up to 256 new tokens in 768-token examples, for an accelerator), targ
 num_prompts, max_new_tokens, batch_size (0: the preset's). EAGLE-3 style drafters also read a low, a middle and
 a high layer: set feature_layers (for SmolLM2-135M's 30 layers, e.g. (2, 15, 27)). The instructions
 (jaxspec/training/instructions.py) are the "tasks" set, the suite's six kinds of request over library text;
-`--config.prompt_set=docs` gives the earlier set of instructions about the library's own docstrings and code.
+`--config.prompt_set=docs` gives the earlier set of instructions about the library's own docstrings and code;
+`--config.prompt_set=self` has the target write the requests itself (jaxspec/training/self_requests.py, sampled
+once and stored in the set's requests.json). `launch.selfdistill --combine=A,B --out=C` joins sets of one target.
 """
 
 import ml_collections

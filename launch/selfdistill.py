@@ -1,6 +1,7 @@
 """Write a self-distillation set: the target's greedy replies to instructions built from the standard library
 (jaxspec/training/instructions.py: by default the suite's six kinds of request, `--config.prompt_set=docs` for
-instructions about the library itself) and its hidden states, the data that feature drafters and Medusa / Hydra
+instructions about the library itself) or written by the target (`--config.prompt_set=self`,
+jaxspec/training/self_requests.py) and its hidden states, the data that feature drafters and Medusa / Hydra
 heads train from (jaxspec/training/selfdistill.py).
 
   python -m launch.selfdistill --config=configs/selfdistill.py:small --out=/tmp/sd
@@ -12,6 +13,10 @@ same set `--config.feature_layers` would have made):
 
   python -m launch.selfdistill --config=configs/selfdistill.py --restream_from=/tmp/sd --out=/tmp/sd3 \
       --config.feature_layers="(2,15,27)"
+
+Sets of one target (e.g. two prompt sets) become one set, without decoding (shards hard-linked, renumbered):
+
+  python -m launch.selfdistill --combine=/tmp/sd_tasks,/tmp/sd_self --out=/tmp/sd_both
 
 The config is validated before any compute (a bad value exits with the key, the value and what is allowed).
 Running the command again with the same config continues a set whose run was stopped, skipping the shards on
@@ -38,7 +43,8 @@ _CACHE_DIR = flags.DEFINE_string("compilation_cache_dir", None,
 _RESTREAM_FROM = flags.DEFINE_string("restream_from", None, "a set made by config.target: write it again to --out "
                                      "with config.feature_layers' residual streams added (its other settings are "
                                      "the set's own)")
-flags.mark_flags_as_required(["config", "out"])
+_COMBINE = flags.DEFINE_list("combine", None, "complete sets of one target to combine into --out (no --config)")
+flags.mark_flags_as_required(["out"])
 
 
 def report(summary: selfdistill.Summary, seconds: float) -> str:
@@ -63,7 +69,14 @@ def main(argv) -> None:
     if not flags.FLAGS["verbosity"].present:
         cli.quiet_libraries()
     start = time.perf_counter()
+    if _COMBINE.value:
+        manifest = selfdistill.combine(_COMBINE.value, _OUT.value)
+        print(f"{' + '.join(_COMBINE.value)} -> {_OUT.value}: {manifest['num_examples']} examples in "
+              f"{len(manifest['shards'])} shards")
+        return
     config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required (e.g. configs/selfdistill.py:small), unless --combine is given")
     selfdistill.validate_config(config)  # a bad value ends here, before any compute
     cli.enable_compilation_cache(_CACHE_DIR.value)
     if _RESTREAM_FROM.value:

@@ -8,7 +8,9 @@ drafter (EAGLE-style feature drafters, Medusa / Hydra heads) trains on them with
 
 Instructions come from `jaxspec.training.instructions` (text of the running interpreter's standard library):
 the "tasks" set by default (the six kinds of request of the evaluation suite, over library text), or "docs"
-(instructions about the library's docstrings and functions); none overlaps the evaluation suite.
+(instructions about the library's docstrings and functions); or, with "self", from the target itself
+(`jaxspec.training.self_requests`: requests it writes after its chat template's opening of a user turn, sampled
+once and kept in ``requests.json``, which a rerun reads). None overlaps the evaluation suite.
 
 Each instruction (a chat ending with a user turn) is rendered through the target's chat template with the generation
 prompt (the plain "User: ... Assistant:" form for a tokenizer without a template, as the suite evaluation does), and
@@ -30,6 +32,8 @@ On disk (``FORMAT``), a directory with:
   when ``feature_layers`` is not empty, ``layer_features`` float16 [n, L, len(feature_layers), d] (the residual
   stream after each of those layers, zero from ``lengths`` on). A shard also holds ``fingerprint``, a JSON
   string of the settings and prompt ids that made it (readers ignore it).
+- with ``prompt_set="self"``, ``requests.json``: {"settings", "requests" (the kept texts, in sampling order),
+  "counts" (sampled, kept, and each reason a sample was left out)}.
 
 Shards and the manifest are written under a temporary name and renamed into place, so a file that exists is
 whole. A rerun with the same arguments skips the shards on disk (a run that was stopped continues where it
@@ -46,6 +50,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import time
 import uuid
 import zipfile
@@ -62,7 +67,7 @@ from jaxspec.config import check_same_keys, is_int, require
 from jaxspec.decoding import api, engine
 from jaxspec.errors import InputError
 from jaxspec.eval.suite import SuitePrompt
-from jaxspec.training import instructions
+from jaxspec.training import instructions, self_requests
 
 FORMAT = "jaxspec-selfdistill-1"
 MANIFEST = "manifest.json"
@@ -70,6 +75,9 @@ MANIFEST_KEYS = ("format", "complete", "target_workdir", "tokenizer", "seq_len",
                  "feature_layers", "num_examples", "shards", "max_new_tokens", "seed", "prompt_set")
 SHARD_ARRAYS = ("tokens", "lengths", "reply_start", "features")  # plus layer_features with feature_layers
 FINGERPRINT = "fingerprint"
+REQUESTS = "requests.json"  # a "self" set's requests, written by the target
+SELF_WRITTEN = "self"
+PROMPT_SETS = (*instructions.PROMPT_SETS, SELF_WRITTEN)
 
 _MAX_SKIPPED_PER_PROMPT = 10  # prompts too long to fit, per prompt wanted, before giving up
 
@@ -261,12 +269,27 @@ def generate(model, params, tokenizer, out_dir: str, *, num_prompts: int, max_ne
     The set holds them in order of prompt length (stable), so that a batch's rows have similar lengths: a batch is
     prefilled at its longest prompt's bucketed width, and its steps attend over a cache of that width. In stream
     order, one long prompt in each batch set most batches' width (SmolLM2's "tasks" prompts: 58-245 tokens).
+    With ``prompt_set="self"`` the prompts are `num_prompts` requests the target writes
+    (`self_requests.sample_requests`, batches of `batch_size`), each rendered as a one-message chat.
     """
+    if prompt_set not in PROMPT_SETS:
+        raise InputError(f"prompt_set={prompt_set!r} is not one of {sorted(PROMPT_SETS)}")
     layers = _check_arguments(model, num_prompts, max_new_tokens, seq_len, batch_size, feature_layers)
     cfg = model.model_cfg
-    prompt_description = instructions.prompt_set_description(seed, max_prompt_chars, prompt_set)
-    prompts, too_long = plan_prompts(tokenizer, num_prompts, seed, max_prompt_chars, seq_len - max_new_tokens,
-                                     prompt_set)
+    # Everything already on disk is checked before anything is written, so a refused run changes nothing.
+    _check_existing_manifest(out_dir)
+    if prompt_set == SELF_WRITTEN:
+        prompt_description = self_written_description(seed)
+        prompts, too_long = _self_written_prompts(
+            model, params, tokenizer, out_dir, num_prompts, seed, seq_len - max_new_tokens, batch_size,
+            dict(seed=seed, num_prompts=num_prompts, max_prompt_tokens=seq_len - max_new_tokens, batch_size=batch_size,
+                 model=_config_digest(cfg), target_workdir=str(target_workdir), tokenizer=str(tokenizer_name),
+                 temperature=self_requests.TEMPERATURE, max_request_tokens=self_requests.MAX_REQUEST_TOKENS,
+                 min_chars=self_requests.MIN_REQUEST_CHARS), progress)
+    else:
+        prompt_description = instructions.prompt_set_description(seed, max_prompt_chars, prompt_set)
+        prompts, too_long = plan_prompts(tokenizer, num_prompts, seed, max_prompt_chars, seq_len - max_new_tokens,
+                                         prompt_set)
     prompts = sorted(prompts, key=len)  # stable: one order for one stream, rerun after rerun
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     manifest = dict(format=FORMAT, complete=False, target_workdir=str(target_workdir),
@@ -279,8 +302,6 @@ def generate(model, params, tokenizer, out_dir: str, *, num_prompts: int, max_ne
     settings.update(model=_config_digest(cfg), eos_ids=list(api.stop_ids(tokenizer.eos_ids)), batch_size=batch_size)
     fingerprints = [dict(settings, shard=i, prompts=_ids_digest(batch)) for i, batch in enumerate(batches)]
     summary = Summary(manifest, 0, 0, 0.0, 0.0, 0.0, 0, 0, too_long, 0)
-    # Everything already on disk is checked before anything is written, so a refused run changes nothing.
-    _check_existing_manifest(out_dir)
     done = set()
     for index, fingerprint in enumerate(fingerprints):
         path = os.path.join(out_dir, shard_name(index))
@@ -306,6 +327,53 @@ def generate(model, params, tokenizer, out_dir: str, *, num_prompts: int, max_ne
     files = [MANIFEST, *manifest["shards"]]
     summary.bytes_on_disk = sum(os.path.getsize(os.path.join(out_dir, name)) for name in files)
     return summary
+
+
+_SAME_IN_COMBINED = ("target_workdir", "tokenizer", "seq_len", "d_model", "vocab_size", "feature_layers")
+
+
+def combine(sources: Sequence[str], out_dir: str) -> dict:
+    """Write one set into the new (or empty) `out_dir` holding every example of the complete `sources`, in order,
+    and return its manifest: shards are hard-linked (copied across file systems) and renumbered, nothing is
+    decoded. The sources must agree on target, tokenizer, seq_len, d_model, vocab_size and feature_layers (an
+    error names the first key and the two sets that differ); the manifest's ``sources`` lists each one's
+    directory, prompt set, seed, max_new_tokens and examples, and its ``prompt_set`` joins theirs with " + "."""
+    if isinstance(sources, str) or len(sources) < 2:
+        raise InputError(f"combine needs two or more self-distillation sets; got {sources!r}")
+    if len({os.path.realpath(s) for s in sources}) != len(sources):
+        raise InputError(f"combine got the same set twice: {list(sources)}")
+    manifests = [_read_manifest(source) for source in sources]
+    for source, manifest in zip(sources[1:], manifests[1:]):
+        for key in _SAME_IN_COMBINED:
+            if manifest[key] != manifests[0][key]:
+                raise InputError(f"{source} has {key}={manifest[key]!r} but {sources[0]} has {manifests[0][key]!r}: "
+                                 "sets of one combined set must agree on it")
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise InputError(f"{out_dir} exists and is not an empty directory; combine writes a new set")
+    for source, manifest in zip(sources, manifests):  # every shard must be there before anything is written
+        for name in manifest["shards"]:
+            if not os.path.isfile(os.path.join(source, name)):
+                raise InputError(f"{source}: shard {name} listed in {MANIFEST} is missing")
+    os.makedirs(out_dir, exist_ok=True)
+    shards = []
+    for source, manifest in zip(sources, manifests):
+        for name in manifest["shards"]:
+            target = os.path.join(out_dir, shard_name(len(shards)))
+            try:
+                os.link(os.path.join(source, name), target)
+            except OSError:
+                shutil.copyfile(os.path.join(source, name), target)
+            shards.append(os.path.basename(target))
+    combined = {key: manifests[0][key] for key in ("format", *_SAME_IN_COMBINED)}
+    combined.update(
+        complete=True, shards=shards, num_examples=sum(m["num_examples"] for m in manifests),
+        max_new_tokens=max(m["max_new_tokens"] for m in manifests), seed=manifests[0]["seed"],
+        prompt_set=" + ".join(m["prompt_set"] for m in manifests),
+        sources=[dict(source=os.path.abspath(source), **{k: m[k] for k in ("prompt_set", "seed", "max_new_tokens",
+                                                                           "num_examples")})
+                 for source, m in zip(sources, manifests)])
+    _write_manifest(out_dir, combined)
+    return combined
 
 
 def restream(model, params, source: str, out_dir: str, feature_layers: Sequence[int], target_workdir: str = "",
@@ -364,10 +432,47 @@ def restream(model, params, source: str, out_dir: str, feature_layers: Sequence[
     return summary
 
 
+def self_written_description(seed: int) -> str:
+    """What a manifest records of a "self" set's prompts."""
+    return (f"target-written-1: requests the target wrote after its chat template's user opening, seed={seed}, "
+            f"temperature={self_requests.TEMPERATURE}, up to {self_requests.MAX_REQUEST_TOKENS} tokens")
+
+
+def _self_written_prompts(model, params, tokenizer, out_dir: str, num_prompts: int, seed: int,
+                          max_prompt_tokens: int, batch_size: int, settings: dict, progress: bool
+                          ) -> tuple[list[list[int]], int]:
+    """(prompt ids of the requests in `out_dir`'s requests.json, sampled and written there first when it is
+    absent; how many samples were too long): a stored file made with other `settings` is an error naming it."""
+    path = os.path.join(out_dir, REQUESTS)
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                stored = json.load(fh)
+            texts, counts, stored_settings = stored["requests"], stored["counts"], stored["settings"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise InputError(f"{path} is not a readable requests file ({err!r}); delete it to sample again") from err
+        if stored_settings != settings:
+            changed = sorted(k for k in {*settings, *stored_settings} if settings.get(k) != stored_settings.get(k))
+            raise InputError(f"{path} holds requests sampled with other settings ({', '.join(changed)}); write to "
+                             "another directory, or delete it to sample again")
+        if len(texts) != num_prompts or not all(isinstance(t, str) for t in texts):
+            raise InputError(f"{path} holds {len(texts)} requests, not the {num_prompts} its settings say")
+    else:
+        with tqdm(total=num_prompts, desc="requests", unit="request", disable=not progress) as bar:
+            texts, counts = self_requests.sample_requests(
+                model, params, tokenizer, num_prompts, seed=seed, max_prompt_tokens=max_prompt_tokens,
+                batch_size=batch_size, on_batch=lambda kept: bar.update(kept - bar.n))
+        os.makedirs(out_dir, exist_ok=True)
+        record = dict(settings=settings, requests=texts, counts=counts)
+        _write_atomically(path, lambda fh: fh.write((json.dumps(record, indent=1) + "\n").encode("utf-8")))
+    prompts = [encode_messages(tokenizer, [{"role": "user", "content": text}]) for text in texts]
+    return prompts, int(counts.get("too_long", 0))
+
+
 def _check_existing_manifest(out_dir: str) -> None:
     path = os.path.join(out_dir, MANIFEST)
     if not os.path.exists(path):
-        if os.path.isdir(out_dir) and os.listdir(out_dir):
+        if os.path.isdir(out_dir) and set(os.listdir(out_dir)) - {REQUESTS}:
             raise InputError(f"{out_dir} holds files but no {MANIFEST}: it is not a self-distillation set; write to "
                              "a new or empty directory")
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -527,7 +632,7 @@ def config_defaults() -> ml_collections.ConfigDict:
         feature_layers=(),  # residual-stream layers stored besides the final hidden state (EAGLE-3: low, mid, high)
         seed=0,
         max_prompt_chars=instructions.DEFAULT_MAX_CHARS,  # longest quoted text of an instruction
-        prompt_set=instructions.DEFAULT_PROMPT_SET,  # "tasks" (the suite's kinds of request) or "docs"
+        prompt_set=instructions.DEFAULT_PROMPT_SET,  # "tasks" (the suite's kinds of request), "docs" or "self"
         progress_bar=True,
     ))
 
@@ -545,8 +650,7 @@ def validate_config(config) -> None:
     require(is_int(config.seed) and config.seed >= 0, "seed", config.seed, "a non-negative integer")
     require(is_int(config.max_prompt_chars) and config.max_prompt_chars >= instructions.MIN_CHARS,
             "max_prompt_chars", config.max_prompt_chars, f"an integer of at least {instructions.MIN_CHARS}")
-    require(config.prompt_set in instructions.PROMPT_SETS, "prompt_set", config.prompt_set,
-            f"one of {sorted(instructions.PROMPT_SETS)}")
+    require(config.prompt_set in PROMPT_SETS, "prompt_set", config.prompt_set, f"one of {sorted(PROMPT_SETS)}")
     layers = config.feature_layers
     require(isinstance(layers, (tuple, list)) and all(is_int(i) and i >= 0 for i in layers)
              and len(set(layers)) == len(layers), "feature_layers", layers,
@@ -566,5 +670,6 @@ def run(config, out_dir: str) -> Summary:
                     prompt_set=config.prompt_set)
 
 
-__all__ = ["FORMAT", "MANIFEST", "Summary", "config_defaults", "encode_messages", "feature_pass", "generate",
-           "loss_mask", "plan_prompts", "read", "restream", "run", "token_frequencies", "validate_config"]
+__all__ = ["FORMAT", "MANIFEST", "PROMPT_SETS", "REQUESTS", "Summary", "combine", "config_defaults", "encode_messages",
+           "feature_pass", "generate", "loss_mask", "plan_prompts", "read", "restream", "run",
+           "self_written_description", "token_frequencies", "validate_config"]

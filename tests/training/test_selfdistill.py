@@ -186,6 +186,33 @@ def test_a_shard_made_with_other_arguments_is_refused(target, dataset, tmp_path)
     assert not os.path.exists(tmp_path / "bad")
 
 
+def test_combined_sets_hold_every_example_of_each_in_order(target, dataset, tmp_path):
+    out, _, manifest, arrays = dataset
+    other = tmp_path / "other"
+    make_set(target, other, seed=1, num_prompts=5)  # another stream of instructions: other examples
+    other_manifest, other_arrays = selfdistill.read(str(other))
+    combined = selfdistill.combine([str(out), str(other)], str(tmp_path / "both"))
+    read_manifest, both = selfdistill.read(str(tmp_path / "both"))
+    assert read_manifest == combined and combined["num_examples"] == 11
+    assert combined["shards"] == [selfdistill.shard_name(i) for i in range(4)]
+    assert combined["prompt_set"] == f"{manifest['prompt_set']} + {other_manifest['prompt_set']}"
+    assert [(s["seed"], s["num_examples"]) for s in combined["sources"]] == [(0, 6), (1, 5)]
+    assert_same_arrays(both, {k: np.concatenate([arrays[k], other_arrays[k]]) for k in arrays})
+
+    fewer_layers = tmp_path / "fewer_layers"
+    make_set(target, fewer_layers, feature_layers=(0,), num_prompts=2)
+    with pytest.raises(ValueError, match=r"fewer_layers has feature_layers=\[0\] but .* has \[1, 0\]"):
+        selfdistill.combine([str(out), str(fewer_layers)], str(tmp_path / "mixed"))
+    with pytest.raises(ValueError, match="exists and is not an empty directory"):
+        selfdistill.combine([str(out), str(other)], str(tmp_path / "both"))
+    with pytest.raises(ValueError, match="the same set twice"):
+        selfdistill.combine([str(out), str(out)], str(tmp_path / "twice"))
+    _edit_manifest(other, complete=False)
+    with pytest.raises(ValueError, match="other: the set is incomplete"):
+        selfdistill.combine([str(out), str(other)], str(tmp_path / "incomplete"))
+    assert not any((tmp_path / name).exists() for name in ("mixed", "twice", "incomplete"))
+
+
 def _edit_manifest(out, **changes):
     path = out / "manifest.json"
     manifest = json.loads(path.read_text())
@@ -253,7 +280,7 @@ def test_config_presets_validate_and_bad_values_are_named():
         ("max_new_tokens", 384, "config.max_new_tokens=384 is not allowed: fewer than seq_len=384"),
         ("feature_layers", (3, 3), r"config.feature_layers=\(3, 3\) is not allowed: a tuple of distinct"),
         ("seed", -1, "config.seed=-1 is not allowed"),
-        ("prompt_set", "chat", r"config.prompt_set='chat' is not allowed: one of \['docs', 'tasks'\]"),
+        ("prompt_set", "chat", r"config.prompt_set='chat' is not allowed: one of \['docs', 'self', 'tasks'\]"),
     ]:
         config = selfdistill_config.get_config("small")
         config[key] = value
@@ -274,3 +301,9 @@ def test_launch_rejects_a_bad_value_before_compute(tmp_path):
     assert proc.returncode != 0
     assert "config.batch_size=0 is not allowed: a positive integer" in proc.stderr and "Traceback" not in proc.stderr
     assert not os.path.exists(tmp_path / "set")
+    proc = subprocess.run([sys.executable, "-m", "launch.selfdistill", f"--combine={tmp_path / 'a'},{tmp_path / 'b'}",
+                           f"--out={tmp_path / 'both'}"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"{tmp_path / 'a'}: no manifest.json; not a self-distillation set" in proc.stderr
+    assert not os.path.exists(tmp_path / "both")
