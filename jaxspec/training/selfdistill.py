@@ -335,9 +335,10 @@ _SAME_IN_COMBINED = ("target_workdir", "tokenizer", "seq_len", "d_model", "vocab
 def combine(sources: Sequence[str], out_dir: str) -> dict:
     """Write one set into the new (or empty) `out_dir` holding every example of the complete `sources`, in order,
     and return its manifest: shards are hard-linked (copied across file systems) and renumbered, nothing is
-    decoded. The sources must agree on target, tokenizer, seq_len, d_model, vocab_size and feature_layers (an
-    error names the first key and the two sets that differ); the manifest's ``sources`` lists each one's
-    directory, prompt set, seed, max_new_tokens and examples, and its ``prompt_set`` joins theirs with " + "."""
+    decoded; the set appears whole or not at all (it is written beside `out_dir` and renamed onto it). The
+    sources must agree on target, tokenizer, seq_len, d_model, vocab_size and feature_layers (an error names the
+    first key and the two sets that differ); the manifest's ``sources`` lists each one's directory, prompt set,
+    seed, max_new_tokens and examples, and its ``prompt_set`` joins theirs with " + "."""
     if isinstance(sources, str) or len(sources) < 2:
         raise InputError(f"combine needs two or more self-distillation sets; got {sources!r}")
     if len({os.path.realpath(s) for s in sources}) != len(sources):
@@ -354,15 +355,19 @@ def combine(sources: Sequence[str], out_dir: str) -> dict:
         for name in manifest["shards"]:
             if not os.path.isfile(os.path.join(source, name)):
                 raise InputError(f"{source}: shard {name} listed in {MANIFEST} is missing")
-    os.makedirs(out_dir, exist_ok=True)
+    # Written into a hidden sibling renamed onto out_dir last: a killed run leaves no set that looks whole.
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
+    os.makedirs(staging)
     shards = []
     for source, manifest in zip(sources, manifests):
-        for name in manifest["shards"]:
-            target = os.path.join(out_dir, shard_name(len(shards)))
+        for shard in manifest["shards"]:
+            target = os.path.join(staging, shard_name(len(shards)))
             try:
-                os.link(os.path.join(source, name), target)
+                os.link(os.path.join(source, shard), target)
             except OSError:
-                shutil.copyfile(os.path.join(source, name), target)
+                shutil.copyfile(os.path.join(source, shard), target)
             shards.append(os.path.basename(target))
     combined = {key: manifests[0][key] for key in ("format", *_SAME_IN_COMBINED)}
     combined.update(
@@ -372,7 +377,8 @@ def combine(sources: Sequence[str], out_dir: str) -> dict:
         sources=[dict(source=os.path.abspath(source), **{k: m[k] for k in ("prompt_set", "seed", "max_new_tokens",
                                                                            "num_examples")})
                  for source, m in zip(sources, manifests)])
-    _write_manifest(out_dir, combined)
+    _write_manifest(staging, combined)
+    os.rename(staging, out_dir)  # onto a missing or empty directory
     return combined
 
 

@@ -186,11 +186,16 @@ def test_a_shard_made_with_other_arguments_is_refused(target, dataset, tmp_path)
     assert not os.path.exists(tmp_path / "bad")
 
 
-def test_combined_sets_hold_every_example_of_each_in_order(target, dataset, tmp_path):
+def test_combined_sets_hold_every_example_of_each_in_order(target, dataset, tmp_path, monkeypatch):
     out, _, manifest, arrays = dataset
     other = tmp_path / "other"
     make_set(target, other, seed=1, num_prompts=5)  # another stream of instructions: other examples
     other_manifest, other_arrays = selfdistill.read(str(other))
+    with monkeypatch.context() as patch:  # killed before its manifest: no set at out_dir, and a rerun completes
+        patch.setattr(selfdistill, "_write_manifest", lambda *args: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            selfdistill.combine([str(out), str(other)], str(tmp_path / "both"))
+    assert not (tmp_path / "both").exists()
     combined = selfdistill.combine([str(out), str(other)], str(tmp_path / "both"))
     read_manifest, both = selfdistill.read(str(tmp_path / "both"))
     assert read_manifest == combined and combined["num_examples"] == 11
