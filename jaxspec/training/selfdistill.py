@@ -151,9 +151,12 @@ def _write_atomically(path: str, write) -> None:
             os.remove(tmp)
 
 
+def _write_json(path: str, record: dict) -> None:
+    _write_atomically(path, lambda fh: fh.write((json.dumps(record, indent=1) + "\n").encode("utf-8")))
+
+
 def _write_manifest(out_dir: str, manifest: dict) -> None:
-    _write_atomically(os.path.join(out_dir, MANIFEST),
-                      lambda fh: fh.write((json.dumps(manifest, indent=1) + "\n").encode("utf-8")))
+    _write_json(os.path.join(out_dir, MANIFEST), manifest)
 
 
 def _config_digest(model_cfg) -> str:
@@ -281,11 +284,11 @@ def generate(model, params, tokenizer, out_dir: str, *, num_prompts: int, max_ne
     if prompt_set == SELF_WRITTEN:
         prompt_description = self_written_description(seed)
         prompts, too_long = _self_written_prompts(
-            model, params, tokenizer, out_dir, num_prompts, seed, seq_len - max_new_tokens, batch_size,
+            model, params, tokenizer, out_dir, progress,
             dict(seed=seed, num_prompts=num_prompts, max_prompt_tokens=seq_len - max_new_tokens, batch_size=batch_size,
                  model=_config_digest(cfg), target_workdir=str(target_workdir), tokenizer=str(tokenizer_name),
                  temperature=self_requests.TEMPERATURE, max_request_tokens=self_requests.MAX_REQUEST_TOKENS,
-                 min_chars=self_requests.MIN_REQUEST_CHARS), progress)
+                 min_chars=self_requests.MIN_REQUEST_CHARS))
     else:
         prompt_description = instructions.prompt_set_description(seed, max_prompt_chars, prompt_set)
         prompts, too_long = plan_prompts(tokenizer, num_prompts, seed, max_prompt_chars, seq_len - max_new_tokens,
@@ -444,11 +447,12 @@ def self_written_description(seed: int) -> str:
             f"temperature={self_requests.TEMPERATURE}, up to {self_requests.MAX_REQUEST_TOKENS} tokens")
 
 
-def _self_written_prompts(model, params, tokenizer, out_dir: str, num_prompts: int, seed: int,
-                          max_prompt_tokens: int, batch_size: int, settings: dict, progress: bool
+def _self_written_prompts(model, params, tokenizer, out_dir: str, progress: bool, settings: dict
                           ) -> tuple[list[list[int]], int]:
-    """(prompt ids of the requests in `out_dir`'s requests.json, sampled and written there first when it is
-    absent; how many samples were too long): a stored file made with other `settings` is an error naming it."""
+    """(prompt ids of the requests in `out_dir`'s requests.json, sampled with `settings` and written there first
+    when it is absent; how many samples were too long): a stored file made with other settings is an error
+    naming them."""
+    num_prompts = settings["num_prompts"]
     path = os.path.join(out_dir, REQUESTS)
     if os.path.exists(path):
         try:
@@ -466,11 +470,11 @@ def _self_written_prompts(model, params, tokenizer, out_dir: str, num_prompts: i
     else:
         with tqdm(total=num_prompts, desc="requests", unit="request", disable=not progress) as bar:
             texts, counts = self_requests.sample_requests(
-                model, params, tokenizer, num_prompts, seed=seed, max_prompt_tokens=max_prompt_tokens,
-                batch_size=batch_size, on_batch=lambda kept: bar.update(kept - bar.n))
+                model, params, tokenizer, num_prompts, seed=settings["seed"],
+                max_prompt_tokens=settings["max_prompt_tokens"], batch_size=settings["batch_size"],
+                on_batch=lambda kept: bar.update(kept - bar.n))
         os.makedirs(out_dir, exist_ok=True)
-        record = dict(settings=settings, requests=texts, counts=counts)
-        _write_atomically(path, lambda fh: fh.write((json.dumps(record, indent=1) + "\n").encode("utf-8")))
+        _write_json(path, dict(settings=settings, requests=texts, counts=counts))
     prompts = [encode_messages(tokenizer, [{"role": "user", "content": text}]) for text in texts]
     return prompts, int(counts.get("too_long", 0))
 
