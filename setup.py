@@ -35,7 +35,7 @@ setup(
     description="Speculative and efficient decoding research in JAX/Flax",
     packages=find_packages(include=["jaxspec", "jaxspec.*", "pallas_kernels", "pallas_kernels.*",
                                     "configs", "configs.*", "launch", "launch.*"]),
-    package_data={"jaxspec.eval": ["suite_data/*.jsonl"], "jaxspec.ops": ["*.cc"]},
+    package_data={"jaxspec.eval": ["suite_data/*.jsonl"], "jaxspec.ops": ["*.cc", "*.h"]},
     python_requires=">=3.10",
     install_requires=RUNTIME,
     extras_require=EXTRAS,

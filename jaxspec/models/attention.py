@@ -8,8 +8,9 @@ Extend and tree verify are one computation: the new nodes attend to the committe
 their mask allows (causal for extend, ancestors for a tree), through `pallas_kernels.tree_attention`.
 Extend writes the new keys/values into the cache first and then reads it, so inside a decode loop the cache
 is updated in place and never copied: on the XLA path each new node attends to the cache up to its own
-position (`cached_chain_attention`), on the kernel path to the committed entries plus the nodes as the tree
-block. A tree forward only reads the cache and returns its keys/values as pending.
+position (`jaxspec.ops.cached_attention`: a CPU kernel where it builds, else XLA's ops), on the kernel path to
+the committed entries plus the nodes as the tree block. A tree forward only reads the cache and returns its
+keys/values as pending.
 In the decode layout (see models/decode_layout.py) q, k and v come from one fused projection.
 Under a mesh with a "sequence" axis of size > 1 (see `jaxspec.parallel.context`) the full forward is
 sequence-parallel: LASP-2H all-gathers keys and values and each device attends with its own query chunk.
@@ -33,13 +34,14 @@ from jaxspec import config as config_lib
 from jaxspec.errors import InputError
 from jaxspec.models.layers import Linear, RMSNorm, apply_rope, dtype_of, weight_dtype_of
 from jaxspec.models.step import Mode, Step
-from jaxspec.ops import heavy_hitter
+from jaxspec.ops import cached_attention, heavy_hitter
+from jaxspec.ops.cached_attention import cached_chain_attention
 from jaxspec.parallel.context import SEQUENCE_AXIS, sequence_parallel_mesh
 from jaxspec.parallel.lasp2 import lasp2h_attention
 from jaxspec.state import HeavyHitterCache, KVCache, SharedPrefixCache, write_kv
 from pallas_kernels._common import resolve_implementation
 from pallas_kernels.shared_prefix_attention import shared_prefix_attention
-from pallas_kernels.tree_attention import STREAMING_MAX_ROWS, cached_chain_attention, tree_attention
+from pallas_kernels.tree_attention import STREAMING_MAX_ROWS, tree_attention
 
 
 def causal_attention(q, k, v, *, model_cfg, mesh=None, window: int = 0, lengths=None):
@@ -109,16 +111,30 @@ class Attention(nn.Module):
                           name="o_proj")(out)
         return nn.Dense(cfg.d_model, use_bias=False, dtype=dtype_of(cfg), name="o_proj")(out)
 
+    def _few_rows_off_pallas(self, q, k) -> bool:
+        """Whether attention takes the few-rows forms (decode steps, verification) rather than the Pallas kernel."""
+        few_rows = q.shape[1] // k.shape[1] * q.shape[2] <= STREAMING_MAX_ROWS
+        return few_rows and resolve_implementation("tree_attention", self.model_cfg.attention.implementation) == "xla"
+
     def _attend_extend(self, q, k, v, written: KVCache, step: Step):
-        """Attention of extend nodes over the cache they were just written into. The XLA path reads only the
-        cache (the nodes are in it); the kernel path takes the nodes as its tree block."""
+        """Attention of extend nodes over the cache they were just written into. The few-rows path reads only the
+        cache (the nodes are in it); the Pallas path takes the nodes as its tree block."""
         cfg = self.model_cfg
         scale = cfg.query_scale or None
-        few_rows = q.shape[1] // k.shape[1] * q.shape[2] <= STREAMING_MAX_ROWS
-        if few_rows and resolve_implementation("tree_attention", cfg.attention.implementation) == "xla":
+        if self._few_rows_off_pallas(q, k):
             return cached_chain_attention(q, written.k, written.v, step.positions, scale=scale, window=self.window)
         return tree_attention(q, written.k, written.v, step.lengths, k, v, step.mask, scale=scale,
                               window=self.window, implementation=cfg.attention.implementation)
+
+    def _attend_tree(self, q, k, v, cache: KVCache, step: Step):
+        """Attention of tree nodes over the committed cache and their ancestors among the nodes."""
+        cfg = self.model_cfg
+        scale = cfg.query_scale or None
+        if cache.k.shape[2] and self._few_rows_off_pallas(q, k) and cached_attention.uses_kernel(q, cache.k, k):
+            return cached_attention.cached_tree_attention(q, cache.k, cache.v, step.lengths, k, v, step.mask,
+                                                          scale=scale, window=self.window)
+        return tree_attention(q, cache.k, cache.v, step.lengths, k, v, step.mask, scale=scale, window=self.window,
+                              implementation=cfg.attention.implementation)
 
     def _attend_shared_prefix(self, q, k, v, cache: SharedPrefixCache, step: Step):
         """Extend or tree nodes over the shared prefix (read once for all rows) and each row's own suffix; the
@@ -181,7 +197,6 @@ class Attention(nn.Module):
                 empty = jnp.zeros((b, cfg.n_kv_heads, 0, hd), k.dtype)
                 cache = KVCache(empty, empty)
             new = KVCache(k.astype(cache.k.dtype), v.astype(cache.v.dtype))
-            out = tree_attention(q, cache.k, cache.v, step.lengths, k, v, step.mask, scale=cfg.query_scale or None,
-                                 window=self.window, implementation=cfg.attention.implementation)
+            out = self._attend_tree(q, k, v, cache, step)
         out = out.transpose(0, 2, 1, 3).reshape(b, t, cfg.n_heads * hd)
         return self._project_out(out), new

@@ -3,31 +3,22 @@
 // Why: XLA's CPU matmul packs the whole weight matrix for 2..16 rows, so a verification forward over K tree
 // nodes costs ~2.5 one-row steps although both read the same weight bytes. Here each stored weight row is read
 // once, as one sequential stream, and meets up to 8 input rows held in L1 (int8 rows widened on the fly); the
-// output rows are split over the kernel's own threads (Workers). Each output is summed in the same order for every R
-// and every feature tiling, so a row's result does not depend on how many rows share the call.
+// output rows are split over the kernels' own threads (cpu_workers.h). Each output is summed in the same order for
+// every R and every feature tiling, so a row's result does not depend on how many rows share the call.
 // The reference is jaxspec.ops.small_rows_matmul.small_rows_matmul_reference.
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <functional>
-#include <mutex>
-#include <thread>
 
+#include "cpu_simd.h"
+#include "cpu_workers.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
-
-inline float HorizontalSum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 Load8(const int8_t* p) {
@@ -90,106 +81,19 @@ void Rows(const float* x, int64_t rows, const W* w, const float* scale, int64_t 
       for (int64_t o = lo; o < hi; ++o) SpanRows(n, xg, in, w + o * in, t, std::min(body, t + tile), acc + (o - lo) * n);
     for (int64_t o = lo; o < hi; ++o)
       for (int64_t r = 0; r < n; ++r) {
-        float sum = HorizontalSum(acc[(o - lo) * n + r]);
+        float sum = jaxspec::HorizontalSum(acc[(o - lo) * n + r]);
         for (int64_t i = body; i < in; ++i) sum += xg[r * in + i] * static_cast<float>(w[o * in + i]);
         y[(g + r) * out + o] = scale != nullptr ? sum * scale[o] : sum;
       }
   }
 }
 
-// Helper threads of the kernel's own, shared by every call in the process: the calling thread plus
-// `threads - 1` helpers, started by JaxspecSmallRowsMatmulThreads. Why not XLA's intra-op pool: its threads
-// go to sleep between ops, and waking one costs tens of microseconds, about what a whole product of a few rows
-// takes here, with ~120 such products per forward. A helper spins for a short while after each call, so it is
-// awake for the next product of the same forward, and then sleeps.
-//
-// A call publishes (generation, next chunk) in one atomic word; a thread claims a chunk by advancing it with a
-// compare-and-swap, which fails once the generation has moved on, so a late helper never runs a stale call's
-// chunk. The caller works too and returns when every chunk of its call is done. A call that finds another one
-// running (XLA may run two ops at once) runs alone on its own thread.
-class Workers {
- public:
-  static Workers& Get() {
-    static Workers* workers = new Workers();  // never destroyed: its threads live as long as the process
-    return *workers;
-  }
-
-  void Start(int64_t threads) {
-    std::lock_guard<std::mutex> lock(call_mu_);
-    for (; helpers_ < threads - 1; ++helpers_) std::thread([this] { Loop(); }).detach();
-  }
-
-  void Run(int64_t chunks, const std::function<void(int64_t)>& body) {
-    std::unique_lock<std::mutex> one_call(call_mu_, std::try_to_lock);
-    if (!one_call.owns_lock() || helpers_ == 0 || chunks < 2) {
-      for (int64_t c = 0; c < chunks; ++c) body(c);
-      return;
-    }
-    body_.store(&body, std::memory_order_relaxed);  // published by the seq_cst store of the ticket below
-    chunks_.store(chunks, std::memory_order_relaxed);
-    done_.store(0);
-    const uint64_t generation = (ticket_.load() >> 32) + 1;
-    ticket_.store(generation << 32);
-    if (sleeping_.load() > 0) {
-      std::lock_guard<std::mutex> lock(sleep_mu_);
-      wake_.notify_all();
-    }
-    Drain(generation);
-    while (done_.load() < chunks) _mm_pause();
-  }
-
- private:
-  // Claims and runs chunks of `generation` until none is left or a newer call has begun.
-  void Drain(uint64_t generation) {
-    uint64_t ticket = ticket_.load();
-    while ((ticket >> 32) == generation) {
-      const int64_t chunk = static_cast<int64_t>(ticket & 0xffffffffu);
-      if (chunk >= chunks_.load(std::memory_order_relaxed)) return;
-      if (ticket_.compare_exchange_weak(ticket, ticket + 1)) {
-        (*body_.load(std::memory_order_relaxed))(chunk);  // the call cannot end before this chunk is done
-        done_.fetch_add(1);
-        ticket = ticket_.load();
-      }
-    }
-  }
-
-  void Loop() {
-    uint64_t seen = ticket_.load() >> 32;
-    for (;;) {
-      uint64_t generation = ticket_.load() >> 32;
-      for (int spin = 0; generation == seen && spin < kSpins; ++spin) {
-        _mm_pause();
-        generation = ticket_.load() >> 32;
-      }
-      if (generation == seen) {
-        std::unique_lock<std::mutex> lock(sleep_mu_);
-        sleeping_.fetch_add(1);
-        wake_.wait(lock, [&] { return (ticket_.load() >> 32) != seen; });
-        sleeping_.fetch_sub(1);
-        generation = ticket_.load() >> 32;
-      }
-      seen = generation;
-      Drain(generation);
-    }
-  }
-
-  static constexpr int kSpins = 1 << 16;  // ~0.2-2 ms of pause instructions
-  int64_t helpers_ = 0;
-  std::atomic<uint64_t> ticket_{0};
-  std::atomic<int64_t> done_{0};
-  std::atomic<int> sleeping_{0};
-  std::atomic<const std::function<void(int64_t)>*> body_{nullptr};
-  std::atomic<int64_t> chunks_{0};
-  std::mutex call_mu_, sleep_mu_;
-  std::condition_variable wake_;
-};
-
 template <typename W>
 void Run(const float* x, int64_t rows, const W* w, const float* scale, int64_t in, int64_t out, float* y) {
   const std::function<void(int64_t)> body = [&](int64_t c) {
     Rows(x, rows, w, scale, in, out, c * kChunk, std::min(out, (c + 1) * kChunk), y);
   };
-  Workers::Get().Run((out + kChunk - 1) / kChunk, body);
+  jaxspec::Workers::Get().Run((out + kChunk - 1) / kChunk, body);
 }
 
 ffi::Error SmallRowsMatmul(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
@@ -210,10 +114,6 @@ ffi::Error SmallRowsMatmul(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffe
 }
 
 }  // namespace
-
-// Threads per call, the caller's included; more than once only adds helpers. Until called, calls run on the
-// caller's thread alone.
-extern "C" void JaxspecSmallRowsMatmulThreads(int64_t threads) { Workers::Get().Start(threads); }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxspecSmallRowsMatmul, SmallRowsMatmul,
                               ffi::Ffi::Bind()

@@ -11,37 +11,25 @@ beside this file (small_rows_matmul.cc, an XLA FFI custom call) reads each weigh
 and splits the output rows over threads of its own: one per CPU this process may use (the caller's included),
 or JAXSPEC_CPU_KERNEL_THREADS.
 
-It is compiled on first use with the machine's C++ compiler (AVX2 + FMA, x86-64) into the kernels folder of
-the jaxspec cache (`zoo.cache_root()`), keyed by the source and jax's version. `available()` is False (and the
-callers use XLA's products) when the CPU lacks AVX2/FMA, no compiler is found, the build fails (logged once),
-or JAXSPEC_CPU_KERNELS=0. Gradients and batching go through the reference (a custom JVP; vmap runs the rows
-one batch member at a time).
+It is compiled on first use (jaxspec.ops.cpu_build). `available()` is False (and the callers use XLA's
+products) when the CPU lacks AVX2/FMA, no compiler is found, the build fails (logged once), or
+JAXSPEC_CPU_KERNELS leaves it out. Gradients and batching go through the reference (a custom JVP; vmap runs the
+rows one batch member at a time).
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
-import logging
-import os
 import pathlib
-import platform
-import shutil
-import subprocess
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec import zoo
 from jaxspec.errors import InputError
+from jaxspec.ops import cpu_build
 
-_SOURCE = pathlib.Path(__file__).with_name("small_rows_matmul.cc")
 _TARGET = "jaxspec_small_rows_matmul"
-_FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w")
-_log = logging.getLogger(__name__)
 
 
 def small_rows_matmul_reference(x, kernel_t, scale=None):
@@ -50,65 +38,17 @@ def small_rows_matmul_reference(x, kernel_t, scale=None):
     return y if scale is None else y * scale.astype(jnp.float32)
 
 
-def _cpu_has_avx2_fma() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx2" in flags and "fma" in flags
-
-
 def _build() -> pathlib.Path:
-    """The compiled library, built once per source and jaxlib version (an atomic rename, so concurrent builds
-    by several processes leave one whole file)."""
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler (c++ or g++) on PATH")
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + jax.__version__.encode() + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    cache = pathlib.Path(zoo.cache_root()) / "kernels"
-    lib = cache / f"small_rows_matmul-{key}.so"
-    if lib.exists():
-        return lib
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        built = pathlib.Path(tmp) / lib.name
-        cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(built)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-        os.replace(built, lib)
-    return lib
+    return cpu_build.build()
 
 
-def threads() -> int:
-    """Threads per kernel call, the caller's included: JAXSPEC_CPU_KERNEL_THREADS, else the CPUs this process
-    may run on."""
-    value = os.environ.get("JAXSPEC_CPU_KERNEL_THREADS")
-    if value is None:
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if not value.strip().isdigit() or int(value) < 1:
-        raise InputError(f"JAXSPEC_CPU_KERNEL_THREADS={value!r}: expected a whole number of threads >= 1")
-    return int(value)
+threads = cpu_build.threads  # JAXSPEC_CPU_KERNEL_THREADS, shared by the kernels
 
 
 @functools.cache
 def available() -> bool:
     """Whether the kernel is built and registered with XLA's CPU backend (see the module docstring)."""
-    if os.environ.get("JAXSPEC_CPU_KERNELS", "1") == "0" or not _cpu_has_avx2_fma():
-        return False
-    count = threads()  # a bad setting is named before anything is built
-    try:
-        library = ctypes.cdll.LoadLibrary(str(_build()))
-        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.JaxspecSmallRowsMatmul), platform="cpu")
-        library.JaxspecSmallRowsMatmulThreads(ctypes.c_int64(count))
-    except (OSError, RuntimeError) as err:
-        _log.warning("small_rows_matmul: the CPU kernel is not available, XLA's products are used: %s", err)
-        return False
-    return True
+    return cpu_build.enabled("small_rows_matmul") and cpu_build.load(_build, "JaxspecSmallRowsMatmul", _TARGET)
 
 
 _UNSCALED = np.zeros((0,), np.float32)  # the scale operand of an unscaled product

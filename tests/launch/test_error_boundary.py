@@ -2,15 +2,16 @@
 error from inside JAX) keeps its traceback.
 
 The helper (`jaxspec.cli.user_errors`) is tested in this process. Each launch script is then run for real, as
-`python -m launch.NAME` would run it, in a subprocess that first replaces one library function its main calls
-early with one that fails: with an InputError (the user's to fix), or with the ValueError that JAX itself raises
-for an impossible split (a stand-in for a shape error deep inside a jit). Nothing compiles a model.
+`python -m launch.NAME` would run it, in a process of its own (forked from one that has imported the libraries)
+that first replaces one library function its main calls early with one that fails: with an InputError (the
+user's to fix), or with the ValueError that JAX itself raises for an impossible split (a stand-in for a shape
+error deep inside a jit). Nothing compiles a model.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -80,14 +81,23 @@ def test_flag_paths_reads_given_string_flags():
 
 # ------------------------------------------------------------------------------------------ every launch script
 
-# Runs launch.NAME as `python -m` does, after replacing MODULE.ATTR with a function that fails as KIND says.
+# One process imports the libraries the launch scripts use (about all of their start-up time), then forks a child per
+# CASE, which runs launch.NAME as `python -m` does after replacing MODULE.ATTR with a function that fails as KIND
+# says, and ends as the interpreter would: an uncaught exception prints its traceback (sys.excepthook) and exits 1,
+# SystemExit exits with its code. The child's stdout, stderr and exit status go to files in its scratch directory.
+# Nothing here starts a JAX backend before the fork (each child starts its own).
 RUNNER = r"""
-import errno, importlib, os, runpy, sys
-from jaxspec.errors import InputError
+import errno, importlib, json, os, runpy, sys
 
-script, module, attr, kind, *argv = sys.argv[1:]
+cases = json.loads(sys.argv[1])
+import jax.numpy  # noqa: F401
+from jaxspec.errors import InputError
+for name in sorted({case["module"] for case in cases}):
+    importlib.import_module(name)
+
 
 def fail(*args, **kwargs):
+    kind = os.environ["KIND"]
     if kind == "input":
         raise InputError("config.planted=3 is not allowed: a planted input error")
     if kind == "jax":
@@ -99,9 +109,50 @@ def fail(*args, **kwargs):
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/nonexistent-library-file.so")
     raise AssertionError(kind)
 
-setattr(importlib.import_module(module), attr, fail)
-sys.argv = [script, *argv]
-runpy.run_module(script, run_name="__main__", alter_sys=True)
+
+def child(case):
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        os.dup2(os.open(os.path.join(case["tmp"], name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    os.environ.update(case["env"])
+    setattr(importlib.import_module(case["module"]), case["attr"], fail)
+    sys.argv = [case["script"], *case["argv"]]
+    status = 0
+    try:
+        runpy.run_module(case["script"], run_name="__main__", alter_sys=True)
+    except SystemExit as exit_info:
+        if exit_info.code is None or isinstance(exit_info.code, int):
+            status = exit_info.code or 0
+        else:
+            print(exit_info.code, file=sys.stderr)
+            status = 1
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+running = {}
+
+
+def reap():
+    pid, status = os.wait()
+    with open(os.path.join(running.pop(pid)["tmp"], "status"), "w") as fh:
+        fh.write(str(os.waitstatus_to_exitcode(status)))
+
+
+for case in cases:
+    if len(running) == 2:  # two children at a time
+        reap()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        child(case)
+    running[pid] = case
+while running:
+    reap()
 """
 
 # script -> (module, attribute its main calls early, arguments; {tmp} is a fresh directory)
@@ -135,22 +186,29 @@ CASES = [(script, kind) for script in SCRIPTS for kind in ("input", "jax")] + [
     ("launch.train", "oserror_named"), ("launch.train", "oserror_other")]
 
 
-def _run(script: str, kind: str, tmp: str) -> subprocess.CompletedProcess:
-    module, attr, args = SCRIPTS[script]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAXSPEC_CACHE=os.path.join(tmp, "cache"),
-               NAMED=os.path.join(tmp, "run"), PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    argv = [a.format(tmp=tmp) for a in args]
-    return subprocess.run([sys.executable, "-c", RUNNER, script, module, attr, kind, *argv], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """(script, kind) -> its finished process; the runs go two at a time (imports dominate, and CI has 2 cores)."""
-    tmps = {case: str(tmp_path_factory.mktemp(f"{case[0].split('.')[1]}_{case[1]}")) for case in CASES}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {case: pool.submit(_run, *case, tmps[case]) for case in CASES}
-        return {case: (future.result(), tmps[case]) for case, future in futures.items()}
+    """(script, kind) -> (its finished run, its scratch directory), all from one RUNNER process: importing the
+    libraries once rather than once per case saves most of this module's time."""
+    cases = []
+    for script, kind in CASES:
+        module, attr, args = SCRIPTS[script]
+        tmp = str(tmp_path_factory.mktemp(f"{script.split('.')[1]}_{kind}"))
+        cases.append(dict(script=script, module=module, attr=attr, tmp=tmp, argv=[a.format(tmp=tmp) for a in args],
+                          env=dict(KIND=kind, JAXSPEC_CACHE=os.path.join(tmp, "cache"),
+                                   NAMED=os.path.join(tmp, "run"))))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    runner = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(cases)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert runner.returncode == 0, runner.stderr[-3000:]
+    results = {}
+    for (script, kind), case in zip(CASES, cases):
+        def read(name, tmp=case["tmp"]):
+            with open(os.path.join(tmp, name)) as fh:
+                return fh.read()
+        proc = subprocess.CompletedProcess(case["argv"], int(read("status")), read("stdout"), read("stderr"))
+        results[script, kind] = (proc, case["tmp"])
+    return results
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))

@@ -63,7 +63,9 @@ def assert_same(want, got, what):
         np.testing.assert_allclose(np.asarray(got[mode]), np.asarray(want[mode]), **TOL, err_msg=f"{what} {mode}")
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# "hybrid" (AL) is left out here: "hybrid_mamba" (ALM) scans attention and linear attention in one period the same
+# way, and adds Mamba (its plan and program are still checked below, and it decodes in the last test).
+@pytest.mark.parametrize("case", ["attention", "hybrid_mamba", "gemma"])
 def test_scanned_stack_gives_the_unrolled_logits_in_every_mode(case, make_model, apply):
     pattern, overrides, _ = CASES[case]
     model, params = make_model(pattern, **overrides)

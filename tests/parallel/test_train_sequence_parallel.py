@@ -9,8 +9,15 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def with_devices(devices: int) -> dict:
+    """This environment with `devices` simulated CPU devices; the other XLA flags (the conftest's cheap-compile
+    setting) stay, and both runs compared below compile with them."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    return dict(os.environ, XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]))
+
+
 def run_train(workdir, devices, sequence):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = with_devices(devices)
     cmd = [sys.executable, "-m", "launch.train", "--config=configs/hybrid.py:tiny,pattern=ALM",
            f"--workdir={workdir}", f"--config.mesh.sequence={sequence}", "--config.mesh.data=1",
            "--config.train.steps=3", "--config.train.warmup_steps=1", "--config.train.progress_bar=False",
@@ -30,7 +37,7 @@ def test_sequence_parallel_training_matches_one_device(tmp_path):
 
 
 def test_indivisible_sequence_is_a_config_error(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = with_devices(2)
     proc = subprocess.run([sys.executable, "-m", "launch.train", "--config=configs/hybrid.py:tiny",
                            f"--workdir={tmp_path}", "--config.mesh.sequence=2", "--config.data.seq_len=33"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

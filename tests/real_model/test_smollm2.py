@@ -54,10 +54,20 @@ def test_greedy_tokens_equal_transformers_on_the_same_file(smollm2):
     np.testing.assert_allclose(np.asarray(logits), hf_logits, atol=2e-3, rtol=0)
 
 
+SUITE_OPTIONS = dict(max_new_tokens=24, prompt_width=256)
+
+
+@pytest.fixture(scope="module")
+def suite_ar(smollm2, suite_prompts):
+    """Autoregressive decoding of the suite prompts: the one reference of every method below (decoded once)."""
+    return api.generate(smollm2.model, smollm2.params, suite_prompts, method="ar", eos_ids=smollm2.tokenizer.eos_ids,
+                        **SUITE_OPTIONS)
+
+
 @pytest.mark.parametrize("method, kwargs", [("lookup", dict(tree="chain:4")), ("layerskip", dict(tree="chain:2"))])
-def test_training_free_methods_equal_autoregressive_on_suite_prompts(smollm2, suite_prompts, method, kwargs):
-    options = dict(max_new_tokens=24, eos_ids=smollm2.tokenizer.eos_ids, prompt_width=256)
-    ar = api.generate(smollm2.model, smollm2.params, suite_prompts, method="ar", **options)
-    out = api.generate(smollm2.model, smollm2.params, suite_prompts, method=method, **options, **kwargs)
-    assert out.tokens == ar.tokens
-    assert np.all(out.target_steps <= ar.target_steps)
+def test_training_free_methods_equal_autoregressive_on_suite_prompts(smollm2, suite_prompts, suite_ar, method,
+                                                                     kwargs):
+    out = api.generate(smollm2.model, smollm2.params, suite_prompts, method=method,
+                       eos_ids=smollm2.tokenizer.eos_ids, **SUITE_OPTIONS, **kwargs)
+    assert out.tokens == suite_ar.tokens
+    assert np.all(out.target_steps <= suite_ar.target_steps)
