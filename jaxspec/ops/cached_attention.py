@@ -17,7 +17,8 @@ custom call, built by jaxspec.ops.cpu_build) reads each row's visible keys and v
 tail of the cache.
 
 Both take the kernel on the CPU backend with float32 operands when it builds (`available()`), else the
-reference. Gradients and batching go through the reference (a custom JVP; vmap runs one batch member at a time).
+reference. Gradients go through a plain-jnp form of the same computation (a custom JVP); vmap runs one batch
+member at a time.
 """
 
 from __future__ import annotations
