@@ -97,26 +97,14 @@ def test_a_scale_of_the_wrong_length_is_named():
         small_rows_matmul(jnp.ones((2, 8)), jnp.ones((4, 8), jnp.int8), jnp.ones(3))
 
 
-def test_a_failed_build_is_logged_and_leaves_xla_products(monkeypatch, caplog):
+def test_a_failed_build_is_logged_and_leaves_xla_products(failed_build):
     from jaxspec.models import layers
 
-    def no_compiler():
-        raise RuntimeError("no C++ compiler (c++ or g++) on PATH")
-
-    monkeypatch.setattr(kernel_lib, "_build", no_compiler)
-    kernel_lib.available.cache_clear()
-    try:
-        with caplog.at_level("WARNING"):
-            assert not kernel_lib.available()
-        assert "no C++ compiler" in caplog.text
+    with failed_build(kernel_lib):
         x, w = operands(4, 24, 40, seed=5)
         q, scale = quantize_int8(w)  # matmul_t then takes XLA's multiply-and-sum
         fresh = jax.jit(lambda x, q, s: layers.matmul_t(x, q, s))  # traced now, without the kernel
         np.testing.assert_allclose(fresh(x, q, scale), small_rows_matmul_reference(x, q, scale), rtol=1e-5, atol=1e-5)
-    finally:
-        monkeypatch.undo()
-        kernel_lib.available.cache_clear()
-    assert kernel_lib.available()
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two", ""])
