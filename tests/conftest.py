@@ -10,19 +10,36 @@ own conftest must set the device count before anything imports jax.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
+import tempfile
 
-# The suite compiles hundreds of tiny programs, for which LLVM's optimisation of the generated code costs more
-# than it saves (about a fifth of a decoding test's time). Set before any backend starts; appended, so flags the
-# caller set (a device count) stay. Subprocesses inherit it.
-os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
+# The suite compiles hundreds of tiny programs, whose compilation costs more than their runs. LLVM's optimisation of
+# the generated code is about a fifth of a decoding test's time; XLA:CPU's fusion emitters and its concurrency-
+# optimised scheduler take another third of a decode loop's backend compile (1.8 -> 0.8 s for a tree loop of a
+# 2-layer model). Set before any backend starts; appended, so flags the caller set (a device count) stay.
+# Subprocesses inherit them.
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0",
+                                                 "--xla_cpu_use_fusion_emitters=false",
+                                                 "--xla_cpu_enable_concurrency_optimized_scheduler=false"]))
 
 import ml_collections
 import numpy as np
 import pytest
 
 from jaxspec import config as config_lib
+
+# Many test modules compile the same programs (the same tiny models, loops and shapes), and each module drops its
+# compiled programs when it ends (release_compiled_programs). One persistent compilation cache for the whole run,
+# shared by the xdist workers and the subprocesses they start, turns those repeats into loads from disk. The first
+# process to load this file (the controller) creates it and removes it at exit. Set before jax is imported.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _run_cache = tempfile.mkdtemp(prefix="jaxspec-test-xla-")
+    atexit.register(shutil.rmtree, _run_cache, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_run_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 # One entry per mixer kind and one hybrid: name -> (layer_pattern, overrides).
 MIXER_CASES = {
@@ -172,6 +189,27 @@ def autoregressive_and(model, params, prompts, max_new: int, method: str, **fiel
 
     ar = api.generate(model, params, prompts, max_new_tokens=max_new)
     return ar, api.generate(model, params, prompts, max_new_tokens=max_new, method=method, **fields)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_environment(devices: int | None = None, **extra: str) -> dict[str, str]:
+    """The environment for a test's Python subprocess: this one's, on the CPU backend, with the repository first on
+    PYTHONPATH and `devices` simulated CPU devices (None: one). Every other XLA flag stays (the cheap-compile ones
+    above), so both sides of a comparison compile alike. `extra` goes on top."""
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    if devices is not None:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env.update(XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")])), **extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def subprocess_env():
+    return subprocess_environment
 
 
 @pytest.fixture(scope="session")

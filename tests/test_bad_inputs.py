@@ -363,22 +363,21 @@ def test_every_case_is_one_kind_and_names_are_unique():
 # ---------------------------------------------------------------------------------------------- running them
 
 
-def _run_cli(case: Case, tmp) -> subprocess.CompletedProcess:
+def _run_cli(env: dict, case: Case, tmp) -> subprocess.CompletedProcess:
     if case.setup is not None:
         case.setup(tmp)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as the mesh case expects
-    env.update(JAX_PLATFORMS="cpu", JAXSPEC_CACHE=str(tmp / "cache"),
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(env, JAXSPEC_CACHE=str(tmp / "cache"))
     module, *args = case.cli
     return subprocess.run([sys.executable, "-m", module, *(a.format(tmp=tmp) for a in args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
-def cli_results(tmp_path_factory):
+def cli_results(tmp_path_factory, subprocess_env):
     """name -> finished process of every CLI case, run two at a time (imports dominate; CI has 2 cores)."""
+    env = subprocess_env()  # one CPU device, as the mesh case expects
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {c.name: pool.submit(_run_cli, c, tmp_path_factory.mktemp(c.name)) for c in CLI_CASES}
+        futures = {c.name: pool.submit(_run_cli, env, c, tmp_path_factory.mktemp(c.name)) for c in CLI_CASES}
         return {name: future.result() for name, future in futures.items()}
 
 

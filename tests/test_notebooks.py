@@ -20,19 +20,17 @@ def test_every_notebook_is_found():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
-def test_notebook_executes(path, tmp_path, monkeypatch):
+def test_notebook_executes(path, tmp_path, monkeypatch, subprocess_env):
     notebook = nbformat.read(path, as_version=4)
     for cell in notebook.cells:
         if cell.cell_type == "code":
             assert not cell.outputs and cell.execution_count is None, f"{path}: save it without outputs"
-    # The kernel inherits this environment: small settings, scratch space, and the repository on the path.
-    monkeypatch.setenv("JAXSPEC_NOTEBOOK_SMALL", "1")
-    monkeypatch.setenv("JAXSPEC_NOTEBOOK_DIR", str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-    # A notebook sets its own device count (04 appends it to XLA_FLAGS): pass on every other flag, so the kernel
-    # compiles as cheaply as the suite does (the conftest's optimisation level).
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
+    # The kernel inherits this environment: small settings, scratch space, the repository on the path, and the
+    # suite's cheap-compile flags without a device count (a notebook sets its own: 04 appends it to XLA_FLAGS).
+    env = subprocess_env(JAXSPEC_NOTEBOOK_SMALL="1", JAXSPEC_NOTEBOOK_DIR=str(tmp_path))
+    for key, value in env.items():
+        if os.environ.get(key) != value:
+            monkeypatch.setenv(key, value)
     client = NotebookClient(notebook, kernel_name="python3", timeout=600,
                             resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError, with the failing cell and its traceback, on any error

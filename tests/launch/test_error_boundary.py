@@ -187,7 +187,7 @@ CASES = [(script, kind) for script in SCRIPTS for kind in ("input", "jax")] + [
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, subprocess_env):
     """(script, kind) -> (its finished run, its scratch directory), all from one RUNNER process: importing the
     libraries once rather than once per case saves most of this module's time."""
     cases = []
@@ -197,8 +197,7 @@ def runs(tmp_path_factory):
         cases.append(dict(script=script, module=module, attr=attr, tmp=tmp, argv=[a.format(tmp=tmp) for a in args],
                           env=dict(KIND=kind, JAXSPEC_CACHE=os.path.join(tmp, "cache"),
                                    NAMED=os.path.join(tmp, "run"))))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    runner = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(cases)], cwd=ROOT, env=env,
+    runner = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(cases)], cwd=ROOT, env=subprocess_env(),
                             capture_output=True, text=True, timeout=600)
     assert runner.returncode == 0, runner.stderr[-3000:]
     results = {}
@@ -240,9 +239,9 @@ def test_an_os_error_about_the_named_workdir_is_one_line_and_any_other_keeps_its
     assert "FileNotFoundError" in proc.stderr and "/nonexistent-library-file.so" in proc.stderr
 
 
-def test_a_real_bad_input_end_to_end(tmp_path):
+def test_a_real_bad_input_end_to_end(tmp_path, subprocess_env):
     """No replacement: launch.convert of a directory without config.json."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = subprocess_env()
     proc = subprocess.run([sys.executable, "-m", "launch.convert", f"--hf_dir={tmp_path}",
                            f"--workdir={tmp_path / 'out'}"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)

@@ -6,7 +6,6 @@ in a `finally` block, so a stuck collective fails the test instead of hanging it
 """
 
 import json
-import os
 import pathlib
 import signal
 import socket
@@ -29,24 +28,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(devices: int, process_id: int | None = None, port: int | None = None) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("JAXSPEC_") and not k.lower().endswith("_proxy")}  # no proxy for 127.0.0.1
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    if process_id is not None:
-        env.update(JAXSPEC_COORDINATOR=f"127.0.0.1:{port}", JAXSPEC_NUM_PROCESSES="2",
-                   JAXSPEC_PROCESS_ID=str(process_id))
-    return env
-
-
 class Workers:
     """Worker subprocesses whose output goes to files (no pipe can fill up); all killed on exit."""
 
-    def __init__(self, directory: pathlib.Path):
-        self.directory, self.procs, self.logs = directory, [], []
+    def __init__(self, directory: pathlib.Path, subprocess_env):
+        self.directory, self.subprocess_env, self.procs, self.logs = directory, subprocess_env, [], []
+
+    def env(self, devices: int, process_id: int | None = None, port: int | None = None) -> dict:
+        env = {k: v for k, v in self.subprocess_env(devices).items()
+               if not k.startswith("JAXSPEC_") and not k.lower().endswith("_proxy")}  # no proxy for 127.0.0.1
+        if process_id is not None:
+            env.update(JAXSPEC_COORDINATOR=f"127.0.0.1:{port}", JAXSPEC_NUM_PROCESSES="2",
+                       JAXSPEC_PROCESS_ID=str(process_id))
+        return env
 
     def start(self, name: str, env: dict, *args) -> subprocess.Popen:
         log = self.directory / f"{name}.log"
@@ -59,7 +53,7 @@ class Workers:
 
     def start_pair(self, *args) -> tuple[subprocess.Popen, subprocess.Popen]:
         port = _free_port()
-        return tuple(self.start(f"{args[0]}{pid}", _env(2, pid, port), *args) for pid in (0, 1))
+        return tuple(self.start(f"{args[0]}{pid}", self.env(2, pid, port), *args) for pid in (0, 1))
 
     def output(self, proc) -> str:
         return self.logs[self.procs.index(proc)].read_text()
@@ -93,9 +87,9 @@ def corpus(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_two_processes_all_reduce_and_train_like_one(tmp_path, corpus):
-    with Workers(tmp_path) as workers:
-        reference = workers.start("train_single", _env(4), "train", corpus)
+def test_two_processes_all_reduce_and_train_like_one(tmp_path, corpus, subprocess_env):
+    with Workers(tmp_path, subprocess_env) as workers:
+        reference = workers.start("train_single", workers.env(4), "train", corpus)
         pair = workers.start_pair("allreduce")
         rows = (np.arange(24, dtype=np.float32).reshape(8, 3) - 7.0) / 4.0  # what the worker splits by rows
         for pid, proc in enumerate(pair):
@@ -115,9 +109,9 @@ def test_two_processes_all_reduce_and_train_like_one(tmp_path, corpus):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("killed", [1, 0], ids=["peer_killed", "coordinator_killed"])
-def test_a_killed_process_stops_the_other_instead_of_hanging(tmp_path, killed):
+def test_a_killed_process_stops_the_other_instead_of_hanging(tmp_path, killed, subprocess_env):
     heartbeat_s = 10  # how long a silent process counts as alive; short, but with margin for a loaded machine
-    with Workers(tmp_path) as workers:
+    with Workers(tmp_path, subprocess_env) as workers:
         pair = workers.start_pair("idle", heartbeat_s)
         deadline = time.monotonic() + DEADLINE_S
         while not all("READY" in workers.output(p) for p in pair):

@@ -6,7 +6,6 @@ start it first with one device, so the multi-device checks run as a pytest subpr
         -o python_files='check_*.py'
 """
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -18,22 +17,13 @@ REPO = HERE.parent.parent
 CHECK_FILES = sorted(p.name for p in (HERE / "multidevice").glob("check_*.py"))
 
 
-def _subprocess_env():
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    env["XLA_FLAGS"] = " ".join([*flags, "--xla_force_host_platform_device_count=8"])
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
-
-
 def test_check_files_exist():
     assert {"check_lasp2.py", "check_sharding.py"} <= set(CHECK_FILES)
 
 
 @pytest.mark.parametrize("check_file", CHECK_FILES)
-def test_multidevice_checks(check_file):
+def test_multidevice_checks(check_file, subprocess_env):
     cmd = [sys.executable, "-m", "pytest", str(HERE / "multidevice" / check_file), "-q", "-x",
            "-p", "no:cacheprovider", "-o", "python_files=check_*.py"]
-    proc = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(8), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{check_file} failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"

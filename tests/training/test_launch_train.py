@@ -15,10 +15,8 @@ from jaxspec.training.train_config import train_defaults, validate_config
 from jaxspec.training.trainer import prepare_config, read_metrics
 
 
-def run_launch(*args, timeout=300):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "launch.train", *args], cwd=REPO, env=env,
+def run_launch(subprocess_env, *args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "launch.train", *args], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -29,11 +27,11 @@ TINY_FLAGS = ("--config.model.d_model=32", "--config.model.n_layers=1", "--confi
               "--config.train.eval_batches=1", "--config.train.progress_bar=False")
 
 
-def test_launch_trains_end_to_end(tmp_path):
+def test_launch_trains_end_to_end(tmp_path, subprocess_env):
     corpus = write_corpus(tmp_path / "corpus", num_docs=12)
     workdir = str(tmp_path / "run")
-    proc = run_launch("--config=configs/lm.py:tiny", f"--workdir={workdir}", f"--config.data.source={corpus}",
-                      *TINY_FLAGS)
+    proc = run_launch(subprocess_env, "--config=configs/lm.py:tiny", f"--workdir={workdir}",
+                      f"--config.data.source={corpus}", *TINY_FLAGS)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "parameters: trainable" in proc.stdout and "d_model: 32" in proc.stdout  # the resolved config
     records = read_metrics(workdir)
@@ -43,8 +41,8 @@ def test_launch_trains_end_to_end(tmp_path):
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
 
 
-def test_launch_rejects_a_bad_value_before_compute(tmp_path):
-    proc = run_launch("--config=configs/lm.py:tiny", f"--workdir={tmp_path / 'run'}",
+def test_launch_rejects_a_bad_value_before_compute(tmp_path, subprocess_env):
+    proc = run_launch(subprocess_env, "--config=configs/lm.py:tiny", f"--workdir={tmp_path / 'run'}",
                       "--config.train.warmup_steps=-3")
     assert proc.returncode != 0
     assert "train.warmup_steps=-3" in proc.stderr and "non-negative integer" in proc.stderr
@@ -57,8 +55,8 @@ def test_launch_rejects_a_bad_value_before_compute(tmp_path):
     ("--config.trian.steps=3", "has no key config.trian; did you mean train?"),
     ("--config.model.d_model.x=3", "config.model.d_model is a value, not a section"),
 ])
-def test_an_override_of_a_missing_key_is_one_line_naming_it(tmp_path, override, named):
-    proc = run_launch("--config=configs/lm.py:tiny", f"--workdir={tmp_path / 'run'}", override)
+def test_an_override_of_a_missing_key_is_one_line_naming_it(tmp_path, override, named, subprocess_env):
+    proc = run_launch(subprocess_env, "--config=configs/lm.py:tiny", f"--workdir={tmp_path / 'run'}", override)
     assert proc.returncode != 0
     assert named in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not os.path.exists(tmp_path / "run")

@@ -297,9 +297,8 @@ def test_config_presets_validate_and_bad_values_are_named():
         selfdistill.validate_config(config)
 
 
-def test_launch_rejects_a_bad_value_before_compute(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+def test_launch_rejects_a_bad_value_before_compute(tmp_path, subprocess_env):
+    env = subprocess_env()
     proc = subprocess.run([sys.executable, "-m", "launch.selfdistill", "--config=configs/selfdistill.py:small",
                            f"--out={tmp_path / 'set'}", "--config.batch_size=0"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)

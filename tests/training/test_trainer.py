@@ -331,15 +331,9 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_data_parallel_step_equals_single_device(corpus):
-    # The device count is added to the inherited flags, so the conftest's cheap-compile setting stays (both runs
-    # compared here compile with it).
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    env = dict(os.environ, XLA_FLAGS=" ".join([*flags, "--xla_force_host_platform_device_count=4"]),
-               JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+def test_data_parallel_step_equals_single_device(corpus, subprocess_env):
     proc = subprocess.run([sys.executable, "-c", DATA_PARALLEL_SCRIPT, os.path.dirname(__file__), corpus],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+                          env=subprocess_env(4), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "OK" in proc.stdout
 
