@@ -33,8 +33,9 @@ from jaxspec import config as config_lib
 
 # Many test modules compile the same programs (the same tiny models, loops and shapes), and each module drops its
 # compiled programs when it ends (release_compiled_programs). One persistent compilation cache for the whole run,
-# shared by the xdist workers and the subprocesses they start, turns those repeats into loads from disk. The first
-# process to load this file (the controller) creates it and removes it at exit. Set before jax is imported.
+# shared by the xdist workers and the subprocesses they start, turns those repeats into loads from disk (a small
+# gain: 4% on five decoding test files, as most programs differ between modules). The first process to load this
+# file (the controller) creates it and removes it at exit. Set before jax is imported.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _run_cache = tempfile.mkdtemp(prefix="jaxspec-test-xla-")
     atexit.register(shutil.rmtree, _run_cache, ignore_errors=True)
