@@ -27,6 +27,7 @@ from flax.core import unfreeze
 from jaxspec import config as config_lib
 from jaxspec.config import MixerKind
 from jaxspec.errors import InputError
+from jaxspec.models import layer_scan
 from jaxspec.models.layers import quantize_int8, weight_dtype_of
 from jaxspec.models.lm import DecoderLM, has_ffn
 
@@ -97,7 +98,7 @@ def to_decode_layout(params, model_cfg):
 def to_standard_layout(params, model_cfg):
     """Float decode-layout params -> the standard layout (exactly; int8 params raise)."""
     where = "to_standard_layout"
-    out = unfreeze(params)
+    out = layer_scan.without_stacks(unfreeze(params))
     hd = config_lib.head_dim(model_cfg)
     splits = [model_cfg.n_heads * hd, (model_cfg.n_heads + model_cfg.n_kv_heads) * hd]
     for i, kind in enumerate(config_lib.layer_kinds(model_cfg)):
@@ -132,7 +133,12 @@ def to_standard_layout(params, model_cfg):
 
 def for_decoding(model: DecoderLM, params) -> tuple[DecoderLM, dict]:
     """(decode-layout model, its params). Params already in the decode layout (with a decode-layout model)
-    pass through, so a caller may convert once and hand the result to every decode call."""
-    if model.layout == "decode":
-        return model, params
-    return model.clone(layout="decode"), to_decode_layout(params, model.model_cfg)
+    pass through, so a caller may convert once and hand the result to every decode call. With
+    `model.scan_layers` the params also hold the scanned layers' stacks (layer_scan.with_stacks), made here
+    once rather than by every forward."""
+    if model.layout != "decode":
+        model, params = model.clone(layout="decode"), to_decode_layout(params, model.model_cfg)
+    period, groups = model.scan_plan()
+    if groups and layer_scan.stored_stacks(params, period, groups) is None:
+        params = layer_scan.with_stacks(params, period, groups)
+    return model, params

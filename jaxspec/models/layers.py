@@ -15,6 +15,8 @@ benchmarks/step_cost.py):
   * Any other dot over an int8 kernel converts all of it to float first, so many rows dequantise explicitly.
   * The cheap ops producing a one-row input are fused into that loop and rerun for every output row, so what
     feeds these products should end in a reduction (see the extend attention in pallas_kernels.tree_attention).
+  * Inside a scan over layers a kernel arrives as LayerRows (models/layer_scan.py): the CPU kernel reads the
+    layer's rows in place for 1..SMALL_ROWS rows; any other product slices the stack first (a copy on CPU).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.errors import InputError
+from jaxspec.models.layer_scan import LayerRows
 from jaxspec.ops import small_rows_matmul
 
 Dtype = jnp.dtype
@@ -53,11 +56,20 @@ def streams_rows(rows: int, dtype) -> bool:
 def matmul_t(x, kernel_t, scale=None, dtype=jnp.float32):
     """x [..., in] times kernel_t [out, in] transposed: [..., out] in `dtype`.
 
-    `kernel_t` may be int8 with `scale` [out] (per output channel). See the module docstring for the forms.
+    `kernel_t` may be int8 with `scale` [out] (per output channel), and a LayerRows (a scanned layer's kernel in
+    its stack). See the module docstring for the forms.
     """
     if x.shape[-1] != kernel_t.shape[1]:
         raise InputError(f"matmul_t: input has {x.shape[-1]} features, kernel_t {kernel_t.shape} expects "
                          f"{kernel_t.shape[1]}")
+    if isinstance(kernel_t, LayerRows):
+        rows = math.prod(x.shape[:-1])
+        if (rows <= SMALL_ROWS and jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu"
+                and kernel_t.dtype in (jnp.float32, jnp.int8) and small_rows_matmul.available()):
+            y = small_rows_matmul.small_rows_matmul(x.reshape(rows, x.shape[-1]), kernel_t.stack, scale,
+                                                    kernel_t.index)
+            return y.reshape(*x.shape[:-1], kernel_t.shape[0])
+        kernel_t = kernel_t.value()
     rows = math.prod(x.shape[:-1])
     if rows == 1 and scale is None and kernel_t.dtype == dtype:
         # A contraction on the stored rows' axis: XLA's one-row product streams [out, in] as fast as [in, out]
@@ -121,14 +133,29 @@ class Linear(nn.Module):
             raise InputError(f"Linear: weight_dtype={self.weight_dtype!r} is not one of ('float32', 'int8')")
         int8 = self.weight_dtype == "int8"  # int8 weights are converted, not trained: zeros until loaded
         init = nn.initializers.zeros if int8 else nn.initializers.lecun_normal(in_axis=1, out_axis=0)
-        kernel_t = self.param("kernel_t", init, (self.out_features, self.in_features),
-                              jnp.int8 if int8 else jnp.float32)
+        shape = (self.out_features, self.in_features)
+        kernel_t = self._kernel(init, shape, jnp.int8 if int8 else jnp.float32)
         scale = self.param("scale", nn.initializers.ones, (self.out_features,), jnp.float32)[lo:hi] if int8 else None
-        y = matmul_t(x, kernel_t[lo:hi, :in_n], scale, self.dtype)
+        if (lo, hi, in_n) != (0, self.out_features, self.in_features):
+            kernel_t = (kernel_t.value() if isinstance(kernel_t, LayerRows) else kernel_t)[lo:hi, :in_n]
+        y = matmul_t(x, kernel_t, scale, self.dtype)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.out_features,), jnp.float32)
             y = y + bias[lo:hi].astype(y.dtype)
         return y
+
+
+    def _kernel(self, init, shape, dtype):
+        """`kernel_t`: the stored array, or the LayerRows a scan over layers passes in its place (flax's `param`
+        would check it against the array's shape, which a stack does not have)."""
+        if self.has_variable("params", "kernel_t"):
+            stored = self.get_variable("params", "kernel_t")
+            if isinstance(stored, LayerRows):
+                if stored.shape != shape:
+                    raise InputError(f"Linear {self.name}: kernel_t has shape {stored.shape} in its layer stack, "
+                                     f"expected {shape}")
+                return stored
+        return self.param("kernel_t", init, shape, dtype)
 
 
 class VocabProjection(nn.Module):

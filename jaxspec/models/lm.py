@@ -229,6 +229,13 @@ class DecoderLM(nn.Module):
                       config_lib.ffn_hidden_sizes(cfg, i), None if per_layer is None else per_layer[i], i in no_ffn)
                      for i in range(cfg.n_layers))
 
+    def scan_plan(self, per_layer=None, skip=(), no_ffn=()) -> tuple[int, int]:
+        """(period, groups) of the layers a forward with these options scans (models/layer_scan.py): layers
+        [0, period * groups) run as one scan; groups is 0 without `model.scan_layers` or a period that repeats."""
+        if not self.model_cfg.get("scan_layers", False):
+            return 1, 0
+        return layer_scan.scan_plan(self.layer_signatures(per_layer, skip, no_ffn))
+
     def run_layers(self, x, state, step: Step, gate, per_layer, skip, no_ffn):
         """(x, new cache entry per layer (None: unchanged), residual stream after each layer). With
         `model.scan_layers` the layers that repeat a period run as one scan (models/layer_scan.py); init and
@@ -241,12 +248,14 @@ class DecoderLM(nn.Module):
         new_layers, layer_hidden = [], []
         if (cfg.get("scan_layers", False) and not self.is_initializing()
                 and not self.is_mutable_collection("intermediates")):
-            signatures = self.layer_signatures(per_layer, skip, no_ffn)
-            period, groups = layer_scan.scan_plan(signatures)
+            period, groups = self.scan_plan(per_layer, skip, no_ffn)
             scanned = period * groups
         if scanned:
             stored = self.variables["params"]
-            params = [None if i in skip else stored[f"layer_{i}"] for i in range(scanned)]
+            stacked = layer_scan.stored_stacks(stored, period, groups)
+            if stacked is None:
+                stacked = layer_scan.stack_positions([None if i in skip else stored[f"layer_{i}"]
+                                                      for i in range(scanned)], period, groups)
 
             def apply_position(j, layer_params, x, cache, layer_gate):
                 if j in skip:  # the same position of every group is skipped (signatures repeat)
@@ -256,8 +265,8 @@ class DecoderLM(nn.Module):
                                                    None if per_layer is None else per_layer[j], j in no_ffn)
                 return run(x, cache) if layer_gate is None else gate_layer(run, layer_gate, x, cache, step)
 
-            x, new_layers, layer_hidden = layer_scan.scan_layers(apply_position, period, groups, params,
-                                                                 caches[:scanned], gates[:scanned], x)
+            x, new_layers, layer_hidden = layer_scan.scan_layers(apply_position, stacked, groups, caches[:scanned],
+                                                                 gates[:scanned], x)
         for i in range(scanned, n):
             new = None
             if i not in skip:

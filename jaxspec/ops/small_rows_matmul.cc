@@ -1,4 +1,6 @@
 // y [R, out] = x [R, in] @ w [out, in]^T (* scale [out]) for a few input rows, on x86-64 with AVX2 and FMA.
+// w may also be a stack [G, out, in], the matrix chosen by an index operand (scale stays [out]): a scanned layer
+// stack reads its layer's weights in place, where a slice of the stack would first be copied by XLA's CPU backend.
 //
 // Why: XLA's CPU matmul packs the whole weight matrix for 2..16 rows, so a verification forward over K tree
 // nodes costs ~2.5 one-row steps although both read the same weight bytes. Here each stored weight row is read
@@ -97,17 +99,23 @@ void Run(const float* x, int64_t rows, const W* w, const float* scale, int64_t i
 }
 
 ffi::Error SmallRowsMatmul(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
-                           ffi::ResultBuffer<ffi::F32> y, bool scaled) {
+                           ffi::Buffer<ffi::S32> index, ffi::ResultBuffer<ffi::F32> y, bool scaled) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
-    return ffi::Error::InvalidArgument("small_rows_matmul: expected x [rows, in] and w [out, in]");
-  const int64_t rows = xd[0], in = xd[1], out = wd[0];
+  const size_t rank = wd.size();
+  if (xd.size() != 2 || (rank != 2 && rank != 3) || xd[1] != wd[rank - 1])
+    return ffi::Error::InvalidArgument("small_rows_matmul: expected x [rows, in] and w [out, in] or [G, out, in]");
+  const int64_t rows = xd[0], in = xd[1], out = wd[rank - 2];
+  const int64_t stacked = rank == 3 ? wd[0] : 1;
+  const int64_t g = rank == 3 ? index.typed_data()[0] : 0;
+  if (g < 0 || g >= stacked)
+    return ffi::Error::InvalidArgument("small_rows_matmul: stack index out of range");
+  const int64_t offset = g * out * in;
   const float* s = scaled ? scale.typed_data() : nullptr;
   if (w.element_type() == ffi::F32)
-    Run(x.typed_data(), rows, w.typed_data<float>(), s, in, out, y->typed_data());
+    Run(x.typed_data(), rows, w.typed_data<float>() + offset, s, in, out, y->typed_data());
   else if (w.element_type() == ffi::S8)
-    Run(x.typed_data(), rows, w.typed_data<int8_t>(), s, in, out, y->typed_data());
+    Run(x.typed_data(), rows, w.typed_data<int8_t>() + offset, s, in, out, y->typed_data());
   else
     return ffi::Error::InvalidArgument("small_rows_matmul: weights must be float32 or int8");
   return ffi::Error::Success();
@@ -120,5 +128,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxspecSmallRowsMatmul, SmallRowsMatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("scaled"));

@@ -1,7 +1,10 @@
 """Scanned layers (`model.scan_layers`): the plan finds the repeating period, the program really holds one scan
 over the groups, and scanned and unrolled stacks give the same logits in every forward mode (every mixer,
-hybrids, Gemma's window pattern with a remainder, both layouts, the apply-time options) and decode the same
-tokens."""
+hybrids, Gemma's window pattern with a remainder, both layouts, int8 weights, MatFormer granularities, the
+apply-time options) and decode the same tokens; in the decode layout the CPU kernel reads every projection's
+weights from the layer stack in place."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +14,11 @@ import pytest
 from jaxspec.config import ConfigError
 from jaxspec.decoding import api
 from jaxspec.errors import InputError
-from jaxspec.models.decode_layout import for_decoding
+from jaxspec.models import layer_scan
+from jaxspec.models.decode_layout import for_decoding, to_standard_layout
 from jaxspec.models.layer_scan import scan_plan, smallest_period
 from jaxspec.models.lm import reconfigured
+from jaxspec.ops import small_rows_matmul
 from jaxspec.state import init_decode_state
 
 BATCH = 2
@@ -80,6 +85,61 @@ def test_scanned_stack_gives_the_unrolled_logits_in_every_mode(case, make_model,
     decode_model, decode_params = for_decoding(model, params)
     assert_same(forwards(decode_model, decode_params, tokens, apply),
                 forwards(scanned(decode_model), decode_params, tokens, apply), f"{case} decode layout")
+
+
+@pytest.mark.parametrize("weight_dtype", ["float32", "int8"])
+def test_scanned_decode_layout_gives_the_unrolled_logits_with_int8_and_granularities(weight_dtype, make_model,
+                                                                                   apply):
+    # A kernel read in place (the whole width) and one sliced first (a smaller MatFormer granularity) alike.
+    model, params = make_model("A", n_layers=4, matformer_fractions=(0.5, 1.0))
+    decode_model, decode_params = for_decoding(reconfigured(model, weight_dtype=weight_dtype), params)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, model.model_cfg.vocab_size, (BATCH, 9)))
+    for granularity in (None, 0):
+        assert_same(forwards(decode_model, decode_params, tokens, apply, granularity=granularity),
+                    forwards(scanned(decode_model), decode_params, tokens, apply, granularity=granularity),
+                    f"{weight_dtype} granularity {granularity}")
+
+
+@pytest.mark.skipif(not small_rows_matmul.available(), reason="the CPU kernel needs x86-64 with AVX2/FMA")
+def test_a_scanned_decode_step_reads_each_projection_from_its_layer_stack(make_model):
+    # No weight slice is copied before its product: each of a layer's four projections (qkv, o, gate_up, down) is
+    # one call of the CPU kernel on the [groups, out, in] stack.
+    model, params = make_model("A", n_layers=4)
+    decode_model, decode_params = for_decoding(scanned(model), params)
+    state = init_decode_state(model.model_cfg, 1, 32)
+    step = jax.jit(lambda p, t, s: decode_model.apply({"params": p}, t, state=s))
+    hlo = step.lower(decode_params, jnp.zeros((1, 1), jnp.int32), state).compile().as_text()
+    calls = [line for line in hlo.splitlines() if 'custom_call_target="jaxspec_small_rows_matmul"' in line]
+    stack_operand = re.compile(r"operand_layout_constraints=\{f32\[1,\d+\]\{1,0\}, f32\[4,\d+,\d+\]")
+    stacks = [line for line in calls if stack_operand.search(line)]
+    assert len(calls) == 4 and len(stacks) == 4, calls
+
+
+def stacked_leaves(model, params, tokens, groups) -> int:
+    """How many arrays the forward stacks over the groups (stacks or concatenates outside the scan with `groups`
+    rows)."""
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, tokens))(params)
+    return sum(eqn.primitive.name in ("stack", "concatenate") and eqn.outvars[0].aval.shape[0] == groups
+               for eqn in jaxpr.jaxpr.eqns)
+
+
+def test_for_decoding_stacks_the_layers_once_and_forwards_read_the_stacks(make_model, apply):
+    model, params = make_model("A", n_layers=4)
+    decode_model, decode_params = for_decoding(scanned(model), params)
+    assert layer_scan.STACKS in decode_params
+    assert for_decoding(decode_model, decode_params)[1] is decode_params  # stacked once
+    bare = layer_scan.without_stacks(decode_params)
+    assert stacked_leaves(decode_model, bare, jnp.zeros((1, 4), jnp.int32), 4) > 0
+    assert stacked_leaves(decode_model, decode_params, jnp.zeros((1, 4), jnp.int32), 4) == 0
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, model.model_cfg.vocab_size, (BATCH, 9)))
+    unrolled = forwards(reconfigured(decode_model, scan_layers=False), bare, tokens, apply)
+    assert_same(unrolled, forwards(decode_model, decode_params, tokens, apply), "stored stacks")
+    # Stacks stored for the plan without options (period 1) are not used by a forward that scans another one.
+    skip = dict(skip_layers=(1, 3))  # period 2, two groups
+    assert_same(forwards(reconfigured(decode_model, scan_layers=False), bare, tokens, apply, **skip),
+                forwards(decode_model, decode_params, tokens, apply, **skip), "stacks of another plan")
+    back = to_standard_layout(decode_params, decode_model.model_cfg)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
 
 
 def scan_lengths(model, params, tokens, **options) -> list[int]:

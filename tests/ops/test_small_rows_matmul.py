@@ -1,7 +1,8 @@
 """The CPU small-rows product against its jnp reference: float32 and int8 weights, 1..16 rows, feature counts
 that are not multiples of the 8-lane vector, odd output counts, inside jit, under grad and vmap; and the
-rows' independence (a row's result does not depend on the other rows of the call); calls from several threads
-at once; the thread-count setting."""
+rows' independence (a row's result does not depend on the other rows of the call); a stack of matrices read at
+a traced index (as a scan over layers reads its layer's weights); calls from several threads at once; the
+thread-count setting."""
 
 from __future__ import annotations
 
@@ -80,6 +81,61 @@ def test_vmap_over_a_batch_of_inputs():
     xs = jnp.stack([x, 2 * x, -x])
     got = jax.jit(jax.vmap(lambda x: small_rows_matmul(x, w)))(xs)
     np.testing.assert_allclose(got, jnp.einsum("bri,oi->bro", xs, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_a_stack_read_at_a_traced_index_equals_the_product_with_that_matrix(rows):
+    x, _ = operands(rows, 40, 1, seed=8)
+    stack = jax.random.normal(jax.random.key(9), (3, 52, 40), jnp.float32)
+
+    def scanned(x, stack):  # the index is the scan's counter, as in a scan over layers
+        return jax.lax.scan(lambda c, g: (c, small_rows_matmul(x, stack, None, g)), None, jnp.arange(3))[1]
+
+    got = jax.jit(scanned)(x, stack)
+    for g in range(3):
+        np.testing.assert_array_equal(got[g], jax.jit(small_rows_matmul)(x, stack[g]))  # bit for bit
+        np.testing.assert_allclose(got[g], small_rows_matmul_reference(x, stack, None, g), rtol=1e-5, atol=1e-5)
+
+
+def test_an_int8_stack_with_its_layer_scale_equals_the_reference():
+    x, _ = operands(4, 72, 1, seed=10)
+    q, scale = quantize_int8(jax.random.normal(jax.random.key(11), (2 * 130, 72)))
+    stack = q.reshape(2, 130, 72)
+    got = jax.jit(small_rows_matmul)(x, stack, scale[130:], jnp.int32(1))
+    np.testing.assert_allclose(got, small_rows_matmul_reference(x, q[130:], scale[130:]), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_through_a_stack_equal_the_reference():
+    x, _ = operands(3, 16, 1, seed=12)
+    stack = jax.random.normal(jax.random.key(13), (2, 24, 16))
+    scale = jnp.linspace(0.5, 1.5, 24)
+
+    def loss(fn):
+        return lambda x, w, s: jnp.sum(jnp.sin(fn(x, w, s, jnp.int32(1))))
+
+    got = jax.grad(loss(small_rows_matmul), argnums=(0, 1, 2))(x, stack, scale)
+    want = jax.grad(loss(small_rows_matmul_reference), argnums=(0, 1, 2))(x, stack, scale)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    assert not np.any(got[1][0])  # the other matrix of the stack gets no gradient
+
+
+def test_an_index_outside_the_stack_fails_instead_of_reading_past_it():
+    x, _ = operands(2, 16, 1)
+    stack = jnp.ones((2, 8, 16))
+    product = jax.jit(small_rows_matmul)
+    for index in (2, -1):
+        with pytest.raises(Exception, match="stack index out of range"):
+            jax.block_until_ready(product(x, stack, None, jnp.int32(index)))
+
+
+def test_a_stack_needs_a_scalar_index_and_an_index_needs_a_stack():
+    with pytest.raises(InputError, match=r"index must be a scalar, got shape \(2,\)"):
+        small_rows_matmul(jnp.ones((2, 8)), jnp.ones((3, 4, 8)), None, jnp.zeros(2, jnp.int32))
+    with pytest.raises(InputError, match=r"\[G, out, in\] \(with an index\)"):
+        small_rows_matmul(jnp.ones((2, 8)), jnp.ones((4, 8)), None, 0)
+    with pytest.raises(InputError, match=r"expected x \[rows, in\] and kernel_t \[out, in\]"):
+        small_rows_matmul(jnp.ones((2, 8)), jnp.ones((3, 4, 8)))
 
 
 @pytest.mark.parametrize("x_shape,w_shape,dtype,match", [
