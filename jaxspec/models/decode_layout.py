@@ -29,7 +29,7 @@ from jaxspec.config import MixerKind
 from jaxspec.errors import InputError
 from jaxspec.models import layer_scan
 from jaxspec.models.layers import quantize_int8, weight_dtype_of
-from jaxspec.models.lm import DecoderLM, has_ffn
+from jaxspec.models.lm import DecoderLM, has_ffn, scan_plan
 
 
 def _layer(params, name: str, where: str) -> dict:
@@ -138,7 +138,7 @@ def for_decoding(model: DecoderLM, params) -> tuple[DecoderLM, dict]:
     once rather than by every forward."""
     if model.layout != "decode":
         model, params = model.clone(layout="decode"), to_decode_layout(params, model.model_cfg)
-    period, groups = model.scan_plan()
+    period, groups = scan_plan(model.model_cfg)
     if groups and layer_scan.stored_stacks(params, period, groups) is None:
         params = layer_scan.with_stacks(params, period, groups)
     return model, params

@@ -189,6 +189,25 @@ def context_free_tree_step(parents, batch: int) -> Step:
     return Step(Mode.TREE, node_depths(mask), jnp.zeros((batch,), jnp.int32), mask=mask, parents=parents)
 
 
+def layer_signatures(model_cfg, per_layer=None, skip=(), no_ffn=()) -> tuple:
+    """Per layer, everything static that shapes its block in a forward with these options (equal signatures
+    compile alike)."""
+    kinds = config_lib.layer_kinds(model_cfg)
+    return tuple(("skipped",) if i in skip else
+                 (kinds[i], config_lib.layer_window(model_cfg, i), config_lib.layer_rope_theta(model_cfg, i),
+                  config_lib.ffn_hidden_sizes(model_cfg, i), None if per_layer is None else per_layer[i],
+                  i in no_ffn)
+                 for i in range(model_cfg.n_layers))
+
+
+def scan_plan(model_cfg, per_layer=None, skip=(), no_ffn=()) -> tuple[int, int]:
+    """(period, groups) of the layers a forward with these options scans (models/layer_scan.py): layers
+    [0, period * groups) run as one scan; groups is 0 without `model.scan_layers` or a period that repeats."""
+    if not model_cfg.get("scan_layers", False):
+        return 1, 0
+    return layer_scan.scan_plan(layer_signatures(model_cfg, per_layer, skip, no_ffn))
+
+
 class DecoderLM(nn.Module):
     model_cfg: Any  # ml_collections.ConfigDict (frozen on use, so the module is hashable)
     layout: str = "standard"  # one of LAYOUTS (see the module docstring)
@@ -220,22 +239,6 @@ class DecoderLM(nn.Module):
         """Logits from an intermediate residual stream (early exit): final norm, then the LM head."""
         return self.project(self.final_norm(layer_hidden))
 
-    def layer_signatures(self, per_layer, skip, no_ffn) -> tuple:
-        """Per layer, everything static that shapes its block in this call (equal signatures compile alike)."""
-        cfg = self.model_cfg
-        kinds = config_lib.layer_kinds(cfg)
-        return tuple(("skipped",) if i in skip else
-                     (kinds[i], config_lib.layer_window(cfg, i), config_lib.layer_rope_theta(cfg, i),
-                      config_lib.ffn_hidden_sizes(cfg, i), None if per_layer is None else per_layer[i], i in no_ffn)
-                     for i in range(cfg.n_layers))
-
-    def scan_plan(self, per_layer=None, skip=(), no_ffn=()) -> tuple[int, int]:
-        """(period, groups) of the layers a forward with these options scans (models/layer_scan.py): layers
-        [0, period * groups) run as one scan; groups is 0 without `model.scan_layers` or a period that repeats."""
-        if not self.model_cfg.get("scan_layers", False):
-            return 1, 0
-        return layer_scan.scan_plan(self.layer_signatures(per_layer, skip, no_ffn))
-
     def run_layers(self, x, state, step: Step, gate, per_layer, skip, no_ffn):
         """(x, new cache entry per layer (None: unchanged), residual stream after each layer). With
         `model.scan_layers` the layers that repeat a period run as one scan (models/layer_scan.py); init and
@@ -248,7 +251,7 @@ class DecoderLM(nn.Module):
         new_layers, layer_hidden = [], []
         if (cfg.get("scan_layers", False) and not self.is_initializing()
                 and not self.is_mutable_collection("intermediates")):
-            period, groups = self.scan_plan(per_layer, skip, no_ffn)
+            period, groups = scan_plan(cfg, per_layer, skip, no_ffn)
             scanned = period * groups
         if scanned:
             stored = self.variables["params"]

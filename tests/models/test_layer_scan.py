@@ -17,7 +17,7 @@ from jaxspec.errors import InputError
 from jaxspec.models import layer_scan
 from jaxspec.models.decode_layout import for_decoding, to_standard_layout
 from jaxspec.models.layer_scan import scan_plan, smallest_period
-from jaxspec.models.lm import reconfigured
+from jaxspec.models.lm import WithOptions, reconfigured
 from jaxspec.ops import small_rows_matmul
 from jaxspec.state import init_decode_state
 
@@ -140,6 +140,18 @@ def test_for_decoding_stacks_the_layers_once_and_forwards_read_the_stacks(make_m
                 forwards(decode_model, decode_params, tokens, apply, **skip), "stacks of another plan")
     back = to_standard_layout(decode_params, decode_model.model_cfg)
     assert jax.tree.structure(back) == jax.tree.structure(params)
+
+
+def test_for_decoding_takes_a_model_with_fixed_options_over_a_scanned_stack(make_model):
+    # A lossy mode's stand-in (skip_layers fixed: period 2) gets the stacks of the plan without options; its
+    # forwards stack their own, and give the unrolled stack's logits.
+    model, params = make_model("A", n_layers=4)
+    changed, decode_params = for_decoding(WithOptions.of(scanned(model), skip_layers=(1, 3)), params)
+    assert layer_scan.STACKS in decode_params
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, model.model_cfg.vocab_size, (BATCH, 9)))
+    unrolled, bare = for_decoding(model, params)
+    np.testing.assert_allclose(changed.apply({"params": decode_params}, tokens),
+                               unrolled.apply({"params": bare}, tokens, skip_layers=(1, 3)), **TOL)
 
 
 def scan_lengths(model, params, tokens, **options) -> list[int]:
