@@ -144,7 +144,6 @@ class Linear(nn.Module):
             y = y + bias[lo:hi].astype(y.dtype)
         return y
 
-
     def _kernel(self, init, shape, dtype):
         """`kernel_t`: the stored array, or the LayerRows a scan over layers passes in its place (flax's `param`
         would check it against the array's shape, which a stack does not have)."""
