@@ -7,6 +7,10 @@ Each prompt is rendered through the checkpoint's chat template (its plain "User:
 a tokenizer without one) and decoded by autoregressive decoding and by every method on the same prompts,
 one compiled loop per method (see `compare.compare_methods`). Rows come per category and over all prompts:
 tau, tokens/s, speedup over autoregressive decoding, and whether the output is identical to it.
+
+`decode.scan_layers` runs the target's repeated layers as one scan (`model.scan_layers`, models/layer_scan.py):
+the same tokens, each loop compiled ~2-3x faster, each step 1.1-1.4x slower on CPU (docs/benchmarks.md,
+"Scanned layers"), for suites that compile many methods and decode little with each.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from jaxspec.config import ConfigError, check_keys
 from jaxspec.decoding import api, methods
 from jaxspec.eval import compare, plots, tables
 from jaxspec.eval.suite import CATEGORIES, load_suite
+from jaxspec.models.lm import reconfigured
 
 RESULTS_JSON = "results.json"
 SPEEDUP_BY_CATEGORY = "speedup_by_category.png"
@@ -31,7 +36,8 @@ def suite_eval_defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         target="smollm2-135m-instruct",  # a zoo name or a workdir
         suite=dict(categories=(), per_category=3),  # () = all categories
-        decode=dict(max_new_tokens=64, temperature=0.0, stop_at_eos=True, batch_size=1, repeats=1, seed=0),
+        decode=dict(max_new_tokens=64, temperature=0.0, stop_at_eos=True, batch_size=1, repeats=1, seed=0,
+                    scan_layers=False),  # scan_layers: see the module docstring
         methods={},  # name -> {method: a registered name, and that method's fields (jaxspec/decoding/methods/)}
     ))
 
@@ -64,6 +70,8 @@ def validate(config) -> None:
     for key in ("max_new_tokens", "batch_size", "repeats"):
         if not isinstance(d[key], int) or d[key] <= 0:
             raise ConfigError(f"config.decode.{key}={d[key]!r} is not allowed: a positive integer")
+    if not isinstance(d.scan_layers, bool):
+        raise ConfigError(f"config.decode.scan_layers={d.scan_layers!r} is not allowed: True or False")
 
 
 def encode_suite(tokenizer, prompts) -> list[list[int]]:
@@ -82,8 +90,9 @@ def evaluate_suite(config, workdir: str, on_method: Callable[[str], None] | None
     tokens = encode_suite(target.tokenizer, prompts)
     specs = method_specs(config)
     d = config.decode
+    model = reconfigured(target.model, scan_layers=True) if d.scan_layers else target.model
     results = compare.compare_methods(
-        target.model, target.params, tokens, specs, target_workdir=target.workdir,
+        model, target.params, tokens, specs, target_workdir=target.workdir,
         max_new_tokens=d.max_new_tokens, temperature=d.temperature,
         eos_ids=target.tokenizer.eos_ids if d.stop_at_eos else None, seed=d.seed, repeats=d.repeats,
         batch_size=d.batch_size, categories=[p.category for p in prompts], on_method=on_method)

@@ -5,6 +5,7 @@ import json
 import os
 
 import jax
+import ml_collections
 import pytest
 
 from configs import lm
@@ -50,12 +51,34 @@ def test_every_category_and_method_gets_a_row(target_dir, tmp_path):
     assert all(r["lossless"] is True for r in rows)  # from the specs: both methods claim it
 
 
+def test_a_scanned_target_decodes_the_suite_with_the_same_tokens(target_dir, tmp_path, monkeypatch):
+    stacks = []  # model.scan_layers of the model each evaluation decodes with
+    compare_methods = suite_eval.compare.compare_methods
+    monkeypatch.setattr(suite_eval.compare, "compare_methods",
+                        lambda model, *a, **k: stacks.append(model.model_cfg.scan_layers) or compare_methods(model, *a,
+                                                                                                             **k))
+    config = small_config(target_dir)
+    config.suite.categories = ("code",)
+    reports = []
+    for scan in (True, False):
+        config.decode.scan_layers = scan
+        reports.append(suite_eval.evaluate_suite(config, str(tmp_path / str(scan)))["rows"])
+    assert stacks == [True, False]
+    scanned, unrolled = reports
+    assert all(r["identical"] for r in scanned)  # every method against the scanned stack's AR
+    assert [(r["method"], r["new_tokens"], r["tau"]) for r in scanned] == [
+        (r["method"], r["new_tokens"], r["tau"]) for r in unrolled]
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda c: c.methods.update(dict(x=dict(method="lookup", granularity=0))),
      "config.methods.x: method 'lookup' takes no argument 'granularity'"),
     (lambda c: c.methods.update(dict(x=dict(method="ar"))), "config.methods.x.method='ar' is not allowed"),
     (lambda c: c.suite.update(dict(categories=("poetry",))), "config.suite.categories=('poetry',)"),
     (lambda c: c.decode.update(dict(batch_size=0)), "config.decode.batch_size=0"),
+    # ConfigDict keeps a field's type; a section built anew (e.g. from JSON) may not
+    (lambda c: setattr(c, "decode", ml_collections.ConfigDict({**c.decode.to_dict(), "scan_layers": "yes"})),
+     "config.decode.scan_layers='yes' is not allowed: True or False"),
     (lambda c: c.update(dict(modle="x")), "unknown config key config.modle"),
 ])
 def test_bad_configs_name_the_key(target_dir, change, message):
