@@ -47,10 +47,16 @@ def weight_dtype_of(model_cfg) -> str:
     return model_cfg.get("weight_dtype", "float32")
 
 
-def streams_rows(rows: int, dtype) -> bool:
+def streams_rows(rows: int, dtype, fewest: int = 2) -> bool:
     """Whether a product of `rows` input rows over an [out, in] kernel takes the few-rows path (CPU, float32,
-    2..SMALL_ROWS rows): the CPU kernel where it builds, else XLA's multiply-and-sum."""
-    return 1 < rows <= SMALL_ROWS and jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu"
+    fewest..SMALL_ROWS rows): the CPU kernel where it builds, else XLA's multiply-and-sum."""
+    return fewest <= rows <= SMALL_ROWS and jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu"
+
+
+def _on_cpu_kernel(rows: int, dtype, kernel_t, fewest: int = 2) -> bool:
+    """Whether the CPU kernel of jaxspec.ops.small_rows_matmul takes this product (see `streams_rows`)."""
+    return (streams_rows(rows, dtype, fewest) and kernel_t.dtype in (jnp.float32, jnp.int8)
+            and small_rows_matmul.available())
 
 
 def matmul_t(x, kernel_t, scale=None, dtype=jnp.float32):
@@ -64,8 +70,7 @@ def matmul_t(x, kernel_t, scale=None, dtype=jnp.float32):
                          f"{kernel_t.shape[1]}")
     if isinstance(kernel_t, LayerRows):
         rows = math.prod(x.shape[:-1])
-        if (rows <= SMALL_ROWS and jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu"
-                and kernel_t.dtype in (jnp.float32, jnp.int8) and small_rows_matmul.available()):
+        if _on_cpu_kernel(rows, dtype, kernel_t, fewest=1):  # one row too: a slice would be a copy
             y = small_rows_matmul.small_rows_matmul(x.reshape(rows, x.shape[-1]), kernel_t.stack, scale,
                                                     kernel_t.index)
             return y.reshape(*x.shape[:-1], kernel_t.shape[0])
@@ -79,7 +84,7 @@ def matmul_t(x, kernel_t, scale=None, dtype=jnp.float32):
     elif rows == 1:  # a 2-D product: XLA fuses the transpose and the int8 conversion into one pass (not for 3-D)
         y = x.reshape(1, x.shape[-1]).astype(dtype) @ kernel_t.astype(dtype).T
         y = y.reshape(*x.shape[:-1], kernel_t.shape[0])
-    elif streams_rows(rows, dtype) and kernel_t.dtype in (jnp.float32, jnp.int8) and small_rows_matmul.available():
+    elif _on_cpu_kernel(rows, dtype, kernel_t):
         y = small_rows_matmul.small_rows_matmul(x.reshape(rows, x.shape[-1]), kernel_t, scale)
         return y.reshape(*x.shape[:-1], kernel_t.shape[0])
     elif streams_rows(rows, dtype):
