@@ -47,6 +47,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("rounds", 5, "timed calls (without the profiler) for the measured step")
     flags.DEFINE_integer("top", 16, "op groups listed (the rest are summed in one row)")
     flags.DEFINE_string("trace_dir", None, "keep the trace here (default: a temporary directory)")
+    flags.DEFINE_bool("scan_layers", False, "profile the scanned layer stack (model.scan_layers)")
 
 
 def shape_bytes(shape: str) -> int:
@@ -144,7 +145,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     lm = api.load(FLAGS.model)
-    model = reconfigured(lm.model, weight_dtype=FLAGS.weight_dtype)
+    model = reconfigured(lm.model, weight_dtype=FLAGS.weight_dtype, scan_layers=FLAGS.scan_layers)
     model, params = for_decoding(model, lm.params)
     prompt = [(7919 * i) % model.model_cfg.vocab_size for i in range(FLAGS.prompt_tokens)]
     executables, dynamic = ar_executables(model, params, prompt, FLAGS.new_tokens)
@@ -164,7 +165,8 @@ def main(argv):
     traced = [e.get("dur", 0.0) for e in events]
 
     total_us = sum(row[1] for row in groups.values())
-    print(f"# step_profile: {FLAGS.model}, decode layout, {FLAGS.weight_dtype} weights, prompt "
+    print(f"# step_profile: {FLAGS.model}, decode layout, {FLAGS.weight_dtype} weights, "
+          f"{'scanned' if FLAGS.scan_layers else 'unrolled'} stack, prompt "
           f"{FLAGS.prompt_tokens}, {FLAGS.new_tokens} new tokens (state {max_len}); {os.cpu_count()} CPUs, "
           f"jax {jax.__version__}; trace in {trace_dir}\n")
     print("| op group (module path: primitive (opcode), or opcode operand shapes) | thunks/step | ms/step | "

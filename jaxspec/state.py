@@ -7,6 +7,12 @@ A forward over K new nodes (see `DecoderLM`) leaves, per layer, a *pending* entr
   linear attention LinearState per node   (s [B, K, H, dk, dv])  -> commit takes the last accepted node's
   mamba            MambaState per node    (conv, ssm with a K axis)  state (its recurrent state is exact)
 so rollback is exact for every mixer, and per batch row (the mixer contract: `jaxspec.models.mixer.Mixer`).
+
+A model with `model.scan_layers` keeps the entries of its scanned layers [0, period * groups) *stacked*: per
+position j of the period, the entries of layers j, j + period, ... on a leading [groups] axis (`stacked`, and
+`pending_stacked` after a tree forward), the layout the scan over layers reads and writes
+(jaxspec/models/layer_scan.py), so a decode step neither stacks nor unstacks its caches. `layers[i]` is then
+None for those layers. `per_layer(state)` gives the per-layer form of any state, `stacked_state` the stacked one.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from jaxspec import checks
 from jaxspec import config as config_lib
 from jaxspec.config import MixerKind
 from jaxspec.errors import InputError
+from jaxspec.models import layer_scan
 
 
 @struct.dataclass
@@ -80,21 +87,65 @@ class MambaState:
 @struct.dataclass
 class DecodeState:
     lengths: jax.Array  # [B] int32: committed tokens per row
-    layers: tuple  # per layer: KVCache | SharedPrefixCache | HeavyHitterCache | LinearState | MambaState
-    pending: tuple | None = None  # per layer after a tree forward (None for skipped layers)
+    # per layer: KVCache | SharedPrefixCache | HeavyHitterCache | LinearState | MambaState, None where `stacked`
+    layers: tuple
+    pending: tuple | None = None  # per layer after a tree forward (None for skipped and stacked layers)
+    stacked: tuple | None = None  # per position of the period: the scanned layers' entries on a [groups] axis
+    pending_stacked: tuple | None = None  # the same for their pending entries (None for a skipped position)
+
+    @property
+    def has_pending(self) -> bool:
+        return self.pending is not None or self.pending_stacked is not None
+
+    @property
+    def stack_plan(self) -> tuple[int, int] | None:
+        """(period, groups) of the stacked entries, or None for a state in per-layer form."""
+        if self.stacked is None:
+            return None
+        return len(self.stacked), jax.tree.leaves(self.stacked)[0].shape[0]
 
     @property
     def max_len(self) -> int:
-        for layer in self.layers:
+        entries = [(layer, 0) for layer in self.layers] + [(entry, 1) for entry in self.stacked or ()]
+        for layer, group_axes in entries:
             if isinstance(layer, KVCache):
-                return layer.k.shape[2]
+                return layer.k.shape[2 + group_axes]
             if isinstance(layer, SharedPrefixCache):
-                return layer.capacity
+                return layer.k_prefix.shape[1 + group_axes] + layer.suffix.k.shape[2 + group_axes]
         return np.iinfo(np.int32).max  # recurrent layers and budgeted caches have no length limit
 
 
+def per_layer(state: DecodeState) -> DecodeState:
+    """`state` with every layer's entry (and pending entry) in `layers` (and `pending`): stacked entries are
+    sliced out per layer (a copy under jit)."""
+    if state.stacked is None:
+        return state
+    period, groups = state.stack_plan
+    scanned = period * groups
+    layers = layer_scan.unstack_positions(state.stacked, groups) + list(state.layers[scanned:])
+    pending = state.pending
+    if state.pending_stacked is not None:
+        pending = layer_scan.unstack_positions(state.pending_stacked, groups) + list(state.pending[scanned:])
+    return DecodeState(lengths=state.lengths, layers=tuple(layers), pending=None if pending is None else tuple(pending))
+
+
+def stacked_state(state: DecodeState, plan: tuple[int, int] | None) -> DecodeState:
+    """`state` with the entries of layers [0, period * groups) stacked per position of the period (plan =
+    (period, groups)); a plan of None or with no groups gives the per-layer form. Pending entries stay per layer."""
+    state = per_layer(state) if state.stacked is not None and state.stack_plan != plan else state
+    if plan is None or not plan[1] or state.stacked is not None:
+        return state
+    if any(layer is None for layer in state.layers):
+        raise InputError("stacked_state: the state's layers hold None entries; it cannot be stacked")
+    period, groups = plan
+    scanned = period * groups
+    stacked = tuple(layer_scan.stack_positions(state.layers[:scanned], period, groups))
+    return state.replace(layers=(None,) * scanned + tuple(state.layers[scanned:]), stacked=stacked)
+
+
 def init_decode_state(model_cfg, batch: int, max_len: int | None = None, dtype=None) -> DecodeState:
-    """Empty state for `batch` rows; attention layers get a cache of `max_len` (default model.max_len)."""
+    """Empty state for `batch` rows; attention layers get a cache of `max_len` (default model.max_len). With
+    `model.scan_layers`, the scanned layers' entries are stacked (see the module docstring)."""
     max_len = max_len or model_cfg.max_len
     if max_len <= 0 or batch <= 0:
         raise InputError(f"init_decode_state: batch={batch} and max_len={max_len} must be positive")
@@ -112,13 +163,15 @@ def init_decode_state(model_cfg, batch: int, max_len: int | None = None, dtype=N
             layers.append(MambaState(
                 conv=jnp.zeros((batch, model_cfg.mamba.d_conv - 1, d_inner), jnp.float32),
                 ssm=jnp.zeros((batch, d_inner, model_cfg.mamba.d_state), jnp.float32)))
-    return DecodeState(lengths=jnp.zeros((batch,), jnp.int32), layers=tuple(layers))
+    state = DecodeState(lengths=jnp.zeros((batch,), jnp.int32), layers=tuple(layers))
+    return stacked_state(state, layer_scan.model_plan(model_cfg))
 
 
 def share_prefix(state: DecodeState, batch: int, suffix_len: int) -> DecodeState:
     """The state of one prefilled row (batch 1) as the state of `batch` rows that continue the same prompt: each
     attention cache becomes a SharedPrefixCache over that row's keys/values, with an empty suffix of
     `suffix_len` positions per row; recurrent states are copied to every row."""
+    state = per_layer(state)  # the shared prefix is held per layer
     if state.lengths.shape[0] != 1 or state.pending is not None:
         raise InputError(f"share_prefix: needs the committed state of one row, got {state.lengths.shape[0]} rows"
                          f"{' with a pending tree' if state.pending is not None else ''}")
@@ -174,48 +227,66 @@ def node_depths(ancestor_mask):
     return jnp.sum(ancestor_mask, axis=-1).astype(jnp.int32) - 1
 
 
-def write_kv(cache, new, start):
-    """Write new [B, Hkv, T, D] into cache [B, Hkv, L, D] at per-row offsets start [B]; drops past L."""
+def write_kv(cache, new, start, index=None):
+    """Write new [B, Hkv, T, D] into cache [B, Hkv, L, D] at per-row offsets start [B]; drops past L. With `index`,
+    cache is a stack [G, B, Hkv, L, D] of a scanned layer stack's caches, written at its layer `index` in place."""
     t = new.shape[2]
+    new = new.astype(cache.dtype)
+    if index is not None:
+        rows, columns = jnp.arange(new.shape[0])[:, None], start[:, None] + jnp.arange(t)
+        # The indexed axes (the layer, rows and columns, [B, T] together) come first: new as [B, T, Hkv, D].
+        return cache.at[index, rows, :, columns].set(new.transpose(0, 2, 1, 3), mode="drop")
 
     def one(c, n, s):
         return c.at[:, s + jnp.arange(t)].set(n, mode="drop")
 
-    return jax.vmap(one)(cache, new.astype(cache.dtype), start)
+    return jax.vmap(one)(cache, new, start)
+
+
+def _commit_entry(cache, pending, lengths, path, n):
+    """One layer's entry after commit (see `commit`)."""
+    if isinstance(cache, HeavyHitterCache):  # its scores come from real context, never from a tree
+        raise InputError("commit: a budgeted (heavy-hitter) KV cache takes new context by extend only; its "
+                         "tree forwards are read-only (drafting)")
+    if isinstance(cache, (KVCache, SharedPrefixCache)):
+        gather = lambda x: jnp.take_along_axis(x, path[:, None, :, None], axis=2)
+        # Entries past num_accepted land beyond the new length, where the length mask hides them.
+        rows = cache if isinstance(cache, KVCache) else cache.suffix
+        start = lengths if isinstance(cache, KVCache) else lengths - cache.prefix_len
+        written = KVCache(write_kv(rows.k, gather(pending.k), start), write_kv(rows.v, gather(pending.v), start))
+        return written if isinstance(cache, KVCache) else cache.replace(suffix=written)
+    last = jnp.take_along_axis(path, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]  # [B]
+    keep_old = n == 0
+
+    def take_last(old, per_node):
+        index = last.reshape((-1,) + (1,) * (per_node.ndim - 1))
+        picked = jnp.take_along_axis(per_node, index, axis=1)[:, 0]
+        return jnp.where(keep_old.reshape((-1,) + (1,) * (old.ndim - 1)), old, picked)
+
+    return jax.tree.map(take_last, cache, pending)
 
 
 def commit(state: DecodeState, path, num_accepted) -> DecodeState:
     """Make the accepted nodes the new context, per row.
 
     path [B, P] node indices in order (root first), num_accepted [B] in [0, P]. Rows with 0 keep their state.
+    Stacked entries are committed as one stack per position of the period.
     """
-    if state.pending is None:
+    if not state.has_pending:
         raise InputError("commit: the state holds no pending tree (run a forward with parents= first)")
+    if state.stacked is not None and state.pending_stacked is None:  # pending per layer (a forward of another plan)
+        return stacked_state(commit(per_layer(state), path, num_accepted), state.stack_plan)
     path = jnp.asarray(path, jnp.int32)
     n = jnp.asarray(num_accepted, jnp.int32)
     checks.expect((n >= 0) & (n <= path.shape[1]), f"commit: num_accepted={{}} must lie in [0, {path.shape[1]}]", n)
     checks.expect(state.lengths + n <= state.max_len, "commit: lengths {} + num_accepted {} exceed the decode "
                   f"state's max_len={state.max_len}", state.lengths, n)
-    last = jnp.take_along_axis(path, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]  # [B]
-    keep_old = n == 0
-    layers = []
-    for cache, pending in zip(state.layers, state.pending, strict=True):
-        if pending is None:  # layer skipped in the forward: nothing to commit
-            layers.append(cache)
-        elif isinstance(cache, HeavyHitterCache):  # its scores come from real context, never from a tree
-            raise InputError("commit: a budgeted (heavy-hitter) KV cache takes new context by extend only; its "
-                             "tree forwards are read-only (drafting)")
-        elif isinstance(cache, (KVCache, SharedPrefixCache)):
-            gather = lambda x: jnp.take_along_axis(x, path[:, None, :, None], axis=2)
-            # Entries past num_accepted land beyond the new length, where the length mask hides them.
-            rows = cache if isinstance(cache, KVCache) else cache.suffix
-            start = state.lengths if isinstance(cache, KVCache) else state.lengths - cache.prefix_len
-            written = KVCache(write_kv(rows.k, gather(pending.k), start), write_kv(rows.v, gather(pending.v), start))
-            layers.append(written if isinstance(cache, KVCache) else cache.replace(suffix=written))
-        else:
-            def take_last(old, per_node):
-                index = last.reshape((-1,) + (1,) * (per_node.ndim - 1))
-                picked = jnp.take_along_axis(per_node, index, axis=1)[:, 0]
-                return jnp.where(keep_old.reshape((-1,) + (1,) * (old.ndim - 1)), old, picked)
-            layers.append(jax.tree.map(take_last, cache, pending))
-    return DecodeState(lengths=state.lengths + n, layers=tuple(layers), pending=None)
+    entry = lambda cache, pending: _commit_entry(cache, pending, state.lengths, path, n)
+    # A skipped layer (pending None) keeps its entry; so does a stacked layer's None slot in `layers`.
+    layers = tuple(cache if pending is None else entry(cache, pending)
+                   for cache, pending in zip(state.layers, state.pending, strict=True))
+    stacked = state.stacked
+    if stacked is not None:
+        stacked = tuple(cache if pending is None else jax.vmap(entry)(cache, pending)
+                        for cache, pending in zip(stacked, state.pending_stacked, strict=True))
+    return DecodeState(lengths=state.lengths + n, layers=layers, stacked=stacked)

@@ -1,5 +1,6 @@
 """Decode state: tree verify gives every node its own full-forward logits and `commit` of any accepted path
-makes decoding continue exactly as if that path had been the context, per row, for every mixer."""
+makes decoding continue exactly as if that path had been the context, per row, for every mixer; a scanned model's
+state holds its scanned layers stacked, and commits them as one stack."""
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,8 @@ from jaxspec.state import (
     commit,
     init_decode_state,
     node_depths,
+    per_layer,
+    stacked_state,
     tree_ancestor_mask,
     validate_parents,
     write_kv,
@@ -168,3 +171,58 @@ def test_write_kv_writes_per_row_offsets_and_drops_past_the_end():
     new = jnp.arange(1, 4, dtype=jnp.float32).reshape(1, 1, 3, 1) * jnp.array([1.0, 10.0]).reshape(2, 1, 1, 1)
     out = np.asarray(write_kv(cache, new, jnp.asarray([3, 0])))[:, 0, :, 0]
     np.testing.assert_array_equal(out, [[0, 0, 0, 1, 2], [10, 20, 30, 0, 0]])
+
+
+def test_write_kv_into_a_layer_of_a_stack_equals_writing_that_layer():
+    rng = np.random.default_rng(0)
+    stack = jnp.asarray(rng.normal(size=(3, 2, 2, 6, 4)), jnp.float32)
+    new = jnp.asarray(rng.normal(size=(2, 2, 3, 4)), jnp.float32)
+    start = jnp.asarray([4, 1])  # row 0 runs past the end: those columns are dropped
+    got = jax.jit(lambda s, i: write_kv(s, new, start, i))(stack, jnp.int32(1))
+    np.testing.assert_array_equal(got[1], write_kv(stack[1], new, start))
+    np.testing.assert_array_equal(got[::2], stack[::2])
+
+
+def test_a_scanned_models_state_holds_its_scanned_layers_stacked(tiny_config):
+    # Two periods of (attention, linear attention, Mamba) scan; the seventh layer runs unrolled.
+    cfg = tiny_config("ALM", n_layers=7, scan_layers=True)
+    state = init_decode_state(cfg, 3, 20)
+    assert state.stack_plan == (3, 2) and state.max_len == 20
+    assert state.layers[:6] == (None,) * 6 and isinstance(state.layers[6], KVCache)
+    kv, linear, mamba = state.stacked
+    assert kv.k.shape == (2, 3, 2, 20, 8) and linear.s.shape == (2, 3, 4, 8, 8) and mamba.ssm.shape == (2, 3, 64, 4)
+    flat = per_layer(state)
+    want = init_decode_state(tiny_config("ALM", n_layers=7), 3, 20)
+    assert flat.stack_plan is None and jax.tree.structure(flat) == jax.tree.structure(want)
+    back = stacked_state(flat, (3, 2))
+    assert jax.tree.structure(back) == jax.tree.structure(state)
+    assert stacked_state(state, None).stack_plan is None
+
+
+def random_pending(entry, nodes: int, rng):
+    """Random pending entries of `nodes` tree nodes for one layer's entry: a KV cache's node axis replaces its
+    length axis; a recurrent state gets one state per node after the batch axis."""
+    if isinstance(entry, KVCache):
+        shape = lambda x: x.shape[:2] + (nodes,) + x.shape[3:]
+    else:
+        shape = lambda x: x.shape[:1] + (nodes,) + x.shape[1:]
+    return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=shape(x)), x.dtype), entry)
+
+
+def test_commit_of_a_stacked_state_equals_commit_per_layer(tiny_config):
+    # The stacks commit as one vmapped stack per position; per layer, the same entries come out (a skipped
+    # position, the linear-attention layers here, keeps its entries).
+    cfg = tiny_config("ALM", n_layers=6, scan_layers=True)
+    rng = np.random.default_rng(1)
+    state = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), init_decode_state(cfg, 2, 12))
+    flat = per_layer(state.replace(lengths=jnp.asarray([3, 5], jnp.int32)))
+    pending = [None if i % 3 == 1 else random_pending(layer, 4, rng) for i, layer in enumerate(flat.layers)]
+    stacked_pending = tuple(None if p is None else jax.tree.map(lambda *xs: jnp.stack(xs), p, pending[j + 3])
+                            for j, p in enumerate(pending[:3]))
+    stacked = stacked_state(flat, (3, 2)).replace(pending=(None,) * 6, pending_stacked=stacked_pending)
+    path, accepted = jnp.asarray([[0, 2, 3], [1, 3, 0]]), jnp.asarray([2, 0])
+    want = commit(flat.replace(pending=tuple(pending)), path, accepted)
+    got = per_layer(jit_commit(stacked, path, accepted))
+    assert got.stacked is None and got.lengths.tolist() == [5, 5]
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)

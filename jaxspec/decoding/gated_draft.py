@@ -262,8 +262,9 @@ def context_match(model, params, state, seq, seq_len, gate, window: int):
     rewound this way."""
     from jaxspec.state import KVCache
 
-    if not all(isinstance(layer, KVCache) for layer in state.layers):
-        kinds = sorted({type(layer).__name__ for layer in state.layers if not isinstance(layer, KVCache)})
+    entries = [entry for entry in state.layers + (state.stacked or ()) if entry is not None]
+    if not all(isinstance(entry, KVCache) for entry in entries):
+        kinds = sorted({type(entry).__name__ for entry in entries if not isinstance(entry, KVCache)})
         raise InputError(f"scoring skip sets on the context rewinds the target's cache, which needs plain KV "
                          f"caches in every layer; this decode state has {kinds}")
     committed = seq_len - 1  # the root is not in the state yet

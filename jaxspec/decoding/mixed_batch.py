@@ -77,12 +77,17 @@ def clear_rows(state: DecodeState, rows, empty: DecodeState) -> DecodeState:
     """`state` with `rows` [B] bool set back to `empty` (a new state of the same shape): length 0, recurrent
     states as new. Plain KV caches keep their entries: beyond a row's length they are never read, and the next
     request overwrites them as it goes."""
-    def renew(old, new):
-        return jnp.where(rows.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)
+    def renewed(olds, news, group_axes: int):
+        """Each entry with the rows renewed (batch axis after `group_axes` stacked ones); None, KV caches kept."""
+        def renew(old, new):
+            return jnp.where(rows.reshape((1,) * group_axes + (-1,) + (1,) * (old.ndim - 1 - group_axes)), new, old)
 
-    layers = tuple(old if isinstance(old, KVCache) else jax.tree.map(renew, old, new)
-                   for old, new in zip(state.layers, empty.layers, strict=True))
-    return state.replace(lengths=jnp.where(rows, 0, state.lengths), layers=layers)
+        return tuple(old if old is None or isinstance(old, KVCache) else jax.tree.map(renew, old, new)
+                     for old, new in zip(olds, news, strict=True))
+
+    stacked = None if state.stacked is None else renewed(state.stacked, empty.stacked, 1)
+    return state.replace(lengths=jnp.where(rows, 0, state.lengths), layers=renewed(state.layers, empty.layers, 0),
+                         stacked=stacked)
 
 
 def _mixed_step(model: DecoderLM, params, state: DecodeState, tokens, num_new, reset):

@@ -18,6 +18,9 @@ With a budgeted cache in the state (`state.HeavyHitterCache`, DecoderLM's `kv_bu
 attend to the kept keys only (`jaxspec.ops.heavy_hitter`: H2O eviction). With a shared-prefix cache
 (`state.SharedPrefixCache`: prompts that share a beginning, `api.generate(shared_prefix=True)`) they attend to the one
 prefix, read once for all rows, and to each row's suffix (`pallas_kernels.shared_prefix_attention`, Hydragen).
+Inside a scan over layers (models/layer_scan.py) a KVCache's k and v may be `LayerRows` views of the scanned
+layers' cache stacks: extend writes its rows into the stack and the CPU attention kernel reads the layer where it
+lies, so no layer's cache is copied out of the stack or back.
 The mixer contract (modes, the KVCache it keeps, what commit does with its pending keys/values) is
 `jaxspec.models.mixer.Mixer`.
 """
@@ -32,6 +35,7 @@ import jax.numpy as jnp
 
 from jaxspec import config as config_lib
 from jaxspec.errors import InputError
+from jaxspec.models.layer_scan import LayerRows
 from jaxspec.models.layers import Linear, RMSNorm, apply_rope, dtype_of, weight_dtype_of
 from jaxspec.models.step import Mode, Step
 from jaxspec.ops import cached_attention, heavy_hitter
@@ -86,6 +90,23 @@ def causal_attention(q, k, v, *, model_cfg, mesh=None, window: int = 0, lengths=
     return out.swapaxes(1, 2)
 
 
+def _operand(cache):
+    """(array, stack index or None) of a cache's k or v: a LayerRows view passes its whole stack and the layer."""
+    return (cache.stack, cache.index) if isinstance(cache, LayerRows) else (cache, None)
+
+
+def _value(cache):
+    """A cache's k or v as the layer's array (sliced out of the stack for a LayerRows view: a copy)."""
+    return cache.value() if isinstance(cache, LayerRows) else cache
+
+
+def _write(cache, new, start):
+    """write_kv into a cache's k or v, a LayerRows view written into its stack in place."""
+    array, index = _operand(cache)
+    written = write_kv(array, new, start, index)
+    return written if index is None else LayerRows(written, index)
+
+
 class Attention(nn.Module):
     model_cfg: Any
     window: int = 0  # sliding window of this layer (0: global)
@@ -122,8 +143,10 @@ class Attention(nn.Module):
         cfg = self.model_cfg
         scale = cfg.query_scale or None
         if self._few_rows_off_pallas(q, k):
-            return cached_chain_attention(q, written.k, written.v, step.positions, scale=scale, window=self.window)
-        return tree_attention(q, written.k, written.v, step.lengths, k, v, step.mask, scale=scale,
+            (k_cache, index), (v_cache, _) = _operand(written.k), _operand(written.v)
+            return cached_chain_attention(q, k_cache, v_cache, step.positions, scale=scale, window=self.window,
+                                          index=index)
+        return tree_attention(q, _value(written.k), _value(written.v), step.lengths, k, v, step.mask, scale=scale,
                               window=self.window, implementation=cfg.attention.implementation)
 
     def _attend_tree(self, q, k, v, cache: KVCache, step: Step):
@@ -131,10 +154,11 @@ class Attention(nn.Module):
         cfg = self.model_cfg
         scale = cfg.query_scale or None
         if cache.k.shape[2] and self._few_rows_off_pallas(q, k) and cached_attention.uses_kernel(q, cache.k, k):
-            return cached_attention.cached_tree_attention(q, cache.k, cache.v, step.lengths, k, v, step.mask,
-                                                          scale=scale, window=self.window)
-        return tree_attention(q, cache.k, cache.v, step.lengths, k, v, step.mask, scale=scale, window=self.window,
-                              implementation=cfg.attention.implementation)
+            (k_cache, index), (v_cache, _) = _operand(cache.k), _operand(cache.v)
+            return cached_attention.cached_tree_attention(q, k_cache, v_cache, step.lengths, k, v, step.mask,
+                                                          scale=scale, window=self.window, index=index)
+        return tree_attention(q, _value(cache.k), _value(cache.v), step.lengths, k, v, step.mask, scale=scale,
+                              window=self.window, implementation=cfg.attention.implementation)
 
     def _attend_shared_prefix(self, q, k, v, cache: SharedPrefixCache, step: Step):
         """Extend or tree nodes over the shared prefix (read once for all rows) and each row's own suffix; the
@@ -188,9 +212,9 @@ class Attention(nn.Module):
         elif step.fresh:  # prefill into an empty cache: plain causal attention over the new tokens
             out = causal_attention(q, k, v, model_cfg=cfg, window=self.window,
                                    lengths=jnp.sum(step.valid, axis=-1, dtype=jnp.int32))
-            new = KVCache(write_kv(cache.k, k, step.lengths), write_kv(cache.v, v, step.lengths))
+            new = KVCache(_write(cache.k, k, step.lengths), _write(cache.v, v, step.lengths))
         elif step.mode == Mode.EXTEND:  # write first: the attention below reads the updated cache (see above)
-            new = KVCache(write_kv(cache.k, k, step.lengths), write_kv(cache.v, v, step.lengths))
+            new = KVCache(_write(cache.k, k, step.lengths), _write(cache.v, v, step.lengths))
             out = self._attend_extend(q, k, v, new, step)
         else:
             if cache is None:  # a tree with no committed context (lm.context_free_tree_step): an empty cache

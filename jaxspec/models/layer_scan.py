@@ -11,14 +11,19 @@ Parameters stay stored per layer, so checkpoints, conversions and layouts are un
 stacked per position of the period: `with_stacks` adds those stacks to the params once (decode_layout's
 `for_decoding` does, so every decode loop stacks outside its while loop), and a forward given params without
 them stacks the layers itself, on every call (XLA hoists that out of a plain loop, not out of a speculative
-loop's branches). The decode state's cache entries are stacked on every forward.
+loop's branches). The decode state of a scanned model holds the scanned layers' entries stacked the same way
+(`jaxspec.state.init_decode_state`), so a forward reads and returns them without stacking or unstacking its
+caches; a state in per-layer form (or stacked for another plan) is stacked for the scan on every forward.
 
 A scan hands its body a slice of each stacked array, and on a backend that does not fuse a dynamic slice into
 the product that reads it (XLA's CPU backend) that slice is a copy: every weight byte read twice and written once
 per step. So the decode layout's projection kernels (`kernel_t`, models/decode_layout.py) reach the body as
 `LayerRows`, the stack and the layer's index, which the CPU kernel of jaxspec.ops.small_rows_matmul reads in
 place (models/layers.py, `matmul_t`); other backends, and products the kernel does not take, slice the stack as
-before. docs/benchmarks.md ("Scanned layers") has the compile and step times, measured side by side.
+before. The KV caches alike: they stay whole in the scan's carry, and attention gets each layer's as LayerRows
+views, writes its new rows into the stack in place and reads the layer with the CPU attention kernel
+(jaxspec.ops.cached_attention) where it lies. docs/benchmarks.md ("Scanned layers") has the compile and step
+times, measured side by side.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+from jaxspec import config as config_lib
 
 
 @struct.dataclass
@@ -78,6 +85,25 @@ def scan_plan(signatures: Sequence[Any]) -> tuple[int, int]:
     return (period, groups) if groups >= 2 else (period, 0)
 
 
+def layer_signatures(model_cfg, per_layer=None, skip=(), no_ffn=()) -> tuple:
+    """Per layer, everything static that shapes its block in a forward with these options (equal signatures
+    compile alike): granularity per layer, skipped layers, layers without FFN."""
+    kinds = config_lib.layer_kinds(model_cfg)
+    return tuple(("skipped",) if i in skip else
+                 (kinds[i], config_lib.layer_window(model_cfg, i), config_lib.layer_rope_theta(model_cfg, i),
+                  config_lib.ffn_hidden_sizes(model_cfg, i), None if per_layer is None else per_layer[i],
+                  i in no_ffn)
+                 for i in range(model_cfg.n_layers))
+
+
+def model_plan(model_cfg, per_layer=None, skip=(), no_ffn=()) -> tuple[int, int]:
+    """(period, groups) of the layers a forward with these options scans: layers [0, period * groups) run as one
+    scan; groups is 0 without `model.scan_layers` or a period that repeats."""
+    if not model_cfg.get("scan_layers", False):
+        return 1, 0
+    return scan_plan(layer_signatures(model_cfg, per_layer, skip, no_ffn))
+
+
 # The params key of the scanned layers' stacks (`with_stacks`): {"position_<j>": layers j, j + period, ... stacked}.
 STACKS = "layer_stacks"
 
@@ -93,6 +119,12 @@ def _unstack(tree: Any, count: int) -> list:
 def stack_positions(per_layer: Sequence[Any], period: int, groups: int) -> list:
     """Per position j of the period, the entries of layers j, j + period, ... stacked on a leading group axis."""
     return [_stack([per_layer[g * period + j] for g in range(groups)]) for j in range(period)]
+
+
+def unstack_positions(per_position: Sequence[Any], groups: int) -> list:
+    """The inverse of `stack_positions`: one entry per layer, in layer order (a None position gives None)."""
+    per_group = [_unstack(stacked, groups) for stacked in per_position]
+    return [per_group[j][g] for g in range(groups) for j in range(len(per_position))]
 
 
 def with_stacks(params, period: int, groups: int) -> dict:
@@ -118,31 +150,58 @@ def without_stacks(params) -> dict:
     return {k: v for k, v in params.items() if k != STACKS}
 
 
-def scan_layers(apply_position: Callable, stacked_params: Sequence[Any], groups: int, caches: Sequence[Any],
-                gates: Sequence[Any], x: jax.Array) -> tuple[jax.Array, list, list]:
+def _views(stacks, index):
+    """An entry whose arrays are LayerRows views of `stacks` at layer `index`."""
+    return jax.tree.map(lambda stack: LayerRows(stack, index), stacks)
+
+
+def _is_layer_rows(leaf) -> bool:
+    return isinstance(leaf, LayerRows)
+
+
+def _is_view(entry) -> bool:
+    """Whether `entry` holds LayerRows views only."""
+    leaves = jax.tree.leaves(entry, is_leaf=_is_layer_rows)
+    return bool(leaves) and all(isinstance(leaf, LayerRows) for leaf in leaves)
+
+
+def scan_layers(apply_position: Callable, stacked_params: Sequence[Any], groups: int, stacked_entries: Sequence[Any],
+                stacked_gates: Sequence[Any], x: jax.Array, in_place: Callable[[Any], bool] = lambda entry: False
+                ) -> tuple[jax.Array, list, list]:
     """Run layers [0, period * groups) as a scan over groups, period = len(stacked_params).
 
-    apply_position(j, params, x, cache, gate) -> (x, new): position j of a period (0 <= j < period) applied to
-    one layer's params, cache entry and gate (each possibly None). stacked_params holds each position's params
-    stacked over the groups (`stack_positions`; None for a skipped position); caches and gates hold one entry per
-    layer of the scanned part, in layer order; entries of one position must share their tree structure.
-    Returns (x, new entry per layer, residual stream after each layer).
-    """
-    period = len(stacked_params)
-    entries = list(zip(stack_positions(caches, period, groups), stack_positions(gates, period, groups)))
-    xs = (jnp.arange(groups, dtype=jnp.int32), entries)
+    apply_position(j, params, x, entry, gate) -> (x, new): position j of a period (0 <= j < period) applied to
+    one layer's params, decode-state entry and gate (each possibly None). stacked_params, stacked_entries and
+    stacked_gates hold, per position, the layers' params, entries and gates stacked over the groups
+    (`stack_positions`; None for a position without any).
 
-    def body(x, xs_group):
+    Entries for which `in_place(entry)` holds (KV caches) stay whole in the scan's carry: the body gets an entry of
+    LayerRows views of them, and a new entry of such views (an extend's written cache) goes back into the carry,
+    so no layer's entry is copied out of its stack or into a new one. Other new entries (recurrent states, a tree
+    forward's pending keys and values) are stacked as the scan's outputs.
+    Returns (x, the new entries stacked per position, residual stream after each layer in layer order).
+    """
+    carried = [entry if entry is not None and in_place(entry) else None for entry in stacked_entries]
+    sliced = [None if stack is not None else entry for stack, entry in zip(carried, stacked_entries, strict=True)]
+    written = [False] * len(stacked_params)  # per position: whether its new entry came back as views (traced once)
+    xs = (jnp.arange(groups, dtype=jnp.int32), list(zip(sliced, stacked_gates, strict=True)))
+
+    def body(carry, xs_group):
+        x, stacks = carry
+        stacks = list(stacks)
         index, group_entries = xs_group
         news, hiddens = [], []
-        for j, (cache, gate) in enumerate(group_entries):
-            x, new = apply_position(j, layer_params(stacked_params[j], index), x, cache, gate)
+        for j, (entry, gate) in enumerate(group_entries):
+            if stacks[j] is not None:
+                entry = _views(stacks[j], index)
+            x, new = apply_position(j, layer_params(stacked_params[j], index), x, entry, gate)
+            if stacks[j] is not None and _is_view(new):
+                stacks[j] = jax.tree.map(lambda view: view.stack, new, is_leaf=_is_layer_rows)
+                new, written[j] = None, True
             news.append(new)
             hiddens.append(x)
-        return x, (news, hiddens)
+        return (x, stacks), (news, hiddens)
 
-    x, (news, hiddens) = jax.lax.scan(body, x, xs)
-    per_position_new = [_unstack(n, groups) for n in news]
-    per_position_hidden = [_unstack(h, groups) for h in hiddens]
-    order = [(g, j) for g in range(groups) for j in range(period)]
-    return (x, [per_position_new[j][g] for g, j in order], [per_position_hidden[j][g] for g, j in order])
+    (x, stacks), (news, hiddens) = jax.lax.scan(body, (x, carried), xs)
+    news = [stack if done else new for stack, new, done in zip(stacks, news, written, strict=True)]
+    return x, news, unstack_positions(hiddens, groups)

@@ -39,7 +39,8 @@ from jaxspec.models.mamba import Mamba
 from jaxspec.models.mixer import Mixer
 from jaxspec.models.step import Mode, Step
 from jaxspec.ops import heavy_hitter
-from jaxspec.state import DecodeState, node_depths, tree_ancestor_mask, validate_parents
+from jaxspec.state import DecodeState, KVCache, node_depths, stacked_state, tree_ancestor_mask, validate_parents
+from jaxspec.state import per_layer as per_layer_state
 
 MIXER_MODULES = {MixerKind.ATTENTION: Attention, MixerKind.LINEAR_ATTENTION: LinearAttention, MixerKind.MAMBA: Mamba}
 MIXER_NAMES = {MixerKind.ATTENTION: "attn", MixerKind.LINEAR_ATTENTION: "linear_attn", MixerKind.MAMBA: "mamba"}
@@ -110,7 +111,7 @@ def make_step(tokens, state: DecodeState | None, parents, num_new, fresh: bool =
         return Step(Mode.FULL, jnp.broadcast_to(jnp.arange(t), (b, t)))
     if t > state.max_len:
         raise InputError(f"{t} new tokens do not fit a decode state of max_len={state.max_len}")
-    if state.pending is not None:
+    if state.has_pending:
         raise InputError("the decode state holds an uncommitted tree; commit(state, path, n) it first")
     if fresh and _is_concrete(state.lengths) and np.any(np.asarray(state.lengths) != 0):
         raise InputError(f"fresh=True promises an empty decode state; its lengths are {np.asarray(state.lengths)}")
@@ -189,23 +190,9 @@ def context_free_tree_step(parents, batch: int) -> Step:
     return Step(Mode.TREE, node_depths(mask), jnp.zeros((batch,), jnp.int32), mask=mask, parents=parents)
 
 
-def layer_signatures(model_cfg, per_layer=None, skip=(), no_ffn=()) -> tuple:
-    """Per layer, everything static that shapes its block in a forward with these options (equal signatures
-    compile alike)."""
-    kinds = config_lib.layer_kinds(model_cfg)
-    return tuple(("skipped",) if i in skip else
-                 (kinds[i], config_lib.layer_window(model_cfg, i), config_lib.layer_rope_theta(model_cfg, i),
-                  config_lib.ffn_hidden_sizes(model_cfg, i), None if per_layer is None else per_layer[i],
-                  i in no_ffn)
-                 for i in range(model_cfg.n_layers))
-
-
 def scan_plan(model_cfg, per_layer=None, skip=(), no_ffn=()) -> tuple[int, int]:
-    """(period, groups) of the layers a forward with these options scans (models/layer_scan.py): layers
-    [0, period * groups) run as one scan; groups is 0 without `model.scan_layers` or a period that repeats."""
-    if not model_cfg.get("scan_layers", False):
-        return 1, 0
-    return layer_scan.scan_plan(layer_signatures(model_cfg, per_layer, skip, no_ffn))
+    """(period, groups) of the layers a forward with these options scans (`layer_scan.model_plan`)."""
+    return layer_scan.model_plan(model_cfg, per_layer, skip, no_ffn)
 
 
 class DecoderLM(nn.Module):
@@ -240,15 +227,16 @@ class DecoderLM(nn.Module):
         return self.project(self.final_norm(layer_hidden))
 
     def run_layers(self, x, state, step: Step, gate, per_layer, skip, no_ffn):
-        """(x, new cache entry per layer (None: unchanged), residual stream after each layer). With
-        `model.scan_layers` the layers that repeat a period run as one scan (models/layer_scan.py); init and
-        calibration (which reads the sown FFN inputs) always run unrolled."""
+        """(x, new entry per layer (None: unchanged, or stacked), new entries stacked per position of the period
+        (None: none stacked), residual stream after each layer). With `model.scan_layers` the layers that repeat a
+        period run as one scan (models/layer_scan.py), reading and returning the state's stacked entries where it
+        holds them for this forward's plan; init and calibration (which reads the sown FFN inputs) run unrolled."""
         cfg = self.model_cfg
         n = cfg.n_layers
         caches = [None] * n if state is None else list(state.layers)
         gates = [None] * n if gate is None else [gate[..., i] for i in range(n)]
         scanned = 0
-        new_layers, layer_hidden = [], []
+        new_layers, new_stacked, layer_hidden = [], None, []
         if (cfg.get("scan_layers", False) and not self.is_initializing()
                 and not self.is_mutable_collection("intermediates")):
             period, groups = scan_plan(cfg, per_layer, skip, no_ffn)
@@ -259,6 +247,8 @@ class DecoderLM(nn.Module):
             if stacked is None:
                 stacked = layer_scan.stack_positions([None if i in skip else stored[f"layer_{i}"]
                                                       for i in range(scanned)], period, groups)
+            in_stacks = state is not None and state.stack_plan == (period, groups)
+            entries = state.stacked if in_stacks else layer_scan.stack_positions(caches[:scanned], period, groups)
 
             def apply_position(j, layer_params, x, cache, layer_gate):
                 if j in skip:  # the same position of every group is skipped (signatures repeat)
@@ -268,8 +258,13 @@ class DecoderLM(nn.Module):
                                                    None if per_layer is None else per_layer[j], j in no_ffn)
                 return run(x, cache) if layer_gate is None else gate_layer(run, layer_gate, x, cache, step)
 
-            x, new_layers, layer_hidden = layer_scan.scan_layers(apply_position, stacked, groups, caches[:scanned],
-                                                                 gates[:scanned], x)
+            x, new_stacked, layer_hidden = layer_scan.scan_layers(
+                apply_position, stacked, groups, entries, layer_scan.stack_positions(gates[:scanned], period, groups),
+                x, in_place=lambda entry: isinstance(entry, KVCache))
+            if in_stacks:
+                new_layers = [None] * scanned
+            else:
+                new_layers, new_stacked = layer_scan.unstack_positions(new_stacked, groups), None
         for i in range(scanned, n):
             new = None
             if i not in skip:
@@ -281,7 +276,7 @@ class DecoderLM(nn.Module):
                                          i in no_ffn)
             new_layers.append(new)
             layer_hidden.append(x)
-        return x, new_layers, layer_hidden
+        return x, new_layers, new_stacked, layer_hidden
 
     def __call__(self, tokens, *, state: DecodeState | None = None, parents=None, num_new=None,
                  granularity=None, skip_layers=(), return_hidden: bool = False, fresh: bool = False,
@@ -313,16 +308,22 @@ class DecoderLM(nn.Module):
         if cfg.embed_scale:  # as transformers: sqrt(d_model) rounded to float32, then to the embedding dtype
             x = x * jnp.asarray(np.float32(cfg.d_model**0.5), x.dtype)
         x = x.astype(dtype_of(cfg))
-        x, new_layers, layer_hidden = self.run_layers(x, state, step, gate, per_layer, skip, no_ffn)
+        given, plan = state, None if state is None else state.stack_plan
+        if plan is not None and plan != scan_plan(cfg, per_layer, skip, no_ffn):
+            state = per_layer_state(state)  # stacked for another plan: this forward reads it per layer
+        x, new_layers, new_stacked, layer_hidden = self.run_layers(x, state, step, gate, per_layer, skip, no_ffn)
         hidden = self.final_norm(x)
         logits = self.project(hidden)
         out = LMOutput(logits, hidden, tuple(layer_hidden)) if return_hidden else logits
         if state is None:
             return out
         if step.mode == Mode.TREE:
-            return out, state.replace(pending=tuple(new_layers))
-        kept = tuple(old if new is None else new for old, new in zip(state.layers, new_layers, strict=True))
-        return out, DecodeState(lengths=state.lengths + jnp.sum(step.valid, axis=1, dtype=jnp.int32), layers=kept)
+            return out, given.replace(pending=tuple(new_layers), pending_stacked=new_stacked)
+        keep = lambda olds, news: tuple(old if new is None else new for old, new in zip(olds, news, strict=True))
+        stacked = None if new_stacked is None else keep(state.stacked, new_stacked)
+        new_state = DecodeState(lengths=state.lengths + jnp.sum(step.valid, axis=1, dtype=jnp.int32),
+                                layers=keep(state.layers, new_layers), stacked=stacked)
+        return out, stacked_state(new_state, plan)  # the form the state came in
 
 
 @dataclasses.dataclass(frozen=True)

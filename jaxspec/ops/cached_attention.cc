@@ -9,6 +9,8 @@
 // reads only its visible keys and values (not the padded tail), once, in one pass of scores, one of softmax
 // weights and one of weighted values. A row's result depends on its own query, position, cache and tree block
 // only, so it is the same whichever other rows share the call.
+// The caches may also be a stack [G, B, Hkv, L, D] of a scanned layer stack's caches, the layer chosen by an
+// index operand, read where it lies (a slice would be a copy per layer and step).
 // The references are pallas_kernels.tree_attention's cached_chain_attention and tree_attention_reference
 // (see jaxspec.ops.cached_attention).
 #include <immintrin.h>
@@ -177,20 +179,31 @@ bool SameDims(ffi::Span<const int64_t> a, std::initializer_list<int64_t> b) {
 ffi::Error CachedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                            ffi::Buffer<ffi::S32> last, ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::F32> k_tree,
                            ffi::Buffer<ffi::F32> v_tree, ffi::Buffer<ffi::PRED> tree_visible,
-                           ffi::ResultBuffer<ffi::F32> out, float scale, int64_t window) {
+                           ffi::Buffer<ffi::S32> index, ffi::ResultBuffer<ffi::F32> out, float scale,
+                           int64_t window) {
   const auto qd = q.dimensions();
-  const auto kd = k.dimensions();
+  const auto full = k.dimensions();
   const auto td = k_tree.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || td.size() != 4 || kd[1] == 0 || qd[1] % kd[1] != 0)
+  const bool stack = full.size() == 5;
+  if (full.size() != 4 && !stack)
+    return ffi::Error::InvalidArgument("cached_attention: caches must be [B, Hkv, L, D] or [G, B, Hkv, L, D]");
+  const ffi::Span<const int64_t> kd(full.begin() + (stack ? 1 : 0), 4);
+  if (qd.size() != 4 || td.size() != 4 || kd[1] == 0 || qd[1] % kd[1] != 0)
     return ffi::Error::InvalidArgument("cached_attention: expected q [B, H, K, D], caches [B, Hkv, L, D] and tree "
                                        "keys [B, Hkv, T, D], H a multiple of Hkv");
   const int64_t batch = qd[0], heads = qd[1], nodes = qd[2], d = qd[3];
   const int64_t kv_heads = kd[1], cache_len = kd[2], t = td[2], group = heads / kv_heads;
-  if (!SameDims(kd, {batch, kv_heads, cache_len, d}) || !SameDims(v.dimensions(), {batch, kv_heads, cache_len, d}) ||
-      !SameDims(td, {batch, kv_heads, t, d}) || !SameDims(v_tree.dimensions(), {batch, kv_heads, t, d}) ||
+  const int64_t stacked = stack ? full[0] : 1;
+  const int64_t g = stack ? index.typed_data()[0] : 0;
+  if (g < 0 || g >= stacked) return ffi::Error::InvalidArgument("cached_attention: stack index out of range");
+  const auto vd = v.dimensions();
+  if (vd.size() != full.size() || !std::equal(full.begin(), full.end(), vd.begin()) ||
+      !SameDims(kd, {batch, kv_heads, cache_len, d}) || !SameDims(td, {batch, kv_heads, t, d}) || !SameDims(v_tree.dimensions(), {batch, kv_heads, t, d}) ||
       !SameDims(last.dimensions(), {batch, nodes}) || !SameDims(positions.dimensions(), {batch, nodes}) ||
       !SameDims(tree_visible.dimensions(), {batch, nodes, t}))
     return ffi::Error::InvalidArgument("cached_attention: operand shapes do not agree");
+  const float* k_base = k.typed_data() + g * batch * kv_heads * cache_len * d;
+  const float* v_base = v.typed_data() + g * batch * kv_heads * cache_len * d;
   const float* qp = q.typed_data();
   const int32_t* lastp = last.typed_data();
   const int32_t* pos = positions.typed_data();
@@ -201,8 +214,8 @@ ffi::Error CachedAttention(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi
     thread_local std::vector<float> weights;
     const int64_t b = chunk / heads, h = chunk % heads;
     const int64_t kv = b * kv_heads + h / group;
-    const float* kc = k.typed_data() + kv * cache_len * d;
-    const float* vc = v.typed_data() + kv * cache_len * d;
+    const float* kc = k_base + kv * cache_len * d;
+    const float* vc = v_base + kv * cache_len * d;
     const float* kt = k_tree.typed_data() + kv * t * d;
     const float* vt = v_tree.typed_data() + kv * t * d;
     for (int64_t i = 0; i < nodes; ++i) {
@@ -234,6 +247,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxspecCachedAttention, CachedAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("window"));

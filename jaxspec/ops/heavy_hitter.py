@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from jaxspec.config import is_int
 from jaxspec.errors import InputError
-from jaxspec.state import DecodeState, HeavyHitterCache, KVCache
+from jaxspec.state import DecodeState, HeavyHitterCache, KVCache, per_layer
 
 _MASKED = jnp.finfo(jnp.float32).min
 
@@ -71,6 +71,7 @@ def budgeted_state(state: DecodeState, kv_budget, fresh: bool) -> DecodeState:
     budget, recent = check_kv_budget(kv_budget)
     if state is None:
         raise InputError(f"kv_budget={kv_budget} needs a decode state (state=...): a full forward keeps no cache")
+    state = per_layer(state)  # budgeted caches are held per layer
     layers = []
     for i, layer in enumerate(state.layers):
         if isinstance(layer, HeavyHitterCache):

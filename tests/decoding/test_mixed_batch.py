@@ -10,6 +10,7 @@ import pytest
 from jaxspec.decoding import api
 from jaxspec.decoding.mixed_batch import MixedForward, Request, Schedule, plan_iteration, serve
 from jaxspec.errors import InputError
+from jaxspec.models.lm import reconfigured
 
 MAX_LEN = 64
 MAX_NEW = 10
@@ -62,6 +63,19 @@ def test_slot_reuse_empties_recurrent_states(make_model):
     assert [r.slot for r in shared.requests] == [0, 1, 0, 1]
     fresh = [serve(forward, requests([p], [0]), Schedule(3), max_new=MAX_NEW).requests[0].tokens for p in prompts]
     assert [r.tokens for r in shared.requests] == fresh
+
+
+def test_a_scanned_stack_serves_the_unrolled_tokens(make_model):
+    """A scanned model's decode state holds its scanned layers stacked (jaxspec.state); a reused slot's recurrent
+    states are renewed in the stacks as well."""
+    model, params = make_model("ALM", seed=3, max_len=MAX_LEN, n_layers=6)
+    served = requests(PROMPTS[:4], [0, 0, 1, 1])
+    want = serve(MixedForward(model, params, slots=2, max_len=MAX_LEN), served, Schedule(3), max_new=MAX_NEW)
+    scanned = MixedForward(reconfigured(model, scan_layers=True), params, slots=2, max_len=MAX_LEN)
+    assert scanned.empty_state().stack_plan == (3, 2)
+    got = serve(scanned, served, Schedule(3), max_new=MAX_NEW)
+    assert [r.slot for r in got.requests] == [0, 1, 0, 1]
+    assert [r.tokens for r in got.requests] == [r.tokens for r in want.requests]
 
 
 def test_schedules_feed_what_they_promise(attention_case):

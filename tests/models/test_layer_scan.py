@@ -2,7 +2,8 @@
 over the groups, and scanned and unrolled stacks give the same logits in every forward mode (every mixer,
 hybrids, Gemma's window pattern with a remainder, both layouts, int8 weights, MatFormer granularities, the
 apply-time options) and decode the same tokens; in the decode layout the CPU kernel reads every projection's
-weights from the layer stack in place."""
+weights from the layer stack in place, and a decode step writes and reads each layer's cache in the decode state's
+cache stack without copying it out."""
 
 import re
 
@@ -18,7 +19,7 @@ from jaxspec.models import layer_scan
 from jaxspec.models.decode_layout import for_decoding, to_standard_layout
 from jaxspec.models.layer_scan import scan_plan, smallest_period
 from jaxspec.models.lm import WithOptions, reconfigured
-from jaxspec.ops import small_rows_matmul
+from jaxspec.ops import cached_attention, small_rows_matmul
 from jaxspec.state import init_decode_state
 
 BATCH = 2
@@ -113,6 +114,24 @@ def test_a_scanned_decode_step_reads_each_projection_from_its_layer_stack(make_m
     stack_operand = re.compile(r"operand_layout_constraints=\{f32\[1,\d+\]\{1,0\}, f32\[4,\d+,\d+\]")
     stacks = [line for line in calls if stack_operand.search(line)]
     assert len(calls) == 4 and len(stacks) == 4, calls
+
+
+@pytest.mark.skipif(not cached_attention.available(), reason="the CPU kernel needs x86-64 with AVX2/FMA")
+def test_a_scanned_decode_step_writes_and_reads_each_layers_cache_in_its_stack(make_model):
+    # The state holds the 4 layers' caches as one [4, B, Hkv, L, D] stack per k and v; the step writes the new row
+    # into it in place and the attention kernel reads the layer from it: no value of one layer's cache shape, and
+    # no copy of a stack, is made.
+    model, params = make_model("A", n_layers=4)
+    decode_model, decode_params = for_decoding(scanned(model), params)
+    state = init_decode_state(decode_model.model_cfg, 1, 32)
+    assert state.stack_plan == (1, 4) and state.layers == (None,) * 4
+    step = jax.jit(lambda p, t, s: decode_model.apply({"params": p}, t, state=s), donate_argnums=2)
+    hlo = step.lower(decode_params, jnp.zeros((1, 1), jnp.int32), state).compile().as_text()
+    layer_cache, cache_stack = "f32[1,2,32,8]", "f32[4,1,2,32,8]"
+    assert not re.search(rf"= {re.escape(layer_cache)}", hlo)
+    assert not re.search(rf"= {re.escape(cache_stack)}\{{[^}}]*\}} copy\(", hlo)
+    attention = [line for line in hlo.splitlines() if 'custom_call_target="jaxspec_cached_attention"' in line]
+    assert len(attention) == 1 and cache_stack in attention[0]
 
 
 def stacked_leaves(model, params, tokens, groups) -> int:

@@ -2,7 +2,8 @@
 that are not multiples of the 8-lane vector, sliding windows, positions before the cache or past it (every column
 masked: the reference's uniform softmax). The tree form: random trees per batch row, lengths from 0 to the whole
 cache, windows. Both inside jit, under grad and vmap; a row's result does not depend on the other rows of the
-call; the fallback when the kernel cannot be built; and a decoder's extend and tree forward through the kernel."""
+call; a scanned layer stack's caches read at a traced layer index; the fallback when the kernel cannot be built;
+and a decoder's extend and tree forward through the kernel."""
 
 from __future__ import annotations
 
@@ -103,6 +104,40 @@ def test_tree_forms_rows_are_independent_and_its_gradients_follow_the_reference(
     want = jax.grad(loss(tree_attention_reference), argnums=range(5))(q, k, v, kt, vt)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_both_forms_read_a_layer_of_a_cache_stack_in_place():
+    # Caches [G, B, Hkv, L, D] of a scanned layer stack, the layer a traced index (as inside a scan over layers):
+    # bit for bit the result on that layer's caches alone, for the chain and the tree form, with gradients.
+    q, k, v, positions = operands(2, 4, 2, 3, 24, 16, seed=13)
+    stack_k = jnp.stack([k * (g + 1) for g in range(3)])
+    stack_v = jnp.stack([v - g for g in range(3)])
+    chain = jax.jit(lambda i: cached_chain_attention(q, stack_k, stack_v, positions, window=5, index=i))
+    tq, _, _, lengths, kt, vt, mask = tree_operands(2, 4, 2, 24, 16, TREES[:2], seed=14)
+    tree = jax.jit(lambda i: cached_tree_attention(tq, stack_k, stack_v, lengths, kt, vt, mask, index=i))
+    for g in range(3):
+        np.testing.assert_array_equal(chain(jnp.int32(g)), cached_chain_attention(q, stack_k[g], stack_v[g],
+                                                                                  positions, window=5))
+        np.testing.assert_array_equal(tree(jnp.int32(g)), cached_tree_attention(tq, stack_k[g], stack_v[g], lengths,
+                                                                                kt, vt, mask))
+    loss = lambda sk: jnp.sum(cached_chain_attention(q, sk, stack_v, positions, index=jnp.int32(1)) ** 2)
+    grad = jax.grad(loss)(stack_k)
+    want = jax.grad(lambda k1: jnp.sum(reference(q, k1, stack_v[1], positions) ** 2))(stack_k[1])
+    np.testing.assert_allclose(grad[1], want, rtol=1e-4, atol=1e-5)
+    assert not np.any(np.asarray(grad[0])) and not np.any(np.asarray(grad[2]))
+
+
+def test_a_cache_stack_needs_a_scalar_index_in_range():
+    q, k, v, positions = operands(1, 4, 2, 2, 16, 8, seed=15)
+    stack_k, stack_v = k[None].repeat(2, 0), v[None].repeat(2, 0)
+    with pytest.raises(InputError, match="need an index into their stack"):
+        cached_chain_attention(q, stack_k, stack_v, positions)
+    with pytest.raises(InputError, match="need no index"):
+        cached_chain_attention(q, k, v, positions, index=0)
+    with pytest.raises(InputError, match="must be a scalar"):
+        cached_chain_attention(q, stack_k, stack_v, positions, index=jnp.zeros((2,), jnp.int32))
+    with pytest.raises(Exception, match="stack index out of range"):
+        jax.block_until_ready(cached_chain_attention(q, stack_k, stack_v, positions, index=jnp.int32(2)))
 
 
 # 40: scores spread over hundreds, so most weights underflow (the kernel's exp flushes below e^-87, as XLA's does).
