@@ -58,6 +58,8 @@ from absl import app, flags, logging
 
 from jaxspec import config as config_lib
 from jaxspec.decoding import api, engine
+from jaxspec.models import layer_scan
+from jaxspec.models.decode_layout import for_decoding
 from jaxspec.models.lm import DecoderLM, build_model, init_params, reconfigured
 from jaxspec.state import init_decode_state
 
@@ -116,8 +118,9 @@ def param_bytes(params, per_element: int | None = None) -> int:
 
 def streamed_bytes(params, per_element: int | None = None) -> int:
     """Bytes a one-token step reads: every parameter except the embedding rows it does not look up (an untied
-    embedding is only gathered; a tied one is also the LM head). per_element=1 counts parameters instead."""
-    total = param_bytes(params, per_element)
+    embedding is only gathered; a tied one is also the LM head), each layer once (a scanned stack reads its layers
+    from their stacks, not from the per-layer copies). per_element=1 counts parameters instead."""
+    total = param_bytes(layer_scan.without_stacks(params), per_element)
     if "lm_head" in params:
         total -= param_bytes(params["embed"], per_element)
     return total
@@ -165,7 +168,8 @@ def cast_floats(params, dtype: str):
 
 def with_scanned_stacks(variants: dict, stacks) -> dict:
     """`variants` for each of `stacks`: "unrolled" keeps each as it is, "scanned" adds "<name> scanned", the
-    same model and params with `model.scan_layers` on (models/layer_scan.py)."""
+    same model and params with `model.scan_layers` on (models/layer_scan.py); decode-layout params get the layer
+    stacks once here (`for_decoding`), as a caller converts once for many decode calls."""
     unknown = sorted(set(stacks) - {"unrolled", "scanned"})
     if unknown or not stacks:
         raise ValueError(f"--stacks: {unknown or stacks} is not a list of unrolled, scanned")
@@ -174,7 +178,8 @@ def with_scanned_stacks(variants: dict, stacks) -> dict:
         if "unrolled" in stacks:
             out[name] = (model, params)
         if "scanned" in stacks:
-            out[f"{name} scanned"] = (reconfigured(model, scan_layers=True), params)
+            scanned = reconfigured(model, scan_layers=True)
+            out[f"{name} scanned"] = for_decoding(scanned, params) if model.layout == "decode" else (scanned, params)
     return out
 
 
@@ -200,8 +205,6 @@ def layout_variants(lm, layouts, dtypes=()) -> dict:
             if layout == "standard":
                 out[layout + suffix] = (model, params)
                 continue
-            from jaxspec.models.decode_layout import for_decoding
-
             layout_cfg = ml_collections.ConfigDict(cfg)
             layout_cfg.weight_dtype = "int8" if layout == "int8" else "float32"
             layout_model = build_model(layout_cfg)

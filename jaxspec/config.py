@@ -68,8 +68,8 @@ def model_defaults() -> ml_collections.ConfigDict:
             max_len=1024,  # context length a decode state holds
             dtype="float32",
             weight_dtype="float32",  # one of WEIGHT_DTYPES: int8 is weight-only, per output channel, when decoding
-            # Run repeats of the layer pattern as one scan (models/layer_scan.py): compiles faster, steps slower
-            # on CPU. Same outputs either way.
+            # Run repeats of the layer pattern as one scan (models/layer_scan.py): compiles 3-5x faster, steps
+            # about as fast (docs/benchmarks.md, "Scanned layers"). Same outputs either way.
             scan_layers=False,
             # MatFormer nested FFN: hidden fractions of d_ff, smallest first; (1.0,) is a plain SwiGLU.
             matformer_fractions=(1.0,),

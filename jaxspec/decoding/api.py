@@ -26,7 +26,7 @@ from jaxspec import checks
 from jaxspec.decoding import engine, methods
 from jaxspec.decoding.method import Method, Target
 from jaxspec.errors import InputError
-from jaxspec.models.decode_layout import for_decoding
+from jaxspec.models.decode_layout import for_decoding, in_decode_form
 from jaxspec.models.lm import DecoderLM
 
 
@@ -50,9 +50,10 @@ def decode_form(model: DecoderLM, params) -> tuple[DecoderLM, dict]:
     """`for_decoding(model, params)`, converted once per (model, params) and reused while those params live.
 
     Why: a decode loop handed standard-layout params converts them inside its compiled program, which re-lays
-    every weight on each call (~0.4 s a call on SmolLM2-135M, more than ten decode steps). The last
+    every weight on each call (~0.4 s a call on SmolLM2-135M, more than ten decode steps); a scanned model's
+    decode-layout params without their layer stacks would be stacked on each call alike. The last
     `_DECODE_FORMS_KEPT` conversions are kept, matched by model and by the identity of every source array."""
-    if model.layout == "decode":
+    if in_decode_form(model, params):
         return model, params
     leaves = jax.tree.leaves(params)
     _DECODE_FORMS[:] = [entry for entry in _DECODE_FORMS if all(ref() is not None for ref in entry[1])]

@@ -131,6 +131,13 @@ def to_standard_layout(params, model_cfg):
     return out
 
 
+def in_decode_form(model: DecoderLM, params) -> bool:
+    """Whether `for_decoding(model, params)` would return them as they are: decode-layout params, with the stacks
+    of the scanned layers where the model scans."""
+    period, groups = scan_plan(model.model_cfg)
+    return model.layout == "decode" and (not groups or layer_scan.stored_stacks(params, period, groups) is not None)
+
+
 def for_decoding(model: DecoderLM, params) -> tuple[DecoderLM, dict]:
     """(decode-layout model, its params). Params already in the decode layout (with a decode-layout model)
     pass through, so a caller may convert once and hand the result to every decode call. With

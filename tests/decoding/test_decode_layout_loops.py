@@ -11,8 +11,9 @@ import pytest
 from configs import lm
 from jaxspec.decoding import api, engine
 from jaxspec.decoding.method import Target
+from jaxspec.models import layer_scan
 from jaxspec.models.decode_layout import for_decoding
-from jaxspec.models.lm import build_model, init_params
+from jaxspec.models.lm import build_model, init_params, reconfigured
 from jaxspec.ops import cached_attention
 
 PROMPTS = [[1, 2, 3, 4, 5, 1, 2, 3, 4], [7, 8, 9], [4, 4, 4, 4, 4, 4]]
@@ -64,6 +65,19 @@ def test_generate_converts_standard_params_once_while_they_live(monkeypatch):
     del params, first, again  # a conversion whose source params are gone is dropped at the next call
     api.decode_form(model, other)
     assert len(api._DECODE_FORMS) == 1 and len(conversions) == 2
+
+
+def test_a_scanned_models_decode_params_get_their_layer_stacks_once(monkeypatch):
+    # Decode-layout params without the scanned layers' stacks would be stacked inside every call's program.
+    model, params = target()
+    decode_model, decode_params = for_decoding(model, params)
+    scanned = reconfigured(decode_model, scan_layers=True)
+    monkeypatch.setattr(api, "_DECODE_FORMS", [])
+    kept_model, kept_params = api.decode_form(scanned, decode_params)
+    assert layer_scan.STACKS in kept_params and kept_model == scanned
+    assert api.decode_form(scanned, decode_params)[1] is kept_params
+    assert api.decode_form(scanned, kept_params)[1] is kept_params  # already complete: passed through
+    assert api.decode_form(decode_model, decode_params)[1] is decode_params  # an unrolled model needs no stacks
 
 
 @pytest.mark.parametrize("pattern", ["AL"])  # attention and linear-attention layers in one stack
