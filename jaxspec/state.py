@@ -106,12 +106,14 @@ class DecodeState:
 
     @property
     def max_len(self) -> int:
-        entries = [(layer, 0) for layer in self.layers] + [(entry, 1) for entry in self.stacked or ()]
-        for layer, group_axes in entries:
+        for layer in self.layers:
             if isinstance(layer, KVCache):
-                return layer.k.shape[2 + group_axes]
+                return layer.k.shape[2]
             if isinstance(layer, SharedPrefixCache):
-                return layer.k_prefix.shape[1 + group_axes] + layer.suffix.k.shape[2 + group_axes]
+                return layer.capacity
+        for entry in self.stacked or ():  # stacked entries are plain KV caches and recurrent states
+            if isinstance(entry, KVCache):
+                return entry.k.shape[3]
         return np.iinfo(np.int32).max  # recurrent layers and budgeted caches have no length limit
 
 

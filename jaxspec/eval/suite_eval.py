@@ -9,8 +9,8 @@ one compiled loop per method (see `compare.compare_methods`). Rows come per cate
 tau, tokens/s, speedup over autoregressive decoding, and whether the output is identical to it.
 
 `decode.scan_layers` runs the target's repeated layers as one scan (`model.scan_layers`, models/layer_scan.py):
-the same tokens, each loop compiled ~2-3x faster, each step 1.1-1.4x slower on CPU (docs/benchmarks.md,
-"Scanned layers"), for suites that compile many methods and decode little with each.
+the same tokens, each loop compiled ~2.5-4x faster, each step about as fast (docs/benchmarks.md, "Scanned
+layers").
 """
 
 from __future__ import annotations

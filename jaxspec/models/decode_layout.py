@@ -29,7 +29,7 @@ from jaxspec.config import MixerKind
 from jaxspec.errors import InputError
 from jaxspec.models import layer_scan
 from jaxspec.models.layers import quantize_int8, weight_dtype_of
-from jaxspec.models.lm import DecoderLM, has_ffn, scan_plan
+from jaxspec.models.lm import DecoderLM, has_ffn
 
 
 def _layer(params, name: str, where: str) -> dict:
@@ -134,7 +134,7 @@ def to_standard_layout(params, model_cfg):
 def in_decode_form(model: DecoderLM, params) -> bool:
     """Whether `for_decoding(model, params)` would return them as they are: decode-layout params, with the stacks
     of the scanned layers where the model scans."""
-    period, groups = scan_plan(model.model_cfg)
+    period, groups = layer_scan.model_plan(model.model_cfg)
     return model.layout == "decode" and (not groups or layer_scan.stored_stacks(params, period, groups) is not None)
 
 
@@ -145,7 +145,7 @@ def for_decoding(model: DecoderLM, params) -> tuple[DecoderLM, dict]:
     once rather than by every forward."""
     if model.layout != "decode":
         model, params = model.clone(layout="decode"), to_decode_layout(params, model.model_cfg)
-    period, groups = scan_plan(model.model_cfg)
+    period, groups = layer_scan.model_plan(model.model_cfg)
     if groups and layer_scan.stored_stacks(params, period, groups) is None:
         params = layer_scan.with_stacks(params, period, groups)
     return model, params

@@ -190,11 +190,6 @@ def context_free_tree_step(parents, batch: int) -> Step:
     return Step(Mode.TREE, node_depths(mask), jnp.zeros((batch,), jnp.int32), mask=mask, parents=parents)
 
 
-def scan_plan(model_cfg, per_layer=None, skip=(), no_ffn=()) -> tuple[int, int]:
-    """(period, groups) of the layers a forward with these options scans (`layer_scan.model_plan`)."""
-    return layer_scan.model_plan(model_cfg, per_layer, skip, no_ffn)
-
-
 class DecoderLM(nn.Module):
     model_cfg: Any  # ml_collections.ConfigDict (frozen on use, so the module is hashable)
     layout: str = "standard"  # one of LAYOUTS (see the module docstring)
@@ -239,7 +234,7 @@ class DecoderLM(nn.Module):
         new_layers, new_stacked, layer_hidden = [], None, []
         if (cfg.get("scan_layers", False) and not self.is_initializing()
                 and not self.is_mutable_collection("intermediates")):
-            period, groups = scan_plan(cfg, per_layer, skip, no_ffn)
+            period, groups = layer_scan.model_plan(cfg, per_layer, skip, no_ffn)
             scanned = period * groups
         if scanned:
             stored = self.variables["params"]
@@ -309,7 +304,7 @@ class DecoderLM(nn.Module):
             x = x * jnp.asarray(np.float32(cfg.d_model**0.5), x.dtype)
         x = x.astype(dtype_of(cfg))
         given, plan = state, None if state is None else state.stack_plan
-        if plan is not None and plan != scan_plan(cfg, per_layer, skip, no_ffn):
+        if plan is not None and plan != layer_scan.model_plan(cfg, per_layer, skip, no_ffn):
             state = per_layer_state(state)  # stacked for another plan: this forward reads it per layer
         x, new_layers, new_stacked, layer_hidden = self.run_layers(x, state, step, gate, per_layer, skip, no_ffn)
         hidden = self.final_norm(x)
