@@ -12,7 +12,9 @@ a high layer: set feature_layers (for SmolLM2-135M's 30 layers, e.g. (2, 15, 27)
 (jaxspec/training/instructions.py) are the "tasks" set, the suite's six kinds of request over library text;
 `--config.prompt_set=docs` gives the earlier set of instructions about the library's own docstrings and code;
 `--config.prompt_set=self` has the target write the requests itself (jaxspec/training/self_requests.py, sampled
-once and stored in the set's requests.json). `launch.selfdistill --combine=A,B --out=C` joins sets of one target.
+once and stored in the set's requests.json); `--config.prompt_set=self_tasks --config.passages_from=DIR` asks the
+suite's prose requests over the replies of such a set (jaxspec/training/passage_tasks.py).
+`launch.selfdistill --combine=A,B --out=C` joins sets of one target.
 """
 
 import ml_collections

@@ -103,7 +103,10 @@ def model_defaults() -> ml_collections.ConfigDict:
 def data_defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(source="stdlib", tokenizer="bytes", seq_len=128, batch_size=8, val_fraction=0.05,
-             max_bytes=2_000_000, seed=0)
+             max_bytes=2_000_000, seed=0,
+             # Where a self-distillation example's window starts: "start" (its first token) or "reply" (the
+             # position before its first reply token, for drafters that read each position on its own).
+             window="start")
     )
 
 

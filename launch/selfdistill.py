@@ -1,8 +1,9 @@
 """Write a self-distillation set: the target's greedy replies to instructions built from the standard library
 (jaxspec/training/instructions.py: by default the suite's six kinds of request, `--config.prompt_set=docs` for
-instructions about the library itself) or written by the target (`--config.prompt_set=self`,
-jaxspec/training/self_requests.py) and its hidden states, the data that feature drafters and Medusa / Hydra
-heads train from (jaxspec/training/selfdistill.py).
+instructions about the library itself), written by the target (`--config.prompt_set=self`,
+jaxspec/training/self_requests.py), or asked over a "self" set's replies (`--config.prompt_set=self_tasks
+--config.passages_from=DIR`, jaxspec/training/passage_tasks.py), and its hidden states, the data that feature
+drafters and Medusa / Hydra heads train from (jaxspec/training/selfdistill.py).
 
   python -m launch.selfdistill --config=configs/selfdistill.py:small --out=/tmp/sd
   python -m launch.selfdistill --config=configs/selfdistill.py:small --out=/tmp/sd --config.num_prompts=32 \
@@ -90,7 +91,8 @@ def main(argv) -> None:
         return
     print(f"target={config.target} prompts={config.num_prompts} max_new_tokens={config.max_new_tokens} "
           f"seq_len={config.seq_len} batch_size={config.batch_size} feature_layers={tuple(config.feature_layers)} "
-          f"seed={config.seed} prompt_set={config.prompt_set} -> {_OUT.value}")
+          f"seed={config.seed} prompt_set={config.prompt_set}"
+          f"{f' passages_from={config.passages_from}' if config.passages_from else ''} -> {_OUT.value}")
     summary = selfdistill.run(config, _OUT.value)
     print(report(summary, time.perf_counter() - start))
 

@@ -286,6 +286,9 @@ class Batches:
 # ------------------------------------------------------------------------------------ config entry points
 
 
+WINDOWS = ("start", "reply")
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """The validated data config."""
@@ -298,6 +301,7 @@ class DataSpec:
     max_bytes: int | None
     max_documents: int | None
     seed: int
+    window: str = "start"  # "reply": a self-distillation example's window starts where its reply does
 
 
 def _require(data_cfg, key: str):
@@ -329,6 +333,9 @@ def parse_data_config(data_cfg) -> DataSpec:
     seed = _require(data_cfg, "seed")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise InputError(f"data.seed={seed!r} is invalid; expected a non-negative integer")
+    window = data_cfg.get("window", "start")  # configs saved before the key existed started at the example
+    if window not in WINDOWS:
+        raise InputError(f"data.window={window!r} is invalid; expected one of {list(WINDOWS)}")
     return DataSpec(
         source=source,
         tokenizer=tokenizer,
@@ -338,6 +345,7 @@ def parse_data_config(data_cfg) -> DataSpec:
         max_bytes=_positive_int("max_bytes", _require(data_cfg, "max_bytes"), allow_none=True),
         max_documents=_positive_int("max_documents", data_cfg.get("max_documents", None), allow_none=True),
         seed=int(seed),
+        window=window,
     )
 
 
@@ -365,10 +373,16 @@ def make_datasets(data_cfg) -> tuple[Batches, Batches, Tokenizer]:
     A ``source`` that is a self-distillation set (a directory with a manifest, see training/selfdistill.py)
     yields its examples cut to ``seq_len + 1`` positions as ``{"tokens", "features", "mask"}`` batches (and
     ``layer_features`` when the set stores some), split into train and validation by a hash of each example's
-    index."""
+    index. With ``window="reply"`` each example's window starts at the position before its first reply token
+    (the first a drafter is scored from) instead of at its first token: for drafters that read each position on
+    its own (Medusa and Hydra heads), a window of about the reply's length then holds the whole reply and no
+    prompt positions, which carry no loss."""
     spec = parse_data_config(data_cfg)
     tokenizer = load_tokenizer(spec.tokenizer)
     remedy = "lower batch_size or seq_len, or raise max_bytes"
+    if spec.window != "start" and not is_selfdistill_set(spec.source):
+        raise InputError(f"data.window={spec.window!r} needs a self-distillation set as data.source (corpus text "
+                         f"{spec.source!r} has no replies to start at)")
     if is_selfdistill_set(spec.source):
         splits = _selfdistill_splits(spec)
         remedy = "lower data.batch_size, raise data.val_fraction, or make the set with more prompts"
@@ -400,12 +414,19 @@ def _selfdistill_splits(spec: DataSpec) -> list[dict[str, np.ndarray]]:
         raise InputError(f"data.seq_len={spec.seq_len} needs {width} positions per example; the self-distillation "
                          f"set {spec.source!r} stores {manifest['seq_len']} (use data.seq_len <= "
                          f"{manifest['seq_len'] - 1})")
-    examples = {"tokens": arrays["tokens"][:, :width], "features": arrays["features"][:, :width],
-                "mask": selfdistill.loss_mask(arrays)[:, :width]}
-    if "layer_features" in arrays:  # a set made with feature_layers (EAGLE-3's fused streams)
-        examples["layer_features"] = arrays["layer_features"][:, :width]
+    arrays = dict(arrays, mask=selfdistill.loss_mask(arrays))
+    start = arrays["reply_start"] - 1 if spec.window == "reply" else np.zeros(len(arrays["tokens"]), np.int64)
+    names = ["tokens", "features", "mask"] + (["layer_features"] if "layer_features" in arrays else [])
+    examples = {name: _windows_from(arrays[name], start, width) for name in names}
     indices = split_documents([str(i) for i in range(len(examples["tokens"]))], spec.val_fraction)
     return [{name: array[np.asarray(rows, np.int64)] for name, array in examples.items()} for rows in indices]
+
+
+def _windows_from(array: np.ndarray, start: np.ndarray, width: int) -> np.ndarray:
+    """array [N, L, ...] cut to [N, width, ...] from each row's `start`; zero past the row's end."""
+    padded = np.concatenate([array, np.zeros((len(array), width, *array.shape[2:]), array.dtype)], axis=1)
+    columns = np.asarray(start, np.int64)[:, None] + np.arange(width)[None, :]
+    return np.take_along_axis(padded, columns.reshape(columns.shape + (1,) * (array.ndim - 2)), axis=1)
 
 
 def heldout_prompts(data_cfg, n: int, prompt_len: int) -> list[str]:

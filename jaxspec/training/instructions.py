@@ -183,13 +183,13 @@ def _docs_chats(rng: random.Random, max_chars: int) -> Iterator[list[dict[str, s
 
 # ------------------------------------------------------------------------------------------ the "tasks" set
 
-_LANGUAGES = ("French", "Spanish", "German", "Italian", "Portuguese", "Dutch")
-_TRANSLATE = (
+LANGUAGES = ("French", "Spanish", "German", "Italian", "Portuguese", "Dutch")
+TRANSLATE = (
     "Give the {language} version of this text, and nothing else:\n\n{text}",
     "Put this passage into {language}. Answer with the {language} text only.\n\n{text}",
     "Translate to {language}:\n\n{text}",
 )
-_SUMMARIZE = (
+SUMMARIZE = (
     "Write a summary of this passage in {count} sentences.\n\n{text}",
     "In at most {count} sentences, what does this text say?\n\n{text}",
     "Condense the following into {count} short sentences:\n\n{text}",
@@ -262,7 +262,7 @@ def _word_problem(rng: random.Random) -> tuple[str, int]:
     return f"{text}\n\n{rng.choice(_SOLVE)}", answer
 
 
-def _prose(text: str) -> bool:
+def is_prose(text: str) -> bool:
     """Text that reads as sentences (no code, doctests or tables): worth translating or summarising."""
     letters = sum(c.isalpha() or c in " .,;:'-\n" for c in text)
     return (letters >= 0.9 * len(text) and ">>>" not in text and "::" not in text
@@ -274,7 +274,7 @@ def _reflowed(text: str) -> str:
     return "\n\n".join(" ".join(paragraph.split()) for paragraph in text.split("\n\n"))
 
 
-def _sentences(text: str, limit: int) -> str:
+def leading_sentences(text: str, limit: int) -> str:
     """The leading sentences of `text` (joined into one paragraph) that fit `limit` characters."""
     words = " ".join(text.split())
     cut = words.rfind(". ", 0, limit)
@@ -287,10 +287,10 @@ def _task_chat(kind: str, unit: _Unit | None, rng: random.Random) -> list[dict[s
         return [user(_word_problem(rng)[0])]
     fields = dict(unit.fields, text=_reflowed(unit.fields["text"])) if unit.kind == "doc" else unit.fields
     if kind == "translation":
-        text = _sentences(fields["text"], 400)
-        return [user(rng.choice(_TRANSLATE).format(language=rng.choice(_LANGUAGES), text=text))]
+        text = leading_sentences(fields["text"], 400)
+        return [user(rng.choice(TRANSLATE).format(language=rng.choice(LANGUAGES), text=text))]
     if kind == "summarization":
-        return [user(rng.choice(_SUMMARIZE).format(count=rng.choice(("two", "three")), text=fields["text"]))]
+        return [user(rng.choice(SUMMARIZE).format(count=rng.choice(("two", "three")), text=fields["text"]))]
     if kind == "qa":
         return [user(rng.choice(_QUESTION).format(**fields))]
     if kind == "code":
@@ -305,7 +305,7 @@ def _task_chat(kind: str, unit: _Unit | None, rng: random.Random) -> list[dict[s
 # The suite's categories in turn; each takes the next library piece it fits (math takes none).
 _TASK_KINDS = ("translation", "summarization", "qa", "math", "code", "multi_turn")
 _is_doc = lambda u: u.kind == "doc"
-_is_prose = lambda u: _is_doc(u) and _prose(u.fields["text"])
+_is_prose = lambda u: _is_doc(u) and is_prose(u.fields["text"])
 _FITS = {"translation": _is_prose, "summarization": _is_prose, "qa": _is_doc, "code": lambda u: u.kind == "code",
          "multi_turn": _is_doc}
 

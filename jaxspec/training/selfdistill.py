@@ -10,7 +10,9 @@ Instructions come from `jaxspec.training.instructions` (text of the running inte
 the "tasks" set by default (the six kinds of request of the evaluation suite, over library text), or "docs"
 (instructions about the library's docstrings and functions); or, with "self", from the target itself
 (`jaxspec.training.self_requests`: requests it writes after its chat template's opening of a user turn, sampled
-once and kept in ``requests.json``, which a rerun reads). None overlaps the evaluation suite.
+once and kept in ``requests.json``, which a rerun reads); or, with "self_tasks", the suite's prose requests
+(translate, summarise, answer from, follow up) over the replies of such a "self" set, `passages_from`
+(`jaxspec.training.passage_tasks`). None overlaps the evaluation suite.
 
 Each instruction (a chat ending with a user turn) is rendered through the target's chat template with the generation
 prompt (the plain "User: ... Assistant:" form for a tokenizer without a template, as the suite evaluation does), and
@@ -67,7 +69,7 @@ from jaxspec.config import check_same_keys, is_int, require
 from jaxspec.decoding import api, engine
 from jaxspec.errors import InputError
 from jaxspec.eval.suite import SuitePrompt
-from jaxspec.training import instructions, self_requests
+from jaxspec.training import instructions, passage_tasks, self_requests
 
 FORMAT = "jaxspec-selfdistill-1"
 MANIFEST = "manifest.json"
@@ -77,7 +79,8 @@ SHARD_ARRAYS = ("tokens", "lengths", "reply_start", "features")  # plus layer_fe
 FINGERPRINT = "fingerprint"
 REQUESTS = "requests.json"  # a "self" set's requests, written by the target
 SELF_WRITTEN = "self"
-PROMPT_SETS = (*instructions.PROMPT_SETS, SELF_WRITTEN)
+SELF_TASKS = "self_tasks"  # the suite's prose requests over a "self" set's replies (passage_tasks)
+PROMPT_SETS = (*instructions.PROMPT_SETS, SELF_WRITTEN, SELF_TASKS)
 
 _MAX_SKIPPED_PER_PROMPT = 10  # prompts too long to fit, per prompt wanted, before giving up
 
@@ -94,8 +97,18 @@ def plan_prompts(tokenizer, num_prompts: int, seed: int, max_chars: int, max_pro
                  prompt_set: str = instructions.DEFAULT_PROMPT_SET) -> tuple[list[list[int]], int]:
     """(ids of the first `num_prompts` instructions whose rendered prompt fits `max_prompt_tokens`, how many
     were skipped as too long)."""
+    return fitting_prompts(tokenizer, instructions.iter_instructions(seed, max_chars, prompt_set), num_prompts,
+                           max_prompt_tokens, f"prompt_set={prompt_set!r} with max_chars={max_chars}",
+                           f"max_prompt_chars={max_chars}")
+
+
+def fitting_prompts(tokenizer, chats, num_prompts: int, max_prompt_tokens: int, stream: str, shorter: str
+                    ) -> tuple[list[list[int]], int]:
+    """(ids of the first `num_prompts` chats whose rendered prompt fits `max_prompt_tokens`, how many were
+    skipped as too long); an error names the `stream` when it runs out, and the setting that gives `shorter`
+    prompts when too many are too long."""
     kept, skipped = [], 0
-    for messages in instructions.iter_instructions(seed, max_chars, prompt_set):
+    for messages in chats:
         ids = encode_messages(tokenizer, messages)
         if 0 < len(ids) <= max_prompt_tokens:
             kept.append(ids)
@@ -106,10 +119,9 @@ def plan_prompts(tokenizer, num_prompts: int, seed: int, max_chars: int, max_pro
         if skipped > _MAX_SKIPPED_PER_PROMPT * num_prompts + 100:
             raise InputError(f"only {len(kept)} of {num_prompts} instructions fit seq_len - max_new_tokens = "
                              f"{max_prompt_tokens} prompt tokens ({skipped} were longer); raise seq_len or lower "
-                             f"max_prompt_chars={max_chars}")
-    raise InputError(f"prompt_set={prompt_set!r} with max_chars={max_chars} gives only {len(kept) + skipped} "
-                     f"instructions ({len(kept)} fit seq_len - max_new_tokens = {max_prompt_tokens} prompt tokens); "
-                     f"{num_prompts} were asked for")
+                             f"{shorter}")
+    raise InputError(f"{stream} gives only {len(kept) + skipped} instructions ({len(kept)} fit seq_len - "
+                     f"max_new_tokens = {max_prompt_tokens} prompt tokens); {num_prompts} were asked for")
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -261,7 +273,7 @@ def generate(model, params, tokenizer, out_dir: str, *, num_prompts: int, max_ne
              batch_size: int, feature_layers: Sequence[int] = (), seed: int = 0,
              max_prompt_chars: int = instructions.DEFAULT_MAX_CHARS, target_workdir: str = "",
              tokenizer_name: str = "", progress: bool = True,
-             prompt_set: str = instructions.DEFAULT_PROMPT_SET) -> Summary:
+             prompt_set: str = instructions.DEFAULT_PROMPT_SET, passages_from: str = "") -> Summary:
     """Write (or complete) the self-distillation set of `model` into `out_dir` and return what was done.
 
     `target_workdir` and `tokenizer_name` (the target's ``data.tokenizer``) are recorded in the manifest and in each
@@ -273,7 +285,9 @@ def generate(model, params, tokenizer, out_dir: str, *, num_prompts: int, max_ne
     prefilled at its longest prompt's bucketed width, and its steps attend over a cache of that width. In stream
     order, one long prompt in each batch set most batches' width (SmolLM2's "tasks" prompts: 58-245 tokens).
     With ``prompt_set="self"`` the prompts are `num_prompts` requests the target writes
-    (`self_requests.sample_requests`, batches of `batch_size`), each rendered as a one-message chat.
+    (`self_requests.sample_requests`, batches of `batch_size`), each rendered as a one-message chat. With
+    ``prompt_set="self_tasks"`` they are the suite's prose requests (`passage_tasks.iter_chats`) over the replies of
+    the "self" set `passages_from`.
     """
     if prompt_set not in PROMPT_SETS:
         raise InputError(f"prompt_set={prompt_set!r} is not one of {sorted(PROMPT_SETS)}")
@@ -281,7 +295,21 @@ def generate(model, params, tokenizer, out_dir: str, *, num_prompts: int, max_ne
     cfg = model.model_cfg
     # Everything already on disk is checked before anything is written, so a refused run changes nothing.
     _check_existing_manifest(out_dir)
-    if prompt_set == SELF_WRITTEN:
+    if passages_from and prompt_set != SELF_TASKS:
+        raise InputError(f"passages_from={passages_from!r} is read only with prompt_set={SELF_TASKS!r}, not "
+                         f"{prompt_set!r}")
+    if prompt_set == SELF_TASKS:
+        if not passages_from:
+            raise InputError(f"prompt_set={SELF_TASKS!r} needs passages_from: a set made with prompt_set='self', "
+                             "whose replies are the passages")
+        exchanges = passage_tasks.read_exchanges(passages_from, tokenizer)
+        prompt_description = passage_tasks.description(passages_from, _read_manifest(passages_from)["prompt_set"],
+                                                       seed, max_prompt_chars)
+        prompts, too_long = fitting_prompts(
+            tokenizer, passage_tasks.iter_chats(exchanges, seed, max_prompt_chars), num_prompts,
+            seq_len - max_new_tokens, f"prompt_set={SELF_TASKS!r} over the {len(exchanges)} replies of "
+            f"{passages_from}", f"max_prompt_chars={max_prompt_chars}")
+    elif prompt_set == SELF_WRITTEN:
         prompt_description = self_written_description(seed)
         prompts, too_long = _self_written_prompts(
             model, params, tokenizer, out_dir, progress,
@@ -642,7 +670,9 @@ def config_defaults() -> ml_collections.ConfigDict:
         feature_layers=(),  # residual-stream layers stored besides the final hidden state (EAGLE-3: low, mid, high)
         seed=0,
         max_prompt_chars=instructions.DEFAULT_MAX_CHARS,  # longest quoted text of an instruction
-        prompt_set=instructions.DEFAULT_PROMPT_SET,  # "tasks" (the suite's kinds of request), "docs" or "self"
+        prompt_set=instructions.DEFAULT_PROMPT_SET,  # "tasks" (the suite's kinds of request), "docs", "self"
+        # or "self_tasks" (the suite's prose requests over the replies of the "self" set passages_from)
+        passages_from="",
         progress_bar=True,
     ))
 
@@ -661,6 +691,13 @@ def validate_config(config) -> None:
     require(is_int(config.max_prompt_chars) and config.max_prompt_chars >= instructions.MIN_CHARS,
             "max_prompt_chars", config.max_prompt_chars, f"an integer of at least {instructions.MIN_CHARS}")
     require(config.prompt_set in PROMPT_SETS, "prompt_set", config.prompt_set, f"one of {sorted(PROMPT_SETS)}")
+    require(isinstance(config.passages_from, str), "passages_from", config.passages_from, "a directory path")
+    if config.prompt_set == SELF_TASKS:
+        require(bool(config.passages_from), "passages_from", config.passages_from,
+                f"a set made with prompt_set='self' (prompt_set={SELF_TASKS!r} asks over its replies)")
+    else:
+        require(not config.passages_from, "passages_from", config.passages_from,
+                f"empty unless prompt_set={SELF_TASKS!r} (prompt_set is {config.prompt_set!r})")
     layers = config.feature_layers
     require(isinstance(layers, (tuple, list)) and all(is_int(i) and i >= 0 for i in layers)
              and len(set(layers)) == len(layers), "feature_layers", layers,
@@ -677,9 +714,9 @@ def run(config, out_dir: str) -> Summary:
                     feature_layers=tuple(config.feature_layers), seed=config.seed,
                     max_prompt_chars=config.max_prompt_chars, target_workdir=target.workdir,
                     tokenizer_name=target.config.data.tokenizer, progress=config.progress_bar,
-                    prompt_set=config.prompt_set)
+                    prompt_set=config.prompt_set, passages_from=config.passages_from)
 
 
 __all__ = ["FORMAT", "MANIFEST", "PROMPT_SETS", "REQUESTS", "Summary", "combine", "config_defaults", "encode_messages",
-           "feature_pass", "generate", "loss_mask", "plan_prompts", "read", "restream", "run",
+           "feature_pass", "fitting_prompts", "generate", "loss_mask", "plan_prompts", "read", "restream", "run",
            "self_written_description", "token_frequencies", "validate_config"]

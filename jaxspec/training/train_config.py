@@ -24,6 +24,7 @@ LOSSES = ("lm", "matformer", "medusa", "distill", "eagle", "hydra")
 TOP_LEVEL_KEYS = frozenset({"seed", "model", "data", "mesh", "train", "target_workdir", "medusa", "eagle", "hydra"})
 ON_TARGET = ("medusa", "eagle", "hydra")  # losses of drafters that sit on the frozen target (its model section)
 SELFDISTILL_ONLY = ("eagle", "hydra")  # losses that train on a self-distillation set's stored features only
+POSITIONWISE = ("medusa", "hydra")  # heads that read each position's feature on its own (no attention over context)
 
 
 def train_defaults() -> ml_collections.ConfigDict:
@@ -283,7 +284,11 @@ def validate_config(config) -> None:
         require(data_lib.is_selfdistill_set(config.data.source), "data.source", config.data.source,
                 "a self-distillation set (a directory made by `python -m launch.selfdistill`) for "
                 f"train.loss={config.train.loss!r}, which reads the target's stored features")
-    data_lib.parse_data_config(config.data)
+    spec = data_lib.parse_data_config(config.data)
+    # A window from the reply cuts the prompt off: only drafters that read each position on its own may use it.
+    require(spec.window == "start" or config.train.loss in POSITIONWISE, "data.window", spec.window,
+            f"'start' for train.loss={config.train.loss!r}, which reads the context before each position "
+            f"('reply' suits {' and '.join(POSITIONWISE)} heads)")
     if config.train.loss not in ON_TARGET:  # those train heads over the target, whose context it is
         require(config.data.seq_len <= config.model.max_len, "data.seq_len", config.data.seq_len,
                 f"at most model.max_len={config.model.max_len} (positions past it are never decoded; raise "

@@ -49,8 +49,13 @@ def test_suite_rows_and_the_trainers_validation_accuracy(benchmark_script, make_
 
     _, arrays = selfdistill.read(sd)
     val = np.asarray(split_documents([str(i) for i in range(len(arrays["tokens"]))], 0.25)[1][:2])
-    width = config.data.seq_len + 1  # the trainer's examples: the first seq_len + 1 positions
-    val_rows = dict(tokens=arrays["tokens"][val, :width], features=arrays["features"][val, :width],
-                    reply_start=arrays["reply_start"][val], lengths=np.minimum(arrays["lengths"][val], width))
+    # The trainer's examples (configs/hydra.py's data.window="reply"): seq_len + 1 positions from each reply's
+    # root, the position before its first token.
+    width, root = config.data.seq_len + 1, arrays["reply_start"][val] - 1
+    assert config.data.window == "reply" and (arrays["lengths"][val] - root <= width).all()
+    padded = lambda name: np.pad(arrays[name], [(0, 0), (0, width)] + [(0, 0)] * (arrays[name].ndim - 2))
+    cut = lambda name: np.stack([padded(name)[v, r:r + width] for v, r in zip(val, root)])
+    val_rows = dict(tokens=cut("tokens"), features=cut("features"), reply_start=np.ones(len(val), np.int32),
+                    lengths=arrays["lengths"][val] - root)
     fit = bench.head_accuracy(lm, str(tmp_path / "hydra"), val_rows, {"val": np.arange(len(val))})
     np.testing.assert_allclose(fit["val"], [final["val_head0_acc"], final["val_head1_acc"]], atol=1e-6)

@@ -25,7 +25,7 @@ from jaxspec.errors import InputError
 from jaxspec.models.eagle import target_side
 from jaxspec.models.hydra import HydraHeads
 from jaxspec.training import checkpoint, losses, selfdistill
-from jaxspec.training.data import make_datasets
+from jaxspec.training.data import make_datasets, split_documents
 from jaxspec.training.train_config import hydra_defaults
 from jaxspec.training.trainer import prepare_config, read_metrics, train
 
@@ -173,3 +173,54 @@ def test_bad_hydra_configs_are_refused_by_key(target_run, key, value, message):
         config[section][name] = value
     with pytest.raises(ConfigError, match=message):
         prepare_config(config)
+
+
+def test_windows_from_the_reply_score_every_position_drafted_from(target_run):
+    """A window that starts at the reply's root (the last prompt position, the first a drafter drafts from) and
+    holds the whole reply scores head k at exactly the positions t >= reply_start - 1 whose token t + k + 2 is a
+    reply token, with their losses; the whole example also scores the k + 1 prompt positions before the root,
+    which decoding never drafts from."""
+    model, params, target_dir, sd = target_run
+    config = on_the_set(hydra_config.get_config("heads=3,vocab=0"), target_dir, sd)
+    config.data.window, config.data.seq_len = "reply", 31  # replies of 24 tokens, no prompt positions
+    d = model.model_cfg.d_model
+    heads = HydraHeads(3, d)
+    side = target_side(params, model.model_cfg, np.arange(260))
+    head_params = heads.init(jax.random.key(1), jnp.zeros((1, 1, d)), jnp.zeros((1, 1, 3, d)))["params"]
+    windows = make_datasets(prepare_config(config).data)[0].windows
+    assert windows["tokens"].shape[1] == 32 and windows["mask"][:, 0].all()  # each starts at the root
+    stats = jax.jit(losses.hydra_objective(heads, hydra_defaults()).stats)(head_params, side, windows)
+    # The reference: every train example of the set, every position from the root on, one head call each.
+    _, arrays = selfdistill.read(sd)
+    train_rows = split_documents([str(i) for i in range(len(arrays["tokens"]))], 0.25)[0]
+    head_logp = jax.jit(lambda f, path: jax.nn.log_softmax(
+        side["head_t"] @ heads.apply({"params": head_params}, f, path, method=HydraHeads.head)))
+    embedding = params["embed"]["embedding"]
+    for k in range(3):
+        nll, count = 0.0, 0
+        for row in train_rows:
+            tokens, start, length = arrays["tokens"][row], arrays["reply_start"][row], arrays["lengths"][row]
+            for t in range(start - 1, length - k - 2):
+                logp = head_logp(arrays["features"][row, t].astype(np.float32), embedding[tokens[t + 1:t + k + 2]])
+                nll -= float(logp[tokens[t + k + 2]])
+                count += 1
+        assert float(stats[f"head{k}"]["tokens"]) == count > 0
+        assert float(stats[f"head{k}"]["sum"]) == pytest.approx(nll, rel=1e-4)
+
+
+def test_windows_from_the_reply_are_refused_where_the_context_counts(target_run):
+    _, _, target_dir, sd = target_run
+    from configs import eagle as eagle_config
+
+    config = on_the_set(eagle_config.get_config(), target_dir, sd)
+    config.data.window = "reply"
+    with pytest.raises(ConfigError, match=r"data.window.*'start' for train.loss='eagle'"):
+        prepare_config(config)
+    config = on_the_set(hydra_config.get_config(), target_dir, sd)
+    config.data.window = "middle"
+    with pytest.raises(InputError, match=r"data.window='middle' is invalid; expected one of \['start', 'reply'\]"):
+        prepare_config(config)
+    corpus = lm.get_config("tiny")
+    corpus.data.window = "reply"
+    with pytest.raises(InputError, match="data.window='reply' needs a self-distillation set"):
+        make_datasets(corpus.data)

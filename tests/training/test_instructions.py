@@ -45,7 +45,7 @@ def test_the_tasks_set_asks_for_each_kind_of_suite_request_in_turn():
         kind = kinds[i % 6]
         assert (len(chat) == 3) == (kind == "multi_turn"), (i, chat)
         if kind == "translation":
-            assert any(language in first for language in instructions._LANGUAGES), first
+            assert any(language in first for language in instructions.LANGUAGES), first
         if kind == "math":
             assert re.search(r"\d", first) and "?" in first, first
         if kind == "code":

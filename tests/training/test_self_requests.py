@@ -97,5 +97,5 @@ def test_bad_tokenizers_and_rare_requests_are_named(target, chat_tokenizer, monk
     monkeypatch.setattr(self_requests, "MAX_SAMPLES_PER_REQUEST", 1)
     with pytest.raises(ValueError, match=r"sampled requests kept only \d+ of 16"):
         self_requests.sample_requests(model, params, rare, 16, seed=0, max_prompt_tokens=40, batch_size=4)
-    with pytest.raises(ValueError, match=r"prompt_set='chat' is not one of \['docs', 'self', 'tasks'\]"):
+    with pytest.raises(ValueError, match=r"prompt_set='chat' is not one of \['docs', 'self', 'self_tasks', 'tasks'\]"):
         selfdistill.generate(model, params, chat_tokenizer, "/nonexistent/never", **{**SETTINGS, "prompt_set": "chat"})

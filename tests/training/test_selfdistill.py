@@ -285,7 +285,8 @@ def test_config_presets_validate_and_bad_values_are_named():
         ("max_new_tokens", 384, "config.max_new_tokens=384 is not allowed: fewer than seq_len=384"),
         ("feature_layers", (3, 3), r"config.feature_layers=\(3, 3\) is not allowed: a tuple of distinct"),
         ("seed", -1, "config.seed=-1 is not allowed"),
-        ("prompt_set", "chat", r"config.prompt_set='chat' is not allowed: one of \['docs', 'self', 'tasks'\]"),
+        ("prompt_set", "chat",
+         r"config.prompt_set='chat' is not allowed: one of \['docs', 'self', 'self_tasks', 'tasks'\]"),
     ]:
         config = selfdistill_config.get_config("small")
         config[key] = value
