@@ -8,6 +8,7 @@ an EAGLE-3 drafter, Medusa and Hydra heads trained for the same target (`--eagle
   python -m benchmarks.eagle_trees --drafter=/tmp/eagle --medusa=/tmp/medusa_sd --hydra=/tmp/hydra_sd   # + heads
   python -m benchmarks.eagle_trees --drafter=/tmp/eagle --hydra=/tmp/hydra_sd --head_dynamic=3:3:4
   python -m benchmarks.eagle_trees --drafter=/tmp/eagle --medusa=/tmp/medusa_sd,/tmp/medusa_trim   # two runs
+  python -m benchmarks.eagle_trees --hydra=/tmp/hydra_a,/tmp/hydra_b --head_trees=chain:2   # heads only, no EAGLE
 
 Each row: tau (tokens per target forward), tokens/s, speedup over autoregressive decoding and whether the output
 is identical to it, per category and over all prompts (jaxspec.eval.suite_eval, as the quickstart).
@@ -143,7 +144,6 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", "/tmp/eagle_trees", "where the tables and plots go")
     flags.DEFINE_bool("suite", True, "decode the suite (off: only the round split)")
     flags.DEFINE_bool("round_split", True, "also time draft / verify / commit of one round per variant")
-    flags.mark_flags_as_required(["drafter"])
 
 
 def main(argv) -> None:
@@ -152,9 +152,13 @@ def main(argv) -> None:
     cli.enable_compilation_cache(None)
     config = quickstart.get_config(f"model={FLAGS.model},per_category={FLAGS.per_category},"
                                    f"max_new_tokens={FLAGS.max_new_tokens}")
+    if not (FLAGS.drafter or FLAGS.eagle3 or FLAGS.medusa or FLAGS.hydra):
+        raise app.UsageError("give a trained drafter: --drafter (EAGLE), --eagle3, --medusa or --hydra")
     lookup = config.methods.lookup
-    config.methods = eagle_methods(os.path.abspath(os.path.expanduser(FLAGS.drafter)), FLAGS.chains,
-                                   FLAGS.dynamic)
+    config.methods = {}
+    if FLAGS.drafter:
+        config.methods.update(eagle_methods(os.path.abspath(os.path.expanduser(FLAGS.drafter)), FLAGS.chains,
+                                            FLAGS.dynamic))
     if FLAGS.eagle3:
         config.methods.update(eagle_methods(os.path.abspath(os.path.expanduser(FLAGS.eagle3)), FLAGS.chains,
                                             FLAGS.dynamic, prefix="eagle3"))

@@ -10,7 +10,8 @@ tokens, i.e. exactly what the drafter holds on the path it drafts.
 
 The run's `model` section and tokenizer are the target's (from target_workdir, a workdir or a zoo name); its
 checkpoints hold the heads' parameters only, and `draft_vocab.npy` the draft vocabulary of the LM head.
-arg: heads (num_heads), layers (residual blocks per head), vocab (draft vocabulary size, 0: all), steps, window.
+arg: heads (num_heads), layers (residual blocks per head), vocab (draft vocabulary size, 0: all), steps, window,
+teacher (hydra.teacher: the weight of the target's own distribution against its greedy token, 0 to 1).
 window=reply (the default) trains on windows that start at each reply's root (data.window="reply"): 8 windows of
 129 positions a step, each holding a whole reply of up to 128 tokens and no prompt, whose positions carry no loss.
 window=start gives the earlier setting: 4 windows of 256 positions from each example's first token, most of them
@@ -26,7 +27,7 @@ WINDOWS = {"reply": (128, 8), "start": (255, 4)}
 
 
 def get_config(arg=None):
-    args = config_lib.parse_arg(arg, heads=4, layers=1, vocab=8192, steps=600, window="reply")
+    args = config_lib.parse_arg(arg, heads=4, layers=1, vocab=8192, steps=600, window="reply", teacher=0.0)
     if args.window not in WINDOWS:
         raise config_lib.ConfigError(f"configs/hydra.py: window={args.window!r} is not one of {sorted(WINDOWS)}")
     config = lm.get_config("tiny")
@@ -39,6 +40,7 @@ def get_config(arg=None):
     config.hydra.num_heads = args.heads
     config.hydra.num_layers = args.layers
     config.hydra.draft_vocab = args.vocab
+    config.hydra.teacher = float(args.teacher)
     drafter_schedule(config.train, "hydra", args.steps, warmup_cap=50)
     t = config.train
     t.weight_decay = 0.0

@@ -29,7 +29,11 @@ Streams by `train.loss`:
             `medusa.draft_vocab` the heads score that draft vocabulary only (as hydra).
   hydra     "head0".."head{K-1}": Hydra heads over a self-distillation set, teacher-forced on the stored reply
             tokens (the target's own greedy tokens): head k reads f_t and E(x_{t+1}) .. E(x_{t+k+1}) and is
-            scored, through the frozen (vocabulary-trimmed) LM head, on x_{t+k+2}, weight `hydra.decay ** k`.
+            scored, through the frozen (vocabulary-trimmed) LM head, on x_{t+k+2}, weight
+            `hydra.decay ** k * (1 - hydra.teacher)`; with `hydra.teacher` > 0 also "teacher0".."teacher{K-1}":
+            KL(target || head k) over the draft vocabulary, the target's distribution of x_{t+k+2} being its LM
+            head on the stored feature f_{t+k+1} (Hydra's teacher distillation), weight
+            `hydra.decay ** k * hydra.teacher`.
 Any loss but medusa adds "exit{i}" for each of `train.early_exit_layers`: the LM head applied (through the
 final norm) to the residual stream after layer i, weight `train.early_exit_weight` each, so that the
 first layers alone make a usable self-drafter.
@@ -296,20 +300,31 @@ def hydra_objective(heads: HydraHeads, hydra_cfg) -> Objective:
     """Trainable params are the heads'; the frozen argument is `models.eagle.target_side`'s dict: the target's
     token embedding, its LM head restricted to the draft vocabulary, and each target id's row there."""
 
+    teacher = float(hydra_cfg.get("teacher", 0.0))  # runs saved before the key existed trained on tokens only
+
     def stats(params, frozen, batch):
         tokens = batch["tokens"]
         t = tokens.shape[1] - 1
         embeddings = jnp.take(frozen["embedding"], tokens, axis=0).astype(jnp.float32)
         path = jnp.stack([_ahead(embeddings, j + 1, t) for j in range(heads.num_heads)], axis=2)  # [B, T, K, d]
-        feats = heads.apply({"params": params}, batch["features"][:, :t].astype(jnp.float32), path)
+        features = batch["features"].astype(jnp.float32)
+        feats = heads.apply({"params": params}, features[:, :t], path)
+        head_logits = [jnp.einsum("btd,nd->btn", feats[:, :, k], frozen["head_t"]) for k in range(heads.num_heads)]
 
         def logits_of_head(k, labels):
-            return (jnp.einsum("btd,nd->btn", feats[:, :, k], frozen["head_t"]),
-                    jnp.take(frozen["vocab_index"], labels))
+            return head_logits[k], jnp.take(frozen["vocab_index"], labels)
 
-        return _heads_on_stored_features(logits_of_head, tokens, batch["mask"], heads.num_heads)
+        streams = _heads_on_stored_features(logits_of_head, tokens, batch["mask"], heads.num_heads)
+        if teacher:
+            for k in range(heads.num_heads):  # the target's own guess of x_{t+k+2}, from its feature at t + k + 1
+                target_logits = jnp.einsum("btd,nd->btn", _ahead(features, k + 1, t), frozen["head_t"])
+                streams[f"teacher{k}"] = kl_stream(target_logits, head_logits[k], _ahead(batch["mask"], k + 1, t),
+                                                   1.0)
+        return streams
 
-    weights = {f"head{k}": hydra_cfg.decay**k for k in range(heads.num_heads)}
+    weights = {f"head{k}": hydra_cfg.decay**k * (1 - teacher) for k in range(heads.num_heads)}
+    if teacher:
+        weights.update({f"teacher{k}": hydra_cfg.decay**k * teacher for k in range(heads.num_heads)})
     return Objective(stats, weights, main=None)
 
 

@@ -96,6 +96,9 @@ def hydra_defaults() -> ml_collections.ConfigDict:
         num_layers=1,  # residual SiLU blocks per head, after its input projection
         draft_vocab=0,  # the LM head scores the N most frequent reply tokens of the data (as eagle.draft_vocab); 0: all
         decay=0.8,  # head k's loss weight is decay ** k
+        # Weight of the target's own distribution (KL over the draft vocabulary, Hydra's teacher distillation)
+        # against its greedy token in each head's loss: 0 trains on the tokens alone, 1 on the distribution alone.
+        teacher=0.0,
     ))
 
 
@@ -182,6 +185,8 @@ def validate_hydra_config(hydra_cfg) -> None:
             "a non-negative integer (0: the whole vocabulary)")
     require(is_number(hydra_cfg.decay) and 0 < hydra_cfg.decay <= 1, "hydra.decay", hydra_cfg.decay,
             "a number in (0, 1]")
+    teacher = hydra_cfg.get("teacher", 0.0)
+    require(is_number(teacher) and 0 <= teacher <= 1, "hydra.teacher", teacher, "a number in [0, 1]")
 
 
 def _heads_seq_len(section: str, heads_cfg) -> tuple[int, str]:

@@ -87,6 +87,27 @@ def test_hydra_objective_scores_head_k_on_the_token_k_plus_2_ahead():
             count += 1
         assert float(stats[f"head{k}"]["tokens"]) == count > 0
         assert float(stats[f"head{k}"]["sum"]) == pytest.approx(nll, rel=1e-5)
+    assert not any(name.startswith("teacher") for name in stats)
+    # With hydra.teacher, head k at t is also scored by KL(target || head) over the draft vocabulary, the target's
+    # distribution of x_{t+k+2} being its LM head on f_{t+k+1}, wherever x_{t+k+2} is a reply token (in the draft
+    # vocabulary or not).
+    cfg = hydra_defaults()
+    cfg.teacher = 0.25
+    objective = losses.hydra_objective(heads, cfg)
+    stats = jax.jit(objective.stats)(params, side, {"tokens": tokens, "features": features, "mask": mask})
+    for k in range(k_heads):
+        kl, count = 0.0, 0
+        for t in range(6):
+            if t + k + 2 > 6 or not mask[0, t + k + 1]:
+                continue
+            draft = head_logp(features[0, t], embedding[tokens[0, t + 1:t + k + 2]])
+            target = jax.nn.log_softmax(side["head_t"] @ features[0, t + k + 1])
+            kl += float(jnp.sum(jnp.exp(target) * (target - draft)))
+            count += 1
+        assert float(stats[f"teacher{k}"]["tokens"]) == count > 0
+        assert float(stats[f"teacher{k}"]["sum"]) == pytest.approx(kl, rel=1e-4)
+        assert objective.weights[f"teacher{k}"] == pytest.approx(0.25 * cfg.decay ** k)
+        assert objective.weights[f"head{k}"] == pytest.approx(0.75 * cfg.decay ** k)
 
 
 def test_hydra_heads_learn_from_the_set_and_load_for_decoding(target_run, tmp_path):
@@ -106,6 +127,16 @@ def test_hydra_heads_learn_from_the_set_and_load_for_decoding(target_run, tmp_pa
         methods.make("hydra", draft_workdir=workdir).build(Target(model, params, str(tmp_path)))
     with pytest.raises(InputError, match="not a Hydra heads run"):
         methods.make("hydra", draft_workdir=target_dir).build(Target(model, params, target_dir))
+
+
+def test_hydra_heads_learn_the_targets_distribution(target_run, tmp_path):
+    _, _, target_dir, sd = target_run
+    config = on_the_set(hydra_config.get_config("heads=2,vocab=48,teacher=0.5"), target_dir, sd)
+    workdir = str(tmp_path / "hydra_teacher")
+    train(config, workdir)
+    records = read_metrics(workdir)
+    for stream in ("teacher0", "teacher1", "head0"):
+        assert records[-1][f"{stream}_loss"] < records[0][f"{stream}_loss"], (stream, records[0], records[-1])
 
 
 def test_medusa_heads_learn_from_stored_features(target_run, tmp_path):
@@ -162,6 +193,7 @@ def test_medusa_heads_on_a_draft_vocabulary_learn_and_save_the_most_frequent_rep
     ("hydra.num_heads", 0, "hydra.num_heads"),
     ("hydra.decay", 1.5, "hydra.decay"),
     ("hydra.draft_vocab", -1, "hydra.draft_vocab"),
+    ("hydra.teacher", 1.5, r"hydra.teacher=1.5 is not allowed: a number in \[0, 1\]"),
     ("hydra.heads", 2, "unknown config key hydra.heads"),
     ("data.source", "stdlib", "data.source"),
 ])
