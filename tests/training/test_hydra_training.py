@@ -57,6 +57,12 @@ def on_the_set(config, target_dir, sd, steps=30):
     return config
 
 
+def trained(config, workdir):
+    """The metrics records of a run of `config` into `workdir`."""
+    train(config, workdir)
+    return read_metrics(workdir)
+
+
 def test_hydra_objective_scores_head_k_on_the_token_k_plus_2_ahead():
     """Hand-computed: head k at position t reads f_t, E(x_{t+1}) .. E(x_{t+k+1}) and is scored on x_{t+k+2} where
     it is a reply token and in the draft vocabulary."""
@@ -114,8 +120,7 @@ def test_hydra_heads_learn_from_the_set_and_load_for_decoding(target_run, tmp_pa
     model, params, target_dir, sd = target_run
     config = on_the_set(hydra_config.get_config("heads=2,vocab=48"), target_dir, sd)
     workdir = str(tmp_path / "hydra")
-    final = train(config, workdir)
-    records = read_metrics(workdir)
+    final, records = train(config, workdir), read_metrics(workdir)
     assert records[-1]["head0_loss"] < records[0]["head0_loss"] - 0.5, (records[0], records[-1])
     assert records[-1]["head1_loss"] < records[0]["head1_loss"], (records[0], records[-1])
     assert {"val_head0_acc", "val_head1_acc"} <= set(final)
@@ -131,11 +136,12 @@ def test_hydra_heads_learn_from_the_set_and_load_for_decoding(target_run, tmp_pa
 
 def test_hydra_heads_learn_the_targets_distribution(target_run, tmp_path):
     _, _, target_dir, sd = target_run
-    config = on_the_set(hydra_config.get_config("heads=2,vocab=48,teacher=0.5"), target_dir, sd)
+    # On the distribution alone: the random tiny target's is nearly flat, so heads fitting its greedy tokens
+    # would move away from it.
+    config = on_the_set(hydra_config.get_config("heads=2,vocab=48,teacher=1"), target_dir, sd)
     workdir = str(tmp_path / "hydra_teacher")
-    train(config, workdir)
-    records = read_metrics(workdir)
-    for stream in ("teacher0", "teacher1", "head0"):
+    records = trained(config, workdir)
+    for stream in ("teacher0", "teacher1"):
         assert records[-1][f"{stream}_loss"] < records[0][f"{stream}_loss"], (stream, records[0], records[-1])
 
 
@@ -143,8 +149,7 @@ def test_medusa_heads_learn_from_stored_features(target_run, tmp_path):
     model, params, target_dir, sd = target_run
     config = on_the_set(medusa_config.get_config("heads=2,share=True"), target_dir, sd)
     workdir = str(tmp_path / "medusa")
-    train(config, workdir)
-    records = read_metrics(workdir)
+    records = trained(config, workdir)
     assert records[-1]["head0_loss"] < records[0]["head0_loss"] - 0.5, (records[0], records[-1])
     assert records[-1]["head1_loss"] < records[0]["head1_loss"], (records[0], records[-1])
     heads, saved = checkpoint.restore_params(workdir)
@@ -169,8 +174,7 @@ def test_medusa_heads_on_a_draft_vocabulary_learn_and_save_the_most_frequent_rep
     model, params, target_dir, sd = target_run
     config = on_the_set(medusa_config.get_config("heads=2,vocab=48"), target_dir, sd)
     workdir = str(tmp_path / "medusa_vocab")
-    train(config, workdir)
-    records = read_metrics(workdir)
+    records = trained(config, workdir)
     assert records[-1]["head0_loss"] < records[0]["head0_loss"] - 0.5, (records[0], records[-1])
     assert records[-1]["head1_loss"] < records[0]["head1_loss"], (records[0], records[-1])
     saved = np.load(os.path.join(workdir, "draft_vocab.npy"))
