@@ -21,14 +21,16 @@ continuations of the context and output so far) and token recycling (a 7-node tr
 successors of each token, recorded at every verification). All are lossless: the table's last column checks the
 output against autoregressive decoding.
 
-Trained drafters: once `python -m launch.quickstart --arg=drafters` has made the EAGLE drafter of the model
-(`drafter_configs`: a self-distillation set and a drafter trained on it, in the cache), the table also shows
-EAGLE on a 4-draft chain and EAGLE-2's dynamic tree.
+Trained drafters: once `python -m launch.quickstart --arg=drafters` has made the Hydra heads of the model
+(`drafter_configs`: self-distillation sets and heads trained on them, in the cache), the table also shows them on
+a 2-draft chain and on the 11-node medusa_small tree.
 """
+
+from typing import NamedTuple
 
 import ml_collections
 
-from configs import eagle as eagle_config
+from configs import hydra as hydra_config
 from configs import selfdistill as selfdistill_config
 from jaxspec import config as config_lib
 from jaxspec import zoo
@@ -56,15 +58,11 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                                      "above) or 'all' (also ALL_TRAINING_FREE)")
     if args.methods == "all":
         config.methods.update(ALL_TRAINING_FREE)
-    eagle = args.eagle or trained_eagle(args.model)
-    if eagle:  # made by `python -m launch.quickstart --arg=drafters` (see launch/quickstart.py)
-        # The trees that paid best for a self-distilled drafter on SmolLM2 (docs/benchmarks.md, "Trained
-        # drafters"): deeper chains and wider dynamic trees add almost no tau there and cost a larger forward.
-        config.methods.eagle = dict(method="eagle", draft_workdir=eagle, tree="chain:2")
-        config.methods.eagle2 = dict(method="eagle", draft_workdir=eagle, expand=3, depth=3, nodes=4)
+    runs = {name: args[name] for name in TRAINED}
+    runs["hydra"] = runs["hydra"] or trained_heads(args.model)  # the recipe's heads, once it has run
     for name, rows in TRAINED.items():
-        if name != "eagle" and args[name]:
-            config.methods.update({row: dict(fields, draft_workdir=args[name]) for row, fields in rows.items()})
+        if runs[name]:
+            config.methods.update({row: dict(fields, draft_workdir=runs[name]) for row, fields in rows.items()})
     return config
 
 
@@ -81,13 +79,15 @@ ALL_TRAINING_FREE = dict(
 )
 
 # The rows of each trained drafter, when its run is given (`draft_workdir` added): the trees its benchmark found
-# best on SmolLM2 (docs/benchmarks.md, "Trained drafters").
+# best on SmolLM2 (docs/benchmarks.md, "Trained drafters"): deeper chains and wider dynamic trees add little tau
+# there and cost a larger forward. Hydra's rows are also those of the quickstart's own drafter recipe.
 TRAINED = dict(
-    eagle=None,  # the two rows above (also made by the quickstart's own drafter recipe)
+    eagle=dict(eagle=dict(method="eagle", tree="chain:2"),
+               eagle2=dict(method="eagle", expand=3, depth=3, nodes=4)),
     eagle3=dict(eagle3=dict(method="eagle", tree="chain:2"),
                 eagle3_dyn=dict(method="eagle", expand=3, depth=3, nodes=4)),
-    hydra=dict(hydra=dict(method="hydra", tree="chain:3"),
-               hydra_dyn=dict(method="hydra", expand=3, depth=3, nodes=4)),
+    hydra=dict(hydra=dict(method="hydra", tree="chain:2"),
+               hydra_tree=dict(method="hydra", tree="medusa_small")),
     medusa=dict(medusa=dict(method="medusa", tree="chain:3")),
     kangaroo=dict(kangaroo=dict(method="kangaroo")),
 )
@@ -100,25 +100,50 @@ def sub_arg(arg: str, job: str) -> str | None:
     return rest if head == job else None
 
 
-def drafter_configs(arg=None) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict, str, str]:
-    """The drafter recipe for the quickstart's model: (self-distillation config, EAGLE training config, the set's
-    directory, the drafter's workdir), both in the cache. A few minutes each on a 2-core CPU."""
-    args = config_lib.parse_arg(arg, model="smollm2-135m-instruct", num_prompts=160, max_new_tokens=128,
-                                steps=300)
-    data = selfdistill_config.get_config(f"small,target={args.model},num_prompts={args.num_prompts},"
-                                         f"max_new_tokens={args.max_new_tokens},batch_size=16")
-    data.progress_bar = False
-    train = eagle_config.get_config(f"steps={args.steps}")
+class DrafterRecipe(NamedTuple):
+    """The quickstart's drafter recipe for one model, everything in the cache: self-distillation sets made in
+    order (a later one may read an earlier one's replies), joined into one set, and the Hydra heads trained on it."""
+
+    sets: dict  # name -> (selfdistill config, its directory)
+    combined: str  # the joined set's directory (the only set's own when there is one)
+    train: ml_collections.ConfigDict  # the heads' training config (data.source is `combined`)
+    heads: str  # the heads' workdir
+
+
+def drafter_configs(arg=None) -> DrafterRecipe:
+    """The drafter recipe for the quickstart's model (docs/benchmarks.md, "Trained drafters"): the `tasks` set (the
+    suite's six kinds of request over library text), a `self` set (requests the target writes) and a `self_tasks`
+    set (the suite's prose requests over the `self` set's replies), then Hydra heads on the three together, on
+    windows from each reply's root. About 25 minutes on a 2-core CPU; self_prompts=0 (which needs self_tasks=0)
+    keeps to the `tasks` set."""
+    args = config_lib.parse_arg(arg, model="smollm2-135m-instruct", num_prompts=240, self_prompts=120,
+                                self_tasks=240, max_new_tokens=128, steps=400)
+    if args.self_tasks and not args.self_prompts:
+        raise config_lib.ConfigError(f"config arg self_tasks={args.self_tasks} needs self_prompts > 0: its passages "
+                                     "are the self set's replies")
+    sizes = dict(tasks=args.num_prompts, self=args.self_prompts, self_tasks=args.self_tasks)
+    sets = {}
+    for name, num_prompts in sizes.items():
+        if not num_prompts:
+            continue
+        data = selfdistill_config.get_config(f"small,target={args.model},num_prompts={num_prompts},"
+                                             f"max_new_tokens={args.max_new_tokens},batch_size=16")
+        data.prompt_set, data.progress_bar = name, False
+        if name == "self_tasks":
+            data.passages_from = sets["self"][1]
+        sets[name] = (data, zoo.drafter_dir(args.model, "selfdistill" if name == "tasks" else f"selfdistill_{name}"))
+    combined = (next(iter(sets.values()))[1] if len(sets) == 1
+                else zoo.drafter_dir(args.model, "selfdistill_" + "_".join(sets)))
+    train = hydra_config.get_config(f"steps={args.steps}")
     train.target_workdir = args.model
-    train.data.source = zoo.drafter_dir(args.model, "selfdistill")
-    train.data.seq_len = data.seq_len - 1
+    train.data.source = combined
     train.train.progress_bar = False
-    return data, train, train.data.source, zoo.drafter_dir(args.model, "eagle")
+    return DrafterRecipe(sets, combined, train, zoo.drafter_dir(args.model, "hydra"))
 
 
-def trained_eagle(model: str) -> str:
-    """The recipe's EAGLE drafter for `model` when a finished run is in the cache, else ''."""
+def trained_heads(model: str) -> str:
+    """The recipe's Hydra heads for `model` when a finished run is in the cache, else ''."""
     if model not in zoo.ZOO:
         return ""
-    workdir = zoo.drafter_dir(model, "eagle")
+    workdir = zoo.drafter_dir(model, "hydra")
     return workdir if checkpoint.finished(workdir) else ""

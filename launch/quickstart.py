@@ -6,7 +6,7 @@ table (tau, tokens/s, speedup, identical to autoregressive) and saves its plots.
   python -m launch.quickstart --arg=model=gemma3-270m,per_category=2
   python -m launch.quickstart --arg=toy                         # train a toy target, heads and draft model
   python -m launch.quickstart --arg=toy,size=tiny,methods=lookup
-  python -m launch.quickstart --arg=drafters                    # train the EAGLE drafter the table then shows
+  python -m launch.quickstart --arg=drafters                    # train the Hydra heads the table then shows
 
 The real-model run is `jaxspec.eval.suite_eval` over configs/quickstart.py; `--arg=toy[,...]` runs the sweep
 of configs/toy_quickstart.py (training from scratch on the standard library's source; reruns reuse what
@@ -87,23 +87,27 @@ def run_suite(arg: str, workdir: str, start: float) -> None:
 
 
 def run_drafters(arg: str, start: float) -> None:
-    """The CPU recipe for the quickstart's trained drafters: a self-distillation set of the model, then an EAGLE
-    drafter trained on it, both in the cache (each step resumes or is skipped when done). The next
-    `python -m launch.quickstart` shows them."""
+    """The CPU recipe for the quickstart's trained drafters (`configs/quickstart.py`'s `drafter_configs`): its
+    self-distillation sets of the model, joined, then Hydra heads trained on them, all in the cache (each step
+    resumes or is skipped when done). The next `python -m launch.quickstart` shows them."""
     from jaxspec.training import checkpoint, selfdistill, trainer
 
-    data, train, data_dir, eagle_dir = quickstart.drafter_configs(arg)
-    print(f"drafters for {data.target}: self-distillation set {data_dir}, EAGLE drafter {eagle_dir}", flush=True)
-    summary = selfdistill.run(data, data_dir)
-    print(f"  self-distillation: {summary.manifest['num_examples']} replies, {summary.reply_tokens} tokens "
-          f"({time.perf_counter() - start:.0f} s)", flush=True)
-    if checkpoint.finished(eagle_dir):
-        print("  EAGLE drafter: already trained")
+    recipe = quickstart.drafter_configs(arg)
+    print(f"drafters for {recipe.train.target_workdir}: self-distillation sets "
+          f"{', '.join(d for _, d in recipe.sets.values())}; Hydra heads {recipe.heads}", flush=True)
+    for name, (data, out) in recipe.sets.items():
+        summary = selfdistill.run(data, out)
+        print(f"  self-distillation ({name}): {summary.manifest['num_examples']} replies, {summary.reply_tokens} "
+              f"tokens ({time.perf_counter() - start:.0f} s)", flush=True)
+    if len(recipe.sets) > 1 and not os.path.exists(os.path.join(recipe.combined, selfdistill.MANIFEST)):
+        selfdistill.combine([out for _, out in recipe.sets.values()], recipe.combined)
+    if checkpoint.finished(recipe.heads):
+        print("  Hydra heads: already trained")
     else:
-        final = trainer.train(train, eagle_dir)
-        accuracy = ", ".join(f"depth {s + 1} {final[f'val_tok{s}_acc']:.2f}" for s in range(train.eagle.unroll))
-        print(f"  EAGLE drafter: {final['step']} steps in {final['train_seconds']:.0f} s; validation top-1 "
-              f"agreement with the target: {accuracy}")
+        final = trainer.train(recipe.train, recipe.heads)
+        accuracy = ", ".join(f"head {k} {final[f'val_head{k}_acc']:.2f}" for k in range(recipe.train.hydra.num_heads))
+        print(f"  Hydra heads: {final['step']} steps in {final['train_seconds']:.0f} s; held-out top-1 agreement "
+              f"with the target: {accuracy}")
     print(f"wall time: {(time.perf_counter() - start) / 60:.1f} min; now `python -m launch.quickstart` compares "
           "them too")
 

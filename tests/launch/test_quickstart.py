@@ -1,5 +1,5 @@
-"""The quickstart's drafter recipe: its arg, its two configs (in the cache), and the table that picks up a
-finished drafter."""
+"""The quickstart's drafter recipe: its arg, its configs (in the cache), and the table that picks up the finished
+heads."""
 
 from configs import quickstart
 from jaxspec import zoo
@@ -14,22 +14,39 @@ def test_args_route_to_the_toy_the_drafter_recipe_or_the_suite():
 
 
 def test_drafter_recipe_configs_live_in_the_cache(monkeypatch, tmp_path):
+    import pytest
+
+    from jaxspec.config import ConfigError
+    from jaxspec.training import train_config
+
     monkeypatch.setenv("JAXSPEC_CACHE", str(tmp_path))
-    data, train, data_dir, eagle_dir = quickstart.drafter_configs("steps=7,num_prompts=8")
-    selfdistill.validate_config(data)
-    assert (data.num_prompts, data.target, train.train.steps) == (8, "smollm2-135m-instruct", 7)
-    assert data_dir == train.data.source == zoo.drafter_dir("smollm2-135m-instruct", "selfdistill")
-    assert eagle_dir == zoo.drafter_dir("smollm2-135m-instruct", "eagle") and eagle_dir.startswith(str(tmp_path))
-    assert train.data.seq_len == data.seq_len - 1 and train.train.loss == "eagle"
+    recipe = quickstart.drafter_configs("steps=7,num_prompts=8,self_prompts=4,self_tasks=6")
+    assert list(recipe.sets) == ["tasks", "self", "self_tasks"]
+    for name, (data, out) in recipe.sets.items():
+        selfdistill.validate_config(data)
+        assert data.prompt_set == name and data.target == "smollm2-135m-instruct" and out.startswith(str(tmp_path))
+    assert [recipe.sets[n][0].num_prompts for n in recipe.sets] == [8, 4, 6]
+    assert recipe.sets["self_tasks"][0].passages_from == recipe.sets["self"][1]  # the self set's replies
+    assert recipe.sets["tasks"][1] == zoo.drafter_dir("smollm2-135m-instruct", "selfdistill")
+    assert recipe.train.data.source == recipe.combined not in {out for _, out in recipe.sets.values()}
+    assert recipe.heads == zoo.drafter_dir("smollm2-135m-instruct", "hydra") and recipe.train.train.steps == 7
+    assert recipe.train.train.loss == "hydra" and recipe.train.data.window == "reply"
+    train_config.validate_hydra_config(recipe.train.hydra)
+    alone = quickstart.drafter_configs("self_prompts=0,self_tasks=0")
+    assert list(alone.sets) == ["tasks"] and alone.combined == alone.sets["tasks"][1]
+    with pytest.raises(ConfigError, match="self_tasks=6 needs self_prompts > 0"):
+        quickstart.drafter_configs("self_prompts=0,self_tasks=6")
 
 
-def test_the_table_shows_eagle_once_its_drafter_is_trained(monkeypatch, tmp_path):
+def test_the_table_shows_the_heads_once_they_are_trained(monkeypatch, tmp_path):
     monkeypatch.setenv("JAXSPEC_CACHE", str(tmp_path))
-    assert "eagle" not in quickstart.get_config().methods
-    eagle_dir = zoo.drafter_dir("smollm2-135m-instruct", "eagle")
-    monkeypatch.setattr(checkpoint, "finished", lambda workdir: workdir == eagle_dir)
+    assert "hydra" not in quickstart.get_config().methods
+    heads = zoo.drafter_dir("smollm2-135m-instruct", "hydra")
+    monkeypatch.setattr(checkpoint, "finished", lambda workdir: workdir == heads)
     methods = quickstart.get_config().methods
-    assert methods.eagle.draft_workdir == eagle_dir and methods.eagle2.expand > 0
+    assert methods.hydra.draft_workdir == methods.hydra_tree.draft_workdir == heads
+    assert (methods.hydra.tree, methods.hydra_tree.tree) == ("chain:2", "medusa_small")
+    assert quickstart.get_config("hydra=/h").methods.hydra.draft_workdir == "/h"  # a given run comes first
 
 
 def test_methods_all_and_trained_runs_add_rows(monkeypatch, tmp_path):
@@ -44,8 +61,8 @@ def test_methods_all_and_trained_runs_add_rows(monkeypatch, tmp_path):
     config = quickstart.get_config("methods=all,hydra=/h,kangaroo=/k,eagle=/e")
     suite_eval.validate(config)  # every row is a valid spec of a registered method
     assert set(config.methods) == set(default.methods) | set(quickstart.ALL_TRAINING_FREE) | {
-        "hydra", "hydra_dyn", "kangaroo", "eagle", "eagle2"}
-    assert config.methods.hydra_dyn.draft_workdir == "/h" and config.methods.eagle2.draft_workdir == "/e"
+        "hydra", "hydra_tree", "kangaroo", "eagle", "eagle2"}
+    assert config.methods.hydra_tree.draft_workdir == "/h" and config.methods.eagle2.draft_workdir == "/e"
     lossy = {name for name, row in config.methods.items() if not registry.get(row["method"]).lossless}
     assert lossy == {"skiplayers", "skipdecode", "h2o"}
     with pytest.raises(ConfigError, match="methods='some' is not allowed"):
