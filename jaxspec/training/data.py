@@ -415,9 +415,11 @@ def _selfdistill_splits(spec: DataSpec) -> list[dict[str, np.ndarray]]:
                          f"set {spec.source!r} stores {manifest['seq_len']} (use data.seq_len <= "
                          f"{manifest['seq_len'] - 1})")
     arrays = dict(arrays, mask=selfdistill.loss_mask(arrays))
-    start = arrays["reply_start"] - 1 if spec.window == "reply" else np.zeros(len(arrays["tokens"]), np.int64)
     names = ["tokens", "features", "mask"] + (["layer_features"] if "layer_features" in arrays else [])
-    examples = {name: _windows_from(arrays[name], start, width) for name in names}
+    if spec.window == "reply":
+        examples = {name: _windows_from(arrays[name], arrays["reply_start"] - 1, width) for name in names}
+    else:
+        examples = {name: arrays[name][:, :width] for name in names}
     indices = split_documents([str(i) for i in range(len(examples["tokens"]))], spec.val_fraction)
     return [{name: array[np.asarray(rows, np.int64)] for name, array in examples.items()} for rows in indices]
 
