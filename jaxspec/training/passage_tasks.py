@@ -16,9 +16,9 @@ write. This set asks the suite's prose requests over those replies:
 - multi_turn: the request, the reply as the assistant's turn, then an everyday follow-up.
 
 Each passage serves every kind once, in turn: the first pass over the exchanges gives passage i the kind
-i mod 4, the next pass the kind after it, and so on, so that a set of n chats spreads over n / 4 kinds per
-passage. Only replies that read as sentences are translated. A chat equal to, or sharing a line of 30 characters
-or more with, the evaluation suite is left out, and none repeats.
+i mod 4, the next pass the kind after it, and so on, so that any first n chats of the stream hold the four kinds
+about equally, over as many passages as there are. Only replies that read as sentences are translated. A chat
+equal to, or sharing a line of 30 characters or more with, the evaluation suite is left out, and none repeats.
 """
 
 from __future__ import annotations
