@@ -316,10 +316,12 @@ def hydra_objective(heads: HydraHeads, hydra_cfg) -> Objective:
 
         streams = _heads_on_stored_features(logits_of_head, tokens, batch["mask"], heads.num_heads)
         if teacher:
-            for k in range(heads.num_heads):  # the target's own guess of x_{t+k+2}, from its feature at t + k + 1
-                target_logits = jnp.einsum("btd,nd->btn", _ahead(features, k + 1, t), frozen["head_t"])
-                streams[f"teacher{k}"] = kl_stream(target_logits, head_logits[k], _ahead(batch["mask"], k + 1, t),
-                                                   1.0)
+            # The target's own guess of x_{s+1} from its feature at s, once per position; head k at t is scored
+            # against it at s = t + k + 1 (a shift, not K products over the same positions).
+            target_logits = jnp.einsum("bsd,nd->bsn", features, frozen["head_t"])
+            for k in range(heads.num_heads):
+                streams[f"teacher{k}"] = kl_stream(_ahead(target_logits, k + 1, t), head_logits[k],
+                                                   _ahead(batch["mask"], k + 1, t), 1.0)
         return streams
 
     weights = {f"head{k}": hydra_cfg.decay**k * (1 - teacher) for k in range(heads.num_heads)}
