@@ -6,8 +6,8 @@ method that needs no training, per category.
   python -m launch.quickstart --arg=toy            # the trained-from-scratch toy (configs/toy_quickstart.py)
 
 arg: model (a zoo name or a workdir), per_category (suite prompts per category), max_new_tokens, batch_size,
-scan_layers (1: the target's repeated layers run as one scan, so each method's loop compiles ~2-3x faster and
-steps 1.1-1.4x slower; same tokens);
+scan_layers (1, the default: the target's repeated layers run as one scan, so each method's loop compiles ~3x
+faster at the same tokens/s, docs/benchmarks.md "Scanned layers"; 0: the layers unrolled; same tokens either way);
 methods=all for every method that runs on the model as it is (`ALL_TRAINING_FREE`: also the self-drafts DEL, SWIFT
 and FFN skipping, and the lossy modes, marked lossless=no); and a trained run's workdir for each of eagle,
 eagle3, hydra, medusa, kangaroo adds its rows (`trained_rows`):
@@ -40,7 +40,7 @@ from jaxspec.training import checkpoint
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
     args = config_lib.parse_arg(arg, model="smollm2-135m-instruct", per_category=3, max_new_tokens=64,
-                                batch_size=1, scan_layers=False, methods="default", **{name: "" for name in TRAINED})
+                                batch_size=1, scan_layers=True, methods="default", **{name: "" for name in TRAINED})
     config = suite_eval_defaults()
     config.target = args.model
     config.suite.per_category = args.per_category

@@ -70,5 +70,5 @@ def test_methods_all_and_trained_runs_add_rows(monkeypatch, tmp_path):
 
 
 def test_scan_layers_reaches_the_suite_decode_settings():
-    assert quickstart.get_config().decode.scan_layers is False
-    assert quickstart.get_config("scan_layers=1").decode.scan_layers is True
+    assert quickstart.get_config().decode.scan_layers is True
+    assert quickstart.get_config("scan_layers=0").decode.scan_layers is False
