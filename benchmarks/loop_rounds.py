@@ -2,22 +2,28 @@
 
   python -m benchmarks.loop_rounds --model=smollm2-135m-instruct --methods=lookup,recycling --per_category=1
   python -m benchmarks.loop_rounds --methods=lookup --eagle=/tmp/eagle          # also EAGLE on a 2-draft chain
+  python -m benchmarks.loop_rounds --methods=lookup --stacks=unrolled,scanned   # both layer stacks, one run
 
 For each suite prompt (padded to the whole suite's width, as the quickstart decodes it) and method, the wall time of
 `api.generate` with `max_new_tokens` minus that with one new token (the prefill and the first token), divided
 by the rounds the run took (new tokens after the first over tau): the round's whole cost in the compiled loop,
 its drafting, verification, commit and the loop's own work included, which a forward timed alone does not
 show. Each time is the best of `--repeats` calls after one warm call. Methods are the quickstart's (by name).
+`--stacks` runs the target's layers unrolled, scanned (`model.scan_layers`) or both, one stack after the other, the
+AR row of each stack its own yardstick.
 """
 
 from __future__ import annotations
+
+import types
 
 from absl import app, flags
 
 from jaxspec import cli
 
 FLAGS = flags.FLAGS
-COLUMNS = ["prompt", "tokens", "method", "tau", "prefill ms", "round ms", "round / AR step"]
+COLUMNS = ["stack", "prompt", "tokens", "method", "tau", "prefill ms", "round ms", "round / AR step"]
+STACKS = ("unrolled", "scanned")
 
 
 def best_wall(lm, prompt: list[int], new_tokens: int, repeats: int, fields: dict, prompt_width: int):
@@ -58,6 +64,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("per_category", 1, "suite prompts per category")
     flags.DEFINE_integer("max_new_tokens", 64, "tokens per timed run")
     flags.DEFINE_integer("repeats", 3, "timed calls per (prompt, method, length); the best is kept")
+    flags.DEFINE_list("stacks", ["unrolled"], f"the target's layer stacks measured, of {STACKS}")
 
 
 def main(argv) -> None:
@@ -70,11 +77,15 @@ def main(argv) -> None:
     from jaxspec.eval import tables
     from jaxspec.eval.suite import load_suite
     from jaxspec.eval.suite_eval import encode_suite
+    from jaxspec.models.lm import reconfigured
 
     config = quickstart.get_config(f"model={FLAGS.model}")
     unknown = sorted(set(FLAGS.methods) - set(config.methods))
     if unknown:
         raise InputError(f"--methods: {unknown} are not quickstart methods; choose from {sorted(config.methods)}")
+    bad_stacks = sorted(set(FLAGS.stacks) - set(STACKS))
+    if bad_stacks or not FLAGS.stacks:
+        raise InputError(f"--stacks={','.join(FLAGS.stacks)}: expected some of {STACKS}")
     methods = {name: dict(config.methods[name]) for name in FLAGS.methods}
     if FLAGS.eagle:
         methods["eagle chain:2"] = dict(method="eagle", draft_workdir=FLAGS.eagle, tree="chain:2")
@@ -85,7 +96,12 @@ def main(argv) -> None:
     # The width the whole suite pads to (as the quickstart's comparison does): one compile per method.
     longest = max(map(len, encode_suite(lm.tokenizer, load_suite())))
     width, _ = engine.plan_shapes(lm.model.model_cfg, [longest], FLAGS.max_new_tokens, 1)
-    rows = measure(lm, prompts, methods, FLAGS.max_new_tokens, FLAGS.repeats, width)
+    rows = []
+    for stack in FLAGS.stacks:
+        model = reconfigured(lm.model, scan_layers=stack == "scanned")
+        on_stack = types.SimpleNamespace(model=model, params=lm.params, tokenizer=lm.tokenizer)
+        rows += [{"stack": stack, **row}
+                 for row in measure(on_stack, prompts, methods, FLAGS.max_new_tokens, FLAGS.repeats, width)]
     print(f"# loop_rounds: {FLAGS.model}, {len(prompts)} prompts at width {width}, {FLAGS.max_new_tokens} new "
           f"tokens, best of {FLAGS.repeats}")
     print(tables.markdown_table(rows, COLUMNS))
