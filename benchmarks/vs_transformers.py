@@ -77,7 +77,7 @@ from jaxspec import config as config_lib
 from jaxspec.decoding import api, methods
 from jaxspec.eval.suite import SuitePrompt, load_suite
 from jaxspec.interop.hf import load_hf_checkpoint
-from jaxspec.models.lm import build_model
+from jaxspec.models.lm import build_model, reconfigured
 from jaxspec.training.data import heldout_prompts
 from jaxspec.training.tokenizer import ByteTokenizer
 
@@ -121,6 +121,7 @@ class Settings:
     model: str = ""  # a zoo name: benchmark that real model instead of the random sizes
     per_category: int = 2  # real mode: suite prompts per category
     early_exit: int | None = None  # real mode: layers of the early-exit draft (None: 3/4 of the target's)
+    scan_layers: bool = False  # jaxspec's target runs its repeated layers as one scan (model.scan_layers)
 
     def __post_init__(self):
         if self.model:
@@ -155,6 +156,11 @@ class Models:
     draft: object = None
     draft_params: dict | None = None
     draft_size: int = 0
+
+
+def on_stack(models: Models, scan_layers: bool) -> Models:
+    """`models` with jaxspec's target on the scanned layer stack when `scan_layers` (same params, same tokens)."""
+    return dataclasses.replace(models, target=reconfigured(models.target, scan_layers=True)) if scan_layers else models
 
 
 def llama_config(size: Size, n_layers: int) -> transformers.LlamaConfig:
@@ -602,7 +608,8 @@ def random_subjects(s: Settings, root: str, log: Callable[[str], None]) -> Itera
     prompts = stdlib_prompts(s.num_prompts, s.prompt_len)
     for size_name in s.sizes:
         log(f"[{size_name}] building and importing the models")
-        models = build_models(SIZES[size_name], s.seed, s.upper_layer_scale, os.path.join(root, size_name))
+        models = on_stack(build_models(SIZES[size_name], s.seed, s.upper_layer_scale, os.path.join(root, size_name)),
+                          s.scan_layers)
         agreement = draft_agreement(models.hf_target, lambda ids, m=models: m.hf_draft(ids).logits, prompts)
         yield Subject(size_name, models, prompts, random_plan(models, s), agreement, notes=(
             f"{s.num_prompts} prompts x {s.prompt_len} bytes (first chunks of held-out standard-library files)",
@@ -623,7 +630,7 @@ def gguf_subject(label: str, gguf_path: str, lm, s: Settings, log: Callable[[str
     chat = bool(lm.tokenizer.chat_template)
     prompts = [jaxspec_prompt_ids(p, lm.tokenizer, chat) for p in suite]
     same_ids = sum(a == transformers_prompt_ids(p, hf_tokenizer, chat) for a, p in zip(prompts, suite))
-    models = Models(hf_target, lm.model, lm.params, num_params(hf_target))
+    models = on_stack(Models(hf_target, lm.model, lm.params, num_params(hf_target)), s.scan_layers)
     log(f"[{label}] checking the weights and the early-exit draft")
     gap = logit_gap(models, prompts[0])
     agreement = draft_agreement(hf_target, lambda ids: early_exit_logits(hf_target, ids, early_exit), prompts)
@@ -769,7 +776,8 @@ def report(s: Settings, result: Result, command: str) -> str:
           for model, ids in result.eos_ids.items()],
         "- draft (draft model or early exit) / target top-1 agreement, teacher-forced on the prompts: "
         + ", ".join(f"{size} {a:.0%}" for size, a in result.draft_agreement.items()),
-        f"- jaxspec compile seconds (not in tokens/s; prompt widths are bucketed): {compiles}",
+        f"- jaxspec's target layer stack: {'scanned (model.scan_layers)' if s.scan_layers else 'unrolled'}; "
+        f"compile seconds (not in tokens/s; prompt widths are bucketed): {compiles}",
         "- batch-1 ceiling from memory traffic (each target forward reads every weight once; the embedding is "
         "counted too): " + "; ".join(
             f"{size} {b / 1e6:.1f} MB at {result.bandwidth[size] / 1e9:.1f} GB/s (XLA read, all cores) -> at most "
@@ -799,6 +807,8 @@ _THREADS = flags.DEFINE_list("torch_threads", [], "torch thread counts to try (d
 _UPPER = flags.DEFINE_float("upper_layer_scale", Settings.upper_layer_scale,
                             "random mode: scale of the residual writes of the target's layers above the draft's")
 _SEED = flags.DEFINE_integer("seed", Settings.seed, "random mode: weight seed")
+_SCAN_LAYERS = flags.DEFINE_bool("scan_layers", Settings.scan_layers, "jaxspec's target runs its repeated layers "
+                                 "as one scan (model.scan_layers, the quickstart's default; same tokens)")
 
 
 def main(argv):
@@ -811,7 +821,7 @@ def main(argv):
                         lookup_tokens=_LOOKUP_TOKENS.value, lookup_max_ngram=_LOOKUP_NGRAM.value,
                         torch_threads=tuple(int(t) for t in _THREADS.value), upper_layer_scale=_UPPER.value,
                         seed=_SEED.value, model=_MODEL.value, per_category=_PER_CATEGORY.value,
-                        early_exit=_EARLY_EXIT.value)
+                        early_exit=_EARLY_EXIT.value, scan_layers=_SCAN_LAYERS.value)
     result = benchmark(settings)
     print()
     print(report(settings, result, "python " + " ".join(sys.argv)))

@@ -205,6 +205,20 @@ def test_gguf_model_same_tokens_stops_at_eos_and_every_row(script, tiny_gguf):
     assert len(table) == len(result.rows) + 1 and "best speculative of each" in table[-1]
 
 
+def test_scanned_stack_gives_transformers_tokens(script, tiny_gguf):
+    path, lm = tiny_gguf
+    settings = script.Settings(model="smollm2-135m-instruct", max_new_tokens=8, per_category=1, repeats=1,
+                               draft_tokens=3, lookup_tokens=4, torch_threads=(1,), scan_layers=True)
+    subject = script.gguf_subject("tiny-gguf", path, lm, settings, log=lambda _: None)
+    assert subject.models.target.model_cfg.scan_layers and not lm.model.model_cfg.scan_layers
+    subject = dataclasses.replace(subject, prompts=subject.prompts[:1])
+    result = script.run_subjects(settings, [subject], log=lambda _: None)
+    for row in result.rows:
+        assert row.identical == row.num_prompts == 1, (row.pair, row.matched)
+        assert row.same_as_own_ar == (True, True), row.pair
+    assert "jaxspec's target layer stack: scanned" in script.report(settings, result, "pytest")
+
+
 def test_plain_prompts_when_the_model_has_no_chat_template(script, tmp_path):
     path = write_tiny_gguf(str(tmp_path / "tiny-base.gguf"), chat_template=None)
     lm = imported(path, str(tmp_path / "workdir"))
