@@ -17,16 +17,15 @@ import collections
 import re
 import tempfile
 import time
-import types
 
 import jax
 from absl import app, flags
 
+from benchmarks.loop_rounds import STACKS, on_stacks, suite_width
 from benchmarks.step_profile import read_trace
 from jaxspec import cli
 
 FLAGS = flags.FLAGS
-STACKS = ("unrolled", "scanned")
 
 
 def op_kind(event_name: str) -> str:
@@ -72,27 +71,21 @@ def main(argv) -> None:
     del argv
     cli.quiet_libraries()
     from configs import quickstart
-    from jaxspec.decoding import api, engine
+    from jaxspec.decoding import api
     from jaxspec.errors import InputError
     from jaxspec.eval.suite import load_suite
     from jaxspec.eval.suite_eval import encode_suite
-    from jaxspec.models.lm import reconfigured
 
     config = quickstart.get_config(f"model={FLAGS.model}")
     methods = {"ar": {"method": "ar"}, **{name: dict(spec) for name, spec in config.methods.items()}}
     unknown = sorted(set(FLAGS.methods) - set(methods))
     if unknown:
         raise InputError(f"--methods: {unknown} are not quickstart methods; choose from {sorted(methods)}")
-    bad_stacks = sorted(set(FLAGS.stacks) - set(STACKS))
-    if bad_stacks or not FLAGS.stacks:
-        raise InputError(f"--stacks={','.join(FLAGS.stacks)}: expected some of {STACKS}")
     lm = api.load(FLAGS.model)
+    stacks = on_stacks(lm, FLAGS.stacks)
     prompts = encode_suite(lm.tokenizer, load_suite(None, 1))[:FLAGS.prompts]
-    longest = max(map(len, encode_suite(lm.tokenizer, load_suite())))
-    width, _ = engine.plan_shapes(lm.model.model_cfg, [longest], FLAGS.max_new_tokens, 1)
-    for stack in FLAGS.stacks:
-        model = reconfigured(lm.model, scan_layers=stack == "scanned")
-        on_stack = types.SimpleNamespace(model=model, params=lm.params, tokenizer=lm.tokenizer)
+    width = suite_width(lm, FLAGS.max_new_tokens)
+    for stack, on_stack in stacks:
         for name in FLAGS.methods:
             wall_ms, kinds, outs = profile_calls(on_stack, prompts, methods[name], FLAGS.max_new_tokens, width,
                                                  tempfile.mkdtemp(prefix="loop_profile_"))

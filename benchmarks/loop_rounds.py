@@ -15,7 +15,7 @@ AR row of each stack its own yardstick.
 
 from __future__ import annotations
 
-import types
+import dataclasses
 
 from absl import app, flags
 
@@ -24,6 +24,29 @@ from jaxspec import cli
 FLAGS = flags.FLAGS
 COLUMNS = ["stack", "prompt", "tokens", "method", "tau", "prefill ms", "round ms", "round / AR step"]
 STACKS = ("unrolled", "scanned")
+
+
+def on_stacks(lm, stacks: list[str]):
+    """(stack, `lm` with its target's layers on that stack) per name in `stacks` (of STACKS; a bad name raises
+    InputError). Same params, same tokens."""
+    from jaxspec.errors import InputError
+    from jaxspec.models.lm import reconfigured
+
+    if not stacks or set(stacks) - set(STACKS):
+        raise InputError(f"--stacks={','.join(stacks)}: expected some of {STACKS}")
+    return [(stack, dataclasses.replace(lm, model=reconfigured(lm.model, scan_layers=stack == "scanned")))
+            for stack in stacks]
+
+
+def suite_width(lm, max_new_tokens: int) -> int:
+    """The prompt width the whole suite pads to, as the quickstart's comparison decodes it: one compile per
+    method."""
+    from jaxspec.decoding import engine
+    from jaxspec.eval.suite import load_suite
+    from jaxspec.eval.suite_eval import encode_suite
+
+    longest = max(map(len, encode_suite(lm.tokenizer, load_suite())))
+    return engine.plan_shapes(lm.model.model_cfg, [longest], max_new_tokens, 1)[0]
 
 
 def best_wall(lm, prompt: list[int], new_tokens: int, repeats: int, fields: dict, prompt_width: int):
@@ -72,36 +95,27 @@ def main(argv) -> None:
     cli.quiet_libraries()
     cli.enable_compilation_cache(None)
     from configs import quickstart
-    from jaxspec.decoding import api, engine
+    from jaxspec.decoding import api
     from jaxspec.errors import InputError
     from jaxspec.eval import tables
     from jaxspec.eval.suite import load_suite
     from jaxspec.eval.suite_eval import encode_suite
-    from jaxspec.models.lm import reconfigured
 
     config = quickstart.get_config(f"model={FLAGS.model}")
     unknown = sorted(set(FLAGS.methods) - set(config.methods))
     if unknown:
         raise InputError(f"--methods: {unknown} are not quickstart methods; choose from {sorted(config.methods)}")
-    bad_stacks = sorted(set(FLAGS.stacks) - set(STACKS))
-    if bad_stacks or not FLAGS.stacks:
-        raise InputError(f"--stacks={','.join(FLAGS.stacks)}: expected some of {STACKS}")
     methods = {name: dict(config.methods[name]) for name in FLAGS.methods}
     if FLAGS.eagle:
         methods["eagle chain:2"] = dict(method="eagle", draft_workdir=FLAGS.eagle, tree="chain:2")
     lm = api.load(FLAGS.model)
+    stacks = on_stacks(lm, FLAGS.stacks)
     suite = load_suite(None, FLAGS.per_category)
     encoded = encode_suite(lm.tokenizer, suite)
     prompts = {p.id: ids for p, ids in zip(suite, encoded)}
-    # The width the whole suite pads to (as the quickstart's comparison does): one compile per method.
-    longest = max(map(len, encode_suite(lm.tokenizer, load_suite())))
-    width, _ = engine.plan_shapes(lm.model.model_cfg, [longest], FLAGS.max_new_tokens, 1)
-    rows = []
-    for stack in FLAGS.stacks:
-        model = reconfigured(lm.model, scan_layers=stack == "scanned")
-        on_stack = types.SimpleNamespace(model=model, params=lm.params, tokenizer=lm.tokenizer)
-        rows += [{"stack": stack, **row}
-                 for row in measure(on_stack, prompts, methods, FLAGS.max_new_tokens, FLAGS.repeats, width)]
+    width = suite_width(lm, FLAGS.max_new_tokens)
+    rows = [{"stack": stack, **row} for stack, on_stack in stacks
+            for row in measure(on_stack, prompts, methods, FLAGS.max_new_tokens, FLAGS.repeats, width)]
     print(f"# loop_rounds: {FLAGS.model}, {len(prompts)} prompts at width {width}, {FLAGS.max_new_tokens} new "
           f"tokens, best of {FLAGS.repeats}")
     print(tables.markdown_table(rows, COLUMNS))

@@ -4,6 +4,7 @@ rounds counted from each run's tau. Speed is not asserted."""
 import types
 
 import numpy as np
+import pytest
 
 
 def test_rows_per_prompt_and_method(benchmark_script, make_model):
@@ -27,3 +28,19 @@ def test_rows_per_prompt_and_method(benchmark_script, make_model):
         else:
             assert np.isnan(row["round / AR step"])
     assert [r["tau"] for r in rows if r["method"] == "ar"] == [1.0, 1.0]
+
+
+def test_stacks_reconfigure_the_target_and_bad_names_are_refused(benchmark_script, make_model):
+    from jaxspec.decoding.loading import LoadedLM
+    from jaxspec.errors import InputError
+
+    bench = benchmark_script("loop_rounds")
+    model, params = make_model("A", seed=1, max_len=96)
+    lm = LoadedLM(model, params, None, None, "")
+    stacks = bench.on_stacks(lm, ["unrolled", "scanned"])
+    assert [name for name, _ in stacks] == ["unrolled", "scanned"]
+    assert [on.model.model_cfg.scan_layers for _, on in stacks] == [False, True]
+    assert all(on.params is params for _, on in stacks)
+    for bad in (["scaned"], []):
+        with pytest.raises(InputError, match="--stacks"):
+            bench.on_stacks(lm, bad)
