@@ -141,11 +141,11 @@ def in_decode_form(model: DecoderLM, params) -> bool:
 def for_decoding(model: DecoderLM, params) -> tuple[DecoderLM, dict]:
     """(decode-layout model, its params). Params already in the decode layout (with a decode-layout model)
     pass through, so a caller may convert once and hand the result to every decode call. With
-    `model.scan_layers` the params also hold the scanned layers' stacks (layer_scan.with_stacks), made here
-    once rather than by every forward."""
+    `model.scan_layers` the params hold the scanned layers as their stacks instead of per layer
+    (layer_scan.with_stacks: the weights once), made here once rather than by every forward."""
     if model.layout != "decode":
         model, params = model.clone(layout="decode"), to_decode_layout(params, model.model_cfg)
     period, groups = layer_scan.model_plan(model.model_cfg)
     if groups and layer_scan.stored_stacks(params, period, groups) is None:
-        params = layer_scan.with_stacks(params, period, groups)
+        params = layer_scan.with_stacks(layer_scan.without_stacks(params), period, groups)
     return model, params

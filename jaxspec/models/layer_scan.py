@@ -7,13 +7,15 @@ period p of that sequence, and runs the first (n // p) * p layers as one `jax.la
 blocks; the remaining n % p layers run unrolled (MaxText's `scan_layers`, generalised to repeated groups:
 Gemma 3's five sliding-window layers and one global layer scan as groups of six).
 
-Parameters stay stored per layer, so checkpoints, conversions and layouts are unchanged. The scan reads them
-stacked per position of the period: `with_stacks` adds those stacks to the params once (decode_layout's
-`for_decoding` does, so every decode loop stacks outside its while loop), and a forward given params without
-them stacks the layers itself, on every call (XLA hoists that out of a plain loop, not out of a speculative
-loop's branches). The decode state of a scanned model holds the scanned layers' entries stacked the same way
-(`jaxspec.state.init_decode_state`), so a forward reads and returns them without stacking or unstacking its
-caches; a state in per-layer form (or stacked for another plan) is stacked for the scan on every forward.
+Parameters are stored per layer, so checkpoints, conversions and layouts are unchanged. The scan reads them
+stacked per position of the period: `with_stacks` turns the scanned layers' entries into those stacks once
+(decode_layout's `for_decoding` does, so every decode loop stacks outside its while loop; the weights are then
+held once, in the stacks, and a forward of another plan or an unrolled layer reads a layer from its stack in
+place, `stored_layer`), and a forward given per-layer params stacks the layers itself, on every call (XLA
+hoists that out of a plain loop, not out of a speculative loop's branches). The decode state of a scanned model
+holds the scanned layers' entries stacked the same way (`jaxspec.state.init_decode_state`), so a forward reads
+and returns them without stacking or unstacking its caches; a state in per-layer form (or stacked for another
+plan) is stacked for the scan on every forward.
 
 A scan hands its body a slice of each stacked array, and on a backend that does not fuse a dynamic slice into
 the product that reads it (XLA's CPU backend) that slice is a copy: every weight byte read twice and written once
@@ -36,6 +38,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxspec import config as config_lib
+from jaxspec.errors import InputError
 
 
 @struct.dataclass
@@ -128,26 +131,54 @@ def unstack_positions(per_position: Sequence[Any], groups: int) -> list:
 
 
 def with_stacks(params, period: int, groups: int) -> dict:
-    """`params` (a DecoderLM's) plus the stacks of its layers [0, period * groups) under STACKS, which a scanned
-    forward with that plan reads instead of stacking the layers itself (a copy of their weights per call)."""
-    per_layer = [params[f"layer_{i}"] for i in range(period * groups)]
-    stacks = stack_positions(per_layer, period, groups)
-    return {**params, STACKS: {f"position_{j}": stack for j, stack in enumerate(stacks)}}
+    """`params` (a DecoderLM's) with its layers [0, period * groups) held only as the stacks under STACKS, which
+    a scanned forward with that plan reads instead of stacking the layers itself (a copy of their weights per
+    call). The per-layer entries of those layers are left out, so the weights are held once; a forward that
+    needs one layer (another plan, an unrolled layer) reads it from its stack (`stored_layer`)."""
+    names = [f"layer_{i}" for i in range(period * groups)]
+    stacks = stack_positions([params[name] for name in names], period, groups)
+    kept = {k: v for k, v in params.items() if k not in names}
+    return {**kept, STACKS: {f"position_{j}": stack for j, stack in enumerate(stacks)}}
+
+
+def stored_plan(params) -> tuple[int, int] | None:
+    """(period, groups) of the stacks `with_stacks` stored in `params`, or None."""
+    stacks = params.get(STACKS)
+    leaves = jax.tree.leaves(stacks["position_0"]) if stacks else []
+    return (len(stacks), leaves[0].shape[0]) if leaves else None
 
 
 def stored_stacks(params, period: int, groups: int) -> list | None:
     """The per-position stacks `with_stacks` stored in `params` for this plan, or None (none stored, or stored for
     another plan: apply-time options such as skip_layers can change the period)."""
-    stacks = params.get(STACKS)
-    if stacks is None or len(stacks) != period:
+    if stored_plan(params) != (period, groups):
         return None
-    leaves = jax.tree.leaves(stacks["position_0"])
-    return [stacks[f"position_{j}"] for j in range(period)] if leaves and leaves[0].shape[0] == groups else None
+    return [params[STACKS][f"position_{j}"] for j in range(period)]
+
+
+def stored_layer(params, i: int):
+    """Layer i's params: its own entry, or, where `with_stacks` holds the layer only in a stack, the layer read
+    from there (LayerRows views for the projection kernels, which a product reads in place; slices for the rest)."""
+    name = f"layer_{i}"
+    if name in params:
+        return params[name]
+    plan = stored_plan(params)
+    if plan is None or i >= plan[0] * plan[1]:
+        raise InputError(f"params have no {name!r}, in their own entry or in the stacks of {STACKS!r}; do they belong "
+                         "to this model?")
+    period, _ = plan
+    return layer_params(params[STACKS][f"position_{i % period}"], jnp.asarray(i // period, jnp.int32))
 
 
 def without_stacks(params) -> dict:
-    """`params` without the stacks of `with_stacks` (the per-layer entries are the stored parameters)."""
-    return {k: v for k, v in params.items() if k != STACKS}
+    """`params` with every layer in its own entry again and no stacks: the stored parameters of `with_stacks`."""
+    plan = stored_plan(params)
+    if plan is None:
+        return {k: v for k, v in params.items() if k != STACKS}
+    period, groups = plan
+    stacks = [params[STACKS][f"position_{j}"] for j in range(period)]
+    layers = {f"layer_{i}": entry for i, entry in enumerate(unstack_positions(stacks, groups))}
+    return {**{k: v for k, v in params.items() if k != STACKS}, **layers}
 
 
 def _views(stacks, index):

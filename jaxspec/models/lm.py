@@ -175,13 +175,6 @@ def gate_layer(run, gate, x, cache, step: Step):
     return jax.lax.cond(jnp.any(gate), on, off, x, cache)
 
 
-def gated_block(block: Block, gate, x, cache, step: Step, granularity, skip_ffn: bool):
-    """`gate_layer` over a bound block of the stack (applied purely, with its own variables)."""
-    pure, variables = block.clone(parent=None), block.variables
-    return gate_layer(lambda x, cache: pure.apply(variables, x, step, cache, granularity, skip_ffn),
-                      gate, x, cache, step)
-
-
 def context_free_tree_step(parents, batch: int) -> Step:
     """A tree forward with no committed context: each node sees its ancestors only, at position = its depth
     (training a drafter over unrolled draft depths, models/eagle.py). Attention layers only; nothing is cached."""
@@ -230,15 +223,19 @@ class DecoderLM(nn.Module):
         n = cfg.n_layers
         caches = [None] * n if state is None else list(state.layers)
         gates = [None] * n if gate is None else [gate[..., i] for i in range(n)]
+        stored = None if self.is_initializing() else self.variables["params"]
         scanned = 0
         new_layers, new_stacked, layer_hidden = [], None, []
-        if (cfg.get("scan_layers", False) and not self.is_initializing()
-                and not self.is_mutable_collection("intermediates")):
+        if cfg.get("scan_layers", False) and stored is not None and not self.is_mutable_collection("intermediates"):
             period, groups = layer_scan.model_plan(cfg, per_layer, skip, no_ffn)
             scanned = period * groups
-        if scanned:
-            stored = self.variables["params"]
             stacked = layer_scan.stored_stacks(stored, period, groups)
+            if stacked is None and layer_scan.stored_plan(stored) is not None:
+                # Held only in stacks of another plan (the decode form; skip_layers changes the period): a scan
+                # of this plan would copy every layer out of them on every call, so the layers run unrolled,
+                # each read in place from its stack.
+                scanned = 0
+        if scanned:
             if stacked is None:
                 stacked = layer_scan.stack_positions([None if i in skip else stored[f"layer_{i}"]
                                                       for i in range(scanned)], period, groups)
@@ -263,15 +260,30 @@ class DecoderLM(nn.Module):
         for i in range(scanned, n):
             new = None
             if i not in skip:
-                layer_granularity = None if per_layer is None else per_layer[i]
-                if gate is None:
-                    x, new = self.blocks[i](x, step, caches[i], layer_granularity, i in no_ffn)
-                else:
-                    x, new = gated_block(self.blocks[i], gates[i], x, caches[i], step, layer_granularity,
-                                         i in no_ffn)
+                run = self.unrolled_layer(i, stored, step, None if per_layer is None else per_layer[i],
+                                          i in no_ffn, gated=gate is not None)
+                x, new = run(x, caches[i]) if gate is None else gate_layer(run, gates[i], x, caches[i], step)
             new_layers.append(new)
             layer_hidden.append(x)
         return x, new_layers, new_stacked, layer_hidden
+
+    def unrolled_layer(self, i: int, stored, step: Step, granularity, skip_ffn: bool, gated: bool):
+        """run(x, cache) -> (x, new entry) of layer i outside a scan: the bound block where the params hold the
+        layer's own entry (or are being made), applied purely under a gate (`gate_layer` may not run it);
+        else a block applied purely to the layer read in place from its stack (`layer_scan.stored_layer`)."""
+        block = self.blocks[i]
+        if stored is None or f"layer_{i}" in stored:
+            if not gated:
+                return lambda x, cache: block(x, step, cache, granularity, skip_ffn)
+            pure, variables = block.clone(parent=None), block.variables
+        else:
+            if self.is_mutable_collection("intermediates"):
+                raise InputError(f"layer_{i} is held only in the params' layer stacks (the decode form of a scanned "
+                                 "model), where its sown intermediates cannot be collected; pass the params before "
+                                 "for_decoding")
+            pure = Block(self.model_cfg, config_lib.layer_kinds(self.model_cfg)[i], i, self.layout, parent=None)
+            variables = {"params": layer_scan.stored_layer(stored, i)}
+        return lambda x, cache: pure.apply(variables, x, step, cache, granularity, skip_ffn)
 
     def __call__(self, tokens, *, state: DecodeState | None = None, parents=None, num_new=None,
                  granularity=None, skip_layers=(), return_hidden: bool = False, fresh: bool = False,

@@ -116,6 +116,28 @@ def test_a_scanned_decode_step_reads_each_projection_from_its_layer_stack(make_m
     assert len(calls) == 4 and len(stacks) == 4, calls
 
 
+@pytest.mark.skipif(not small_rows_matmul.available(), reason="the CPU kernel needs x86-64 with AVX2/FMA")
+def test_a_forward_of_another_plan_reads_each_layer_from_its_stack(make_model):
+    # The decode params hold the layers only stacked (period 1, 4 groups). Skipping layer 1 breaks the period, so
+    # the other three layers run unrolled, and each projection is still one kernel call on its [4, out, in] stack:
+    # no layer's weights are copied out of it.
+    model, params = make_model("A", n_layers=4)
+    decode_model, decode_params = for_decoding(scanned(model), params)
+    state = init_decode_state(model.model_cfg, 1, 32)
+    step = jax.jit(lambda p, t, s: decode_model.apply({"params": p}, t, state=s, skip_layers=(1,)))
+    hlo = step.lower(decode_params, jnp.zeros((1, 1), jnp.int32), state).compile().as_text()
+    calls = [line for line in hlo.splitlines() if 'custom_call_target="jaxspec_small_rows_matmul"' in line]
+    stack_operand = re.compile(r"operand_layout_constraints=\{f32\[1,\d+\]\{1,0\}, f32\[4,\d+,\d+\]")
+    assert len(calls) == 3 * 4 and all(stack_operand.search(line) for line in calls), calls
+
+
+def test_sown_intermediates_need_per_layer_params(make_model):
+    model, params = make_model("A", n_layers=4)
+    decode_model, decode_params = for_decoding(scanned(model), params)
+    with pytest.raises(InputError, match="layer_0 is held only in the params' layer stacks.*before for_decoding"):
+        decode_model.apply({"params": decode_params}, jnp.zeros((1, 4), jnp.int32), mutable=["intermediates"])
+
+
 @pytest.mark.skipif(not cached_attention.available(), reason="the CPU kernel needs x86-64 with AVX2/FMA")
 def test_a_scanned_decode_step_writes_and_reads_each_layers_cache_in_its_stack(make_model):
     # The state holds the 4 layers' caches as one [4, B, Hkv, L, D] stack per k and v; the step writes the new row
@@ -146,14 +168,18 @@ def test_for_decoding_stacks_the_layers_once_and_forwards_read_the_stacks(make_m
     model, params = make_model("A", n_layers=4)
     decode_model, decode_params = for_decoding(scanned(model), params)
     assert layer_scan.STACKS in decode_params
+    assert not [key for key in decode_params if re.fullmatch(r"layer_\d+", key)]  # the weights: once, stacked
     assert for_decoding(decode_model, decode_params)[1] is decode_params  # stacked once
     bare = layer_scan.without_stacks(decode_params)
+    assert sorted(bare) == sorted(for_decoding(model, params)[1])  # every layer in its own entry again
+    assert sum(x.size for x in jax.tree.leaves(bare)) == sum(x.size for x in jax.tree.leaves(decode_params))
     assert stacked_leaves(decode_model, bare, jnp.zeros((1, 4), jnp.int32), 4) > 0
     assert stacked_leaves(decode_model, decode_params, jnp.zeros((1, 4), jnp.int32), 4) == 0
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, model.model_cfg.vocab_size, (BATCH, 9)))
     unrolled = forwards(reconfigured(decode_model, scan_layers=False), bare, tokens, apply)
     assert_same(unrolled, forwards(decode_model, decode_params, tokens, apply), "stored stacks")
-    # Stacks stored for the plan without options (period 1) are not used by a forward that scans another one.
+    # Stacks stored for the plan without options (period 1) are not scanned by a forward of another plan: its
+    # layers run unrolled, each read from its stack.
     skip = dict(skip_layers=(1, 3))  # period 2, two groups
     assert_same(forwards(reconfigured(decode_model, scan_layers=False), bare, tokens, apply, **skip),
                 forwards(decode_model, decode_params, tokens, apply, **skip), "stacks of another plan")
@@ -163,7 +189,7 @@ def test_for_decoding_stacks_the_layers_once_and_forwards_read_the_stacks(make_m
 
 def test_for_decoding_takes_a_model_with_fixed_options_over_a_scanned_stack(make_model):
     # A lossy mode's stand-in (skip_layers fixed: period 2) gets the stacks of the plan without options; its
-    # forwards stack their own, and give the unrolled stack's logits.
+    # forwards read each layer from them, unrolled, and give the unrolled stack's logits.
     model, params = make_model("A", n_layers=4)
     changed, decode_params = for_decoding(WithOptions.of(scanned(model), skip_layers=(1, 3)), params)
     assert layer_scan.STACKS in decode_params
