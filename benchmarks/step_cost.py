@@ -38,6 +38,11 @@ scanned stack (`model.scan_layers`): its compile seconds and its step beside the
    input rows, in the form the forward runs it, and its GFLOP/s beside an n x n x n product's (--square_n): the
    products' share of cost(K), and the forward's arithmetic at the machine's matmul rate. Where the CPU kernel
    builds (jaxspec.ops.small_rows_matmul), each group also runs on it, in the same rounds.
+7. Prefill (`--sections=prefill`, not run by default): the first layout's prefill and first token for prompts
+   of --prefill_lens tokens, at the bucketed prompt width in one forward and in chunks of each --prefill_chunks
+   size (chunks that every row's prompt ends before are skipped); padded to twice the bucket, in one forward and
+   with the prefill also compiled at the bucket (what `api.generate` does at a fixed prompt_width); and at the
+   prompt's own width: what padding costs, and how much of it chunking or a narrower prefill wins back.
 
 Every figure is the minimum (and median) over --rounds round-robin rounds of all the variants of its table,
 so they share the machine's load; the load average is printed before and after each table.
@@ -58,7 +63,6 @@ from absl import app, flags, logging
 
 from jaxspec import config as config_lib
 from jaxspec.decoding import api, engine
-from jaxspec.models import layer_scan
 from jaxspec.models.decode_layout import for_decoding
 from jaxspec.models.lm import DecoderLM, build_model, init_params, reconfigured
 from jaxspec.state import init_decode_state
@@ -118,9 +122,9 @@ def param_bytes(params, per_element: int | None = None) -> int:
 
 def streamed_bytes(params, per_element: int | None = None) -> int:
     """Bytes a one-token step reads: every parameter except the embedding rows it does not look up (an untied
-    embedding is only gathered; a tied one is also the LM head), each layer once (a scanned stack reads its layers
-    from their stacks, not from the per-layer copies). per_element=1 counts parameters instead."""
-    total = param_bytes(layer_scan.without_stacks(params), per_element)
+    embedding is only gathered; a tied one is also the LM head). A scanned stack's decode params hold each layer
+    once, in its stack. per_element=1 counts parameters instead."""
+    total = param_bytes(params, per_element)
     if "lm_head" in params:
         total -= param_bytes(params["embed"], per_element)
     return total
@@ -219,14 +223,16 @@ def layout_variants(lm, layouts, dtypes=()) -> dict:
 # ------------------------------------------------------------------------------------------------ AR decode
 
 
-def ar_call(model, params, prompts: list[list[int]], new: int, count: int):
-    """(call, state length): a zero-argument call of the AR loop over `prompts`, shapes planned for `new` tokens,
-    making `count` tokens and returning (output, compile seconds or 0 once compiled). No stop ids: every call
-    makes all its tokens."""
-    width, max_len = engine.plan_shapes(model.model_cfg, [len(p) for p in prompts], new, len(prompts))
+def ar_call(model, params, prompts: list[list[int]], new: int, count: int, prefill_chunk: int = 0,
+            width: int | None = None, prefill_widths: tuple[int, ...] = ()):
+    """(call, state length): a zero-argument call of the AR loop over `prompts`, shapes planned for `new` tokens
+    (the prompt width bucketed unless `width` is given), making `count` tokens and returning (output, compile
+    seconds or 0 once compiled). No stop ids: every call makes all its tokens."""
+    width, max_len = engine.plan_shapes(model.model_cfg, [len(p) for p in prompts], new, len(prompts), width)
     tokens, lens = engine.pad_prompts(prompts, width=width)
     dynamic = dict(params=params, prompts=tokens, prompt_lens=lens, key=jax.random.key(0))
-    statics = dict(model=model, max_new=count, max_len=max_len, sampling=engine.Sampling(), eos_ids=(), stream=False)
+    statics = dict(model=model, max_new=count, max_len=max_len, sampling=engine.Sampling(), eos_ids=(), stream=False,
+                   prefill_chunk=prefill_chunk, prefill_widths=prefill_widths)
     return (lambda: engine.run_compiled(engine.autoregressive_loop, dynamic, statics)), max_len
 
 
@@ -267,6 +273,47 @@ def ar_table(variants: dict, prompt: list[int], new: int, roofline_gbs: float | 
         with jax.profiler.trace(profile_dir):
             jax.block_until_ready(runs[(name, new)]())
         print(f"\nprofiler trace of one '{name}' call written to {profile_dir}")
+
+
+# ------------------------------------------------------------------------------------------------ prefill
+
+
+def prefill_table(variants: dict, prompt: list[int], lengths: list[int], chunks: list[int], rounds: int) -> None:
+    """The first variant's prefill and first token (an AR call making one token) for prompts of each length: at
+    the bucketed width in one forward and in chunks of each size (chunks past every row's prompt are skipped);
+    padded to twice the bucket, as prompts of many lengths padded to one width are, with the prefill also
+    compiled one bucket narrower (`engine.narrowest_prefill`, what `api.generate` does at a fixed prompt_width);
+    and at the prompt's own width (no padding: what a prefill of these tokens must cost at least)."""
+    name, (model, params) = next(iter(variants.items()))
+    setups = {}
+    for length in lengths:
+        tokens = (prompt * (length // len(prompt) + 1))[:length]
+        width = engine.bucket_width(length)
+        setups[(length, f"width {width}, one forward")] = (tokens, 0, None, ())
+        for chunk in chunks:
+            if 0 < chunk < width:
+                setups[(length, f"width {width}, chunks of {chunk}")] = (tokens, chunk, None, ())
+        wide = 2 * width
+        if wide + 2 <= model.model_cfg.max_len:
+            setups[(length, f"width {wide}, one forward")] = (tokens, 0, wide, ())
+            setups[(length, f"width {wide}, prefill also at {width}")] = (tokens, 0, wide, (width,))
+        setups[(length, f"width {length} (no padding), one forward")] = (tokens, 0, length, ())
+    runs, outputs = {}, {}
+    for key, (tokens, chunk, width, widths) in setups.items():
+        call, _ = ar_call(model, params, [tokens], 1, 1, prefill_chunk=chunk, width=width, prefill_widths=widths)
+        outputs[key] = np.asarray(call()[0].tokens)[0, :1]
+        runs[key] = lambda c=call: c()[0]
+    times = round_robin(runs, rounds)
+    print(f"\n## Prefill and first token ({name}) by prompt length, width and chunking ({load_average()})\n")
+    print("| prompt tokens | prefill | ms (min) | ms (median) | vs one forward at the bucket | first token as there |")
+    print("|---:|---|---:|---:|---:|:---:|")
+    for length in lengths:
+        keys = [key for key in setups if key[0] == length]
+        base_ms, base_token = times[keys[0]][0], outputs[keys[0]]
+        for key in keys:
+            best, median = times[key]
+            same = "yes" if np.array_equal(outputs[key], base_token) else "no"
+            print(f"| {length} | {key[1]} | {best:.0f} | {median:.0f} | {best / base_ms:.2f}x | {same} |")
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -500,7 +547,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("new_tokens", 64, "tokens per autoregressive call")
     flags.DEFINE_integer("rounds", 10, "round-robin rounds per table")
     flags.DEFINE_integer("bandwidth_mb", 512, "array size of the bandwidth probes")
-    flags.DEFINE_list("sections", ["bandwidth", "ar", "loops", "curve"], "tables to run (also: batches, products)")
+    flags.DEFINE_list("sections", ["bandwidth", "ar", "loops", "curve"],
+                      "tables to run (also: batches, products, prefill)")
+    flags.DEFINE_list("prefill_lens", ["96", "160", "224"], "prompt lengths of the prefill table")
+    flags.DEFINE_list("prefill_chunks", ["32", "64", "128"], "chunk sizes of the prefill table (powers of two)")
     flags.DEFINE_list("batches", ["1", "8", "16", "32", "64"], "batch sizes of the batches table")
     flags.DEFINE_integer("square_n", 2048, "side of the square product that measures the arithmetic rate")
     flags.DEFINE_string("profile_dir", None, "also write a jax.profiler trace of one AR call here")
@@ -509,10 +559,10 @@ def define_flags() -> None:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    unknown = sorted(set(FLAGS.sections) - {"bandwidth", "ar", "batches", "loops", "products", "curve"})
+    unknown = sorted(set(FLAGS.sections) - {"bandwidth", "ar", "batches", "loops", "products", "curve", "prefill"})
     if unknown:  # checked before anything is loaded or run
         raise ValueError(f"--sections: unknown table(s) {unknown}; allowed: bandwidth, ar, batches, loops, products, "
-                         "curve")
+                         "curve, prefill")
     unknown = sorted(set(FLAGS.curve_parts) - {"whole", "layers", "head"})
     if unknown:
         raise ValueError(f"--curve_parts: unknown part(s) {unknown}; allowed: whole, layers, head")
@@ -535,6 +585,9 @@ def main(argv):
         prompt = lm.tokenizer.encode_prompt(PROMPT_TEXT * 4)[:prompt_len]
     if "ar" in FLAGS.sections:
         ar_table(variants, prompt, FLAGS.new_tokens, roofline, max(3, FLAGS.rounds // 2), FLAGS.profile_dir)
+    if "prefill" in FLAGS.sections:
+        prefill_table(variants, prompt, [int(n) for n in FLAGS.prefill_lens], [int(c) for c in FLAGS.prefill_chunks],
+                      max(3, FLAGS.rounds // 2))
     if "batches" in FLAGS.sections:
         batch_table(variants, prompt, FLAGS.new_tokens, [int(b) for b in FLAGS.batches], max(3, FLAGS.rounds // 2))
     if "loops" in FLAGS.sections:

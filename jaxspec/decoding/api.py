@@ -199,7 +199,8 @@ def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str
 
     `rule` defaults to greedy at temperature 0 and rejection (lossless sampling) otherwise. `eos_ids`: a stop id
     or several (a row stops after the first it emits). `prompt_width` pads every prompt to that width (one
-    compiled shape for a whole suite); by default widths are bucketed. `on_tokens(new)` receives each round's
+    compiled shape for a whole suite; a batch that fits the next bucket below it, of at least 64, is prefilled
+    at that width, `engine.narrowest_prefill`); by default widths are bucketed. `on_tokens(new)` receives each round's
     new tokens per row as they are committed (streaming). `target_workdir` lets trained drafters check that
     they were trained for this target. `check_invariants` (a debug mode, slower) runs the loop under checkify
     with the in-jit preconditions of `jaxspec.checks` on (num_new ranges, traced trees, lengths within the
@@ -244,6 +245,10 @@ def generate(target: DecoderLM, params, prompts: list[list[int]], *, method: str
     dynamic = dict(params=decoder_params, prompts=tokens, prompt_lens=lens, key=jax.random.key(seed))
     statics = dict(model=decoder, max_new=max_new_tokens, max_len=max_len, sampling=sampling, eos_ids=eos,
                    stream=on_tokens is not None, prefill_chunk=int(prefill_chunk), shared_prefix=shared)
+    if prompt_width is not None and not prefill_chunk and not shared:
+        # One width for prompts of many lengths: the loop also compiles its prefill one bucket narrower and runs
+        # it when it holds this batch, rather than prefilling every prompt at the fixed width.
+        statics["prefill_widths"] = engine.narrower_buckets(width)
     if drafter is None:
         loop = engine.autoregressive_loop
         if recorded is not None:

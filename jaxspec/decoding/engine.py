@@ -155,7 +155,8 @@ def _outputs(em: Emission, prompt_lens, max_new: int):
 
 def chunked_prefill(model: DecoderLM, params, prompts, prompt_lens, state, chunk: int):
     """The prompt forward in chunks of `chunk` tokens (Sarathi-style chunked prefill; exact): a fresh prefill of
-    the first chunk, then a scan of extends, each row taking the part of the chunk its prompt still has.
+    the first chunk, then a scan of extends, each row taking the part of the chunk its prompt still has (a chunk
+    no row reaches is skipped).
     Returns (LMOutput over all P positions, state), as one fresh prefill of the whole prompt does."""
     b, p = prompts.shape
     if chunk <= 0 or chunk >= p:
@@ -169,10 +170,19 @@ def chunked_prefill(model: DecoderLM, params, prompts, prompt_lens, state, chunk
 
     def extend(state, c):
         tokens = jax.lax.dynamic_slice_in_dim(prompts, c * chunk, chunk, axis=1)
-        out, state = model.apply({"params": params}, tokens, state=state, num_new=in_chunk(c), return_hidden=True)
+        return model.apply({"params": params}, tokens, state=state, num_new=in_chunk(c), return_hidden=True)
+
+    # A chunk that is padding in every row is skipped, not run with nothing to add: a prompt padded to its
+    # power-of-two bucket (160 tokens to 256) then costs the chunks it fills, not the bucket's width. Its
+    # positions get zeros (padding is read nowhere).
+    shapes = jax.eval_shape(extend, state, 1)[0]
+    padding = lambda state, c: (jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), state)
+
+    def step(state, c):
+        out, state = jax.lax.cond(jnp.any(in_chunk(c) > 0), extend, padding, state, c)
         return state, out
 
-    state, rest = jax.lax.scan(extend, state, jnp.arange(1, p // chunk))
+    state, rest = jax.lax.scan(step, state, jnp.arange(1, p // chunk))
     # rest: [chunks - 1, B, chunk, ...] -> [B, (chunks - 1) * chunk, ...] after the first chunk's positions
     join = lambda head, tail: jnp.concatenate(
         [head, jnp.moveaxis(tail, 0, 1).reshape(b, -1, *head.shape[2:])], axis=1)
@@ -201,14 +211,41 @@ def _prefill_shared(model: DecoderLM, params, prompts, prompt_lens, max_len: int
     return jax.tree.map(lambda a, z: jnp.concatenate([a, z], axis=1), head, tail), state
 
 
+def narrowest_prefill(model: DecoderLM, params, prompts, prompt_lens, state, widths: tuple[int, ...] = ()):
+    """The prompt forward at the narrowest of `widths` and the padded width P that holds every row's prompt (a
+    lax.switch over one fresh prefill per width). A caller that pads prompts of many lengths to one width, so
+    that they share one compiled loop, would otherwise prefill each at that width: on a 2-core CPU SmolLM2's
+    prefill of 160 tokens takes 0.64x as long at width 160 as at 256. Returns (LMOutput over all P positions,
+    the positions past the width run zeros, state), as one prefill at P does."""
+    b, p = prompts.shape
+    widths = sorted({int(w) for w in widths if 0 < w < p}) + [p]
+
+    def at(width):
+        def prefill(state):
+            out, state = model.apply({"params": params}, prompts[:, :width], state=state, num_new=prompt_lens,
+                                     return_hidden=True, fresh=True)
+            pad = lambda x: jnp.pad(x, [(0, 0), (0, p - width)] + [(0, 0)] * (x.ndim - 2))
+            return jax.tree.map(pad, out), state
+        return prefill
+
+    if len(widths) == 1:
+        return at(p)(state)
+    narrowest = jnp.searchsorted(jnp.asarray(widths), jnp.max(prompt_lens))  # the first width >= every prompt
+    return jax.lax.switch(narrowest, [at(w) for w in widths], state)
+
+
 def _prefill(model: DecoderLM, params, prompts, prompt_lens, max_len, sampling: Sampling, key, eos_ids, max_new,
-             extra_slots: int, stream: bool, prefill_chunk: int = 0, shared_prefix: int = 0):
+             extra_slots: int, stream: bool, prefill_chunk: int = 0, shared_prefix: int = 0,
+             prefill_widths: tuple[int, ...] = ()):
     b, p = prompts.shape
     if shared_prefix:
         out, state = _prefill_shared(model, params, prompts, prompt_lens, max_len, shared_prefix)
     else:
         state = init_decode_state(model.model_cfg, b, max_len)
-        out, state = chunked_prefill(model, params, prompts, prompt_lens, state, prefill_chunk)
+        if prefill_chunk:
+            out, state = chunked_prefill(model, params, prompts, prompt_lens, state, prefill_chunk)
+        else:
+            out, state = narrowest_prefill(model, params, prompts, prompt_lens, state, prefill_widths)
     rows = jnp.arange(b)
     last = jnp.maximum(prompt_lens - 1, 0)
     # Only the last prompt position goes through the LM head here (at a 256-wide prompt the whole head is a
@@ -241,18 +278,22 @@ def read_weights(params, carried):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new", "max_len", "sampling", "eos_ids", "stream",
-                                             "checked", "prefill_chunk", "shared_prefix", "record_features"))
+                                             "checked", "prefill_chunk", "shared_prefix", "record_features",
+                                             "prefill_widths"))
 def autoregressive_loop(model: DecoderLM, params, prompts, prompt_lens, key, *, max_new: int, max_len: int,
                         sampling: Sampling, eos_ids: tuple[int, ...] = (), stream: bool = False,
                         checked: bool = False, prefill_chunk: int = 0, shared_prefix: int = 0,
-                        record_features: tuple[int, ...] | None = None) -> Output:
+                        record_features: tuple[int, ...] | None = None,
+                        prefill_widths: tuple[int, ...] = ()) -> Output:
     """One token per target forward: the baseline every speculative method must reproduce.
 
     `checked`: traced with jaxspec.checks enabled (run it through checks.run_checked); a static argument so
     that checked and unchecked programs never share a trace. `prefill_chunk` > 0: the prompt is prefilled in
     chunks of that many tokens (`chunked_prefill`; same output). `shared_prefix` > 0: every row's prompt starts
     with the same that many tokens (samples of one prompt, or one system prompt), prefilled once and attended as
-    one shared prefix (`_prefill_shared`, `state.SharedPrefixCache`; same output).
+    one shared prefix (`_prefill_shared`, `state.SharedPrefixCache`; same output). `prefill_widths` (without
+    either): narrower prompt widths at which the prefill is also compiled; it runs at the narrowest that holds
+    every row's prompt (`narrowest_prefill`; same output).
 
     `record_features` (layer indices, possibly none): the output also holds `Features`, the target's hidden
     states at every prompt and output position (the residual streams after those layers too), taken from the
@@ -261,7 +302,7 @@ def autoregressive_loop(model: DecoderLM, params, prompts, prompt_lens, key, *, 
     model, params = for_decoding(model, params)  # once per call, outside the while_loop (a no-op if done before)
     key, k0 = jax.random.split(key)
     state, token, _, em, out = _prefill(model, params, prompts, prompt_lens, max_len, sampling, k0, eos_ids,
-                                        max_new, 1, stream, prefill_chunk, shared_prefix)
+                                        max_new, 1, stream, prefill_chunk, shared_prefix, prefill_widths)
     b, p = prompts.shape
     steps = jnp.zeros((b,), jnp.int32)
     record = record_features is not None
@@ -313,13 +354,15 @@ class Adaptive:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "drafter", "max_new", "max_len", "sampling", "eos_ids",
-                                             "adaptive", "stream", "checked", "prefill_chunk", "shared_prefix"))
+                                             "adaptive", "stream", "checked", "prefill_chunk", "shared_prefix",
+                                             "prefill_widths"))
 def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, prompt_lens, key, *, max_new: int,
                      max_len: int, sampling: Sampling, eos_ids: tuple[int, ...] = (), adaptive: Adaptive = Adaptive(),
                      stream: bool = False, checked: bool = False, prefill_chunk: int = 0,
-                     shared_prefix: int = 0) -> Output:
+                     shared_prefix: int = 0, prefill_widths: tuple[int, ...] = ()) -> Output:
     """Draft a tree, verify it with one target forward, commit the accepted path; repeat per row. `checked`,
-    `prefill_chunk` and `shared_prefix`: as in autoregressive_loop (the drafter keeps its own state as usual)."""
+    `prefill_chunk`, `shared_prefix` and `prefill_widths`: as in autoregressive_loop (the drafter keeps its own
+    state as usual)."""
     tree: TokenTree = drafter.tree
     if sampling.rule == "kseq" and getattr(drafter, "without_replacement", False):
         raise InputError("rule='kseq' (SpecTr) needs siblings drawn independently; this drafter draws them "
@@ -330,7 +373,8 @@ def speculative_loop(model: DecoderLM, params, drafter, draft_params, prompts, p
     rows = jnp.arange(b)
     key, k0 = jax.random.split(key)
     state, root, hidden, em, prompt_out = _prefill(model, params, prompts, prompt_lens, max_len, sampling, k0,
-                                                   eos_ids, max_new, k, stream, prefill_chunk, shared_prefix)
+                                                   eos_ids, max_new, k, stream, prefill_chunk, shared_prefix,
+                                                   prefill_widths)
     # Optional hook: a drafter with `reads_features` (a feature drafter, EAGLE) gets the target's final hidden
     # states, or with `feature_layers` (EAGLE-3) those layers' residual streams concatenated: at every prompt
     # position (init) and at the accepted path's nodes (update), keyword `features`.
@@ -425,6 +469,17 @@ def bucket_width(width: int, minimum: int = 16) -> int:
     """Prompt widths are padded to powers of two (at least `minimum`), so prompts of many lengths share a
     handful of compiled shapes."""
     return max(minimum, 1 << max(int(width) - 1, 0).bit_length())
+
+
+def narrower_buckets(width: int, count: int = 1, minimum: int = 64) -> tuple[int, ...]:
+    """The `count` largest bucket widths below `width` (none under `minimum`): where a loop whose prompts are
+    padded to one fixed width (many lengths, one compiled program) also compiles its prefill
+    (`narrowest_prefill`). One by default: each costs a prefill's compile (~1.2 s for SmolLM2's scanned stack)."""
+    widths, w = [], bucket_width(minimum, minimum)
+    while w < width:
+        widths.append(w)
+        w = bucket_width(w + 1, minimum)
+    return tuple(widths[-count:]) if count else ()
 
 
 def bucket_len(length: int, multiple: int = 64) -> int:

@@ -79,3 +79,16 @@ def test_batches_table_has_a_row_per_batch(script, variants, capsys):
     script.batch_table(variants, list(range(1, 9)), 4, [1, 2], rounds=1)
     rows = [row for row in table_rows(capsys.readouterr().out, "Batched") if row[0] != "batch"]
     assert [row[0] for row in rows] == ["1", "2"] and rows[0][3] == "1.00x"
+
+
+def test_prefill_table_has_a_row_per_width_and_chunk(script, variants, capsys):
+    # 12 tokens bucket to a width of 16: one forward, chunks of 4 (the fourth chunk is padding in every row, and
+    # skipped) and of 8; padded to 32, in one forward and with the prefill also at 16; the prompt's own width. A
+    # chunk as wide as the bucket is left out.
+    script.prefill_table(variants, list(range(1, 9)), [12], [4, 8, 16], rounds=1)
+    rows = [row for row in table_rows(capsys.readouterr().out, "Prefill") if row[0] != "prompt tokens"]
+    assert [row[1] for row in rows] == ["width 16, one forward", "width 16, chunks of 4", "width 16, chunks of 8",
+                                        "width 32, one forward", "width 32, prefill also at 16",
+                                        "width 12 (no padding), one forward"]
+    assert rows[0][4] == "1.00x"
+    assert [row[5] for row in rows] == ["yes"] * 6  # the same first token however the prompt is prefilled

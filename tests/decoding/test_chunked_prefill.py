@@ -14,16 +14,18 @@ from jaxspec.state import init_decode_state
 PROMPTS = [[5, 9, 3, 7, 1, 2, 8, 4, 6, 3, 9, 5, 2, 7], [4, 4, 8], [6, 1, 6, 1, 6, 1, 6, 1, 6]]
 
 
-def prefill(model, params, chunk):
-    tokens, lens = engine.pad_prompts(PROMPTS, width=16)
+def prefill(model, params, chunk, width=16):
+    tokens, lens = engine.pad_prompts(PROMPTS, width=width)
     state = init_decode_state(model.model_cfg, len(PROMPTS), 64)
     fn = jax.jit(lambda params, tokens, lens: engine.chunked_prefill(model, params, tokens, lens, state, chunk))
     return fn(params, jnp.asarray(tokens), jnp.asarray(lens))
 
 
-def test_chunked_prefill_equals_one_shot(mixer_model):
+@pytest.mark.parametrize("width", [16, 32])  # at 32, chunks 4-7 are padding in every row and are skipped
+def test_chunked_prefill_equals_one_shot(mixer_model, width):
     model, params = mixer_model
-    (whole, whole_state), (chunked, chunked_state) = prefill(model, params, 0), prefill(model, params, 4)
+    whole, whole_state = prefill(model, params, 0, width)
+    chunked, chunked_state = prefill(model, params, 4, width)
     for row, prompt in enumerate(PROMPTS):  # positions past a row's prompt hold padding, compared nowhere
         n = len(prompt)
         np.testing.assert_allclose(chunked.logits[row, :n], whole.logits[row, :n], rtol=2e-4, atol=2e-4)
@@ -36,9 +38,12 @@ def test_decoding_after_a_chunked_prefill_gives_the_same_tokens(make_model, patt
     model, params = make_model(pattern, seed=4, max_len=64, **overrides)
     for method, args in (("ar", {}), ("lookup", dict(tree="chain:3"))):
         whole = api.generate(model, params, PROMPTS, method=method, max_new_tokens=10, **args)
-        # Chunks of 4 over rows of 14, 3 and 9 tokens: rows end inside a later chunk and within the first.
-        chunked = api.generate(model, params, PROMPTS, method=method, max_new_tokens=10, prefill_chunk=4, **args)
-        assert chunked.tokens == whole.tokens, method
+        # Chunks of 4 over rows of 14, 3 and 9 tokens: rows end inside a later chunk and within the first. At a
+        # prompt width of 32 the last four chunks are padding in every row, and are skipped.
+        for width in (None, 32):
+            chunked = api.generate(model, params, PROMPTS, method=method, max_new_tokens=10, prefill_chunk=4,
+                                   prompt_width=width, **args)
+            assert chunked.tokens == whole.tokens, (method, width)
 
 
 def test_bad_chunk_sizes_are_named(make_model):
