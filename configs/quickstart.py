@@ -114,8 +114,8 @@ def drafter_configs(arg=None) -> DrafterRecipe:
     """The drafter recipe for the quickstart's model (docs/benchmarks.md, "Trained drafters"): the `tasks` set (the
     suite's six kinds of request over library text), a `self` set (requests the target writes) and a `self_tasks`
     set (the suite's prose requests over the `self` set's replies), then Hydra heads on the three together, on
-    windows from each reply's root. About 25 minutes on a 2-core CPU; self_prompts=0 (which needs self_tasks=0)
-    keeps to the `tasks` set."""
+    windows from each reply's root. 26.8 minutes end to end on a 2-core CPU (docs/benchmarks.md);
+    self_prompts=0 (which needs self_tasks=0) keeps to the `tasks` set."""
     args = config_lib.parse_arg(arg, model="smollm2-135m-instruct", num_prompts=240, self_prompts=120,
                                 self_tasks=240, max_new_tokens=128, steps=400)
     if args.self_tasks and not args.self_prompts:
