@@ -153,6 +153,14 @@ def _outputs(em: Emission, prompt_lens, max_new: int):
     return jnp.where(jnp.arange(max_new)[None, :] < em.num_out[:, None], toks, 0)
 
 
+def run_if(pred, forward, state, *args):
+    """forward(state, *args) -> (out, state) where `pred` holds; else (zeros of out's shapes, state) without
+    running it (a lax.cond: a prefill part that no row needs costs nothing)."""
+    shapes = jax.eval_shape(forward, state, *args)[0]
+    skip = lambda state, *args: (jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), state)
+    return jax.lax.cond(pred, forward, skip, state, *args)
+
+
 def chunked_prefill(model: DecoderLM, params, prompts, prompt_lens, state, chunk: int):
     """The prompt forward in chunks of `chunk` tokens (Sarathi-style chunked prefill; exact): a fresh prefill of
     the first chunk, then a scan of extends, each row taking the part of the chunk its prompt still has (a chunk
@@ -175,11 +183,8 @@ def chunked_prefill(model: DecoderLM, params, prompts, prompt_lens, state, chunk
     # A chunk that is padding in every row is skipped, not run with nothing to add: a prompt padded to its
     # power-of-two bucket (160 tokens to 256) then costs the chunks it fills, not the bucket's width. Its
     # positions get zeros (padding is read nowhere).
-    shapes = jax.eval_shape(extend, state, 1)[0]
-    padding = lambda state, c: (jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), state)
-
     def step(state, c):
-        out, state = jax.lax.cond(jnp.any(in_chunk(c) > 0), extend, padding, state, c)
+        out, state = run_if(jnp.any(in_chunk(c) > 0), extend, state, c)
         return state, out
 
     state, rest = jax.lax.scan(step, state, jnp.arange(1, p // chunk))
@@ -205,9 +210,7 @@ def _prefill_shared(model: DecoderLM, params, prompts, prompt_lens, max_len: int
     rest = jnp.maximum(prompt_lens - shared, 0).astype(jnp.int32)
     extend = lambda state: model.apply({"params": params}, prompts[:, shared:], state=state, num_new=rest,
                                        return_hidden=True)
-    shapes = jax.eval_shape(extend, state)[0]
-    nothing = lambda state: (jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), state)
-    tail, state = jax.lax.cond(jnp.any(rest > 0), extend, nothing, state)
+    tail, state = run_if(jnp.any(rest > 0), extend, state)
     return jax.tree.map(lambda a, z: jnp.concatenate([a, z], axis=1), head, tail), state
 
 
